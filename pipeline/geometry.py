@@ -1,0 +1,126 @@
+"""Sphere geometry on S² ⊂ R³: coordinate conversion, projections, exp/log maps, distances.
+
+Conventions (spec §1.2): latitude φ and longitude λ in **degrees** at every public boundary;
+``x = (cos φ cos λ, cos φ sin λ, sin φ)`` — x toward (0°N, 0°E), y toward (0°N, 90°E), z toward
+the North pole. Torch functions keep the input dtype and broadcast over leading dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "EARTH_RADIUS_KM",
+    "LOG_UNIFORM_SPHERE",
+    "NonFiniteError",
+    "wrap_latlon",
+    "latlon_to_xyz",
+    "xyz_to_latlon",
+    "project",
+    "tangent_project",
+    "sphere_dist",
+    "sphere_log",
+    "sphere_exp",
+    "uniform_sphere",
+    "haversine_km",
+]
+
+#: Mean Earth radius in km (spec A10).
+EARTH_RADIUS_KM = 6371.0088
+#: log density of the uniform distribution on S², nats per steradian: −ln 4π.
+LOG_UNIFORM_SPHERE = -math.log(4.0 * math.pi)
+
+
+class NonFiniteError(ValueError):
+    """A model produced a non-finite coordinate; the message names the offending record."""
+
+
+def _eps(dtype: torch.dtype) -> float:
+    # geoopt's clamp: 1e-4 in float32, 1e-7 in float64 (spec §0, §14.13)
+    return 1e-7 if dtype == torch.float64 else 1e-4
+
+
+def wrap_latlon(lat, lon):
+    """Wrap degrees into lat ∈ [−90, 90], lon ∈ [−180, 180) (spec §1.1). numpy arrays or floats."""
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    lat = np.mod(lat + 90.0, 360.0) - 90.0
+    over = lat > 90.0
+    lat = np.where(over, 180.0 - lat, lat)
+    lon = np.where(over, lon + 180.0, lon)
+    lon = np.mod(lon + 180.0, 360.0) - 180.0
+    return lat, lon
+
+
+def latlon_to_xyz(latlon: torch.Tensor) -> torch.Tensor:
+    """(…, 2) degrees (lat, lon) → (…, 3) unit vectors."""
+    rad = torch.deg2rad(latlon)
+    lat, lon = rad[..., 0], rad[..., 1]
+    return torch.stack((lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()), dim=-1)
+
+
+def xyz_to_latlon(xyz: torch.Tensor, keys=None) -> torch.Tensor:
+    """(…, 3) points → (…, 2) degrees (lat, lon), projecting onto the sphere first (spec A3).
+
+    Raises :class:`NonFiniteError` naming the first offending record (``keys[i]`` when given)
+    if any point is non-finite or zero, so no NaN prediction can ever leave the library.
+    """
+    norm = xyz.norm(dim=-1, keepdim=True)
+    bad = ~(torch.isfinite(xyz).all(dim=-1) & (norm[..., 0] > 0))
+    if bad.any():
+        idx = int(bad.reshape(-1).nonzero()[0])
+        name = repr(keys[idx]) if keys is not None else f"#{idx}"
+        raise NonFiniteError(f"non-finite or zero model output for record {name}: {xyz.reshape(-1, 3)[idx].tolist()}")
+    unit = xyz / norm
+    lat = torch.asin(unit[..., 2].clamp(-1.0, 1.0))
+    lon = torch.atan2(unit[..., 1], unit[..., 0])
+    return torch.rad2deg(torch.stack((lat, lon), dim=-1))
+
+
+def project(x: torch.Tensor) -> torch.Tensor:
+    """Radial projection onto S²: x / ‖x‖ over the last dimension."""
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def tangent_project(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Project ambient vectors u onto the tangent plane at unit x: u − ⟨x, u⟩ x."""
+    return u - (x * u).sum(dim=-1, keepdim=True) * x
+
+
+def sphere_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Great-circle angle (radians) between unit vectors, with geoopt's clamp of ⟨x, y⟩."""
+    e = _eps(x.dtype)
+    return torch.arccos((x * y).sum(dim=-1).clamp(-1 + e, 1 - e))
+
+
+def sphere_log(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logarithmic map log_x(y): tangent vector at x of length dist(x, y) pointing to y."""
+    u = tangent_project(x, y - x)
+    dist = sphere_dist(x, y).unsqueeze(-1)
+    norm = u.norm(dim=-1, keepdim=True)
+    scaled = u * dist / norm.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(dist > _eps(x.dtype), scaled, u)
+
+
+def sphere_exp(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exponential map exp_x(u) = cos‖u‖ x + sin‖u‖ u/‖u‖ (retraction proj(x+u) for tiny ‖u‖)."""
+    norm = u.norm(dim=-1, keepdim=True)
+    exact = norm.cos() * x + norm.sin() * u / norm.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(norm > _eps(x.dtype), exact, project(x + u))
+
+
+def uniform_sphere(n: int, *, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(n, 3) points uniform on S² (normalised standard-normal draws)."""
+    g = torch.randn(n, 3, generator=generator, dtype=dtype, device=device)
+    return project(g)
+
+
+def haversine_km(lat1, lon1, lat2, lon2):
+    """Great-circle distance in km between degree coordinates (numpy, broadcasting), R = 6371.0088."""
+    p1, l1, p2, l2 = (np.deg2rad(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin((l2 - l1) / 2) ** 2
+    h = np.clip(h, 0.0, 1.0)
+    return EARTH_RADIUS_KM * 2.0 * np.arctan2(np.sqrt(h), np.sqrt(1.0 - h))

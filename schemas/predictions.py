@@ -1,0 +1,43 @@
+"""Predictions table (Parquet, schema ``geopipe.predictions/1``): one row per record.
+
+Coordinates are degrees; distances km; log-likelihoods nats per record (per steradian on
+S², per unit volume in R³ — not comparable across the two, see spec A6). Optional columns
+are null when the quantity was not requested. ``geometry`` is a WKB point (GeoParquet 1.1,
+lon/lat order, EPSG:4326) so GIS tools open the file directly. Key-value metadata
+``geopipe`` holds JSON: {"schema", "config", "model", "version", "git_rev"}.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA"]
+
+PREDICTIONS_SCHEMA_ID = "geopipe.predictions/1"
+METADATA_KEY = b"geopipe"
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("lat", pa.float64(), nullable=False),  # predicted latitude, degrees
+        pa.field("lon", pa.float64(), nullable=False),  # predicted longitude, degrees
+        pa.field("true_lat", pa.float64()),
+        pa.field("true_lon", pa.float64()),
+        pa.field("distance_km", pa.float64()),  # haversine(pred, truth), R = 6371.0088 km
+        pa.field("log_likelihood", pa.float64()),  # log p(truth | image), nats
+        pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (A8)
+        pa.field("entropy_bits", pa.float64()),
+        pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E²
+        pa.field("hdr_rank", pa.float64()),  # fraction of samples denser than the truth (A9)
+        pa.field("sample_lat", pa.list_(pa.float64())),  # optional extra samples, degrees
+        pa.field("sample_lon", pa.list_(pa.float64())),
+        pa.field("geometry", pa.binary()),  # WKB point of the prediction
+    ]
+)
+
+#: GeoParquet "geo" metadata value for the ``geometry`` column.
+GEO_METADATA = {
+    "version": "1.1.0",
+    "primary_column": "geometry",
+    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"], "crs": None}},
+}

@@ -1,0 +1,30 @@
+"""Rejects table: one row per skipped sample, written as Parquet beside the output."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["REJECTS_SCHEMA", "REJECT_REASONS"]
+
+#: Reasons a sample can be rejected (the ``reason`` column takes exactly these values).
+REJECT_REASONS: tuple[str, ...] = (
+    "corrupt_image",  # bytes that PIL cannot decode (truncated, zero-byte, not an image)
+    "missing_image",  # no jpg/jpeg/png/webp entry in the sample
+    "missing_json",  # no json entry
+    "invalid_json",  # json that does not parse or is not an object
+    "missing_coordinates",  # latitude/longitude key absent
+    "invalid_coordinates",  # NaN/inf, |lat| > 90 or |lon| > 180, or not a number
+    "duplicate_key",  # key already present in the store (first occurrence is kept)
+    "corrupt_shard",  # the tar itself ended early; the key is the last good one or ""
+    "invalid_embedding",  # precomputed embedding with wrong shape or non-finite values
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ],
+    metadata={b"geopipe_schema": b"geopipe.rejects/1"},
+)
