@@ -1,0 +1,3 @@
+"""geopipe library: geometry, schedules, networks, objectives, samplers, likelihoods, metrics, stores."""
+
+__all__: list[str] = []

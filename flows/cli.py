@@ -1,0 +1,208 @@
+"""``geopipe`` command line: the composition root.
+
+Every command builds a frozen stage config from its options and runs the stage (or, for
+``run`` and ``demo``, the Prefect flow). Heavy imports happen inside commands so that
+``geopipe --help`` stays fast. User-facing errors print one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+__all__ = ["main", "cli"]
+
+
+def _user_errors(fn):
+    """Turn expected failures into one-line messages (no traceback) and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import GeopipeError
+
+        try:
+            return fn(*args, **kwargs)
+        except (GeopipeError, ValueError, FileNotFoundError, KeyError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"geopipe: error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _device_option(fn):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="geopipe")
+def cli():
+    """geopipe — generative image geolocation on cached embedding stores.
+
+    extract (shards → Zarr store) → train (denoiser) → predict (Parquet) → evaluate.
+    """
+
+
+@cli.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n-train", default=3000, show_default=True)
+@click.option("--n-test", default=500, show_default=True)
+@click.option("--shard-size", default=500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@_user_errors
+def demo_data(out, n_train, n_test, shard_size, seed):
+    """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
+    from stages.demo import DemoDataConfig, run_demo_data
+
+    res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed))
+    click.echo(f"wrote {res.n_train} train and {res.n_test} test samples in {len(res.shards)} shards to {out}")
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True)
+@click.option("--store", "-o", required=True, help="Output Zarr store (created or resumed).")
+@click.option("--backbone", default="tiny", show_default=True, help="open_clip model name, 'hf-hub:org/repo' or 'tiny'.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint file.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader decode workers.")
+@click.option("--lat-key", default="latitude", show_default=True)
+@click.option("--lon-key", default="longitude", show_default=True)
+@click.option("--meta", "meta_fields", multiple=True, help="json fields to carry into the store (default: all scalars).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--no-normalize", is_flag=True, help="Keep raw (not L2-normalised) embeddings.")
+@click.option("--max-reject-fraction", default=0.5, show_default=True)
+@_device_option
+@_user_errors
+def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction, device):
+    """Embed WebDataset SHARDS (paths, globs or brace patterns) with a frozen backbone into a Zarr store."""
+    from stages.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        shards=tuple(shards), store=store, backbone=backbone, pretrained=pretrained, batch_size=batch_size,
+        num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
+        dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
+    )
+    res = run_extract(cfg)
+    click.echo(
+        f"extracted {res.n_ok} records ({res.n_rejected} rejected) from {res.shards_done} shards "
+        f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}"
+    )
+
+
+@cli.command()
+@click.option("--store", required=True, help="Training embedding store.")
+@click.option("--out", "-o", required=True, help="Checkpoint directory.")
+@click.option("--method", default="rfm", show_default=True, help="rfm, flow, diffusion, vmf, vmf_mixture, uniform.")
+@click.option("--dim", default=512, show_default=True)
+@click.option("--depth", default=12, show_default=True)
+@click.option("--schedule", default="sigmoid", show_default=True, help="sigmoid, linear, cosine, cosine_simple.")
+@click.option("--steps", default=20000, show_default=True)
+@click.option("--batch-size", default=1024, show_default=True)
+@click.option("--lr", default=8e-4, show_default=True)
+@click.option("--warmup", default=500, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--optimizer", default="lamb", show_default=True, type=click.Choice(["lamb", "adamw"]))
+@click.option("--ema-decay", default=0.999, show_default=True)
+@click.option("--val-every", default=1000, show_default=True)
+@click.option("--seed", default=3407, show_default=True)
+@click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
+@_device_option
+@_user_errors
+def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume, device):
+    """Train a generative geolocation model on a store's cached embeddings."""
+    from stages.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        store=store, out=out, method=method, dim=dim, depth=depth, schedule=schedule, steps=steps,
+        batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, optimizer=optimizer,
+        ema_decay=ema_decay, val_every=val_every, seed=seed, resume=not no_resume, device=device,
+    )
+    res = run_train(cfg)
+    click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")
+
+
+@cli.command()
+@click.option("--checkpoint", "-c", required=True)
+@click.option("--store", required=True)
+@click.option("--out", "-o", required=True, help="Predictions Parquet file.")
+@click.option("--steps", default=16, show_default=True)
+@click.option("--guidance", default=2.0, show_default=True)
+@click.option("--sampler", default=None, help="Override the method's default sampler.")
+@click.option("--samples", default=0, show_default=True, help="Extra unguided samples per record to store.")
+@click.option("--ensemble", default=0, show_default=True, help="Draw N unguided samples, keep the most likely (A7).")
+@click.option("--nll", is_flag=True, help="Exact log-likelihood of the true location.")
+@click.option("--localizability", default=0, show_default=True, help="Monte-Carlo samples for −entropy (0 = off).")
+@click.option("--rtol", default=1e-5, show_default=True)
+@click.option("--atol", default=1e-5, show_default=True)
+@click.option("--batch-size", default=4096, show_default=True)
+@click.option("--seed", default=3407, show_default=True)
+@click.option("--dask", "dask_address", default=None, help="'local:N' for a LocalCluster with N workers, or a scheduler address.")
+@_device_option
+@_user_errors
+def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, batch_size, seed, dask_address, device):
+    """Sample location predictions (and optionally likelihoods, localizability) for a store."""
+    from stages.predict import PredictConfig, run_predict
+
+    cfg = PredictConfig(
+        checkpoint=checkpoint, store=store, out=out, steps=steps, guidance=guidance, sampler=sampler,
+        samples=samples, ensemble=ensemble, nll=nll, localizability=localizability, rtol=rtol, atol=atol,
+        batch_size=batch_size, seed=seed, dask=dask_address, device=device,
+    )
+    res = run_predict(cfg)
+    click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
+
+
+@cli.command()
+@click.argument("predictions", nargs=-1, required=True)
+@click.option("--out", "-o", default=None, help="Write the JSON report here.")
+@click.option("--name", "names", multiple=True, help="Label per predictions file (repeat).")
+@click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
+@_user_errors
+def evaluate(predictions, out, names, baseline_store):
+    """Score one or several prediction files; several files print one row per model."""
+    from stages.evaluate import EvaluateConfig, run_evaluate
+
+    baseline = None
+    if baseline_store:
+        from stages.evaluate import store_mean_direction
+
+        baseline = store_mean_direction(baseline_store)
+    res = run_evaluate(EvaluateConfig(predictions=tuple(predictions), out=out, names=tuple(names) or None, baseline_latlon=baseline))
+    click.echo(res.table)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@_user_errors
+def run(config):
+    """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect."""
+    from flows.pipeline_flow import geopipe_flow
+    from stages.config import load_pipeline_config
+
+    result = geopipe_flow(load_pipeline_config(config))
+    click.echo(result["table"])
+
+
+@cli.command()
+@click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=3000, show_default=True, help="Training steps (CPU-sized).")
+@_user_errors
+def demo(workdir, steps):
+    """Generate the offline demo world and run the full flow on it, printing the evaluation table."""
+    from flows.pipeline_flow import geopipe_flow
+    from stages.config import demo_pipeline_config
+
+    result = geopipe_flow(demo_pipeline_config(workdir, train_steps=steps))
+    click.echo(result["table"])
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="geopipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,147 @@
+"""Pipeline configuration: a strict TOML file → frozen stage configs.
+
+Layout (every section but ``[train]``/``[predict]`` optional)::
+
+    workdir = "data/demo"
+    [demo_data]            # optional: generate the offline demo world first
+    out = "data/demo/shards"
+    [extract.train]        # one table per store to extract
+    shards = ["data/demo/shards/train-{000000..000005}.tar"]
+    store = "data/demo/train.zarr"
+    [extract.test]
+    ...
+    [train]
+    store = "data/demo/train.zarr"
+    out = "data/demo/model"
+    [predict]
+    checkpoint = "data/demo/model"
+    store = "data/demo/test.zarr"
+    out = "data/demo/predictions.parquet"
+    [evaluate]
+    predictions = ["data/demo/predictions.parquet"]
+    baseline_store = "data/demo/train.zarr"
+
+Unknown keys and wrong types are errors that list the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+from pipeline.errors import GeopipeError
+from stages.demo import DemoDataConfig
+from stages.evaluate import EvaluateConfig
+from stages.extract import ExtractConfig
+from stages.predict import PredictConfig
+from stages.train import TrainConfig
+
+__all__ = ["PipelineConfig", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config", "build_config"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The chained pipeline: optional demo data, extract per store, train, predict, evaluate."""
+
+    train: TrainConfig
+    predict: PredictConfig
+    evaluate: EvaluateConfig
+    extract: tuple[ExtractConfig, ...] = ()
+    demo_data: DemoDataConfig | None = None
+    baseline_store: str | None = None
+    workdir: str = "."
+    extra: dict = field(default_factory=dict)
+
+
+def _coerce(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise GeopipeError(f"{where} must be a list, got {type(value).__name__}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool, dict):
+        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+            raise GeopipeError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def build_config(cls, section: dict, where: str):
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise GeopipeError(f"unknown key(s) {unknown} in [{where}]; valid keys: {valid}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in section]
+    if missing:
+        raise GeopipeError(f"missing key(s) {missing} in [{where}]")
+    return cls(**{k: _coerce(v, hints[k], f"[{where}] {k}") for k, v in section.items()})
+
+
+def parse_pipeline_config(doc: dict) -> PipelineConfig:
+    """Validate a parsed TOML document into a :class:`PipelineConfig`."""
+    top = {"workdir", "demo_data", "extract", "train", "predict", "evaluate"}
+    unknown = sorted(set(doc) - top)
+    if unknown:
+        raise GeopipeError(f"unknown section(s) {unknown}; valid: {sorted(top)}")
+    for name in ("train", "predict", "evaluate"):
+        if name not in doc:
+            raise GeopipeError(f"config lacks the [{name}] section")
+    extract = tuple(build_config(ExtractConfig, tbl, f"extract.{name}") for name, tbl in doc.get("extract", {}).items())
+    demo = build_config(DemoDataConfig, doc["demo_data"], "demo_data") if "demo_data" in doc else None
+    evaluate = dict(doc["evaluate"])
+    baseline = evaluate.pop("baseline_store", None)
+    return PipelineConfig(
+        train=build_config(TrainConfig, doc["train"], "train"),
+        predict=build_config(PredictConfig, doc["predict"], "predict"),
+        evaluate=build_config(EvaluateConfig, evaluate, "evaluate"),
+        extract=extract,
+        demo_data=demo,
+        baseline_store=baseline,
+        workdir=doc.get("workdir", "."),
+    )
+
+
+def load_pipeline_config(path: str) -> PipelineConfig:
+    """Read and validate a pipeline TOML file."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise GeopipeError(f"{path}: not valid TOML ({exc})") from None
+    return parse_pipeline_config(doc)
+
+
+def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3000, n_test: int = 500) -> PipelineConfig:
+    """The ``make demo`` pipeline: demo world → two stores → CPU-sized RFM → predict → evaluate."""
+    w = lambda *p: os.path.join(workdir, *p)  # noqa: E731
+    shards = w("shards")
+    n_train_shards = -(-n_train // 500)
+    n_test_shards = -(-n_test // 500)
+    doc = {
+        "workdir": workdir,
+        "demo_data": {"out": shards, "n_train": n_train, "n_test": n_test, "shard_size": 500},
+        "extract": {
+            "train": {"shards": [w("shards", f"train-{{000000..{n_train_shards - 1:06d}}}.tar")], "store": w("train.zarr"), "backbone": "tiny"},
+            "test": {"shards": [w("shards", f"test-{{000000..{n_test_shards - 1:06d}}}.tar")], "store": w("test.zarr"), "backbone": "tiny"},
+        },
+        "train": {"store": w("train.zarr"), "out": w("model"), "method": "rfm", "dim": 256, "depth": 6,
+                  "steps": train_steps, "batch_size": 256, "warmup": 200, "val_every": 500},
+        "predict": {"checkpoint": w("model"), "store": w("test.zarr"), "out": w("predictions.parquet"),
+                    "nll": True, "localizability": 64},
+        "evaluate": {"predictions": [w("predictions.parquet")], "out": w("report.json"), "baseline_store": w("train.zarr")},
+    }
+    return parse_pipeline_config(doc)

@@ -1,0 +1,48 @@
+"""Demo-data stage: write the offline demo world (WebDataset shards) for ``make demo`` and tests."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from pipeline.demo_world import DemoWorldConfig, write_demo_world
+
+__all__ = ["DemoDataConfig", "DemoDataResult", "run_demo_data"]
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    out: str
+    n_train: int = 3000
+    n_test: int = 500
+    shard_size: int = 500
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoDataResult:
+    out: str
+    n_train: int
+    n_test: int
+    shards: tuple[str, ...]
+    skipped: bool  # True when identical shards were already there
+
+
+def _existing(cfg: DemoDataConfig) -> tuple[str, ...]:
+    return tuple(sorted(glob.glob(os.path.join(cfg.out, "*.tar"))))
+
+
+def run_demo_data(cfg: DemoDataConfig) -> DemoDataResult:
+    """Write the demo world to ``cfg.out`` unless a complete one with the same settings is there."""
+    stamp = os.path.join(cfg.out, "demo_world.json")
+    settings = repr(cfg)
+    if os.path.exists(stamp) and open(stamp).read() == settings:
+        return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), True)
+    os.makedirs(cfg.out, exist_ok=True)
+    world = DemoWorldConfig(n_train=cfg.n_train, n_test=cfg.n_test, shard_size=cfg.shard_size, image_size=cfg.image_size, seed=cfg.seed)
+    write_demo_world(cfg.out, world)
+    with open(stamp, "w") as fh:  # written last: a crash mid-write regenerates next time
+        fh.write(settings)
+    return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), False)
