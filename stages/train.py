@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -20,16 +21,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.checkpoint import load_checkpoint_config, load_train_state, save_checkpoint
+from pipeline.checkpoint import (
+    load_checkpoint_config,
+    load_model_weights,
+    load_train_state,
+    pack_train_state,
+    restore_train_state,
+    save_checkpoint,
+)
 from pipeline.device import resolve_device
 from pipeline.errors import GeopipeError
 from pipeline.geometry import latlon_to_xyz
 from pipeline.network import NetworkConfig
 from pipeline.objectives import get_method
-from pipeline.optim import EMA, lr_at, make_optimizer
+from pipeline.optim import EMA, lr_at, make_optimizer, set_lr
 from pipeline.provenance import provenance
 from pipeline.store import read_store
-from schemas.checkpoint import CHECKPOINT_SCHEMA
+from schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
 
 __all__ = ["TrainConfig", "TrainResult", "run_train", "split_is_val"]
 
@@ -104,18 +112,21 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg) -> dict:
     }
 
 
-def _resume(cfg, model, optimizer, ema, generator) -> int:
-    try:
-        saved = load_checkpoint_config(cfg.out)
-    except (FileNotFoundError, GeopipeError):
-        return 0
-    state, meta = load_train_state(cfg.out, optimizer)
+def _resume(cfg, model, optimizer, ema, generator) -> tuple[int, list]:
+    """Continue from ``cfg.out`` when it holds a training state of the same method."""
+    if not os.path.exists(os.path.join(cfg.out, CONFIG_FILE)):
+        return 0, []
+    saved = load_checkpoint_config(cfg.out)
     if saved["method"]["name"] != cfg.method:
         raise GeopipeError(f"{cfg.out} holds a {saved['method']['name']!r} run; use --no-resume or another --out")
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    ema.load_state_dict({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})
-    generator.set_state(state["rng"])
-    return int(meta["step"])
+    packed = load_train_state(cfg.out)
+    if packed is None:
+        return 0, []
+    tensors, meta = packed
+    restore_train_state(model, optimizer, tensors, meta)
+    ema.load_state_dict(load_model_weights(cfg.out))
+    generator.set_state(tensors["rng"])
+    return int(meta["step"]), list(meta.get("history", []))
 
 
 @torch.no_grad()
@@ -130,12 +141,21 @@ def _validate(method, model, x, c, cfg) -> float:
 
 
 def _save(cfg, model, optimizer, ema, generator, config, step, history):
-    ema_model = ema.averaged_state()
-    train_state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    train_state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    train_state["rng"] = generator.get_state()
-    save_checkpoint(cfg.out, model_state=ema_model, config={**config, "step": step},
-                    train_state=train_state, optimizer=optimizer, train_meta={"step": step, "history": history})
+    train_state, train_meta = (None, None)
+    if optimizer is not None:
+        train_state, train_meta = pack_train_state(model, optimizer, step=step, history=history)
+        train_state["rng"] = generator.get_state()
+    save_checkpoint(cfg.out, model_state=ema.state_dict(), config={**config, "step": step},
+                    train_state=train_state, train_meta=train_meta)
+
+
+def _ema_model(model, ema):
+    """A copy of ``model`` carrying the EMA weights (for validation)."""
+    import copy
+
+    shadow = copy.deepcopy(model)
+    ema.copy_to(shadow)
+    return shadow.eval()
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -164,16 +184,15 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     ema = EMA(model, decay=cfg.ema_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     config = _model_config(cfg, store, method, net_cfg)
-    step = _resume(cfg, model, optimizer, ema, generator) if cfg.resume and optimizer else 0
-    history, train_loss, val_loss, bad = [], float("nan"), float("nan"), 0
+    step, history = _resume(cfg, model, optimizer, ema, generator) if cfg.resume and optimizer else (0, [])
+    train_loss, val_loss, bad = float("nan"), float("nan"), 0
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step", file=sys.stderr, disable=not cfg.progress)
     model.train()
     while optimizer and step < cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr0=lr0, warmup=cfg.warmup, total=cfg.steps)
+        set_lr(optimizer, lr_at(step, lr0=lr0, warmup=cfg.warmup, total=cfg.steps))
         idx = torch.randint(len(x_tr), (cfg.batch_size,), generator=generator, device=device)
         loss = method.loss(model, x_tr[idx], c_tr[idx].float(), generator=generator)
         optimizer.zero_grad(set_to_none=True)
@@ -195,12 +214,15 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_loss = 0.98 * train_loss + 0.02 * float(loss) if math.isfinite(train_loss) else float(loss)
         bar.update(1)
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val_loss = _validate(method, ema.averaged_model(model), x_va, c_va, cfg)
+            val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg)
             history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
             _save(cfg, model, optimizer, ema, generator, config, step, history)
     bar.close()
-    if not optimizer or not history:
-        val_loss = _validate(method, model, x_va, c_va, cfg) if optimizer else float("nan")
+    if history and history[-1]["step"] == step:  # finished here, or resumed a finished run
+        train_loss, val_loss = history[-1]["train_loss"], history[-1]["val_loss"]
+    else:  # parameter-free method (uniform): nothing to optimise, checkpoint it as is
+        val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg)
         _save(cfg, model, optimizer, ema, generator, config, step, history)
+    model.train(False)
     return TrainResult(cfg.out, cfg.method, step, train_loss, val_loss, int(len(x_tr)), int(len(x_va)), time.perf_counter() - t0, tuple(history))

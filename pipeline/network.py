@@ -1,0 +1,223 @@
+"""GeoAdaLNMLP: the conditional residual MLP of every generative model, and the vMF baseline nets.
+
+Spec §4.2 (generative models) and §4.3 (vMF baselines). The network never sees ``t``; it sees
+the noise level ``γ(t) ∈ [0, 1]`` (A1). Parameter counts match §4.1/§4.3 exactly, e.g.
+``GeoAdaLNMLP(NetworkConfig())`` has 36,034,563 parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NetworkConfig",
+    "VMFParams",
+    "time_features",
+    "GeoAdaLNMLP",
+    "GeoAdaLNMLPVonMises",
+    "count_parameters",
+]
+
+_LN_EPS = 1e-5  # LayerNorm without affine parameters, biased variance (§0)
+_MAX_POSITIONS = 10000.0  # sinusoid base of the time features (§4.2 step 2)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Shape of a GeoAdaLNMLP (§4.1).
+
+    input_dim: ambient coordinate dimension D (3 for R³/S², 2 for the lat/lon ablation);
+    dim: width d (must be a multiple of 8 so that C = d/4 time channels split into cos/sin);
+    depth: number of residual AdaLN blocks L (12 for generative models, 11 for vMF baselines);
+    expansion: MLP hidden width factor; cond_dim: embedding dimension of the image condition.
+    """
+
+    input_dim: int = 3
+    dim: int = 512
+    depth: int = 12
+    expansion: int = 4
+    cond_dim: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"network config: {f.name} must be a positive integer, got {v!r}")
+        if self.dim % 8:
+            raise ValueError(f"network config: dim must be a multiple of 8 (time channels d/4 split in cos/sin), got {self.dim}")
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-able dict (written into checkpoint config.json under "network")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NetworkConfig":
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"network config must be a mapping, got {type(d).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown network config key(s) {unknown}; valid keys are {valid}")
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class VMFParams:
+    """Parameters of a (mixture of) von Mises–Fisher distribution(s) on S² per record.
+
+    mu: (B, M, 3) unit mean directions; kappa: (B, M) concentrations (> 0, Softplus);
+    weights: (B, M) mixture weights summing to 1 (all ones when M = 1).
+    """
+
+    mu: Tensor
+    kappa: Tensor
+    weights: Tensor
+
+
+def time_features(gamma: Tensor, channels: int) -> Tensor:
+    """Standardised sinusoidal features of the noise level (§4.2 step 2, oracle §16.12).
+
+    gamma: (B,) noise levels γ ∈ [0, 1] (any float dtype); channels: C (even, ≥ 4).
+    With τ = 1000·γ and f_k = 10000^(−2k/C), k < C/2 (computed in float32 as the reference does),
+    r = [cos(τ f), sin(τ f)] (cosines first) and the result is (r − mean r)/std r per sample with
+    the unbiased (C − 1) std and no epsilon. Returns (B, C) in gamma's dtype; the phases τ·f are
+    formed in that dtype too (float32 input reproduces the reference's float32 computation and §16.12).
+    """
+    if channels < 4 or channels % 2:
+        raise ValueError(f"time_features: channels must be even and >= 4, got {channels}")
+    if gamma.dim() != 1:
+        raise ValueError(f"time_features: gamma must have shape (B,), got {tuple(gamma.shape)}")
+    half = channels // 2
+    freqs = torch.arange(half, dtype=torch.float32, device=gamma.device) / half
+    freqs = (1.0 / _MAX_POSITIONS) ** freqs
+    arg = torch.outer(gamma * 1000.0, freqs.to(gamma.dtype))
+    raw = torch.cat([arg.cos(), arg.sin()], dim=1)
+    return (raw - raw.mean(dim=1, keepdim=True)) / raw.std(dim=1, keepdim=True)
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``module`` (all of them unless ``trainable_only``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _layer_norm(h: Tensor) -> Tensor:
+    return F.layer_norm(h, (h.shape[-1],), eps=_LN_EPS)
+
+
+class _AdaLNBlock(nn.Module):
+    """Pre-norm AdaLN residual block with gate (DiT style): h + g ⊙ MLP((1 + a) ⊙ LN(h) + b)."""
+
+    def __init__(self, dim: int, expansion: int) -> None:
+        super().__init__()
+        self.ada = nn.Linear(dim, 3 * dim)  # chunks: scale, shift, gate (not zero-initialised)
+        self.mlp = nn.Sequential(nn.Linear(dim, expansion * dim), nn.GELU(), nn.Linear(expansion * dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)  # zero second linear: every block is the identity at init
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, h: Tensor, s_act: Tensor) -> Tensor:
+        scale, shift, gate = self.ada(s_act).chunk(3, dim=-1)
+        return h + gate * self.mlp((1.0 + scale) * _layer_norm(h) + shift)
+
+
+class _Trunk(nn.Module):
+    """The L blocks plus the final AdaLN (scale, shift), both driven by SiLU(s); (B,d),(B,d) -> (B,d)."""
+
+    def __init__(self, dim: int, depth: int, expansion: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_AdaLNBlock(dim, expansion) for _ in range(depth))
+        self.final_ada = nn.Linear(dim, 2 * dim)
+
+    def forward(self, h: Tensor, s: Tensor) -> Tensor:
+        s_act = F.silu(s)
+        for block in self.blocks:
+            h = block(h, s_act)
+        scale, shift = self.final_ada(s_act).chunk(2, dim=-1)
+        return (1.0 + scale) * _layer_norm(h) + shift
+
+
+def _check_cond(cond: Tensor, cond_dim: int, batch: int | None = None) -> None:
+    if cond.dim() != 2 or cond.shape[1] != cond_dim or (batch is not None and cond.shape[0] != batch):
+        want = f"({batch if batch is not None else 'B'}, {cond_dim})"
+        raise ValueError(f"condition must have shape {want}, got {tuple(cond.shape)}")
+
+
+class GeoAdaLNMLP(nn.Module):
+    """ψ_θ(y, γ, c) of §4.2: ε̂ (diffusion) or the γ-velocity (FM, RFM).
+
+    forward(y (B, D), gamma (B,) or scalar, cond (B, cond_dim)) -> (B, D).
+    """
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.time_channels = d // 4
+        self.in_proj = nn.Linear(cfg.input_dim, d)
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_channels, d), nn.SiLU(), nn.Linear(d, d))
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.trunk = _Trunk(d, cfg.depth, cfg.expansion)
+        self.out_proj = nn.Linear(d, cfg.input_dim)
+
+    def forward(self, y: Tensor, gamma: Tensor, cond: Tensor) -> Tensor:
+        if y.dim() != 2 or y.shape[1] != self.cfg.input_dim:
+            raise ValueError(f"y must have shape (B, {self.cfg.input_dim}), got {tuple(y.shape)}")
+        batch = y.shape[0]
+        gamma = torch.as_tensor(gamma, dtype=y.dtype, device=y.device)
+        if gamma.dim() == 0:
+            gamma = gamma.expand(batch)
+        if gamma.shape != (batch,):
+            raise ValueError(f"gamma must have shape ({batch},) or be a scalar, got {tuple(gamma.shape)}")
+        _check_cond(cond, self.cfg.cond_dim, batch)
+        e_t = self.time_mlp(time_features(gamma, self.time_channels))
+        s = self.cond_proj(cond) + e_t
+        return self.out_proj(self.trunk(self.in_proj(y), s))
+
+
+def _vmf_head(dim: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Linear(dim, out))
+
+
+class GeoAdaLNMLPVonMises(nn.Module):
+    """vMF (components=1) or vMF-mixture (components=M>1) baseline network of §4.3.
+
+    A learned register r ∈ R^d (trunc-normal, std 0.02, cut at ±0.04) is the block input for every
+    record; the conditioning is s = W_c c + b_c only (no time). Callers pass depth 11 for the
+    paper's baselines. forward(cond (B, cond_dim)) -> :class:`VMFParams` with M = components.
+    """
+
+    def __init__(self, cfg: NetworkConfig, components: int = 1) -> None:
+        super().__init__()
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be a positive integer (1 = vMF, 3 = paper mixture), got {components!r}")
+        if cfg.input_dim != 3:
+            raise ValueError(f"vMF networks live on S² and need input_dim 3, got {cfg.input_dim}")
+        self.cfg = cfg
+        self.components = components
+        d = cfg.dim
+        self.register_token = nn.Parameter(torch.empty(d))
+        nn.init.trunc_normal_(self.register_token, std=0.02, a=-0.04, b=0.04)
+        self.cond_proj = nn.Linear(cfg.cond_dim, d)
+        self.trunk = _Trunk(d, cfg.depth, cfg.expansion)
+        self.mu_head = _vmf_head(d, 3 * components)
+        self.kappa_head = _vmf_head(d, components)
+        self.weight_head = _vmf_head(d, components) if components > 1 else None
+
+    def forward(self, cond: Tensor) -> VMFParams:
+        _check_cond(cond, self.cfg.cond_dim)
+        batch = cond.shape[0]
+        h = self.register_token.expand(batch, -1)
+        h = self.trunk(h, self.cond_proj(cond))
+        mu = F.normalize(self.mu_head(h).reshape(batch, self.components, 3), dim=-1)
+        kappa = F.softplus(self.kappa_head(h))
+        if self.weight_head is None:
+            weights = torch.ones_like(kappa)
+        else:
+            weights = torch.softmax(self.weight_head(h), dim=-1)
+        return VMFParams(mu=mu, kappa=kappa, weights=weights)
