@@ -211,7 +211,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         optimizer.step()
         ema.update(model)
         step += 1
-        train_loss = 0.98 * train_loss + 0.02 * float(loss) if math.isfinite(train_loss) else float(loss)
+        loss_value = loss.item()
+        train_loss = 0.98 * train_loss + 0.02 * loss_value if math.isfinite(train_loss) else loss_value
         bar.update(1)
         if step % cfg.val_every == 0 or step == cfg.steps:
             val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small demo world extracted once per session with the tiny backbone."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """Shards of a small demo world: {"dir", "train": pattern, "test": pattern}."""
+    from pipeline.demo_world import DemoWorldConfig, write_demo_world
+
+    out = tmp_path_factory.mktemp("demo_world")
+    write_demo_world(str(out), DemoWorldConfig(n_train=400, n_test=80, shard_size=200, seed=0))
+    return {"dir": out, "train": str(out / "train-{000000..000001}.tar"), "test": str(out / "test-000000.tar")}
+
+
+@pytest.fixture(scope="session")
+def demo_stores(demo_world, tmp_path_factory):
+    """Extracted train/test stores of :func:`demo_world`: {"train": path, "test": path}."""
+    from stages.extract import ExtractConfig, run_extract
+
+    out = tmp_path_factory.mktemp("stores")
+    stores = {}
+    for split in ("train", "test"):
+        path = str(out / f"{split}.zarr")
+        run_extract(ExtractConfig(shards=(demo_world[split],), store=path, num_workers=0, batch_size=128, progress=False))
+        stores[split] = path
+    return stores
