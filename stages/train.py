@@ -73,6 +73,14 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
+            raise ValueError("steps, batch_size and val_every must be positive")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
+        if not 0 <= self.cond_drop < 1 or not 0 <= self.val_fraction < 1:
+            raise ValueError("cond_drop and val_fraction must lie in [0, 1)")
+
 
 @dataclass(frozen=True)
 class TrainResult:

@@ -1,10 +1,14 @@
 """Shared fixtures: a small demo world extracted once per session with the tiny backbone."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# Prefect runs on its ephemeral local server with a throw-away home (SQLite) per session.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="geopipe-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")

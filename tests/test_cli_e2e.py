@@ -71,7 +71,7 @@ def test_checkpoint_embedding_dim_mismatch(demo_stores, tmp_path):
     from stages.train import TrainConfig, run_train
 
     ckpt = str(tmp_path / "m")
-    run_train(TrainConfig(store=demo_stores["train"], out=ckpt, dim=32, depth=1, steps=2, batch_size=16, val_every=2, device="cpu", progress=False))
+    run_train(TrainConfig(store=demo_stores["train"], out=ckpt, dim=32, depth=1, steps=2, warmup=1, batch_size=16, val_every=2, device="cpu", progress=False))
     cfg_path = tmp_path / "m" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["embed_dim"] = 1024
