@@ -199,6 +199,39 @@ def demo(workdir, steps):
     click.echo(result["table"])
 
 
+@cli.command()
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all"]), default="all", show_default=True)
+@click.option("--dim", default=512, show_default=True)
+@click.option("--depth", default=12, show_default=True)
+@click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
+@click.option("--steps", default=16, show_default=True)
+@click.option("--nll-batch", default=512, show_default=True)
+@click.option("--repeats", default=2, show_default=True)
+@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--out", "-o", default=None, help="Write the figures as JSON.")
+@_device_option
+@_user_errors
+def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
+    """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
+    from stages.bench import BenchConfig, bench_nll, bench_predict
+
+    cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device)
+    results = {}
+    if what in ("predict", "all"):
+        results["predict"] = bench_predict(cfg)
+    if what in ("nll", "all"):
+        results["nll"] = bench_nll(cfg)
+    if what in ("extract", "all"):
+        from stages.bench_extract import bench_extract
+
+        results["extract"] = bench_extract(device=device)
+    text = json.dumps(results, indent=2, default=str)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    click.echo(text)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geopipe")
