@@ -56,7 +56,7 @@ class TrainConfig:
     expansion: int = 4
     schedule: str = "sigmoid"
     schedule_params: dict = field(default_factory=dict)
-    cond_drop: float = 0.1
+    cond_drop: float | None = None  # None: 0.1 for generative methods, 0 for vMF baselines (§11)
     steps: int = 20000
     batch_size: int = 1024
     lr: float | None = None  # None: 8e-4 generative, 1e-4 vMF (§10)
@@ -78,7 +78,7 @@ class TrainConfig:
             raise ValueError("steps, batch_size and val_every must be positive")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
-        if not 0 <= self.cond_drop < 1 or not 0 <= self.val_fraction < 1:
+        if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:
             raise ValueError("cond_drop and val_fraction must lie in [0, 1)")
 
 

@@ -11,6 +11,14 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="geopipe-prefect-"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def pytest_configure(config):
+    """One torch thread per process: the suite's models are tiny, and DataLoader/Dask workers
+    share the CI machine's two cores, where spinning OpenMP threads oversubscribe badly."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
     """Shards of a small demo world: {"dir", "train": pattern, "test": pattern}."""
