@@ -187,6 +187,23 @@ def run(config):
 
 
 @cli.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cron", default=None, help="Cron schedule, e.g. '0 3 * * *' (nightly at 03:00).")
+@click.option("--interval", type=float, default=None, help="Seconds between runs.")
+@click.option("--name", default=None, help="Deployment name (default: geopipe-<config stem>).")
+@_user_errors
+def serve(config, cron, interval, name):
+    """Serve the pipeline for CONFIG on a schedule (re-runs pick up new shards incrementally)."""
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline_flow import scheduled_deployment
+    from stages.config import load_pipeline_config
+
+    load_pipeline_config(config)  # fail fast on a bad config
+    prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
+
+
+@cli.command()
 @click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", default=2000, show_default=True, help="Training steps (CPU-sized).")
 @_user_errors

@@ -9,8 +9,13 @@ also sees through deleted or changed outputs. Runs on Prefect's ephemeral local 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+import os
+
+# geopipe runs offline: Prefect's local server must not try to phone home.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from stages.config import PipelineConfig
 from stages.demo import run_demo_data
@@ -19,7 +24,7 @@ from stages.extract import run_extract
 from stages.predict import run_predict
 from stages.train import run_train
 
-__all__ = ["geopipe_flow", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
+__all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
 
 
 @task(name="demo-data", cache_policy=NO_CACHE)
@@ -70,3 +75,27 @@ def geopipe_flow(cfg: PipelineConfig) -> dict:
     ev = evaluate_task(evaluate_cfg)
     results["evaluate"] = ev
     return {"table": ev.table, "reports": ev.reports, "results": results}
+
+
+@flow(name="geopipe-scheduled", validate_parameters=True, log_prints=True)
+def scheduled_flow(config_path: str) -> dict:
+    """Re-read the TOML config and run the pipeline: a scheduled run picks up new shards that
+    the config's patterns now match (extraction appends only shards not yet in the store)."""
+    from stages.config import load_pipeline_config
+
+    return geopipe_flow(load_pipeline_config(config_path))
+
+
+def scheduled_deployment(config_path: str, *, cron: str | None = None, interval_s: float | None = None, name: str | None = None):
+    """A Prefect deployment of :func:`scheduled_flow` for ``config_path`` on a cron or interval schedule."""
+    path = os.path.abspath(config_path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config not found: {config_path}")
+    if (cron is None) == (interval_s is None):
+        raise ValueError("give exactly one of --cron or --interval")
+    return scheduled_flow.to_deployment(
+        name=name or f"geopipe-{os.path.splitext(os.path.basename(path))[0]}",
+        parameters={"config_path": path},
+        cron=cron,
+        interval=interval_s,
+    )

@@ -81,3 +81,17 @@ def test_dask_local_cluster_matches_in_process(demo_stores, tmp_path):
     assert ta.column("key").to_pylist() == tb.column("key").to_pylist()
     np.testing.assert_allclose(ta.column("lat").to_numpy(), tb.column("lat").to_numpy(), atol=1e-5)
     np.testing.assert_allclose(ta.column("lon").to_numpy(), tb.column("lon").to_numpy(), atol=1e-4)
+
+
+def test_scheduled_deployment(tmp_path, demo_world):
+    import tomllib  # noqa: F401  (the deployment re-reads TOML at each run)
+
+    from flows.pipeline_flow import scheduled_deployment
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[train]\nstore = "s"\nout = "o"\n[predict]\ncheckpoint = "o"\nstore = "s"\nout = "p"\n[evaluate]\npredictions = ["p"]\n')
+    dep = scheduled_deployment(str(cfg), cron="0 3 * * *")
+    assert dep.name == "geopipe-pipeline" and dep.parameters == {"config_path": str(cfg)}
+    assert dep.schedules[0].schedule.cron == "0 3 * * *"
+    with pytest.raises(ValueError, match="exactly one"):
+        scheduled_deployment(str(cfg))

@@ -1,0 +1,75 @@
+"""``geopipe store info|verify`` and ``geopipe import``: store tools and precomputed embeddings.
+
+Registered on the main group in :mod:`flows.cli` with ``cli.add_command(store_group)`` and
+``cli.add_command(import_command)``. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flows.cli import _user_errors
+
+__all__ = ["store_group", "import_command"]
+
+
+@click.group("store")
+def store_group():
+    """Inspect and check embedding stores."""
+
+
+@store_group.command("info")
+@click.argument("store")
+@_user_errors
+def store_info_command(store):
+    """Counts, embedding format, backbone, shards, rejects and size on disk of STORE (path or fsspec url)."""
+    from stages.store_tools import StoreInfoConfig, run_store_info
+
+    click.echo(run_store_info(StoreInfoConfig(store=store)).text)
+
+
+@store_group.command("verify")
+@click.argument("store")
+@_user_errors
+def store_verify_command(store):
+    """Check STORE end to end; exit status 0 when valid, 1 with the list of problems otherwise."""
+    from stages.store_tools import StoreVerifyConfig, run_store_verify
+
+    res = run_store_verify(StoreVerifyConfig(store=store))
+    click.echo(res.text, err=not res.ok)
+    if not res.ok:
+        sys.exit(1)
+
+
+@click.command("import")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--store", "-o", required=True, help="Output Zarr store (created, or appended to / resumed).")
+@click.option("--backbone-name", required=True, help="Label of the model that made the embeddings, e.g. StreetCLIP.")
+@click.option("--key-col", default="key", show_default=True)
+@click.option("--lat-col", default="latitude", show_default=True)
+@click.option("--lon-col", default="longitude", show_default=True)
+@click.option("--meta", "meta_fields", multiple=True, help="Metadata columns to carry (default: every scalar column).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--no-normalize", is_flag=True, help="Keep raw (not L2-normalised) embeddings.")
+@click.option("--max-reject-fraction", default=0.5, show_default=True)
+@click.option("--on-changed", type=click.Choice(["error", "skip", "reextract"]), default="error", show_default=True,
+              help="Pairs whose files changed since they were imported: fail, keep the old rows, or import them again.")
+@click.option("--verify-hash", is_flag=True, help="Compare file contents (sha256) of already imported pairs, not mtimes.")
+@_user_errors
+def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, meta_fields, dtype, no_normalize,
+                   max_reject_fraction, on_changed, verify_hash):
+    """Import precomputed embeddings from SOURCES into a store.
+
+    SOURCES: clip-retrieval output folders (img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet)
+    or .npy files (paths, globs, brace patterns) each with a same-named .parquet beside it.
+    """
+    from stages.import_embeddings import ImportConfig, run_import
+
+    cfg = ImportConfig(sources=tuple(sources), store=store, backbone_name=backbone_name, key_col=key_col, lat_col=lat_col,
+                       lon_col=lon_col, meta_fields=tuple(meta_fields) or None, dtype=dtype, normalize=not no_normalize,
+                       max_reject_fraction=max_reject_fraction, on_changed=on_changed, verify_hash=verify_hash)
+    res = run_import(cfg)
+    click.echo(f"imported {res.n_ok} records ({res.n_rejected} rejected) from {res.shards_done} pairs "
+               f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}")
