@@ -249,6 +249,18 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
     click.echo(text)
 
 
+def _register_subcommands() -> None:
+    # defined in sibling modules that import _user_errors from here, hence registered last
+    from flows.cli_maps import calibration_plot_command, map_command
+    from flows.cli_store import import_command, store_group
+
+    for command in (store_group, import_command, map_command, calibration_plot_command):
+        cli.add_command(command)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geopipe")

@@ -13,6 +13,8 @@ import os
 
 # geopipe runs offline: Prefect's local server must not try to phone home.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the ephemeral SQLite server can take longer than Prefect's 20 s default on a busy 2-core box
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402

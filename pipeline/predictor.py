@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.conditioning import CondStats
 from pipeline.checkpoint import load_checkpoint_config, load_model_weights
 from pipeline.errors import GeopipeError
 from pipeline.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
@@ -46,6 +47,11 @@ class Predictor:
     model: torch.nn.Module
     config: dict
     device: torch.device
+    cond_stats: CondStats
+
+    def condition(self, embeddings) -> torch.Tensor:
+        """(B, D) store embeddings → the network's conditioning input (standardised, float32)."""
+        return self.cond_stats.apply(torch.as_tensor(embeddings, device=self.device))
 
 
 def load_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int | None = None) -> Predictor:
@@ -66,7 +72,8 @@ def load_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int 
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise GeopipeError(f"checkpoint {checkpoint} does not match its network config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return Predictor(method, model.to(device).eval(), config, device)
+    stats = CondStats.from_dict(config.get("condition"), int(config["embed_dim"]))
+    return Predictor(method, model.to(device).eval(), config, device, stats)
 
 
 def _chunks(n: int, size: int):
@@ -99,7 +106,7 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
     Returns a dict of numpy columns named as in :data:`schemas.predictions.PREDICTIONS_SCHEMA`
     (optional columns absent when not requested).
     """
-    cond = torch.as_tensor(cond, dtype=torch.float32, device=p.device)
+    cond = p.condition(cond)
     has_truth = latlon_true is not None and bool(np.isfinite(latlon_true).all())
     cols: dict = {}
     if opts.ensemble > 0:

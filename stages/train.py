@@ -29,6 +29,7 @@ from pipeline.checkpoint import (
     restore_train_state,
     save_checkpoint,
 )
+from pipeline.conditioning import CondStats
 from pipeline.device import resolve_device
 from pipeline.errors import GeopipeError
 from pipeline.geometry import latlon_to_xyz
@@ -65,6 +66,7 @@ class TrainConfig:
     optimizer: str = "lamb"
     ema_decay: float = 0.999
     grad_clip: float | None = None  # None: none for generative, 0.05 for vMF (§10)
+    standardize_cond: bool = True  # per-dimension z-scores of the embeddings (pipeline.conditioning)
     val_fraction: float = 0.05
     val_every: int = 1000
     val_batches: int = 4
@@ -106,8 +108,9 @@ def _fingerprint(store) -> str:
     return hashlib.sha256(f"{len(store.keys)}|{shards}".encode()).hexdigest()[:16]
 
 
-def _model_config(cfg: TrainConfig, store, method, net_cfg) -> dict:
+def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) -> dict:
     return {
+        "condition": stats.to_dict(),
         "schema": CHECKPOINT_SCHEMA,
         "method": method.to_dict(),
         "network": net_cfg.to_dict(),
@@ -138,13 +141,13 @@ def _resume(cfg, model, optimizer, ema, generator) -> tuple[int, list]:
 
 
 @torch.no_grad()
-def _validate(method, model, x, c, cfg) -> float:
+def _validate(method, model, x, c, cfg, stats: CondStats) -> float:
     if len(x) == 0:
         return float("nan")
     g = torch.Generator(device=x.device).manual_seed(cfg.seed)
     losses = []
     for i in range(0, min(len(x), cfg.val_batches * cfg.batch_size), cfg.batch_size):
-        losses.append(float(method.loss(model, x[i : i + cfg.batch_size], c[i : i + cfg.batch_size].float(), generator=g)))
+        losses.append(float(method.loss(model, x[i : i + cfg.batch_size], stats.apply(c[i : i + cfg.batch_size]), generator=g)))
     return float(np.mean(losses))
 
 
@@ -179,6 +182,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if len(x_tr) == 0:
         raise GeopipeError(f"store {cfg.store} has no training records")
 
+    c_np = store.embeddings[~is_val]
+    stats = CondStats.from_embeddings(c_np) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
     vmf = cfg.method in _VMF_METHODS
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
     depth = cfg.depth if cfg.depth is not None else (11 if vmf else 12)
@@ -191,7 +196,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     optimizer = make_optimizer(cfg.optimizer, params, lr=lr0, weight_decay=cfg.weight_decay) if params else None
     ema = EMA(model, decay=cfg.ema_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    config = _model_config(cfg, store, method, net_cfg)
+    config = _model_config(cfg, store, method, net_cfg, stats)
     step, history = _resume(cfg, model, optimizer, ema, generator) if cfg.resume and optimizer else (0, [])
     train_loss, val_loss, bad = float("nan"), float("nan"), 0
 
@@ -202,7 +207,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     while optimizer and step < cfg.steps:
         set_lr(optimizer, lr_at(step, lr0=lr0, warmup=cfg.warmup, total=cfg.steps))
         idx = torch.randint(len(x_tr), (cfg.batch_size,), generator=generator, device=device)
-        loss = method.loss(model, x_tr[idx], c_tr[idx].float(), generator=generator)
+        loss = method.loss(model, x_tr[idx], stats.apply(c_tr[idx]), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss):
@@ -223,7 +228,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_loss = 0.98 * train_loss + 0.02 * loss_value if math.isfinite(train_loss) else loss_value
         bar.update(1)
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg)
+            val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg, stats)
             history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
             _save(cfg, model, optimizer, ema, generator, config, step, history)
@@ -231,7 +236,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if history and history[-1]["step"] == step:  # finished here, or resumed a finished run
         train_loss, val_loss = history[-1]["train_loss"], history[-1]["val_loss"]
     else:  # parameter-free method (uniform): nothing to optimise, checkpoint it as is
-        val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg)
+        val_loss = _validate(method, _ema_model(model, ema), x_va, c_va, cfg, stats)
         _save(cfg, model, optimizer, ema, generator, config, step, history)
     model.train(False)
     return TrainResult(cfg.out, cfg.method, step, train_loss, val_loss, int(len(x_tr)), int(len(x_va)), time.perf_counter() - t0, tuple(history))

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 # Prefect runs on its ephemeral local server with a throw-away home (SQLite) per session.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="geopipe-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def pytest_configure(config):
