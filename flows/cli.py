@@ -7,30 +7,14 @@ Every command builds a frozen stage config from its options and runs the stage (
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
+from flows.cli_common import user_errors
+
 __all__ = ["main", "cli"]
-
-
-def _user_errors(fn):
-    """Turn expected failures into one-line messages (no traceback) and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pipeline.errors import GeopipeError
-
-        try:
-            return fn(*args, **kwargs)
-        except (GeopipeError, ValueError, FileNotFoundError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"geopipe: error: {msg}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def _device_option(fn):
@@ -52,7 +36,7 @@ def cli():
 @click.option("--n-test", default=500, show_default=True)
 @click.option("--shard-size", default=500, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@_user_errors
+@user_errors
 def demo_data(out, n_train, n_test, shard_size, seed):
     """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
     from stages.demo import DemoDataConfig, run_demo_data
@@ -74,9 +58,15 @@ def demo_data(out, n_train, n_test, shard_size, seed):
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--no-normalize", is_flag=True, help="Keep raw (not L2-normalised) embeddings.")
 @click.option("--max-reject-fraction", default=0.5, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Autocast on CUDA.")
+@click.option("--on-changed", type=click.Choice(["error", "skip", "reextract"]), default="error", show_default=True,
+              help="What to do with shards changed since they were extracted.")
+@click.option("--verify-hash", is_flag=True, help="Detect changed shards by sha256 instead of size/mtime.")
+@click.option("--embedding-key", default=None, help="Read precomputed embeddings from this entry (e.g. street_clip.npy); no backbone runs.")
 @_device_option
-@_user_errors
-def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction, device):
+@user_errors
+def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
+            precision, on_changed, verify_hash, embedding_key, device):
     """Embed WebDataset SHARDS (paths, globs or brace patterns) with a frozen backbone into a Zarr store."""
     from stages.extract import ExtractConfig, run_extract
 
@@ -84,12 +74,9 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         shards=tuple(shards), store=store, backbone=backbone, pretrained=pretrained, batch_size=batch_size,
         num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
         dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
+        precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=True,
     )
-    res = run_extract(cfg)
-    click.echo(
-        f"extracted {res.n_ok} records ({res.n_rejected} rejected) from {res.shards_done} shards "
-        f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}"
-    )
+    run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
 
 
 @cli.command()
@@ -110,7 +97,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @click.option("--seed", default=3407, show_default=True)
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
 @_device_option
-@_user_errors
+@user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume, device):
     """Train a generative geolocation model on a store's cached embeddings."""
     from stages.train import TrainConfig, run_train
@@ -141,7 +128,7 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @click.option("--seed", default=3407, show_default=True)
 @click.option("--dask", "dask_address", default=None, help="'local:N' for a LocalCluster with N workers, or a scheduler address.")
 @_device_option
-@_user_errors
+@user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, batch_size, seed, dask_address, device):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from stages.predict import PredictConfig, run_predict
@@ -160,7 +147,7 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
 @click.option("--out", "-o", default=None, help="Write the JSON report here.")
 @click.option("--name", "names", multiple=True, help="Label per predictions file (repeat).")
 @click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
-@_user_errors
+@user_errors
 def evaluate(predictions, out, names, baseline_store):
     """Score one or several prediction files; several files print one row per model."""
     from stages.evaluate import EvaluateConfig, run_evaluate
@@ -176,7 +163,7 @@ def evaluate(predictions, out, names, baseline_store):
 
 @cli.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@_user_errors
+@user_errors
 def run(config):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect."""
     from flows.pipeline_flow import geopipe_flow
@@ -191,7 +178,7 @@ def run(config):
 @click.option("--cron", default=None, help="Cron schedule, e.g. '0 3 * * *' (nightly at 03:00).")
 @click.option("--interval", type=float, default=None, help="Seconds between runs.")
 @click.option("--name", default=None, help="Deployment name (default: geopipe-<config stem>).")
-@_user_errors
+@user_errors
 def serve(config, cron, interval, name):
     """Serve the pipeline for CONFIG on a schedule (re-runs pick up new shards incrementally)."""
     from prefect import serve as prefect_serve
@@ -206,7 +193,7 @@ def serve(config, cron, interval, name):
 @cli.command()
 @click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--steps", default=2000, show_default=True, help="Training steps (CPU-sized).")
-@_user_errors
+@user_errors
 def demo(workdir, steps):
     """Generate the offline demo world and run the full flow on it, printing the evaluation table."""
     from flows.pipeline_flow import geopipe_flow
@@ -227,7 +214,7 @@ def demo(workdir, steps):
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", "-o", default=None, help="Write the figures as JSON.")
 @_device_option
-@_user_errors
+@user_errors
 def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
     from stages.bench import BenchConfig, bench_nll, bench_predict
@@ -250,7 +237,7 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
 
 
 def _register_subcommands() -> None:
-    # defined in sibling modules that import _user_errors from here, hence registered last
+    # defined in sibling modules that import user_errors from here, hence registered last
     from flows.cli_maps import calibration_plot_command, map_command
     from flows.cli_store import import_command, store_group
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from flows.cli import _user_errors
+from flows.cli_common import user_errors
 
 __all__ = ["store_group", "import_command"]
 
@@ -22,7 +22,7 @@ def store_group():
 
 @store_group.command("info")
 @click.argument("store")
-@_user_errors
+@user_errors
 def store_info_command(store):
     """Counts, embedding format, backbone, shards, rejects and size on disk of STORE (path or fsspec url)."""
     from stages.store_tools import StoreInfoConfig, run_store_info
@@ -32,7 +32,7 @@ def store_info_command(store):
 
 @store_group.command("verify")
 @click.argument("store")
-@_user_errors
+@user_errors
 def store_verify_command(store):
     """Check STORE end to end; exit status 0 when valid, 1 with the list of problems otherwise."""
     from stages.store_tools import StoreVerifyConfig, run_store_verify
@@ -57,7 +57,7 @@ def store_verify_command(store):
 @click.option("--on-changed", type=click.Choice(["error", "skip", "reextract"]), default="error", show_default=True,
               help="Pairs whose files changed since they were imported: fail, keep the old rows, or import them again.")
 @click.option("--verify-hash", is_flag=True, help="Compare file contents (sha256) of already imported pairs, not mtimes.")
-@_user_errors
+@user_errors
 def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, meta_fields, dtype, no_normalize,
                    max_reject_fraction, on_changed, verify_hash):
     """Import precomputed embeddings from SOURCES into a store.

@@ -8,7 +8,8 @@ A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
   random weights drawn under the fixed seed :data:`TINY_SEED`, so every process gets the same
   weights. ``pretrained`` may instead be a local checkpoint file of that architecture.
 * any open_clip architecture (``"ViT-L-14"``, ``"ViT-B-32"``, …) with ``pretrained`` = an
-  open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, …) or a local checkpoint file path;
+  open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, …), a local checkpoint file path, or
+  :data:`RANDOM` (``"random"``: seeded random weights, for benchmarks and offline tests);
 * ``"hf-hub:org/repo"`` — an open_clip model published on the Hugging Face Hub.
 
 Embeddings are ``model.encode_image`` outputs (projected, **not** L2-normalised), float32.
@@ -30,6 +31,8 @@ import torch
 
 __all__ = [
     "TINY_SEED",
+    "RANDOM",
+    "PRECISIONS",
     "BackboneSpec",
     "Backbone",
     "BackboneLoadError",
@@ -41,6 +44,12 @@ __all__ = [
 
 #: Seed of the tiny backbone's random initialisation (changing it changes every tiny embedding).
 TINY_SEED = 20240601
+
+#: ``pretrained`` value asking for an open_clip architecture with seeded random weights.
+RANDOM = "random"
+#: ``Backbone.encode`` precisions: auto = bf16/fp16 autocast on CUDA, fp32 on CPU.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 _TINY_CONFIG_FILE = Path(__file__).parent / "assets" / "geopipe-tiny.json"
 _TINY_ARCH = _TINY_CONFIG_FILE.stem  # open_clip model name of the tiny config: "geopipe-tiny"
@@ -101,26 +110,31 @@ class Backbone:
         """Device holding the model's parameters."""
         return next(self.model.parameters()).device
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
         """Embed a batch: (B, 3, H, W) float preprocessed images → (B, D) float32 on the model's device.
 
-        Runs under ``torch.no_grad``; on CUDA under autocast (bfloat16 where supported, else
-        float16); on CPU in float32. Embeddings are not normalised.
+        Runs under ``torch.no_grad``. precision (:data:`PRECISIONS`): "auto" = autocast in
+        bfloat16 on CUDA (float16 where bf16 is unsupported) and float32 on CPU; "fp32" = no
+        autocast; "bf16"/"fp16" = autocast in that dtype. Embeddings are not normalised.
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"encode expects a (B, 3, H, W) tensor of preprocessed images, got {shape}")
         if not images.is_floating_point():
             raise ValueError(f"encode expects float images from Backbone.preprocess, got dtype {images.dtype}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
         device = self.device
+        if precision == "auto":
+            cuda = device.type == "cuda"
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
         x = images.to(device=device, dtype=torch.float32, non_blocking=True)
         with torch.no_grad():
-            if device.type == "cuda":
-                amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-                with torch.autocast(device_type="cuda", dtype=amp):
-                    z = self.model.encode_image(x)
-            else:
+            if precision == "fp32":
                 z = self.model.encode_image(x)
+            else:
+                with torch.autocast(device_type=device.type, dtype=_AMP[precision]):
+                    z = self.model.encode_image(x)
         return z.float()
 
 
@@ -253,8 +267,10 @@ def _load_open_clip(spec: BackboneSpec, device) -> Backbone:
     if p is None:
         raise UnknownBackboneError(
             f"backbone {spec.name!r} needs pretrained=<tag or checkpoint file>; tags: {tags} "
-            f"(use 'tiny' for a random test backbone)"
+            f"(use 'tiny' for a random test backbone, or pretrained={RANDOM!r} for random weights)"
         )
+    if p == RANDOM:
+        return _load_random(oc, arch, spec, device)
     is_tag = oc.is_pretrained_cfg(arch, p)
     if not is_tag and not os.path.isfile(p):
         close = difflib.get_close_matches(p, tags, n=6, cutoff=0.4) or tags
@@ -270,6 +286,18 @@ def _load_open_clip(spec: BackboneSpec, device) -> Backbone:
         raise _load_error(spec, exc) from exc
     fingerprint = hashlib.sha256(f"{arch}|{p}".encode()).hexdigest() if is_tag else _sha256_file(p)
     return _finish(model, preprocess, spec, fingerprint, device)
+
+
+def _load_random(oc, arch: str, spec: BackboneSpec, device) -> Backbone:
+    """An open_clip architecture with random weights drawn under :data:`TINY_SEED` (no download)."""
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_random_init():  # caller's RNG untouched
+            torch.manual_seed(TINY_SEED)
+            model, _, preprocess = oc.create_model_and_transforms(arch, pretrained=None, device="cpu",
+                                                                  force_image_size=spec.image_size)
+    except Exception as exc:
+        raise _load_error(spec, exc) from exc
+    return _finish(model, preprocess, spec, _sha256_state_dict(model), device)
 
 
 def _load_hf_hub(spec: BackboneSpec, device) -> Backbone:

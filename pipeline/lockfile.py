@@ -1,7 +1,9 @@
 """An exclusive lock file holding the owner's pid, for single-writer directories (stores).
 
 Created with ``O_CREAT | O_EXCL`` so two processes cannot both create it; a lock left by a
-process that no longer exists on this host (``kill -9``, power loss) is taken over.
+process that no longer exists on this host (``kill -9``, power loss) is taken over. Local
+filesystems only: object stores have no exclusive create, so stores behind fsspec urls get a
+:class:`NullLock` (see :meth:`pipeline.store_writer.StoreWriter.lock`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import socket
 
 from pipeline.errors import GeopipeError
 
-__all__ = ["LockedError", "DirLock"]
+__all__ = ["LockedError", "DirLock", "NullLock"]
 
 
 class LockedError(GeopipeError):
@@ -80,6 +82,31 @@ class DirLock:
             self.held = False
 
     def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class NullLock:
+    """A lock that locks nothing, for directories on object stores (no ``O_EXCL`` there).
+
+    Same interface as :class:`DirLock`; the caller is responsible for warning the user that
+    concurrent writers are not detected.
+    """
+
+    def __init__(self, directory: str):
+        self.path = directory
+        self.held = False
+
+    def acquire(self) -> "NullLock":
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        self.held = False
+
+    def __enter__(self) -> "NullLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

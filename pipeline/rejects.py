@@ -1,9 +1,11 @@
-"""Rejected samples: a small value type and atomic Parquet I/O for :mod:`schemas.rejects`."""
+"""Rejected samples: a small value type and atomic Parquet I/O for :mod:`schemas.rejects`.
+
+Paths may be local or fsspec urls (:mod:`pipeline.fsio`).
+"""
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
@@ -11,6 +13,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import fsio
 from schemas.rejects import REJECT_REASONS, REJECTS_SCHEMA
 
 __all__ = ["Reject", "rejects_table", "write_rejects", "read_rejects", "count_reasons"]
@@ -40,22 +43,16 @@ def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
 def write_rejects(path: str, rejects: Iterable[Reject] | pa.Table) -> None:
     """Write a rejects table atomically (temporary file + rename): readers see old or new, never half."""
     table = rejects if isinstance(rejects, pa.Table) else rejects_table(rejects)
-    table = table.cast(REJECTS_SCHEMA)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    pq.write_table(table.cast(REJECTS_SCHEMA), buf)
+    fsio.write_atomic(path, buf.getvalue())
 
 
 def read_rejects(path: str) -> pa.Table:
     """Read a rejects Parquet file; a missing file reads as an empty table."""
-    if not os.path.exists(path):
+    if not fsio.exists(path):
         return REJECTS_SCHEMA.empty_table()
-    return pq.read_table(path, schema=REJECTS_SCHEMA)
+    return pq.read_table(io.BytesIO(fsio.read_bytes(path)), schema=REJECTS_SCHEMA)
 
 
 def count_reasons(rejects: Iterable[Reject] | pa.Table) -> dict[str, int]:

@@ -3,18 +3,21 @@
 A shard is a POSIX tar whose members ``<key>.<ext>`` are grouped into samples by key
 (webdataset's convention: the key is the member path up to the first dot of its basename,
 the extension the rest, lower-cased). Local paths, globs and brace patterns
-(``data/train-{000000..000003}.tar``) are supported, plus ``proto://`` urls through fsspec.
+(``data/train-{000000..000003}.tar``) are supported, plus ``proto://`` urls through fsspec
+(``s3://``, ``https://``, ``memory://``; ``file://`` urls become local paths).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from pipeline import fsio
 from pipeline.errors import GeopipeError
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "ShardStat",
     "resolve_shards",
     "shard_stat",
+    "file_sha256",
     "iter_tar_samples",
 ]
 
@@ -49,25 +53,22 @@ class CorruptShardError(Exception):
 
 @dataclass(frozen=True)
 class ShardStat:
-    """Size in bytes and modification time (float seconds; None where the filesystem has none)."""
+    """Size in bytes, modification time (float seconds; None where the filesystem has none) and
+    sha256 hex of the content (None when not computed)."""
 
     size: int
     mtime: float | None
+    sha256: str | None = None
 
 
 def _is_remote(url: str) -> bool:
-    return "://" in url
-
-
-def _fs(url: str):
-    import fsspec  # only for proto:// urls
-
-    return fsspec.core.url_to_fs(url)
+    return not fsio.is_local(url)
 
 
 def _expand_one(path: str) -> list[str]:
+    path = fsio.normalize(path)
     if _is_remote(path):
-        fs, p = _fs(path)
+        fs, p = fsio.url_to_fs(path)
         found = sorted(fs.glob(p)) if glob.has_magic(p) else ([p] if fs.isfile(p) else [])
         return [fs.unstrip_protocol(m) for m in found]
     if glob.has_magic(path):
@@ -99,19 +100,56 @@ def resolve_shards(patterns: Sequence[str]) -> list[str]:
 def shard_stat(url: str) -> ShardStat:
     """Current size and mtime of a shard (used to detect shards changed since extraction)."""
     if not _is_remote(url):
-        st = os.stat(url)
+        st = os.stat(fsio.normalize(url))
         return ShardStat(int(st.st_size), float(st.st_mtime))
-    fs, p = _fs(url)
+    fs, p = fsio.url_to_fs(url)
     info = fs.info(p)
     mtime = info.get("mtime")
     return ShardStat(int(info.get("size") or 0), float(mtime) if isinstance(mtime, (int, float)) else None)
 
 
-def _open(url: str):
-    if _is_remote(url):
-        fs, p = _fs(url)
-        return fs.open(p, "rb")
-    return open(url, "rb")
+def file_sha256(url: str) -> str:
+    """sha256 hex of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with fsio.open_read(url) as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Hashing:
+    """Read-only file wrapper feeding every byte of the file, once and in order, to ``digest``.
+
+    Bytes are hashed up to the furthest position read; a backward seek re-reads without
+    re-hashing and :meth:`finish` hashes whatever was never read, so the digest is the file's.
+    """
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest, self.pos, self.hashed = raw, digest, 0, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        end = self.pos + len(data)
+        if end > self.hashed:
+            self.digest.update(memoryview(data)[self.hashed - self.pos:])
+            self.hashed = end
+        self.pos = end
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = {0: offset, 1: self.pos + offset}.get(whence)
+        if target is None or target > self.hashed:  # never used by tarfile's stream mode
+            raise OSError("unsupported seek while hashing a shard")
+        self.pos = self.raw.seek(target)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def finish(self) -> None:
+        self.seek(self.hashed)
+        while self.read(1 << 20):
+            pass
 
 
 def _split(name: str) -> tuple[str | None, str]:
@@ -162,7 +200,28 @@ def _starts_new(sample: dict | None, key: str, ext: str) -> bool:
     return sample is not None and (key != sample["__key__"] or ext in sample)
 
 
-def iter_tar_samples(url: str) -> Iterator[dict]:
+class _Grouper:
+    """Groups (name, bytes) members into samples; keeps the sample being filled and the last key yielded."""
+
+    def __init__(self):
+        self.current: dict | None = None
+        self.last_key = ""
+
+    def feed(self, members) -> Iterator[dict]:
+        for name, data in members:
+            key, ext = _split(name)
+            if key is None or _META_KEY.match(os.path.basename(key)):
+                continue
+            if _starts_new(self.current, key, ext):
+                done, self.current = self.current, None
+                self.last_key = done["__key__"]
+                yield done
+            if self.current is None:
+                self.current = {"__key__": key}
+            self.current[ext] = data
+
+
+def iter_tar_samples(url: str, info: dict | None = None) -> Iterator[dict]:
     """Yield the samples of one shard in tar order: ``{"__key__": key, ext: bytes, ...}``.
 
     Consecutive members with the same key form one sample; a key reappearing with an
@@ -170,24 +229,26 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
     Members with ``__*__`` keys (shard metadata) and non-regular entries are skipped. When the
     tar is unreadable or ends early, the sample at the break is dropped unless the break lies
     in a later sample's member, and :class:`CorruptShardError` is raised after every complete
-    sample before it was yielded.
+    sample before it was yielded. info: a dict that receives ``info["sha256"]``, the sha256
+    hex of the file's bytes hashed while reading (None when the file itself could not be read
+    to the end), once the generator is exhausted.
     """
-    current: dict | None = None
-    last_key, error = "", None
+    group, error = _Grouper(), None
+    if info is not None:
+        info["sha256"] = None
     try:
-        with _open(url) as fh:
-            for name, data in _members(fh):
-                key, ext = _split(name)
-                if key is None or _META_KEY.match(os.path.basename(key)):
-                    continue
-                if _starts_new(current, key, ext):
-                    yield current
-                    last_key, current = current["__key__"], None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext] = data
+        with fsio.open_read(url) as raw:
+            fh = _Hashing(raw, hashlib.sha256()) if info is not None else raw
+            try:
+                yield from group.feed(_members(fh))
+            except Exception as exc:  # a broken tar: the file itself may still be readable to the end
+                error = exc
+            if info is not None:
+                fh.finish()
+                info["sha256"] = fh.digest.hexdigest()
     except Exception as exc:  # any read failure is a data-plane fault of this shard
-        error = exc
+        error = error or exc
+    current, last_key = group.current, group.last_key
     if error is None:
         if current is not None:
             yield current

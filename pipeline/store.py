@@ -2,18 +2,19 @@
 
 Only rows ``[0, attrs["rows"])`` are part of a store: arrays may be longer after an
 interrupted extract, so every accessor here is clipped to the committed rows. Writing lives in
-:mod:`pipeline.store_writer`.
+:mod:`pipeline.store_writer`. ``path`` may be a local path or an fsspec url
+(:mod:`pipeline.fsio`); ``file://`` urls are read as local paths.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fsio
 from pipeline.errors import GeopipeError
 from pipeline.rejects import read_rejects
 from schemas.rejects import REJECTS_SCHEMA
@@ -41,7 +42,7 @@ class StoreError(GeopipeError):
 
 def rejects_part_path(store: str, index: int) -> str:
     """Path of the rejects part of the shard with completion-record index ``index``."""
-    return os.path.join(store, REJECTS_PARTS_DIR, f"part-{index:06d}.parquet")
+    return fsio.join(store, REJECTS_PARTS_DIR, f"part-{index:06d}.parquet")
 
 
 class _Rows:
@@ -99,8 +100,8 @@ class EmbeddingStore:
     def __init__(self, path: str):
         import zarr
 
-        self.path = str(path)
-        if not os.path.isfile(os.path.join(self.path, "zarr.json")):
+        self.path = fsio.normalize(str(path))
+        if not fsio.isfile(fsio.join(self.path, "zarr.json")):
             raise StoreError(f"not a geopipe embedding store: {self.path} (no zarr.json; run `geopipe extract` first)")
         try:
             self._group = zarr.open_group(self.path, mode="r")
@@ -181,8 +182,9 @@ class EmbeddingStore:
                 problems.append(f"shard records are not contiguous at index {i}")
                 break
             stop = rec["stop"]
-        if recs and stop != rows:
-            problems.append(f"shard records end at row {stop} but attrs rows is {rows}")
+        else:
+            if stop != rows:
+                problems.append(f"shard records cover rows [0, {stop}) but attrs rows is {rows}")
         return problems
 
 

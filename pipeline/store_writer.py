@@ -12,52 +12,36 @@ A crash before 3 leaves only data past ``attrs["rows"]`` and parts past the last
 the next writer overwrites or deletes, so a resumed extract ends with the same store as an
 uninterrupted one. ``rejects.parquet`` is consolidated from the parts when a writer opens and
 closes; :meth:`pipeline.store.EmbeddingStore.rejects` reads the parts directly.
+
+:meth:`StoreWriter.truncate` drops the last shards (re-extraction of changed shards) with the
+same single atomic commit. Stores may live behind fsspec urls (:mod:`pipeline.fsio`); the
+single-writer lock is then skipped with a warning (object stores have no exclusive create).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
 from zarr.codecs import ZstdCodec
 
+from pipeline import fsio
 from pipeline.geometry import wrap_latlon
-from pipeline.lockfile import DirLock
+from pipeline.lockfile import DirLock, NullLock
 from pipeline.rejects import Reject, count_reasons, read_rejects, write_rejects
 from pipeline.shards import ShardStat
 from pipeline.store import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
+from pipeline.store_format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
 from schemas.rejects import REJECTS_SCHEMA
 from schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
 
-__all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "DTYPES"]
-
-DTYPES = ("float16", "float32")
-_F16_MAX = float(np.finfo(np.float16).max)
+__all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
 
 
 class StoreMismatchError(StoreError):
     """Appending with a different backbone, preprocessing, dtype or normalisation."""
-
-
-def prepare_embeddings(x: np.ndarray, dtype: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(n, D) raw embeddings → ((n, D) stored values, (n,) bool ok mask).
-
-    Normalisation is x / ||x||₂ per row in float32. Rows that are non-finite, zero (when
-    normalising) or overflow ``dtype`` are not ok.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    ok = np.isfinite(x).all(axis=1)
-    if normalize:
-        norm = np.linalg.norm(np.where(ok[:, None], x, 0.0), axis=1, keepdims=True).astype(np.float32)
-        ok &= norm[:, 0] > 0
-        x = x / np.where(norm > 0, norm, np.float32(1.0))
-    if dtype == "float16":
-        ok &= ~(np.abs(np.where(ok[:, None], x, 0.0)) > _F16_MAX).any(axis=1)
-    with np.errstate(over="ignore"):  # overflowing rows are flagged above
-        return x.astype(dtype), ok
 
 
 _CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP}
@@ -65,21 +49,30 @@ _CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRA
 
 def _is_fresh_dir(path: str) -> bool:
     """Empty, or holding only what an interrupted store creation leaves (no root zarr.json)."""
-    return set(os.listdir(path)) <= _CREATION_LEFTOVERS
+    return set(fsio.listdir(path)) <= _CREATION_LEFTOVERS
 
 
 class StoreWriter:
     """Single writer of one store (holds ``STORE/.lock``); create with :meth:`open`, then ``append_shard``, ``close``."""
 
-    def __init__(self, path: str, group, lock: DirLock):
+    def __init__(self, path: str, group, lock: DirLock | NullLock):
         self.path, self._group, self._lock = path, group, lock
         self.attrs: dict = dict(group.attrs)
         self.keys_seen: set[str] = set(EmbeddingStore(path).keys[:].tolist())
 
     @staticmethod
-    def lock(path: str) -> DirLock:
+    def lock(path: str) -> DirLock | NullLock:
         """Create ``path`` if needed and take ``path/.lock`` at once, before any slow work
-        (loading a backbone); raises :class:`pipeline.lockfile.LockedError` if it is held."""
+        (loading a backbone); raises :class:`pipeline.lockfile.LockedError` if it is held.
+
+        Stores behind fsspec urls get a :class:`~pipeline.lockfile.NullLock` and a warning:
+        the lock is local-only, so concurrent writers of a remote store are not detected.
+        """
+        path = fsio.normalize(path)
+        if not fsio.is_local(path):
+            warnings.warn(f"store {path} is not on a local filesystem: the single-writer lock is local-only and "
+                          f"is skipped; make sure no other process writes this store", stacklevel=2)
+            return NullLock(path).acquire()
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"{path} exists and is not a directory; choose another store path")
         os.makedirs(path, exist_ok=True)
@@ -87,7 +80,8 @@ class StoreWriter:
 
     @classmethod
     def open(cls, path: str, *, backbone: dict, embed_dim: int, dtype: str = "float16", normalize: bool = True,
-             created_by: dict | None = None, chunk_rows: int = 4096, lock: DirLock | None = None) -> "StoreWriter":
+             created_by: dict | None = None, chunk_rows: int = 4096,
+             lock: DirLock | NullLock | None = None) -> "StoreWriter":
         """Create ``path`` or open it for appending.
 
         backbone: the backbone identity dict (``Backbone.identity``); created_by: provenance
@@ -99,9 +93,10 @@ class StoreWriter:
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown embedding dtype {dtype!r}; choose one of {list(DTYPES)}")
+        path = fsio.normalize(path)
         lock = lock if lock is not None else cls.lock(path)
         try:
-            if os.path.isfile(os.path.join(path, "zarr.json")):
+            if fsio.isfile(fsio.join(path, "zarr.json")):
                 EmbeddingStore(path)  # raises StoreError if not a valid store
                 group = zarr.open_group(path, mode="r+")
                 _check_compatible(path, dict(group.attrs), backbone, dtype, normalize)
@@ -131,17 +126,21 @@ class StoreWriter:
         for name in list(meta.array_keys()):
             if name not in self.attrs["meta_fields"]:
                 del meta[name]
-        n = len(self.shards)
-        for part in glob.glob(os.path.join(self.path, REJECTS_PARTS_DIR, "part-*.parquet")):
-            if int(os.path.basename(part)[5:11]) >= n:
-                os.unlink(part)
+        self._drop_parts(len(self.shards))
         self._consolidate()
+
+    def _drop_parts(self, n: int) -> None:
+        """Delete rejects parts of record indices >= n (left by an interrupted or truncated run)."""
+        parts = fsio.join(self.path, REJECTS_PARTS_DIR)
+        for name in fsio.listdir(parts):
+            if name.startswith("part-") and name.endswith(".parquet") and int(name[5:11]) >= n:
+                fsio.remove(fsio.join(parts, name))
 
     def _consolidate(self) -> None:
         import pyarrow as pa
 
         tables = [read_rejects(rejects_part_path(self.path, i)) for i in range(len(self.shards))]
-        write_rejects(os.path.join(self.path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
+        write_rejects(fsio.join(self.path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
 
     def _write(self, name: str, start: int, values: np.ndarray) -> None:
         arr = self._group[name]
@@ -165,34 +164,57 @@ class StoreWriter:
             raw, ll = raw.reshape(0, self.attrs["embed_dim"]), ll.reshape(0, 2)
         emb = self._check_shard(url, raw, ll, keys, meta)
         lat, lon = wrap_latlon(ll[:, 0], ll[:, 1])
+        coords = np.stack([lat, lon], axis=1)
         start, index = self.rows, len(self.shards)
         fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
         self._write(ARRAY_EMBEDDINGS, start, emb)
-        self._write(ARRAY_LATLON, start, np.stack([lat, lon], axis=1))
+        self._write(ARRAY_LATLON, start, coords)
         self._write(ARRAY_KEYS, start, np.asarray(keys, dtype=object))
         self._write(ARRAY_SHARD, start, np.full(n, index, dtype=np.int32))
         for name in fields:
             if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
-                self._group[META_GROUP].create_array(name, shape=(start,), chunks=(self._chunk_rows(),), dtype=str,
-                                                     fill_value="", compressors=ZstdCodec(level=3), overwrite=True)
+                _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
+                              dtype=str, fill_value="", compressors=ZstdCodec(level=3))
             self._write(f"{META_GROUP}/{name}", start, np.asarray(meta.get(name, [""] * n), dtype=object))
         part = rejects_part_path(self.path, index)
         if rejects:
             write_rejects(part, rejects)
-        elif os.path.exists(part):
-            os.unlink(part)
-        digest = hashlib.sha256("\n".join(keys).encode() + emb.tobytes() + np.stack([lat, lon], 1).tobytes()).hexdigest()
+        else:
+            fsio.remove(part)
+        digest = shard_digest(keys, emb, coords)
         record = {"index": index, "start": start, "stop": start + n, "n_ok": n, "n_rejected": len(rejects),
-                  "size": stat.size, "mtime": stat.mtime, "digest": digest}
+                  "size": stat.size, "mtime": stat.mtime, "digest": digest, "sha256": stat.sha256}
         counts = dict(self.attrs["rejects"])
         for reason, c in count_reasons(rejects).items():
             counts[reason] = counts.get(reason, 0) + c
         update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": fields,
-                  "fingerprint": hashlib.sha256((self.attrs.get("fingerprint", "") + digest).encode()).hexdigest()}
+                  "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest])}
         self._commit(update)
         self.attrs.update(update)
         self.keys_seen.update(keys)
         return record
+
+    def truncate(self, index: int) -> list[str]:
+        """Drop the shards with record index >= ``index`` (and their rows and rejects) in one
+        commit; returns their urls in record order. Used to re-extract changed shards: the
+        rows of every later shard go too, since a store's shards are contiguous row ranges."""
+        recs = sorted(self.shards.items(), key=lambda kv: kv[1]["index"])
+        if not 0 <= index <= len(recs):
+            raise ValueError(f"cannot truncate store {self.path} at shard index {index}: it has {len(recs)} shards")
+        keep, drop = dict(recs[:index]), [url for url, _ in recs[index:]]
+        rows = recs[index][1]["start"] if drop else self.rows
+        counts: dict[str, int] = {}
+        for i in range(index):
+            for reason, c in count_reasons(read_rejects(rejects_part_path(self.path, i))).items():
+                counts[reason] = counts.get(reason, 0) + c
+        digests = [rec.get("digest", "") for _, rec in recs[:index]]
+        update = {"rows": rows, "shards": keep, "rejects": counts, "fingerprint": chain_fingerprint("", digests)}
+        self._commit(update)
+        self.attrs.update(update)
+        self.keys_seen = set(EmbeddingStore(self.path).keys[:].tolist())
+        self._drop_parts(index)
+        self._consolidate()
+        return drop
 
     def _check_shard(self, url: str, raw: np.ndarray, ll: np.ndarray, keys: list[str], meta: Mapping) -> np.ndarray:
         """Validate one shard's rows; returns the embeddings as stored (normalised, cast)."""
@@ -216,7 +238,9 @@ class StoreWriter:
         return emb
 
     def _commit(self, update: dict) -> None:
-        self._group.attrs.update(update)  # one atomic rewrite of zarr.json (LocalStore: temp file + rename)
+        # One write of zarr.json (LocalStore: temp file + rename; object stores: one PUT).
+        # Not ``attrs.update``: zarr's MutableMapping.update rewrites zarr.json once per key.
+        self._group.update_attributes({**self.attrs, **update})
 
     def _chunk_rows(self) -> int:
         return int(self._group[ARRAY_KEYS].chunks[0])
@@ -252,6 +276,14 @@ def _check_compatible(path: str, attrs: dict, backbone: dict, dtype: str, normal
         )
 
 
+def _create_array(url: str, **spec):
+    """Create an array rooted at its own url, touching nothing outside it (``Group.create_array``
+    also writes every parent's zarr.json "if not exists": an extra exists+PUT on object stores)."""
+    import zarr
+
+    return zarr.create_array(store=url, overwrite=True, **spec)
+
+
 def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bool, created_by: dict, chunk_rows: int):
     """Arrays first, the group's zarr.json (with the schema attribute) last: an interrupted
     creation leaves no store, only leftovers that the next creation overwrites."""
@@ -267,8 +299,8 @@ def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bo
         ARRAY_SHARD: dict(shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=floats, fill_value=-1),
     }
     for name, spec in arrays.items():
-        zarr.create_array(store=os.path.join(path, name), overwrite=True, **spec)
-    zarr.create_group(store=os.path.join(path, META_GROUP), overwrite=True)
+        _create_array(fsio.join(path, name), **spec)
+    zarr.create_group(store=fsio.join(path, META_GROUP), overwrite=True)
     attrs = {
         "schema": STORE_SCHEMA, "rows": 0, "embed_dim": int(embed_dim), "dtype": dtype, "normalized": bool(normalize),
         "backbone": backbone, "shards": {}, "rejects": {}, "meta_fields": [], "created_by": created_by, "fingerprint": "",

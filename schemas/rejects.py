@@ -16,7 +16,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "invalid_coordinates",  # NaN/inf, |lat| > 90 or |lon| > 180, or not a number
     "duplicate_key",  # key already present in the store (first occurrence is kept)
     "corrupt_shard",  # the tar itself ended early; the key is the last good one or ""
-    "invalid_embedding",  # precomputed embedding with wrong shape or non-finite values
+    "invalid_embedding",  # embedding with wrong shape, non-finite, zero or overflowing values
+    "missing_key",  # imported row whose key is null or empty
 )
 
 REJECTS_SCHEMA = pa.schema(

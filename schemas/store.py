@@ -9,12 +9,18 @@ A store is a Zarr v3 group::
       shard        (N,)   int32             index into ``attrs["shards"]`` order (insertion order)
       meta/<name>  (N,)   string            extra json fields carried from the shards
                                             (JSON-encoded scalars; "" when absent)
-      rejects.parquet                       see :mod:`schemas.rejects`
+      rejects/part-<index>.parquet          rejects of the shard with that record index
+      rejects.parquet                       all rejects (see :mod:`schemas.rejects`),
+                                            consolidated from the parts when a writer closes
 
 Rows are appended shard by shard; a shard's rows are contiguous. A shard counts as
 extracted only once its completion record is in ``attrs["shards"]`` (written after the
 arrays are resized and filled), so a crash mid-shard leaves rows past ``attrs["rows"]``
 that a resumed run overwrites.
+
+A store may live on a local disk or behind an fsspec url (``s3://bucket/x.zarr``,
+``memory://x.zarr``); a "shard" is a WebDataset tar for ``geopipe extract`` and an
+embeddings/metadata file pair for ``geopipe import``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "REJECTS_FILE",
     "REQUIRED_ATTRS",
     "SHARD_RECORD_FIELDS",
+    "SHARD_RECORD_OPTIONAL",
     "validate_store_attrs",
 ]
 
@@ -64,6 +71,12 @@ SHARD_RECORD_FIELDS: tuple[str, ...] = (
     "n_rejected",
     "size",  # bytes of the shard file when extracted (change detection)
     "mtime",  # float seconds, or null for remote files without one
+)
+
+#: Optional fields of a completion record (absent in stores written before they existed).
+SHARD_RECORD_OPTIONAL: tuple[str, ...] = (
+    "digest",  # sha256 hex over the shard's keys, stored embedding bytes and latlon bytes
+    "sha256",  # sha256 hex of the shard file's bytes (content change detection), or null
 )
 
 

@@ -269,3 +269,108 @@ def test_rejects_io_roundtrip(tmp_path):
     assert read_rejects(str(tmp_path / "none.parquet")).num_rows == 0
     with pytest.raises(ValueError, match="unknown reject reason 'bad'"):
         Reject("k", "s", "bad")
+
+
+# --------------------------------------------------------------------------- crash safety, truncation, hashing
+
+
+def test_every_root_metadata_write_is_a_complete_commit(tmp_path, monkeypatch):
+    """zarr.json of the group is the commit: each write of it must describe a valid store
+    (zarr's ``attrs.update`` writes zarr.json once per key: a kill between two writes left rows
+    committed without their meta fields)."""
+    import json
+
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    seen, real_set = [], zarr.storage.LocalStore.set
+
+    async def spy(self, key, value):
+        if key == "zarr.json" and os.path.realpath(str(self.root)) == os.path.realpath(str(store)):
+            attrs = json.loads(value.to_bytes())["attributes"]
+            assert validate_store_attrs(attrs) == [], attrs
+            assert attrs["rows"] == sum(r["n_ok"] for r in attrs["shards"].values())
+            seen.append((attrs["rows"], tuple(attrs["meta_fields"])))
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", spy)
+    emb, ll = _rows(2, 7)
+    with _writer(store) as w:
+        w.append_shard("a.tar", emb, ll, ["k0", "k1"], {"x": ["1", "2"]}, [], STAT)
+        real = w._commit
+        w._commit = lambda update: (_ for _ in ()).throw(RuntimeError("crash"))
+        with pytest.raises(RuntimeError):
+            w.append_shard("b.tar", emb, ll, ["k2", "k3"], {"y": ["1", "2"]}, [], STAT)
+        w._commit = real
+    with _writer(store) as w:
+        w.append_shard("b.tar", emb, ll, ["k2", "k3"], {"y": ["1", "2"]}, [], STAT)
+        w.truncate(1)
+    assert seen == [(0, ()), (2, ("x",)), (4, ("x", "y")), (2, ("x", "y"))]  # one write per commit
+
+
+def test_truncate_drops_later_shards_in_one_commit(tmp_path):
+    store = tmp_path / "s.zarr"
+    with _writer(store) as w:
+        for i, n in enumerate((3, 2, 4)):
+            emb, ll = _rows(n, 10 + i)
+            w.append_shard(f"{i}.tar", emb, ll, [f"k{i}{j}" for j in range(n)], {},
+                           [Reject(f"r{i}", f"{i}.tar", "missing_json")] * (i + 1), STAT)
+            if i == 0:
+                after_first = dict(w.attrs)
+        assert w.truncate(1) == ["1.tar", "2.tar"]
+        assert w.rows == 3 and list(w.shards) == ["0.tar"] and w.keys_seen == {"k00", "k01", "k02"}
+        emb, ll = _rows(1, 20)
+        w.append_shard("1.tar", emb, ll, ["k10"], {}, [], STAT)  # dropped keys may come back
+        with pytest.raises(ValueError, match="cannot truncate"):
+            w.truncate(5)
+    s = open_store(str(store))
+    assert s.rows == 4 and s.attrs["rejects"] == {"missing_json": 1} and s.rejects().num_rows == 1
+    assert not (store / "rejects" / "part-000002.parquet").exists() and s.validate() == []
+    with _writer(store) as w:
+        w.truncate(1)
+        assert w.attrs["fingerprint"] == after_first["fingerprint"]
+
+
+def test_tar_reading_hashes_the_whole_file(tmp_path):
+    import gzip
+    import hashlib
+
+    members = [(f"s{i}.{ext}", bytes([i]) * (300 + i)) for i in range(4) for ext in ("jpg", "json")]
+    path = _tar(tmp_path / "t.tar", members)
+    raw = open(path, "rb").read()
+    cases = {"whole": raw, "cut": raw[:1700], "garbage": b"\x01" * 700}
+    (tmp_path / "t.tar.gz").write_bytes(gzip.compress(raw))
+    for name, data in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+    for name in [*cases, "t"]:
+        url = str(tmp_path / (f"{name}.tar" if name != "t" else "t.tar.gz"))
+        info = {}
+        try:
+            for _ in iter_tar_samples(url, info):
+                pass
+        except CorruptShardError:
+            assert name != "whole"
+        assert info["sha256"] == hashlib.sha256(open(url, "rb").read()).hexdigest(), name
+
+
+def test_remote_store_lock_is_skipped_with_a_warning_and_rejects_go_through_fsspec():
+    import fsspec
+
+    from pipeline import fsio
+    from pipeline.lockfile import NullLock
+
+    fs = fsspec.filesystem("memory")
+    try:
+        with pytest.warns(UserWarning, match="lock is local-only and is skipped"):
+            lock = StoreWriter.lock("memory://geopipe-store-test/s.zarr")
+        assert isinstance(lock, NullLock) and lock.held
+        rej = [Reject("k", "s.tar", "missing_json", "d")]
+        write_rejects("memory://geopipe-store-test/r.parquet", rej)
+        assert read_rejects("memory://geopipe-store-test/r.parquet").column("key").to_pylist() == ["k"]
+        assert read_rejects("memory://geopipe-store-test/none.parquet").num_rows == 0
+        assert fsio.listdir("memory://geopipe-store-test") == ["r.parquet"]
+        assert fsio.join("memory://geopipe-store-test/", "a", "b") == "memory://geopipe-store-test/a/b"
+        assert fsio.normalize("file:///tmp/x") == "/tmp/x" and fsio.is_local("file:///tmp/x")
+        assert not fsio.is_local("s3://bucket/x") and fsio.listdir("memory://geopipe-store-test/nothing") == []
+    finally:
+        fs.rm("/geopipe-store-test", recursive=True)
