@@ -192,7 +192,7 @@ def serve(config, cron, interval, name):
 
 @cli.command()
 @click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", default=2000, show_default=True, help="Training steps (CPU-sized).")
+@click.option("--steps", default=3000, show_default=True, help="Training steps (CPU-sized).")
 @user_errors
 def demo(workdir, steps):
     """Generate the offline demo world and run the full flow on it, printing the evaluation table."""

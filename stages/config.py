@@ -125,7 +125,7 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     return parse_pipeline_config(doc)
 
 
-def demo_pipeline_config(workdir: str, train_steps: int = 2000, n_train: int = 3000, n_test: int = 500) -> PipelineConfig:
+def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3000, n_test: int = 500) -> PipelineConfig:
     """The ``make demo`` pipeline: demo world → two stores → CPU-sized RFM → predict → evaluate."""
     w = lambda *p: os.path.join(workdir, *p)  # noqa: E731
     shards = w("shards")
@@ -139,9 +139,10 @@ def demo_pipeline_config(workdir: str, train_steps: int = 2000, n_train: int = 3
             "test": {"shards": [w("shards", f"test-{{000000..{n_test_shards - 1:06d}}}.tar")], "store": w("test.zarr"), "backbone": "tiny"},
         },
         "train": {"store": w("train.zarr"), "out": w("model"), "method": "rfm", "dim": 128, "depth": 4,
-                  "steps": train_steps, "batch_size": 256, "warmup": min(200, train_steps // 10), "val_every": 500},
+                  "steps": train_steps, "batch_size": 256, "lr": 3e-3, "warmup": min(200, train_steps // 10),
+                  "val_every": 500},
         "predict": {"checkpoint": w("model"), "store": w("test.zarr"), "out": w("predictions.parquet"),
-                    "nll": True, "localizability": 32, "rtol": 1e-3, "atol": 1e-3},
+                    "nll": True, "localizability": 16, "rtol": 1e-3, "atol": 1e-3},
         "evaluate": {"predictions": [w("predictions.parquet")], "out": w("report.json"), "baseline_store": w("train.zarr")},
     }
     return parse_pipeline_config(doc)
