@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from flows.cli import _user_errors
+from flows.cli_common import user_errors
 
 __all__ = ["map_command", "calibration_plot_command"]
 
@@ -17,9 +17,9 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.command("map")
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint directory.")
 @click.option("--store", required=True, help="Embedding store holding the records.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for map-<key>.png files.")
-@click.option("--key", "keys", multiple=True, help="Record key to draw (repeat); default: the first --n records.")
-@click.option("--n", "n_records", default=4, show_default=True, help="Records to draw when no --key is given.")
+@click.option("--out-dir", "--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for map-<key>.png files.")
+@click.option("--key", "keys", multiple=True, help="Record key to draw (repeat); default: the first --n-records records.")
+@click.option("--n-records", "--n", "n_records", default=4, show_default=True, help="Records to draw when no --key is given.")
 @click.option("--mode", type=click.Choice(["loglik", "kde"]), default="loglik", show_default=True,
               help="Density: exact log-likelihood on the grid, or a KDE of model samples.")
 @click.option("--resolution", "resolution_deg", default=3.0, show_default=True, help="Grid cell size in degrees (divides 180).")
@@ -30,16 +30,17 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.option("--seed", default=3407, show_default=True)
 @click.option("--rtol", default=1e-4, show_default=True, help="ODE tolerance of the exact likelihood.")
 @click.option("--atol", default=1e-4, show_default=True)
+@click.option("--world", is_flag=True, help="Always draw the whole world (no zoom on the high-density region).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@_user_errors
+@user_errors
 def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_deg, kde_samples, bandwidth_km, steps, guidance,
-                seed, rtol, atol, device):
+                seed, rtol, atol, world, device):
     """Draw world maps (PNG) of the predicted density, true location and prediction for chosen records."""
     from stages.maps import MapConfig, run_maps
 
     cfg = MapConfig(checkpoint=checkpoint, store=store, out_dir=out_dir, keys=tuple(keys), n_records=n_records, mode=mode,
                     resolution_deg=resolution_deg, kde_samples=kde_samples, bandwidth_km=bandwidth_km, steps=steps,
-                    guidance=guidance, seed=seed, rtol=rtol, atol=atol, device=device)
+                    guidance=guidance, seed=seed, rtol=rtol, atol=atol, zoom=not world, device=device)
     res = run_maps(cfg)
     for key, path, mass in zip(res.keys, res.paths, res.masses):
         click.echo(f"{key}: {path} (grid mass {mass:.3f})")
@@ -49,7 +50,7 @@ def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_de
 @click.argument("report", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, help="PNG file to write.")
 @click.option("--title", default="HDR calibration", show_default=True)
-@_user_errors
+@user_errors
 def calibration_plot_command(report, out, title):
     """Plot HDR calibration (coverage against probability level) of an evaluate REPORT JSON."""
     from stages.maps import CalibrationPlotConfig, run_calibration_plot

@@ -1,0 +1,225 @@
+"""Maps stage: PNG pictures of predicted densities for chosen records, and calibration plots.
+
+``run_maps``: checkpoint + store → one equirectangular world map per record with the predicted
+density (exact log-likelihood grid, or a vMF-kernel KDE of model samples), the true location and
+the point prediction. ``run_calibration_plot``: an evaluate report JSON → HDR calibration PNG
+(one curve per model entry that has a calibration section).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.device import resolve_device
+from pipeline.errors import GeopipeError
+from pipeline.geometry import xyz_to_latlon
+from pipeline.maps import (
+    density_grid_kde,
+    density_grid_loglik,
+    grid_mass,
+    hdr_extent,
+    kde_bandwidth_km,
+    latlon_grid,
+    render_calibration_plot,
+    render_density_map,
+)
+from pipeline.predictor import Predictor, load_predictor
+from pipeline.store import open_store
+from schemas.report import REPORT_SCHEMA_ID
+
+__all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
+
+#: Density sources: exact log-likelihood on the grid, or a KDE of model samples.
+MAP_MODES = ("loglik", "kde")
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Options of ``geopipe map``.
+
+    keys: records to draw (empty: the first ``n_records`` of the store); mode: "loglik" (exact
+    log p on every cell centre, rtol/atol for the ODE) or "kde" (``kde_samples`` model samples
+    smoothed with a vMF kernel of ``bandwidth_km``, default: k-NN rule of
+    :func:`pipeline.maps.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
+    180). The point prediction uses ``steps``/``guidance`` (spec A7); the drawn density is the
+    model's p(x | c) at ``density_guidance`` (0 = unguided, as scored by NLL and calibration).
+    zoom: when the 95% HDR, truth and prediction fit in a regional view, draw that view from a
+    second grid with as many cells as the world grid (so loglik mode costs up to twice as much).
+    """
+
+    checkpoint: str
+    store: str
+    out_dir: str
+    keys: tuple[str, ...] = ()
+    n_records: int = 4
+    mode: str = "loglik"
+    resolution_deg: float = 3.0
+    kde_samples: int = 2048
+    bandwidth_km: float | None = None
+    steps: int = 16
+    guidance: float = 2.0
+    density_guidance: float = 0.0
+    seed: int = 3407
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    zoom: bool = True
+    device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.keys, (list, str)):
+            object.__setattr__(self, "keys", (self.keys,) if isinstance(self.keys, str) else tuple(self.keys))
+        if self.mode not in MAP_MODES:
+            raise ValueError(f"unknown map mode {self.mode!r}; choose one of {list(MAP_MODES)}")
+        latlon_grid(self.resolution_deg)  # raises a ValueError naming valid resolutions
+        for name, low in (("n_records", 1), ("kde_samples", 2), ("steps", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"map: {name} must be an integer >= {low}, got {v!r}")
+        if self.bandwidth_km is not None and not self.bandwidth_km > 0:
+            raise ValueError(f"map: bandwidth_km must be > 0 km, got {self.bandwidth_km!r}")
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """paths: PNG per record (same order as keys); masses: grid integral Σ p·ΔA of each drawn density."""
+
+    paths: tuple[str, ...]
+    keys: tuple[str, ...]
+    masses: tuple[float, ...]
+
+
+def _select_rows(cfg: MapConfig, keys: np.ndarray) -> list[int]:
+    if not cfg.keys:
+        return list(range(min(cfg.n_records, len(keys))))
+    index = {k: i for i, k in enumerate(keys.tolist())}
+    rows = []
+    for k in cfg.keys:
+        if k not in index:
+            sample = ", ".join(repr(v) for v in keys[:3].tolist())
+            raise GeopipeError(f"key {k!r} is not in store {cfg.store} ({len(keys)} keys, e.g. {sample})")
+        rows.append(index[k])
+    return rows
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "record"
+
+
+def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generator, extent=None, cache=None):
+    """(grid, caption) of the record's density (nats per steradian) on the world or ``extent``.
+
+    ``cache`` (a dict) keeps the KDE samples (and an R³ density's normaliser) between the world
+    and zoomed grids.
+    """
+    res = cfg.resolution_deg if extent is None else (extent[1] - extent[0]) * cfg.resolution_deg / 360.0
+    if cfg.mode == "kde":
+        cache = {} if cache is None else cache
+        if "x" not in cache:
+            with torch.no_grad():
+                x = p.method.sample(p.model, cond, cfg.kde_samples, steps=cfg.steps, guidance=cfg.density_guidance, generator=g)
+            cache["x"] = x[0].double().cpu().numpy()
+        bw = cfg.bandwidth_km or kde_bandwidth_km(cache["x"], res)  # the k-NN width, floored at this grid's cell
+        grid = density_grid_kde(cache["x"], res, bandwidth_km=bw, extent=extent)
+        return grid, f"KDE of {cfg.kde_samples} samples, σ = {bw:,.0f} km"
+    grid = density_grid_loglik(p.method, p.model, cond[0], res, rtol=cfg.rtol, atol=cfg.atol, guidance=cfg.density_guidance,
+                               extent=extent)
+    caption = f"exact log-likelihood on a {cfg.resolution_deg:g}° grid"
+    if p.method.space != "sphere":  # an R³ density: show its restriction to S², renormalised
+        if extent is None:
+            cache = {} if cache is None else cache
+            cache["log_z"] = math.log(grid_mass(grid))
+        grid = grid._replace(logp=grid.logp - (cache or {}).get("log_z", 0.0))
+        caption += " (R³ density on S², renormalised)"
+    return grid, caption
+
+
+def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred) -> tuple[str, float]:
+    """Render one record's map; returns (path, probability mass of the world grid)."""
+    cache: dict = {}
+    grid, caption = _density(cfg, p, cond, g, cache=cache)
+    mass = grid_mass(grid)
+    points = [pt for pt in (truth, pred) if pt is not None]
+    extent = hdr_extent(grid, include=points) if cfg.zoom else None
+    if extent is not None:
+        grid, caption = _density(cfg, p, cond, g, extent=extent, cache=cache)
+        caption += f"; view holds {min(grid_mass(grid) / mass, 1.0):.0%} of the probability"
+    path = os.path.join(cfg.out_dir, f"map-{_safe_name(key)}.png")
+    render_density_map(path, *grid, true_latlon=truth, pred_latlon=pred, extent=extent,
+                       title=f"{key} · {p.method.name}\n{caption}")
+    return path, mass
+
+
+def run_maps(cfg: MapConfig) -> MapResult:
+    """Draw one density map per selected record into ``cfg.out_dir`` (``map-<key>.png``)."""
+    store = open_store(cfg.store)
+    keys = np.asarray(store.keys[:]).astype(str)
+    rows = _select_rows(cfg, keys)
+    if not rows:
+        raise GeopipeError(f"store {cfg.store} has no records to draw")
+    p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), expect_embed_dim=store.embed_dim)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    paths, masses = [], []
+    for row in rows:
+        key = str(keys[row])
+        g = torch.Generator(device=p.device).manual_seed(cfg.seed * 1_000_003 + row)
+        cond = p.condition(np.asarray(store.embeddings[row:row + 1]))  # (1, D) standardised as in training
+        with torch.no_grad():
+            point = p.method.predict_point(p.model, cond, steps=cfg.steps, guidance=cfg.guidance, generator=g, keys=[key])
+        pred = xyz_to_latlon(point.double(), keys=[key])[0].cpu().numpy()
+        truth = np.asarray(store.latlon[row], dtype=np.float64)
+        path, mass = _draw_record(cfg, p, cond, g, key, tuple(truth) if np.isfinite(truth).all() else None, tuple(pred))
+        paths.append(path)
+        masses.append(mass)
+    return MapResult(tuple(paths), tuple(str(keys[r]) for r in rows), tuple(masses))
+
+
+@dataclass(frozen=True)
+class CalibrationPlotConfig:
+    """Options of ``geopipe calibration-plot``: an evaluate report JSON in, a PNG out."""
+
+    report_json: str
+    out: str
+    title: str = "HDR calibration"
+
+
+@dataclass(frozen=True)
+class CalibrationPlotResult:
+    out: str
+    names: tuple[str, ...]
+
+
+def _read_report(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        raise GeopipeError(f"report {path!r} does not exist; write it with `geopipe evaluate ... --out {path}`") from None
+    except (OSError, ValueError) as exc:
+        raise GeopipeError(f"report {path!r} is not readable JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA_ID or not isinstance(doc.get("reports"), list):
+        raise GeopipeError(f"{path!r} is not a geopipe evaluation report (schema {REPORT_SCHEMA_ID!r})")
+    return doc
+
+
+def run_calibration_plot(cfg: CalibrationPlotConfig) -> CalibrationPlotResult:
+    """Plot coverage(p) of every report entry with a calibration section (one curve each)."""
+    doc = _read_report(cfg.report_json)
+    curves = [e for e in doc["reports"] if isinstance(e, dict) and (e.get("calibration") or {}).get("coverage")]
+    if not curves:
+        raise GeopipeError(f"report {cfg.report_json!r} has no calibration section; predict with "
+                           "`--localizability N` (with truths) so the predictions carry hdr_rank, then evaluate again")
+    levels = [c["calibration"]["levels"] for c in curves]
+    if len({len(lv) for lv in levels}) != 1:
+        raise GeopipeError(f"report {cfg.report_json!r}: models were scored at different numbers of calibration levels")
+    labels = [f"{c.get('name', '?')}, n={c['calibration'].get('n', '?')}" for c in curves]
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    render_calibration_plot(cfg.out, levels, [c["calibration"]["coverage"] for c in curves],
+                            [c["calibration"].get("error") for c in curves], labels, title=cfg.title)
+    return CalibrationPlotResult(cfg.out, tuple(str(c.get("name", "?")) for c in curves))
