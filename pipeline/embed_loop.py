@@ -87,7 +87,9 @@ def _rows(parts: list) -> tuple[ShardRows, str | None]:
 
 def _loader(dataset: ShardBatches, n_shards: int, opts: LoopOptions, device: torch.device):
     workers = min(opts.num_workers, n_shards)
-    extra = {"prefetch_factor": opts.prefetch_factor} if workers > 0 else {}
+    # forkserver: workers start from a clean process, not a fork of a host that may run threads
+    # (an orchestrator's event loop, logging handlers) whose state breaks forked children
+    extra = {"prefetch_factor": opts.prefetch_factor, "multiprocessing_context": "forkserver"} if workers > 0 else {}
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                                        pin_memory=device.type == "cuda", **extra)
 
