@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.func import jvp, vmap
 
+from pipeline.errors import GeopipeError
 from pipeline.geometry import LOG_UNIFORM_SPHERE, project
 from pipeline.guidance import Field
 from pipeline.schedules import Schedule
@@ -92,7 +93,13 @@ def _solve(func, x: torch.Tensor, t0: float, t1: float, rtol, atol, method, opti
     state0 = torch.cat((x, torch.zeros_like(x[:, :1])), dim=-1)
     t = torch.tensor([t0, t1], dtype=torch.float64, device=x.device)
     with torch.inference_mode(False), torch.no_grad():
-        return odeint(func, state0, t, rtol=rtol, atol=atol, method=method, options=options)[-1]
+        try:
+            return odeint(func, state0, t, rtol=rtol, atol=atol, method=method, options=options)[-1]
+        except AssertionError as exc:  # torchdiffeq signals a step-size underflow with an assert
+            raise GeopipeError(
+                f"likelihood ODE failed ({exc}): the field is too stiff for {method} at rtol={rtol}, atol={atol}; "
+                "try other tolerances or a fixed-step method"
+            ) from None
 
 
 def _time(schedule: Schedule, t: torch.Tensor):
