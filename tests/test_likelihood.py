@@ -94,7 +94,8 @@ def _neg_log_snr(g: float) -> float:
 def test_diffusion_imperfect_eps_is_exact_and_not_stiff():
     # A trained ε̂ is never the ideal one; ε̂ = a·y (J = aI ≠ I at γ → 0) made the scheduler-time
     # field stiff (β ≈ 1/(1 − t)): thousands of solver steps or a step-size underflow, and the clamp
-    # γ ≥ 1e-9 just before t = 1 relaxed x for one more e-fold (≈ 1 nat off here). The ODE is linear, so the answer is closed-form: with τ = ln((1−γ)/γ), σ² = sigmoid(τ), w = √(1 + e^−τ),
+    # γ ≥ 1e-9 just before t = 1 relaxed x for one more e-fold (≈ 1 nat off here). The ODE is linear,
+    # so the answer is closed-form: with τ = ln((1−γ)/γ), σ² = sigmoid(τ), w = √(1 + e^−τ),
     # x(end) = e^k x and ℓ = D k, k = ½[a (F(τ1) − F(τ0)) − (softplus(τ1) − softplus(τ0))],
     # F(τ) = ∫ σ dτ = ln((w + 1)/(w − 1)).
     a, sched = 0.3, SigmoidSchedule()
