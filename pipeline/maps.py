@@ -1,7 +1,6 @@
 """Pictures of predicted densities and of calibration: PNG rendering with matplotlib (Agg, no pyplot).
 
-:func:`render_density_map` draws a density grid (see :mod:`pipeline.density_grid`, whose API is
-re-exported here) on an equirectangular world map, or a zoomed ``extent`` of it, with the world
+:func:`render_density_map` draws a density grid (see :mod:`pipeline.density_grid`) on an equirectangular world map, or a zoomed ``extent`` of it, with the world
 outline of :mod:`pipeline.land_outline` (bundled Natural Earth 110m, public domain), the true
 location and the point prediction. :func:`render_calibration_plot` draws HDR coverage curves
 (:mod:`pipeline.calibration`) for one or several models.
@@ -14,29 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.density_grid import (
-    DensityGrid,
-    density_grid_kde,
-    density_grid_loglik,
-    grid_mass,
-    hdr_extent,
-    kde_bandwidth_km,
-    latlon_grid,
-)
 from pipeline.geometry import EARTH_RADIUS_KM, haversine_km
 from pipeline.land_outline import load_outline
 
-__all__ = [
-    "DensityGrid",
-    "latlon_grid",
-    "grid_mass",
-    "hdr_extent",
-    "density_grid_loglik",
-    "kde_bandwidth_km",
-    "density_grid_kde",
-    "render_density_map",
-    "render_calibration_plot",
-]
+__all__ = ["render_density_map", "render_calibration_plot"]
 
 
 def _draw_outline(ax) -> None:
@@ -84,7 +64,7 @@ def render_density_map(path, lats, lons, logp, *, true_latlon=None, pred_latlon=
     or, when the grid spans more than ``decades`` powers of ten, from max·10^−decades (lower
     densities fade out and are left blank). true_latlon / pred_latlon: (lat, lon) degrees,
     drawn as a green star / red cross (the legend gives their great-circle distance). extent:
-    (lon0, lon1, lat0, lat1) degrees to zoom on (e.g. from :func:`hdr_extent`); None = world.
+    (lon0, lon1, lat0, lat1) degrees to zoom on (e.g. from :func:`pipeline.density_grid.hdr_extent`); None = world.
     """
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline import fsio
 from pipeline.backbones import PRECISIONS
@@ -28,6 +28,7 @@ from pipeline.shards import resolve_shards
 from pipeline.store_writer import DTYPES, StoreWriter
 from schemas.rejects import REJECT_REASONS
 from schemas.store import REJECTS_FILE
+from stages.ingest_result import IngestResult
 
 __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChangedError", "run_extract"]
 
@@ -100,37 +101,22 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
-class ExtractResult:
-    """What a run did: rows added and rejects (this run), shards extracted/skipped, shards whose
-    file changed (handled per ``on_changed``) and shards in the store that were not given.
-
-    seconds: wall time of the whole stage (backbone loading included); images_per_s:
-    samples (ok + rejected) per second of the decode/embed/write loop.
+class ExtractResult(IngestResult):
+    """What an extract run did (see :class:`IngestResult`); changed shards were handled per
+    ``on_changed``. images_per_s: samples (ok + rejected) per second of the decode/embed/write
+    loop; ``seconds`` includes backbone loading.
     """
 
-    store: str
-    n_ok: int
-    n_rejected: int
-    rejects_by_reason: dict = field(default_factory=dict)
-    shards_done: int = 0
-    shards_skipped: int = 0
-    seconds: float = 0.0
     images_per_s: float = 0.0
-    shards_changed: tuple[str, ...] = ()
-    shards_missing: tuple[str, ...] = ()
     on_changed: str = "error"
 
-    def summary(self) -> str:
-        """One line for humans: counts, rejects by reason, changed/missing shards, throughput."""
-        why = ", ".join(f"{r}: {c}" for r, c in self.rejects_by_reason.items())
-        text = (f"extract → {self.store}: {self.n_ok} ok, {self.n_rejected} rejected" + (f" ({why})" if why else "")
-                + f"; {self.shards_done} shards extracted, {self.shards_skipped} already done")
-        if self.shards_changed:
-            how = "re-extracted" if self.on_changed == "reextract" else "old rows kept"
-            text += f"; {len(self.shards_changed)} changed ({how}, e.g. {self.shards_changed[0]})"
-        if self.shards_missing:
-            text += f"; {len(self.shards_missing)} in the store but not given (rows kept, e.g. {self.shards_missing[0]})"
-        return text + f"; {self.images_per_s:.1f} images/s, {self.seconds:.1f} s"
+    VERB = "extract"
+
+    def _changed_how(self) -> str:
+        return "re-extracted" if self.on_changed == "reextract" else "old rows kept"
+
+    def _throughput(self) -> str:
+        return f"{self.images_per_s:.1f} images/s"
 
 
 def _load_backbone(cfg: ExtractConfig, device):
@@ -217,8 +203,8 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     seen = budget.ok + budget.rejected
     result = ExtractResult(
         cfg.store, budget.ok, budget.rejected, {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
-        budget.shards, len(plan.skipped), time.perf_counter() - t0, seen / t_loop if t_loop > 0 else 0.0,
-        plan.changed, plan.missing, cfg.on_changed,
+        budget.shards, len(plan.skipped), time.perf_counter() - t0, plan.changed, plan.missing,
+        images_per_s=seen / t_loop if t_loop > 0 else 0.0, on_changed=cfg.on_changed,
     )
     if cfg.progress:
         print(result.summary(), file=sys.stderr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline import fsio
 from pipeline.importers import (ColumnSpec, EmbeddingPair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat,
@@ -25,6 +25,7 @@ from pipeline.shard_rows import commit_rows
 from pipeline.store_writer import DTYPES, StoreWriter
 from schemas.rejects import REJECT_REASONS
 from schemas.store import REJECTS_FILE
+from stages.ingest_result import IngestResult
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
 
@@ -79,30 +80,16 @@ class ImportConfig:
 
 
 @dataclass(frozen=True)
-class ImportResult:
-    """Rows added and rejects (this run); pairs imported/skipped/changed/missing; timings."""
+class ImportResult(IngestResult):
+    """What an import run did (see :class:`IngestResult`); its unit is an embedding pair."""
 
-    store: str
-    n_ok: int
-    n_rejected: int
-    rejects_by_reason: dict = field(default_factory=dict)
-    shards_done: int = 0
-    shards_skipped: int = 0
-    seconds: float = 0.0
     rows_per_s: float = 0.0
-    shards_changed: tuple[str, ...] = ()
-    shards_missing: tuple[str, ...] = ()
 
-    def summary(self) -> str:
-        """One line for humans."""
-        why = ", ".join(f"{r}: {c}" for r, c in self.rejects_by_reason.items())
-        text = (f"import → {self.store}: {self.n_ok} ok, {self.n_rejected} rejected" + (f" ({why})" if why else "")
-                + f"; {self.shards_done} pairs imported, {self.shards_skipped} already done")
-        if self.shards_changed:
-            text += f"; {len(self.shards_changed)} changed (e.g. {self.shards_changed[0]})"
-        if self.shards_missing:
-            text += f"; {len(self.shards_missing)} in the store but not given (rows kept, e.g. {self.shards_missing[0]})"
-        return text + f"; {self.rows_per_s:.0f} rows/s, {self.seconds:.1f} s"
+    VERB = "import"
+    UNIT = "pairs"
+
+    def _throughput(self) -> str:
+        return f"{self.rows_per_s:.0f} rows/s"
 
 
 def _open_writer(cfg: ImportConfig, store: str, pairs: list[EmbeddingPair]) -> StoreWriter:
@@ -152,8 +139,8 @@ def run_import(cfg: ImportConfig) -> ImportResult:
     seen = budget.ok + budget.rejected
     result = ImportResult(
         cfg.store, budget.ok, budget.rejected, {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
-        budget.shards, len(plan.skipped), time.perf_counter() - t0, seen / t_loop if t_loop > 0 else 0.0,
-        plan.changed, plan.missing,
+        budget.shards, len(plan.skipped), time.perf_counter() - t0, plan.changed, plan.missing,
+        rows_per_s=seen / t_loop if t_loop > 0 else 0.0,
     )
     if cfg.progress:
         print(result.summary(), file=sys.stderr)

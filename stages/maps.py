@@ -20,16 +20,8 @@ import torch
 from pipeline.device import resolve_device
 from pipeline.errors import GeopipeError
 from pipeline.geometry import xyz_to_latlon
-from pipeline.maps import (
-    density_grid_kde,
-    density_grid_loglik,
-    grid_mass,
-    hdr_extent,
-    kde_bandwidth_km,
-    latlon_grid,
-    render_calibration_plot,
-    render_density_map,
-)
+from pipeline.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from pipeline.maps import render_calibration_plot, render_density_map
 from pipeline.predictor import Predictor, load_predictor
 from pipeline.store import open_store
 from schemas.report import REPORT_SCHEMA_ID
@@ -47,7 +39,7 @@ class MapConfig:
     keys: records to draw (empty: the first ``n_records`` of the store); mode: "loglik" (exact
     log p on every cell centre, rtol/atol for the ODE) or "kde" (``kde_samples`` model samples
     smoothed with a vMF kernel of ``bandwidth_km``, default: k-NN rule of
-    :func:`pipeline.maps.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
+    :func:`pipeline.density_grid.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
     180). The point prediction uses ``steps``/``guidance`` (spec A7); the drawn density is the
     model's p(x | c) at ``density_guidance`` (0 = unguided, as scored by NLL and calibration).
     zoom: when the 95% HDR, truth and prediction fit in a regional view, draw that view from a

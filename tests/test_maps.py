@@ -13,16 +13,8 @@ import torch
 from pipeline.errors import GeopipeError
 from pipeline.geometry import EARTH_RADIUS_KM, LOG_UNIFORM_SPHERE, latlon_to_xyz
 from pipeline.land_outline import load_outline, outline_from_shapefile
-from pipeline.maps import (
-    density_grid_kde,
-    density_grid_loglik,
-    grid_mass,
-    hdr_extent,
-    kde_bandwidth_km,
-    latlon_grid,
-    render_calibration_plot,
-    render_density_map,
-)
+from pipeline.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from pipeline.maps import render_calibration_plot, render_density_map
 from pipeline.vmf import sample_vmf_mixture, vmf_log_density, vmf_mixture_log_density
 from schemas.report import REPORT_SCHEMA_ID
 
