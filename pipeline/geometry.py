@@ -25,6 +25,7 @@ __all__ = [
     "sphere_log",
     "sphere_exp",
     "uniform_sphere",
+    "fibonacci_sphere",
     "haversine_km",
 ]
 
@@ -116,6 +117,16 @@ def uniform_sphere(n: int, *, generator: torch.Generator | None = None, dtype=to
     """(n, 3) points uniform on S² (normalised standard-normal draws)."""
     g = torch.randn(n, 3, generator=generator, dtype=dtype, device=device)
     return project(g)
+
+
+def fibonacci_sphere(n: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(n, 3) near-equal-area points of the Fibonacci lattice: each stands for 4π/n sr, so
+    ``4π/n · Σ exp(log p)`` integrates a density over the sphere (quadrature checks, grids)."""
+    i = torch.arange(n, dtype=dtype, device=device) + 0.5
+    z = 1 - 2 * i / n
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    r = torch.sqrt((1 - z * z).clamp_min(0))
+    return torch.stack((r * phi.cos(), r * phi.sin(), z), dim=-1)
 
 
 def haversine_km(lat1, lon1, lat2, lon2):

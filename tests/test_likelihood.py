@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.geometry import LOG_UNIFORM_SPHERE, latlon_to_xyz, project
+from pipeline.geometry import LOG_UNIFORM_SPHERE, fibonacci_sphere, latlon_to_xyz, project
 from pipeline.likelihood import (
     diffusion_log_likelihood,
     euclidean_log_likelihood,
@@ -21,27 +21,9 @@ F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: intra-op threading only adds barrier waits (very costly on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _points(n, seed=0, dtype=F64):
     return project(torch.randn(n, 3, dtype=dtype, generator=torch.Generator().manual_seed(seed)))
-
-
-def fibonacci_sphere(n: int, dtype=F64) -> torch.Tensor:
-    """n near-equal-area points (each cell 4π/n sr)."""
-    i = torch.arange(n, dtype=dtype) + 0.5
-    z = 1 - 2 * i / n
-    phi = math.pi * (3 - math.sqrt(5)) * i
-    r = torch.sqrt(1 - z * z)
-    return torch.stack((r * phi.cos(), r * phi.sin(), z), dim=-1)
 
 
 def test_sign_oracle_gaussian_base():  # §16.8

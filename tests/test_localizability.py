@@ -21,15 +21,6 @@ F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: intra-op threading only adds barrier waits (very costly on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _FixedVMF(torch.nn.Module):
     """vMF head stand-in: the same (μ, κ) for every record."""
 

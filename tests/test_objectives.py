@@ -16,15 +16,6 @@ NYC = latlon_to_xyz(torch.tensor([[40.7128, -74.0060]], dtype=F64))
 NET = NetworkConfig(dim=32, depth=2, cond_dim=6)
 TRAINABLE = [n for n in METHODS if n != "uniform"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: intra-op threading only adds barrier waits (very costly on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def test_rfm_interpolant_oracle():  # §16.6
     g = torch.tensor([0.3], dtype=F64)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.geometry import LOG_UNIFORM_SPHERE, latlon_to_xyz, project
+from pipeline.geometry import LOG_UNIFORM_SPHERE, fibonacci_sphere, latlon_to_xyz, project
 from pipeline.vmf import (
     sample_vmf,
     sample_vmf_mixture,
@@ -19,15 +19,6 @@ F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))
 NYC = latlon_to_xyz(torch.tensor([[40.7128, -74.0060]], dtype=F64))
 EZ = torch.tensor([[0.0, 0.0, 1.0]], dtype=F64)
-
-
-def fibonacci_sphere(n: int, dtype=F64) -> torch.Tensor:
-    """n near-equal-area points (each cell 4π/n sr)."""
-    i = torch.arange(n, dtype=dtype) + 0.5
-    z = 1 - 2 * i / n
-    phi = math.pi * (3 - math.sqrt(5)) * i
-    r = torch.sqrt(1 - z * z)
-    return torch.stack((r * phi.cos(), r * phi.sin(), z), dim=-1)
 
 
 def test_vmf_oracle():  # §16.7
