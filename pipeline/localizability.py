@@ -8,6 +8,11 @@ For one record with samples y_j ~ p(·|c), j = 1…N, and their log densities �
 * effective area exp(H)·R_E² km² — the area of a uniform region with the same entropy
   (uniform on S²: H = ln 4π → 4πR_E² ≈ 5.1e8 km²). R_E = 6371.0088 km.
 * HDR rank of the truth = #{j : ℓ_j > log p(truth)} / N; the truth is in the p-HDR iff rank ≤ p.
+
+R³ models (flow, diffusion) are scored on their own draws y_j ~ p in R³, unprojected
+(``method.sample_native``): a projected draw is not distributed as p, so neither the entropy
+nor the HDR rank would mean anything with it. Their −H is then per unit volume (nats), not
+comparable with S² models (A6), and the effective area is undefined (NaN).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.geometry import EARTH_RADIUS_KM
+from pipeline.geometry import EARTH_RADIUS_KM, project
 
 __all__ = [
     "neg_entropy_nats",
@@ -51,14 +56,14 @@ def effective_area_km2(sample_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(-neg_entropy_nats(sample_logp)) * EARTH_RADIUS_KM**2
 
 
-def localizability_from_logp(sample_logp: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"neg_entropy_nats", "entropy_bits", "effective_area_km2"} → (B,) float64 CPU tensors."""
+def localizability_from_logp(sample_logp: torch.Tensor, space: str = "sphere") -> dict[str, torch.Tensor]:
+    """{"neg_entropy_nats", "entropy_bits", "effective_area_km2"} → (B,) float64 CPU tensors.
+
+    ``space`` of the density: "sphere" (per steradian) or "r3" (per unit volume: no area, NaN).
+    """
     lp = sample_logp.detach().to(device="cpu", dtype=torch.float64)
-    return {
-        "neg_entropy_nats": neg_entropy_nats(lp),
-        "entropy_bits": entropy_bits(lp),
-        "effective_area_km2": effective_area_km2(lp),
-    }
+    area = effective_area_km2(lp) if space == "sphere" else torch.full(lp.shape[:1], math.nan, dtype=torch.float64)
+    return {"neg_entropy_nats": neg_entropy_nats(lp), "entropy_bits": entropy_bits(lp), "effective_area_km2": area}
 
 
 def hdr_rank(true_logp: torch.Tensor, sample_logp: torch.Tensor) -> torch.Tensor:
@@ -91,12 +96,13 @@ class Localization:
 
 def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true: torch.Tensor | None = None,
              steps: int = 16, sampler: str | None = None, batch_size: int = 4096, rtol: float = 1e-5,
-             atol: float = 1e-5, generator: torch.Generator | None = None) -> Localization:
+             atol: float = 1e-5, generator: torch.Generator | None = None, keys=None) -> Localization:
     """Draw ``n_samples`` unguided samples per record of cond (B, C) and score them exactly.
 
     Records are processed in chunks of ⌈batch_size / n_samples⌉, each chunk's records × samples
-    flattened into one sampling batch and one likelihood batch. ``x_true`` (B, 3) unit vectors
-    additionally gives the truth's log density and HDR rank.
+    flattened into one sampling batch and one likelihood batch. Draws are scored where the density
+    lives (R³ models: unprojected, see the module docstring); ``samples`` are the unit vectors.
+    ``x_true`` (B, 3) unit vectors additionally gives the truth's log density and HDR rank.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be ≥ 1, got {n_samples}")
@@ -104,9 +110,10 @@ def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true
     xs, lps = [], []
     for i in range(0, cond.shape[0], per):
         c = cond[i : i + per]
-        y = method.sample(model, c, n_samples, steps=steps, guidance=0.0, sampler=sampler, generator=generator)
+        y = method.sample_native(model, c, n_samples, steps=steps, guidance=0.0, sampler=sampler, generator=generator,
+                                 keys=None if keys is None else keys[i : i + per])
         lp = method.log_likelihood(model, y.reshape(-1, 3), c.repeat_interleave(n_samples, dim=0), rtol=rtol, atol=atol)
-        xs.append(y)
+        xs.append(project(y))
         lps.append(lp.reshape(-1, n_samples))
     samples, sample_logp = torch.cat(xs), torch.cat(lps)
     true_logp = rank = None
@@ -116,5 +123,7 @@ def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true
             for i in range(0, cond.shape[0], batch_size)
         ])
         rank = hdr_rank(true_logp, sample_logp)
-    return Localization(samples, sample_logp, neg_entropy_nats(sample_logp), entropy_bits(sample_logp),
-                        effective_area_km2(sample_logp), true_logp, rank)
+    area = effective_area_km2(sample_logp)
+    if method.space != "sphere":
+        area = torch.full_like(area, math.nan)
+    return Localization(samples, sample_logp, neg_entropy_nats(sample_logp), entropy_bits(sample_logp), area, true_logp, rank)

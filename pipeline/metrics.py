@@ -94,13 +94,14 @@ def nll_summary(log_likelihood, space: str) -> dict:
     return out
 
 
-def localizability_summary(neg_entropy_nats) -> dict:
-    """Summarise (N,) localizabilities −H (nats, A8; NaN rows skipped).
+def localizability_summary(neg_entropy_nats, space: str = "sphere") -> dict:
+    """Summarise (N,) localizabilities −H (nats, A8; NaN rows skipped) of densities on ``space``.
 
     Per record the entropy is H = −(−H) nats = H/ln 2 bits and the effective area is
     exp(H)·R_E² km² (area of the uniform region with the same entropy; uniform on S² gives the
     Earth's area 4πR_E²). Returns means of −H and of the entropy in bits, medians of −H and of the
-    effective area (the area is heavy-tailed, so its median is the readable summary).
+    effective area (the area is heavy-tailed, so its median is the readable summary). R³ densities
+    (per unit volume) have no effective area: None.
     """
     neg = _as_1d(neg_entropy_nats)
     neg = neg[~np.isnan(neg)]
@@ -113,7 +114,7 @@ def localizability_summary(neg_entropy_nats) -> dict:
         "mean_neg_entropy_nats": float(neg.mean()),
         "median_neg_entropy_nats": float(np.median(neg)),
         "mean_entropy_bits": float(entropy.mean() / math.log(2.0)),
-        "median_effective_area_km2": float(np.exp(np.median(entropy)) * EARTH_RADIUS_KM**2),
+        "median_effective_area_km2": float(np.exp(np.median(entropy)) * EARTH_RADIUS_KM**2) if space == "sphere" else None,
     })
     return out
 

@@ -71,6 +71,12 @@ class MethodBase:
     def _option(self, key: str):
         return getattr(self, key)
 
+    def sample_native(self, model, cond, n: int, **kw) -> torch.Tensor:
+        """n draws per record (B, n, 3) in the space where the density lives: unit vectors for
+        sphere methods (this default: :meth:`sample`), unprojected R³ points for Euclidean ones.
+        Entropy and HDR ranks need these: a projected R³ draw is not distributed as p."""
+        return self.sample(model, cond, n, **kw)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={self._option(k)!r}" for k in self.OPTIONS)
         return f"{type(self).__name__}({opts})"

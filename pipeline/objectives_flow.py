@@ -94,6 +94,17 @@ class _FieldMethod(MethodBase):
         x = self._integrate(model, cond.repeat_interleave(n, dim=0), steps, guidance, sampler, generator)
         return finalize_points(x, keys, per_record=n).reshape(b, n, 3)
 
+    def sample_native(self, model, cond, n: int, *, steps: int = 16, guidance: float = 0.0, sampler: str | None = None,
+                      generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
+        """n draws per record (B, n, 3); for R³ methods the unprojected ODE/DDIM end points
+        (finite-checked), whose R³ density is the model's: see :meth:`MethodBase.sample_native`."""
+        if self.space != "r3":
+            return self.sample(model, cond, n, steps=steps, guidance=guidance, sampler=sampler, generator=generator, keys=keys)
+        b = cond.shape[0]
+        x = self._integrate(model, cond.repeat_interleave(n, dim=0), steps, guidance, sampler, generator)
+        finalize_points(x, keys, per_record=n)  # raises NonFiniteError naming the record
+        return x.reshape(b, n, 3)
+
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
                        guidance: float = 0.0, **ode) -> torch.Tensor:
         """Exact log p(x | c) (B,) nats; extra keywords go to :mod:`pipeline.likelihood`."""

@@ -17,7 +17,7 @@ from pipeline.conditioning import CondStats
 from pipeline.checkpoint import load_checkpoint_config, load_model_weights
 from pipeline.errors import GeopipeError
 from pipeline.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
-from pipeline.localizability import hdr_rank, localizability_from_logp
+from pipeline.localizability import hdr_rank, localize
 from pipeline.network import NetworkConfig
 from pipeline.objectives import method_from_dict
 
@@ -87,7 +87,8 @@ def _log_likelihood(p: Predictor, x: torch.Tensor, cond: torch.Tensor, opts: Pre
 
 
 def _samples_logp(p: Predictor, cond: torch.Tensor, n: int, opts: PredictOptions, g, chunk: int):
-    """(B, n, 3) unguided samples and their (B, n) log densities, in record chunks of ≈ ``chunk`` points."""
+    """(B, n, 3) unguided samples (unit vectors) and their (B, n) log densities there, in record
+    chunks of ≈ ``chunk`` points: the candidates of ``--ensemble``, ranked as locations."""
     xs, lps = [], []
     per = max(1, chunk // n)
     for s in _chunks(len(cond), per):
@@ -129,12 +130,11 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
             true_logp = _log_likelihood(p, x_true, cond, opts, chunk)
             cols["log_likelihood"] = true_logp.double().cpu().numpy()
     if opts.localizability > 0:
-        _, lps = _samples_logp(p, cond, opts.localizability, opts, generator, chunk)
-        loc = localizability_from_logp(lps.double())
-        cols["neg_entropy_nats"] = np.asarray(loc["neg_entropy_nats"])
-        cols["entropy_bits"] = np.asarray(loc["entropy_bits"])
-        cols["effective_area_km2"] = np.asarray(loc["effective_area_km2"])
+        loc = localize(p.method, p.model, cond, opts.localizability, steps=opts.steps, sampler=opts.sampler, batch_size=chunk,
+                       rtol=opts.rtol, atol=opts.atol, generator=generator, keys=keys)
+        for name in ("neg_entropy_nats", "entropy_bits", "effective_area_km2"):
+            cols[name] = getattr(loc, name).double().cpu().numpy()
         if true_logp is not None:
-            cols["hdr_rank"] = hdr_rank(true_logp.double(), lps.double()).cpu().numpy()
+            cols["hdr_rank"] = hdr_rank(true_logp.double(), loc.sample_logp.double()).cpu().numpy()
     return cols
 

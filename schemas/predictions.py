@@ -25,9 +25,9 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("true_lon", pa.float64()),
         pa.field("distance_km", pa.float64()),  # haversine(pred, truth), R = 6371.0088 km
         pa.field("log_likelihood", pa.float64()),  # log p(truth | image), nats
-        pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (A8)
+        pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (A8; R³ models: per unit volume)
         pa.field("entropy_bits", pa.float64()),
-        pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E²
+        pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E² (S² models; NaN for R³ ones)
         pa.field("hdr_rank", pa.float64()),  # fraction of samples denser than the truth (A9)
         pa.field("sample_lat", pa.list_(pa.float64())),  # optional extra samples, degrees
         pa.field("sample_lon", pa.list_(pa.float64())),

@@ -23,6 +23,7 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
     nll             {n, space, unit, mean_log_likelihood_nats, nll_nats, nll_bits_per_dim}
                     nll_bits_per_dim = −mean log p / (3 ln 2); uniform on S² = 1.2172
     localizability  {n, mean_neg_entropy_nats, median_neg_entropy_nats, mean_entropy_bits, median_effective_area_km2}
+                    −H of S² models per steradian, of R³ models per unit volume (effective area null)
     calibration     {n, levels, coverage, error}  HDR coverage(p) = mean(hdr_rank ≤ p); error = mean |coverage − p|
     prdc            {precision, recall, density, coverage, k, chunks, n_real, n_fake}  (real = truths, fake = predictions)
     admin           {area: {n, accuracy}}  area ∈ country / region / sub-region / city; n counts known true labels

@@ -183,7 +183,7 @@ def _model_entry(name: str, path: str, cfg: EvaluateConfig) -> tuple[dict, dict]
     if "log_likelihood" in cols and np.isfinite(cols["log_likelihood"]).any():
         entry["nll"] = nll_summary(cols["log_likelihood"], _space_of(path, model))
     if "neg_entropy_nats" in cols and np.isfinite(cols["neg_entropy_nats"]).any():
-        entry["localizability"] = localizability_summary(cols["neg_entropy_nats"])
+        entry["localizability"] = localizability_summary(cols["neg_entropy_nats"], _space_of(path, model))
     if "hdr_rank" in cols and np.isfinite(cols["hdr_rank"]).any():
         entry["calibration"] = calibration_table(cols["hdr_rank"])
     entry["prdc"] = _prdc_section(cols, mask, cfg)

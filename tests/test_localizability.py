@@ -105,3 +105,39 @@ def test_localize_rfm_batches_records_times_samples():
     assert calls == [12, 12, 6, 5]  # 2 records × 6 samples per chunk, then the truths
     assert loc.samples.shape == (5, 6, 3) and torch.isfinite(loc.sample_logp).all()
     assert ((loc.hdr_rank >= 0) & (loc.hdr_rank <= 1)).all()
+
+
+class _GaussianFlow(torch.nn.Module):
+    """Exact flow-matching field carrying N(0, I) to N(m, s²I) along straight lines:
+    y_γ = (1 − γ + γs) ε + γ m, so v = (s − 1)(y − γm)/(1 − γ + γs) + m (Euler is exact)."""
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.m, self.s = m, s
+
+    def forward(self, y, gamma, cond):
+        g = gamma.reshape(-1, 1)
+        return (self.s - 1) * (y - g * self.m) / (1 - g + g * self.s) + self.m
+
+
+def test_r3_models_are_scored_on_their_own_unprojected_draws():
+    """−H of an R³ model is the differential entropy of its R³ density (closed form for a Gaussian),
+    and truths drawn from that density get uniform HDR ranks; scoring the projected draws would be
+    off by ≈ 0.5 nats and skew the ranks. The effective area is undefined for R³ densities."""
+    m, s = torch.tensor([[0.0, 0.0, 1.0]], dtype=F64), 0.3
+    method, model = get_method("flow"), _GaussianFlow(m, s)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.zeros(400, 4, dtype=F64)
+    truth = m + s * torch.randn(400, 3, dtype=F64, generator=g)  # draws of the model's own density
+    loc = localize(method, model, cond, 64, x_true=truth, steps=8, batch_size=8192, rtol=1e-7, atol=1e-7, generator=g)
+    neg_h = -1.5 * math.log(2 * math.pi * math.e * s * s)
+    assert loc.neg_entropy_nats.mean().item() == pytest.approx(neg_h, abs=0.03)  # s.e. ≈ 1.22/√25600
+    gauss = -1.5 * math.log(2 * math.pi * s * s) - ((truth - m) ** 2).sum(-1) / (2 * s * s)
+    torch.testing.assert_close(loc.true_logp, gauss, rtol=0, atol=1e-5)
+    for p in (0.1, 0.3, 0.5, 0.7, 0.9):
+        assert abs((loc.hdr_rank <= p).double().mean().item() - p) < 0.06
+    assert torch.isnan(loc.effective_area_km2).all()
+    torch.testing.assert_close(loc.samples.norm(dim=-1), torch.ones(400, 64, dtype=F64))
+    # scoring the projected draws instead (the old way) overstates −H by ≈ 0.5 nats here
+    lp_proj = method.log_likelihood(model, loc.samples[:20].reshape(-1, 3), cond[:20].repeat_interleave(64, 0))
+    assert lp_proj.mean().item() > neg_h + 0.3
