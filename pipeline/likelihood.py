@@ -16,6 +16,7 @@ computed in float64 and cast to the state dtype. Safe to call under ``torch.no_g
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -25,6 +26,10 @@ from pipeline.errors import GeopipeError
 from pipeline.geometry import LOG_UNIFORM_SPHERE, project
 from pipeline.guidance import Field
 from pipeline.schedules import Schedule
+
+# torch's forward-mode AD (jvp) scripts its JVP decompositions on first use and warns that
+# torch.jit.script is deprecated: torch's own internals, nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __all__ = [
     "field_jacobian",
