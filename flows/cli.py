@@ -147,8 +147,16 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
 @click.option("--out", "-o", default=None, help="Write the JSON report here.")
 @click.option("--name", "names", multiple=True, help="Label per predictions file (repeat).")
 @click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
+@click.option("--store", default=None, help="Store with true admin labels (meta/<field>) for country/region/city accuracy.")
+@click.option("--geocode", is_flag=True, help="Country/region/city accuracy by offline reverse geocoding "
+              "(pip install 'geopipe[geocode]'); true labels from --store when given.")
+@click.option("--country-field", default="unique_country", show_default=True)
+@click.option("--region-field", default="unique_region", show_default=True)
+@click.option("--city-field", default="unique_city", show_default=True)
+@click.option("--prdc-k", default=3, show_default=True, help="Neighbours for precision/recall/density/coverage.")
+@click.option("--prdc-chunks", default=1, show_default=True, help="Average PRDC over this many contiguous chunks (1 = whole set, A11).")
 @user_errors
-def evaluate(predictions, out, names, baseline_store):
+def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks):
     """Score one or several prediction files; several files print one row per model."""
     from stages.evaluate import EvaluateConfig, run_evaluate
 
@@ -157,7 +165,11 @@ def evaluate(predictions, out, names, baseline_store):
         from stages.evaluate import store_mean_direction
 
         baseline = store_mean_direction(baseline_store)
-    res = run_evaluate(EvaluateConfig(predictions=tuple(predictions), out=out, names=tuple(names) or None, baseline_latlon=baseline))
+    res = run_evaluate(EvaluateConfig(
+        predictions=tuple(predictions), out=out, names=tuple(names) or None, baseline_latlon=baseline, store=store,
+        geocode=geocode, country_field=country_field, region_field=region_field, city_field=city_field,
+        prdc_k=prdc_k, prdc_chunks=prdc_chunks,
+    ))
     click.echo(res.table)
 
 

@@ -45,6 +45,10 @@ _HEADER = ["model", "method", "N", "GeoScore", "mean km", "median km", "acc@1", 
            "acc@2500", "NLL bits/dim", "P", "R", "D", "C", "calib err", "mean -H nats"]
 
 
+#: Administrative areas of the optional accuracy columns, in display order.
+_ADMIN_AREAS = ("country", "region", "sub-region", "city")
+
+
 def _grid(header: list[str], rows: list[list[str]], left: int) -> str:
     """Align columns: the first ``left`` columns left-justified, the rest right-justified."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -88,14 +92,17 @@ def format_table(reports: list[dict]) -> str:
 
     A single entry gives a two-column metric / value table; several give one row per entry with
     columns model, method, N, GeoScore, mean km, median km, acc@1/25/200/750/2500 (%), NLL
-    bits/dim (tagged S² or R³), P, R, D, C, calib err, mean −H nats. Missing values print as "-".
+    bits/dim (tagged S² or R³), P, R, D, C, calib err, mean −H nats, then country/region/city
+    accuracy (%) when any entry has admin accuracies. Missing values print as "-".
     """
     if not reports:
         return "(no reports)"
     if len(reports) == 1:
         text = _grid(["metric", "value"], _single_rows(reports[0]), left=1)
     else:
-        text = _grid(_HEADER, [_row(e) for e in reports], left=2)
+        areas = [a for a in _ADMIN_AREAS if any(a in (e.get("admin") or {}) for e in reports)]
+        rows = [_row(e) + [_fmt(((e.get("admin") or {}).get(a) or {}).get("accuracy"), ".1f", 100.0) for a in areas] for e in reports]
+        text = _grid(_HEADER + [f"{a} %" for a in areas], rows, left=2)
     if any(e.get("nll") for e in reports):
         text += "\n" + _NLL_NOTE
     return text

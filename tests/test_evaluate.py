@@ -159,6 +159,16 @@ def test_admin_accuracy_from_store_labels(two_files, tmp_path, monkeypatch):
     assert entry["admin"]["country"] == {"n": int(known.sum()), "accuracy": pytest.approx(np.mean((tl + 0.5)[known] > 45))}
     assert entry["admin"]["region"]["accuracy"] == 0.0  # "R" vs predicted "R_FR"/"R_DE"
     assert entry["admin"]["city"] == {"n": 0, "accuracy": None}
+    # from the CLI, several files: the comparison table grows country/region/city columns
+    from click.testing import CliRunner
+
+    from flows.cli import cli
+
+    res = CliRunner().invoke(cli, ["evaluate", *two_files, "--store", store, "--prdc-k", "2"])
+    assert res.exit_code == 0, res.output
+    header, _, rfm_row, *_ = res.output.splitlines()
+    assert header.split()[-6:] == ["country", "%", "region", "%", "city", "%"]
+    assert rfm_row.split()[-3:] == [f"{100 * np.mean((tl + 0.5)[known] > 45):.1f}", "0.0", "-"]
     monkeypatch.setitem(sys.modules, "reverse_geocoder", None)
     with pytest.raises(GeopipeError, match=r"pip install geopipe\[geocode\]"):
         run_evaluate(EvaluateConfig(predictions=(two_files[0],), geocode=True))
