@@ -160,7 +160,8 @@ def render_calibration_plot(path, levels, coverage, error=None, label: str | Seq
     from matplotlib.figure import Figure
 
     curves = _as_curves(levels, coverage, error, label)
-    fig = Figure(figsize=(6.2, 6.0), dpi=dpi, layout="constrained")
+    rows = -(-(len(curves) + 1) // 2)  # legend below the axes, two columns: it never hides a curve
+    fig = Figure(figsize=(6.4, 6.3 + 0.22 * rows), dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="perfectly calibrated")
     for lev, cov, err, name in curves:
@@ -168,10 +169,11 @@ def render_calibration_plot(path, levels, coverage, error=None, label: str | Seq
         ax.plot(lev, cov, marker="o", ms=5, lw=2, label=text)
     ax.text(0.04, 0.93, "under-confident", fontsize=9, color="0.4", transform=ax.transAxes)
     ax.text(0.96, 0.05, "over-confident", fontsize=9, color="0.4", ha="right", transform=ax.transAxes)
-    ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
+    fig.suptitle(title)
     ax.set_xlabel("HDR probability level p", fontsize=11)
     ax.set_ylabel("coverage: fraction of true locations in the p-HDR", fontsize=11)
     ax.grid(color="0.88", lw=0.6)
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=9, framealpha=0.95)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     fig.savefig(path, dpi=dpi)
     return str(path)
