@@ -42,3 +42,12 @@ def demo_stores(demo_world, tmp_path_factory):
         run_extract(ExtractConfig(shards=(demo_world[split],), store=path, num_workers=0, batch_size=128, progress=False))
         stores[split] = path
     return stores
+
+
+def pytest_unconfigure(config):
+    """Prefect stops its ephemeral server at interpreter exit and logs that at INFO through a
+    console handler bound to pytest's capture stream, closed by then ("--- Logging error ---");
+    only warnings and errors are worth printing that late."""
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)
