@@ -11,8 +11,8 @@ __all__ = ["format_table"]
 
 _SPACE_TAG = {"sphere": "S²", "r3": "R³"}
 _RADII = (1, 25, 200, 750, 2500)
-_NLL_NOTE = ("NLL in bits per ambient dimension, -mean log p / (3 ln 2); S² densities (per steradian) and "
-             "R³ densities (per unit volume) are not comparable.")
+_NLL_NOTE = ("NLL in bits per ambient dimension, -mean log p / (3 ln 2); NLL and -H of S² densities (per steradian) "
+             "and R³ densities (per unit volume) are not comparable.")
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
