@@ -51,9 +51,11 @@ def entropy_bits(sample_logp: torch.Tensor) -> torch.Tensor:
     return -neg_entropy_nats(sample_logp) / math.log(2.0)
 
 
-def effective_area_km2(sample_logp: torch.Tensor) -> torch.Tensor:
-    """exp(H)·R_E² (B,) km², the area of the uniform region with the same entropy (A8)."""
-    return torch.exp(-neg_entropy_nats(sample_logp)) * EARTH_RADIUS_KM**2
+def effective_area_km2(sample_logp: torch.Tensor, space: str = "sphere") -> torch.Tensor:
+    """exp(H)·R_E² (B,) km², the area of the uniform region with the same entropy (A8); NaN for
+    an R³ density (``space="r3"``, per unit volume: no area)."""
+    area = torch.exp(-neg_entropy_nats(sample_logp)) * EARTH_RADIUS_KM**2
+    return area if space == "sphere" else torch.full_like(area, math.nan)
 
 
 def localizability_from_logp(sample_logp: torch.Tensor, space: str = "sphere") -> dict[str, torch.Tensor]:
@@ -62,8 +64,7 @@ def localizability_from_logp(sample_logp: torch.Tensor, space: str = "sphere") -
     ``space`` of the density: "sphere" (per steradian) or "r3" (per unit volume: no area, NaN).
     """
     lp = sample_logp.detach().to(device="cpu", dtype=torch.float64)
-    area = effective_area_km2(lp) if space == "sphere" else torch.full(lp.shape[:1], math.nan, dtype=torch.float64)
-    return {"neg_entropy_nats": neg_entropy_nats(lp), "entropy_bits": entropy_bits(lp), "effective_area_km2": area}
+    return {"neg_entropy_nats": neg_entropy_nats(lp), "entropy_bits": entropy_bits(lp), "effective_area_km2": effective_area_km2(lp, space)}
 
 
 def hdr_rank(true_logp: torch.Tensor, sample_logp: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,5 @@ def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true
             for i in range(0, cond.shape[0], batch_size)
         ])
         rank = hdr_rank(true_logp, sample_logp)
-    area = effective_area_km2(sample_logp)
-    if method.space != "sphere":
-        area = torch.full_like(area, math.nan)
-    return Localization(samples, sample_logp, neg_entropy_nats(sample_logp), entropy_bits(sample_logp), area, true_logp, rank)
+    return Localization(samples, sample_logp, neg_entropy_nats(sample_logp), entropy_bits(sample_logp),
+                        effective_area_km2(sample_logp, method.space), true_logp, rank)

@@ -1,8 +1,9 @@
 """Pictures of predicted densities and of calibration: PNG rendering with matplotlib (Agg, no pyplot).
 
-:func:`render_density_map` draws a density grid (see :mod:`pipeline.density_grid`) on an equirectangular world map, or a zoomed ``extent`` of it, with the world
-outline of :mod:`pipeline.land_outline` (bundled Natural Earth 110m, public domain), the true
-location and the point prediction. :func:`render_calibration_plot` draws HDR coverage curves
+:func:`render_density_map` draws a density grid (see :mod:`pipeline.density_grid`) on an
+equirectangular world map, or a zoomed ``extent`` of it, with the world outline of
+:mod:`pipeline.land_outline` (bundled Natural Earth 110m, public domain), the true location and
+the point prediction. :func:`render_calibration_plot` draws HDR coverage curves
 (:mod:`pipeline.calibration`) for one or several models.
 """
 
@@ -64,7 +65,8 @@ def render_density_map(path, lats, lons, logp, *, true_latlon=None, pred_latlon=
     or, when the grid spans more than ``decades`` powers of ten, from max·10^−decades (lower
     densities fade out and are left blank). true_latlon / pred_latlon: (lat, lon) degrees,
     drawn as a green star / red cross (the legend gives their great-circle distance). extent:
-    (lon0, lon1, lat0, lat1) degrees to zoom on (e.g. from :func:`pipeline.density_grid.hdr_extent`); None = world.
+    (lon0, lon1, lat0, lat1) degrees to zoom on (e.g. from
+    :func:`pipeline.density_grid.hdr_extent`); None = world.
     """
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure

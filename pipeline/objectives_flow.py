@@ -87,23 +87,24 @@ class _FieldMethod(MethodBase):
         """One guided sample per record (A7): cond (B, C) → (B, 3) unit vectors."""
         return finalize_points(self._integrate(model, cond, steps, guidance, sampler, generator), keys)
 
+    def _draw(self, model, cond, n, steps, guidance, sampler, generator, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """n sampler end points per record: (raw (B·n, 3), unit vectors (B·n, 3)); raises
+        NonFiniteError naming the record."""
+        x = self._integrate(model, cond.repeat_interleave(n, dim=0), steps, guidance, sampler, generator)
+        return x, finalize_points(x, keys, per_record=n)
+
     def sample(self, model, cond, n: int, *, steps: int = 16, guidance: float = 0.0, sampler: str | None = None,
                generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
         """n samples per record: cond (B, C) → (B, n, 3) unit vectors (one batched integration)."""
-        b = cond.shape[0]
-        x = self._integrate(model, cond.repeat_interleave(n, dim=0), steps, guidance, sampler, generator)
-        return finalize_points(x, keys, per_record=n).reshape(b, n, 3)
+        _, unit = self._draw(model, cond, n, steps, guidance, sampler, generator, keys)
+        return unit.reshape(cond.shape[0], n, 3)
 
     def sample_native(self, model, cond, n: int, *, steps: int = 16, guidance: float = 0.0, sampler: str | None = None,
                       generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
-        """n draws per record (B, n, 3); for R³ methods the unprojected ODE/DDIM end points
-        (finite-checked), whose R³ density is the model's: see :meth:`MethodBase.sample_native`."""
-        if self.space != "r3":
-            return self.sample(model, cond, n, steps=steps, guidance=guidance, sampler=sampler, generator=generator, keys=keys)
-        b = cond.shape[0]
-        x = self._integrate(model, cond.repeat_interleave(n, dim=0), steps, guidance, sampler, generator)
-        finalize_points(x, keys, per_record=n)  # raises NonFiniteError naming the record
-        return x.reshape(b, n, 3)
+        """n draws per record (B, n, 3); for R³ methods the unprojected ODE/DDIM end points,
+        whose R³ density is the model's: see :meth:`MethodBase.sample_native`."""
+        raw, unit = self._draw(model, cond, n, steps, guidance, sampler, generator, keys)
+        return (raw if self.space == "r3" else unit).reshape(cond.shape[0], n, 3)
 
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
                        guidance: float = 0.0, **ode) -> torch.Tensor:

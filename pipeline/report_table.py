@@ -101,7 +101,7 @@ def format_table(reports: list[dict]) -> str:
         text = _grid(["metric", "value"], _single_rows(reports[0]), left=1)
     else:
         areas = [a for a in _ADMIN_AREAS if any(a in (e.get("admin") or {}) for e in reports)]
-        rows = [_row(e) + [_fmt(((e.get("admin") or {}).get(a) or {}).get("accuracy"), ".1f", 100.0) for a in areas] for e in reports]
+        rows = [_row(e) + [_fmt(_get(e.get("admin") or {}, a, "accuracy"), ".1f", 100.0) for a in areas] for e in reports]
         text = _grid(_HEADER + [f"{a} %" for a in areas], rows, left=2)
     if any(e.get("nll") for e in reports):
         text += "\n" + _NLL_NOTE
