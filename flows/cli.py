@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from flows.cli_common import user_errors
+from geopipe.flows.cli_common import user_errors
 
 __all__ = ["main", "cli"]
 
@@ -39,7 +39,7 @@ def cli():
 @user_errors
 def demo_data(out, n_train, n_test, shard_size, seed):
     """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
-    from stages.demo import DemoDataConfig, run_demo_data
+    from geopipe.stages.demo import DemoDataConfig, run_demo_data
 
     res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed))
     click.echo(f"wrote {res.n_train} train and {res.n_test} test samples in {len(res.shards)} shards to {out}")
@@ -68,7 +68,7 @@ def demo_data(out, n_train, n_test, shard_size, seed):
 def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
             precision, on_changed, verify_hash, embedding_key, device):
     """Embed WebDataset SHARDS (paths, globs or brace patterns) with a frozen backbone into a Zarr store."""
-    from stages.extract import ExtractConfig, run_extract
+    from geopipe.stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
         shards=tuple(shards), store=store, backbone=backbone, pretrained=pretrained, batch_size=batch_size,
@@ -100,7 +100,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume, device):
     """Train a generative geolocation model on a store's cached embeddings."""
-    from stages.train import TrainConfig, run_train
+    from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
         store=store, out=out, method=method, dim=dim, depth=depth, schedule=schedule, steps=steps,
@@ -131,7 +131,7 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, batch_size, seed, dask_address, device):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
-    from stages.predict import PredictConfig, run_predict
+    from geopipe.stages.predict import PredictConfig, run_predict
 
     cfg = PredictConfig(
         checkpoint=checkpoint, store=store, out=out, steps=steps, guidance=guidance, sampler=sampler,
@@ -158,11 +158,11 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
 @user_errors
 def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks):
     """Score one or several prediction files; several files print one row per model."""
-    from stages.evaluate import EvaluateConfig, run_evaluate
+    from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 
     baseline = None
     if baseline_store:
-        from stages.evaluate import store_mean_direction
+        from geopipe.stages.evaluate import store_mean_direction
 
         baseline = store_mean_direction(baseline_store)
     res = run_evaluate(EvaluateConfig(
@@ -178,8 +178,8 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
 @user_errors
 def run(config):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect."""
-    from flows.pipeline_flow import geopipe_flow
-    from stages.config import load_pipeline_config
+    from geopipe.flows.pipeline_flow import geopipe_flow
+    from geopipe.stages.config import load_pipeline_config
 
     result = geopipe_flow(load_pipeline_config(config))
     click.echo(result["table"])
@@ -195,8 +195,8 @@ def serve(config, cron, interval, name):
     """Serve the pipeline for CONFIG on a schedule (re-runs pick up new shards incrementally)."""
     from prefect import serve as prefect_serve
 
-    from flows.pipeline_flow import scheduled_deployment
-    from stages.config import load_pipeline_config
+    from geopipe.flows.pipeline_flow import scheduled_deployment
+    from geopipe.stages.config import load_pipeline_config
 
     load_pipeline_config(config)  # fail fast on a bad config
     prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
@@ -208,8 +208,8 @@ def serve(config, cron, interval, name):
 @user_errors
 def demo(workdir, steps):
     """Generate the offline demo world and run the full flow on it, printing the evaluation table."""
-    from flows.pipeline_flow import geopipe_flow
-    from stages.config import demo_pipeline_config
+    from geopipe.flows.pipeline_flow import geopipe_flow
+    from geopipe.stages.config import demo_pipeline_config
 
     result = geopipe_flow(demo_pipeline_config(workdir, train_steps=steps))
     click.echo(result["table"])
@@ -229,7 +229,7 @@ def demo(workdir, steps):
 @user_errors
 def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
-    from stages.bench import BenchConfig, bench_nll, bench_predict
+    from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
     cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device)
     results = {}
@@ -238,7 +238,7 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
     if what in ("nll", "all"):
         results["nll"] = bench_nll(cfg)
     if what in ("extract", "all"):
-        from stages.bench_extract import bench_extract
+        from geopipe.stages.bench_extract import bench_extract
 
         results["extract"] = bench_extract(device=device)
     text = json.dumps(results, indent=2, default=str)
@@ -250,8 +250,8 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
 
 def _register_subcommands() -> None:
     # defined in sibling modules that import user_errors from here, hence registered last
-    from flows.cli_maps import calibration_plot_command, map_command
-    from flows.cli_store import import_command, store_group
+    from geopipe.flows.cli_maps import calibration_plot_command, map_command
+    from geopipe.flows.cli_store import import_command, store_group
 
     for command in (store_group, import_command, map_command, calibration_plot_command):
         cli.add_command(command)

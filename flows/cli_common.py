@@ -15,7 +15,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipeline.errors import GeopipeError
+        from geopipe.pipeline.core.errors import GeopipeError
 
         try:
             return fn(*args, **kwargs)

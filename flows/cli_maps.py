@@ -1,6 +1,6 @@
 """``geopipe map`` and ``geopipe calibration-plot``: the picture commands.
 
-Registered on the main group in :mod:`flows.cli` with ``cli.add_command(map_command)`` and
+Registered on the main group in :mod:`geopipe.flows.cli` with ``cli.add_command(map_command)`` and
 ``cli.add_command(calibration_plot_command)``. Heavy imports (torch, matplotlib) happen inside
 the commands so ``geopipe --help`` stays fast.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from flows.cli_common import user_errors
+from geopipe.flows.cli_common import user_errors
 
 __all__ = ["map_command", "calibration_plot_command"]
 
@@ -36,7 +36,7 @@ __all__ = ["map_command", "calibration_plot_command"]
 def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_deg, kde_samples, bandwidth_km, steps, guidance,
                 seed, rtol, atol, world, device):
     """Draw world maps (PNG) of the predicted density, true location and prediction for chosen records."""
-    from stages.maps import MapConfig, run_maps
+    from geopipe.stages.maps import MapConfig, run_maps
 
     cfg = MapConfig(checkpoint=checkpoint, store=store, out_dir=out_dir, keys=tuple(keys), n_records=n_records, mode=mode,
                     resolution_deg=resolution_deg, kde_samples=kde_samples, bandwidth_km=bandwidth_km, steps=steps,
@@ -53,7 +53,7 @@ def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_de
 @user_errors
 def calibration_plot_command(report, out, title):
     """Plot HDR calibration (coverage against probability level) of an evaluate REPORT JSON."""
-    from stages.maps import CalibrationPlotConfig, run_calibration_plot
+    from geopipe.stages.maps import CalibrationPlotConfig, run_calibration_plot
 
     res = run_calibration_plot(CalibrationPlotConfig(report_json=report, out=out, title=title))
     click.echo(f"calibration of {len(res.names)} model(s) → {res.out}")

@@ -1,6 +1,6 @@
 """``geopipe store info|verify`` and ``geopipe import``: store tools and precomputed embeddings.
 
-Registered on the main group in :mod:`flows.cli` with ``cli.add_command(store_group)`` and
+Registered on the main group in :mod:`geopipe.flows.cli` with ``cli.add_command(store_group)`` and
 ``cli.add_command(import_command)``. Heavy imports happen inside the commands.
 """
 
@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from flows.cli_common import user_errors
+from geopipe.flows.cli_common import user_errors
 
 __all__ = ["store_group", "import_command"]
 
@@ -25,7 +25,7 @@ def store_group():
 @user_errors
 def store_info_command(store):
     """Counts, embedding format, backbone, shards, rejects and size on disk of STORE (path or fsspec url)."""
-    from stages.store_tools import StoreInfoConfig, run_store_info
+    from geopipe.stages.store_tools import StoreInfoConfig, run_store_info
 
     click.echo(run_store_info(StoreInfoConfig(store=store)).text)
 
@@ -35,7 +35,7 @@ def store_info_command(store):
 @user_errors
 def store_verify_command(store):
     """Check STORE end to end; exit status 0 when valid, 1 with the list of problems otherwise."""
-    from stages.store_tools import StoreVerifyConfig, run_store_verify
+    from geopipe.stages.store_tools import StoreVerifyConfig, run_store_verify
 
     res = run_store_verify(StoreVerifyConfig(store=store))
     click.echo(res.text, err=not res.ok)
@@ -65,7 +65,7 @@ def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, met
     SOURCES: clip-retrieval output folders (img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet)
     or .npy files (paths, globs, brace patterns) each with a same-named .parquet beside it.
     """
-    from stages.import_embeddings import ImportConfig, run_import
+    from geopipe.stages.import_embeddings import ImportConfig, run_import
 
     cfg = ImportConfig(sources=tuple(sources), store=store, backbone_name=backbone_name, key_col=key_col, lat_col=lat_col,
                        lon_col=lon_col, meta_fields=tuple(meta_fields) or None, dtype=dtype, normalize=not no_normalize,

@@ -19,12 +19,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from stages.config import PipelineConfig
-from stages.demo import run_demo_data
-from stages.evaluate import EvaluateConfig, run_evaluate, store_mean_direction
-from stages.extract import run_extract
-from stages.predict import run_predict
-from stages.train import run_train
+from geopipe.stages.config import PipelineConfig
+from geopipe.stages.demo import run_demo_data
+from geopipe.stages.evaluate import EvaluateConfig, run_evaluate, store_mean_direction
+from geopipe.stages.extract import run_extract
+from geopipe.stages.predict import run_predict
+from geopipe.stages.train import run_train
 
 __all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
 
@@ -83,7 +83,7 @@ def geopipe_flow(cfg: PipelineConfig) -> dict:
 def scheduled_flow(config_path: str) -> dict:
     """Re-read the TOML config and run the pipeline: a scheduled run picks up new shards that
     the config's patterns now match (extraction appends only shards not yet in the store)."""
-    from stages.config import load_pipeline_config
+    from geopipe.stages.config import load_pipeline_config
 
     return geopipe_flow(load_pipeline_config(config_path))
 

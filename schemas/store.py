@@ -10,7 +10,7 @@ A store is a Zarr v3 group::
       meta/<name>  (N,)   string            extra json fields carried from the shards
                                             (JSON-encoded scalars; "" when absent)
       rejects/part-<index>.parquet          rejects of the shard with that record index
-      rejects.parquet                       all rejects (see :mod:`schemas.rejects`),
+      rejects.parquet                       all rejects (see :mod:`geopipe.schemas.rejects`),
                                             consolidated from the parts when a writer closes
 
 Rows are appended shard by shard; a shard's rows are contiguous. A shard counts as

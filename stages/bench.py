@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pipeline.device import resolve_device
-from pipeline.network import NetworkConfig
-from pipeline.objectives import get_method
+from geopipe.pipeline.core.device import resolve_device
+from geopipe.pipeline.model.network import NetworkConfig
+from geopipe.pipeline.methods.registry import get_method
 
 __all__ = ["BenchConfig", "bench_predict", "bench_nll"]
 

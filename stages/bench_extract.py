@@ -33,7 +33,7 @@ __all__ = ["bench_extract"]
 _RSS_CHILD = """
 import json, sys, threading
 import psutil
-from stages.extract import ExtractConfig, run_extract
+from geopipe.stages.extract import ExtractConfig, run_extract
 args, peak, done = json.loads(sys.argv[1]), {"workers": 0}, threading.Event()
 
 def poll():  # DataLoader workers come and go: sample their RSS every 20 ms
@@ -46,8 +46,8 @@ def poll():  # DataLoader workers come and go: sample their RSS every 20 ms
 
 threading.Thread(target=poll, daemon=True).start()
 if args.pop("baseline"):
-    from stages.extract import _load_backbone
-    from pipeline.device import resolve_device
+    from geopipe.stages.extract import _load_backbone
+    from geopipe.pipeline.core.device import resolve_device
     _load_backbone(ExtractConfig(**args), resolve_device(args["device"]))
     n_ok = 0
 else:
@@ -73,7 +73,7 @@ def _image(rng: np.random.Generator, px: int) -> bytes:
 
 
 def _write_shards(out: str, n_shards: int, per_shard: int, px: int, seed: int = 0) -> list[str]:
-    from pipeline.demo_world import write_shards
+    from geopipe.pipeline.ingest.demo_world import write_shards
 
     rng = np.random.default_rng(seed)
     samples = ({"__key__": f"b{i:07d}", "jpg": _image(rng, px),
@@ -125,8 +125,8 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
     """
     import torch
 
-    from pipeline.device import resolve_device
-    from stages.extract import ExtractConfig, _load_backbone, run_extract
+    from geopipe.pipeline.core.device import resolve_device
+    from geopipe.stages.extract import ExtractConfig, _load_backbone, run_extract
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

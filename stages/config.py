@@ -33,12 +33,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from pipeline.errors import GeopipeError
-from stages.demo import DemoDataConfig
-from stages.evaluate import EvaluateConfig
-from stages.extract import ExtractConfig
-from stages.predict import PredictConfig
-from stages.train import TrainConfig
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.stages.demo import DemoDataConfig
+from geopipe.stages.evaluate import EvaluateConfig
+from geopipe.stages.extract import ExtractConfig
+from geopipe.stages.predict import PredictConfig
+from geopipe.stages.train import TrainConfig
 
 __all__ = ["PipelineConfig", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config", "build_config"]
 

@@ -6,7 +6,7 @@ import glob
 import os
 from dataclasses import dataclass
 
-from pipeline.demo_world import DemoWorldConfig, write_demo_world
+from geopipe.pipeline.ingest.demo_world import DemoWorldConfig, write_demo_world
 
 __all__ = ["DemoDataConfig", "DemoDataResult", "run_demo_data"]
 

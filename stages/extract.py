@@ -1,10 +1,10 @@
 """Extract stage: WebDataset shards → Zarr embedding store with a frozen backbone.
 
 Decoding runs in DataLoader workers and shards are committed strictly in shard order
-(:mod:`pipeline.embed_loop`), so the store's rows are shard order then tar order whatever
+(:mod:`geopipe.pipeline.ingest.embed`), so the store's rows are shard order then tar order whatever
 ``num_workers`` is. Bad samples are skipped and recorded in ``STORE/rejects.parquet``.
 
-Runs are resumable and incremental (:mod:`pipeline.increments`): shards already in the store
+Runs are resumable and incremental (:mod:`geopipe.pipeline.ingest.plan`): shards already in the store
 are skipped, new ones appended; shards changed since they were written are handled by
 ``on_changed`` ("error" | "skip" | "reextract"), and shards in the store that the patterns no
 longer match are reported (``shards_missing``). With ``embedding_key`` the shards' own
@@ -20,15 +20,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline import fsio
-from pipeline.backbones import PRECISIONS
-from pipeline.errors import GeopipeError
-from pipeline.increments import ON_CHANGED, RejectBudget, ShardChangedError, TooManyRejectsError, plan_shards
-from pipeline.shards import resolve_shards
-from pipeline.store_writer import DTYPES, StoreWriter
-from schemas.rejects import REJECT_REASONS
-from schemas.store import REJECTS_FILE
-from stages.ingest_result import IngestResult
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.ingest.backbones import PRECISIONS
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, ShardChangedError, TooManyRejectsError, plan_shards
+from geopipe.pipeline.ingest.shards import resolve_shards
+from geopipe.pipeline.store.writer import DTYPES, StoreWriter
+from geopipe.schemas.rejects import REJECT_REASONS
+from geopipe.schemas.store import REJECTS_FILE
+from geopipe.stages.ingest_result import IngestResult
 
 __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChangedError", "run_extract"]
 
@@ -92,7 +92,7 @@ class ExtractConfig:
             raise ValueError("embedding_key stores precomputed embeddings: give a sample extension such as "
                              "'street_clip.npy', a backbone label and no pretrained weights")
         if self.meta_fields is not None:
-            from pipeline.store import META_NAME
+            from geopipe.pipeline.store.reader import META_NAME
 
             object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
             bad = [m for m in self.meta_fields if not META_NAME.match(m) or m in (self.lat_key, self.lon_key)]
@@ -120,7 +120,7 @@ class ExtractResult(IngestResult):
 
 
 def _load_backbone(cfg: ExtractConfig, device):
-    from pipeline.backbones import BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
+    from geopipe.pipeline.ingest.backbones import BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
 
     try:
         return load_backbone(BackboneSpec(cfg.backbone, cfg.pretrained), device=device)
@@ -133,9 +133,9 @@ def _source(cfg: ExtractConfig, urls: list[str], store: str, device, backbone):
     if cfg.embedding_key is None:
         bb = backbone if backbone is not None else _load_backbone(cfg, device)
         return bb, bb.identity, bb.embed_dim
-    from pipeline.importers import precomputed_identity
-    from pipeline.shard_loader import find_embed_dim
-    from pipeline.store import open_store
+    from geopipe.pipeline.ingest.pairs import precomputed_identity
+    from geopipe.pipeline.ingest.decode import find_embed_dim
+    from geopipe.pipeline.store.reader import open_store
 
     if fsio.isfile(fsio.join(store, "zarr.json")):
         dim = open_store(store).embed_dim  # samples of another width are rejected, not the run
@@ -146,8 +146,8 @@ def _source(cfg: ExtractConfig, urls: list[str], store: str, device, backbone):
 
 def _open_writer(cfg: ExtractConfig, urls: list[str], store: str, backbone):
     """Lock the store (fail fast), resolve the device and backbone, open the writer."""
-    from pipeline.device import resolve_device
-    from pipeline.provenance import provenance
+    from geopipe.pipeline.core.device import resolve_device
+    from geopipe.pipeline.core.provenance import provenance
 
     existed = fsio.exists(store)
     lock = StoreWriter.lock(store)
@@ -172,13 +172,13 @@ def _open_writer(cfg: ExtractConfig, urls: list[str], store: str, backbone):
 def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     """Extract ``cfg.shards`` into ``cfg.store`` (created, or appended to / resumed).
 
-    backbone: an already loaded :class:`pipeline.backbones.Backbone` to use instead of
+    backbone: an already loaded :class:`geopipe.pipeline.ingest.backbones.Backbone` to use instead of
     loading ``cfg.backbone`` (tests, notebooks extracting several stores). Raises
     GeopipeError subclasses for user errors (missing shard, locked store, backbone
     mismatch, changed shard, too many rejects).
     """
-    from pipeline.embed_loop import LoopOptions, embed_shards
-    from pipeline.shard_loader import SampleSpec
+    from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
+    from geopipe.pipeline.ingest.decode import SampleSpec
 
     t0 = time.perf_counter()
     urls = resolve_shards(cfg.shards)

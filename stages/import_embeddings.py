@@ -1,7 +1,7 @@
 """Import stage: precomputed embeddings (clip-retrieval folders, ``.npy``/Parquet pairs) → store.
 
 The same store format, validation and rejects as ``geopipe extract``
-(:mod:`pipeline.importers` reads the pairs, :mod:`pipeline.shard_rows` filters and appends):
+(:mod:`geopipe.pipeline.ingest.pairs` reads the pairs, :mod:`geopipe.pipeline.ingest.rows` filters and appends):
 rows with invalid or missing coordinates, a missing key, an unusable embedding or a repeated
 key are skipped and recorded in ``STORE/rejects.parquet``. Each pair is one "shard" with a
 completion record, so an interrupted import resumes and a later import with more pairs
@@ -17,15 +17,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline import fsio
-from pipeline.importers import (ColumnSpec, EmbeddingPair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat,
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.ingest.pairs import (ColumnSpec, EmbeddingPair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat,
                                 precomputed_identity, read_pair)
-from pipeline.increments import ON_CHANGED, RejectBudget, plan_shards
-from pipeline.shard_rows import commit_rows
-from pipeline.store_writer import DTYPES, StoreWriter
-from schemas.rejects import REJECT_REASONS
-from schemas.store import REJECTS_FILE
-from stages.ingest_result import IngestResult
+from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, plan_shards
+from geopipe.pipeline.ingest.rows import commit_rows
+from geopipe.pipeline.store.writer import DTYPES, StoreWriter
+from geopipe.schemas.rejects import REJECT_REASONS
+from geopipe.schemas.store import REJECTS_FILE
+from geopipe.stages.ingest_result import IngestResult
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
 
@@ -71,7 +71,7 @@ class ImportConfig:
         if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
         if self.meta_fields is not None:
-            from pipeline.store import META_NAME
+            from geopipe.pipeline.store.reader import META_NAME
 
             object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
             bad = [m for m in self.meta_fields if not META_NAME.match(m)]
@@ -93,8 +93,8 @@ class ImportResult(IngestResult):
 
 
 def _open_writer(cfg: ImportConfig, store: str, pairs: list[EmbeddingPair]) -> StoreWriter:
-    from pipeline.provenance import provenance
-    from pipeline.store import open_store
+    from geopipe.pipeline.core.provenance import provenance
+    from geopipe.pipeline.store.reader import open_store
 
     lock = StoreWriter.lock(store)
     try:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.device import resolve_device
-from pipeline.errors import GeopipeError
-from pipeline.geometry import xyz_to_latlon
-from pipeline.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
-from pipeline.maps import render_calibration_plot, render_density_map
-from pipeline.predictor import Predictor, load_predictor
-from pipeline.store import open_store
-from schemas.report import REPORT_SCHEMA_ID
+from geopipe.pipeline.artifacts.report import read_report
+from geopipe.pipeline.core.device import resolve_device
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.sphere.geometry import xyz_to_latlon
+from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
+from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
+from geopipe.pipeline.store.reader import open_store
 
 __all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
 
@@ -39,7 +39,7 @@ class MapConfig:
     keys: records to draw (empty: the first ``n_records`` of the store); mode: "loglik" (exact
     log p on every cell centre, rtol/atol for the ODE) or "kde" (``kde_samples`` model samples
     smoothed with a vMF kernel of ``bandwidth_km``, default: k-NN rule of
-    :func:`pipeline.density_grid.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
+    :func:`geopipe.pipeline.viz.density_grid.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
     180). The point prediction uses ``steps``/``guidance`` (spec A7); the drawn density is the
     model's p(x | c) at ``density_guidance`` (0 = unguided, as scored by NLL and calibration).
     zoom: when the 95% HDR, truth and prediction fit in a regional view, draw that view from a
@@ -160,7 +160,7 @@ def run_maps(cfg: MapConfig) -> MapResult:
     paths, masses = [], []
     for row in rows:
         key = str(keys[row])
-        g = torch.Generator(device=p.device).manual_seed(cfg.seed * 1_000_003 + row)
+        g = record_generator(cfg.seed, row, p.device)
         cond = p.condition(np.asarray(store.embeddings[row:row + 1]))  # (1, D) standardised as in training
         with torch.no_grad():
             point = p.method.predict_point(p.model, cond, steps=cfg.steps, guidance=cfg.guidance, generator=g, keys=[key])
@@ -187,22 +187,9 @@ class CalibrationPlotResult:
     names: tuple[str, ...]
 
 
-def _read_report(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except FileNotFoundError:
-        raise GeopipeError(f"report {path!r} does not exist; write it with `geopipe evaluate ... --out {path}`") from None
-    except (OSError, ValueError) as exc:
-        raise GeopipeError(f"report {path!r} is not readable JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA_ID or not isinstance(doc.get("reports"), list):
-        raise GeopipeError(f"{path!r} is not a geopipe evaluation report (schema {REPORT_SCHEMA_ID!r})")
-    return doc
-
-
 def run_calibration_plot(cfg: CalibrationPlotConfig) -> CalibrationPlotResult:
     """Plot coverage(p) of every report entry with a calibration section (one curve each)."""
-    doc = _read_report(cfg.report_json)
+    doc = read_report(cfg.report_json)
     curves = [e for e in doc["reports"] if isinstance(e, dict) and (e.get("calibration") or {}).get("coverage")]
     if not curves:
         raise GeopipeError(f"report {cfg.report_json!r} has no calibration section; predict with "

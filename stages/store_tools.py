@@ -1,11 +1,11 @@
-"""Store tools stage: ``geopipe store info`` and ``geopipe store verify`` (:mod:`pipeline.store_tools`)."""
+"""Store tools stage: ``geopipe store info`` and ``geopipe store verify`` (:mod:`geopipe.pipeline.store.verify`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from pipeline.store_tools import StoreInfo, store_info, verify_store
+from geopipe.pipeline.store.verify import StoreInfo, store_info, verify_store
 
 __all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify"]
 

@@ -20,10 +20,17 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ carries the ``e2e`` marker (``make test`` runs it all)."""
+    for item in items:
+        if "/tests/e2e/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
     """Shards of a small demo world: {"dir", "train": pattern, "test": pattern}."""
-    from pipeline.demo_world import DemoWorldConfig, write_demo_world
+    from geopipe.pipeline.ingest.demo_world import DemoWorldConfig, write_demo_world
 
     out = tmp_path_factory.mktemp("demo_world")
     write_demo_world(str(out), DemoWorldConfig(n_train=400, n_test=80, shard_size=200, seed=0))
@@ -33,7 +40,7 @@ def demo_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_stores(demo_world, tmp_path_factory):
     """Extracted train/test stores of :func:`demo_world`: {"train": path, "test": path}."""
-    from stages.extract import ExtractConfig, run_extract
+    from geopipe.stages.extract import ExtractConfig, run_extract
 
     out = tmp_path_factory.mktemp("stores")
     stores = {}

@@ -1,55 +1,125 @@
-"""Architecture rules: one-way layering, prefect/click only in flows, public names resolve."""
+"""Architecture rules: one import root, one-way layering between layers and between the
+concept packages of ``pipeline/``, prefect/click only in flows, public names resolve."""
 
 import ast
 import importlib
 import pathlib
+import tomllib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "schemas"}, "flows": {"stages", "pipeline", "schemas"}}
-PROJECT = set(LAYERS)
 FLOWS_ONLY = {"prefect", "click"}
+BARE = set(LAYERS)  # the folder names, never importable on their own
+# Concept packages of pipeline/, lowest first: a package may import only packages before it.
+PIPELINE_ORDER = ["core", "sphere", "store", "ingest", "artifacts", "model", "methods", "train", "infer",
+                  "eval", "retrieval", "uncertainty", "viz"]
+MAX_MODULES = 10
 
 
 def _modules():
-    for pkg in LAYERS:
-        for path in sorted((ROOT / pkg).glob("*.py")):
-            yield pkg, path
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            yield layer, path
+
+
+def _dotted(layer, path):
+    rel = path.relative_to(ROOT / layer).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(["geopipe", layer, *parts])
 
 
 def _imports(path):
+    """Absolute module names imported by ``path`` (relative imports are not allowed)."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name.split(".")[0]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module.split(".")[0]
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.relative_to(ROOT)}: use absolute imports (geopipe....)"
+            if node.module == "geopipe.pipeline" or (node.module and node.module.startswith("geopipe.pipeline.") and node.module.count(".") == 2):
+                for alias in node.names:  # ``from geopipe.pipeline.core import fsio`` imports geopipe.pipeline.core.fsio
+                    yield f"{node.module}.{alias.name}"
+            else:
+                yield node.module
 
 
-@pytest.mark.parametrize("pkg,path", list(_modules()), ids=lambda v: str(v).split("/")[-1])
-def test_layering(pkg, path):
-    for top in _imports(path):
-        if top in PROJECT and top != pkg:
-            assert top in LAYERS[pkg], f"{path.relative_to(ROOT)} imports {top}: {pkg} may import only {sorted(LAYERS[pkg])}"
-        if top in FLOWS_ONLY:
-            assert pkg == "flows", f"{path.relative_to(ROOT)} imports {top}; only flows/ may"
+ALL = list(_modules())
+IDS = [str(p.relative_to(ROOT)) for _, p in ALL]
 
 
-@pytest.mark.parametrize("pkg,path", list(_modules()), ids=lambda v: str(v).split("/")[-1])
-def test_public_surface(pkg, path):
-    name = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
+@pytest.mark.parametrize("layer,path", ALL, ids=IDS)
+def test_layering(layer, path):
+    for name in _imports(path):
+        parts = name.split(".")
+        assert parts[0] not in BARE, f"{path.relative_to(ROOT)} imports bare {name!r}; import geopipe.{name}"
+        if parts[0] == "geopipe" and len(parts) > 1 and parts[1] in LAYERS and parts[1] != layer:
+            assert parts[1] in LAYERS[layer], f"{path.relative_to(ROOT)} imports {name}: {layer} may import only {sorted(LAYERS[layer])}"
+        if parts[0] in FLOWS_ONLY:
+            assert layer == "flows", f"{path.relative_to(ROOT)} imports {parts[0]}; only flows/ may"
+
+
+@pytest.mark.parametrize("path", [p for layer, p in ALL if layer == "pipeline"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_pipeline_packages_import_downwards(path):
+    rel = path.relative_to(ROOT / "pipeline").parts
+    if len(rel) < 2:
+        return
+    own = rel[0]
+    assert own in PIPELINE_ORDER, f"pipeline/{own}/ is not in the package order of tests/test_architecture.py"
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[:2] == ["geopipe", "pipeline"] and len(parts) > 2 and parts[2] != own:
+            other = parts[2]
+            assert PIPELINE_ORDER.index(other) < PIPELINE_ORDER.index(own), (
+                f"{path.relative_to(ROOT)} imports {name}: pipeline/{own} may import only "
+                f"{PIPELINE_ORDER[:PIPELINE_ORDER.index(own)]}")
+
+
+def test_pipeline_is_packages_of_a_few_modules():
+    assert sorted(p.name for p in (ROOT / "pipeline").glob("*.py")) == ["__init__.py"], "pipeline/ holds packages, not modules"
+    for pkg in (ROOT / "pipeline").iterdir():
+        if pkg.is_dir() and (pkg / "__init__.py").exists():
+            n = len([p for p in pkg.glob("*.py") if p.name != "__init__.py"])
+            assert 2 <= n <= MAX_MODULES, f"pipeline/{pkg.name} has {n} modules (keep 2–{MAX_MODULES})"
+
+
+def test_every_package_is_installed():
+    """Each folder with an ``__init__.py`` is listed in pyproject's packages (one ``geopipe`` root)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"geopipe"}
+    for layer in LAYERS:
+        for init in (ROOT / layer).rglob("__init__.py"):
+            found.add(_dotted(layer, init))
+    assert found == listed, f"pyproject packages differ: missing {sorted(found - listed)}, extra {sorted(listed - found)}"
+    assert all(name == "geopipe" or name.startswith("geopipe.") for name in listed)
+
+
+@pytest.mark.parametrize("layer,path", ALL, ids=IDS)
+def test_public_surface(layer, path):
+    name = _dotted(layer, path)
     module = importlib.import_module(name)
     assert hasattr(module, "__all__"), f"{name} lacks __all__"
     for public in module.__all__:
         assert hasattr(module, public), f"{name}.__all__ names {public!r} which does not exist"
 
 
+def test_package_root_exposes_version_and_runs_as_module():
+    import subprocess
+    import sys
+
+    import geopipe
+
+    assert geopipe.__version__ and geopipe.__version__ != "0+unknown"
+    out = subprocess.run([sys.executable, "-m", "geopipe", "--help"], capture_output=True, text=True, cwd="/", check=True)
+    assert "Usage:" in out.stdout and "extract" in out.stdout
+
+
 def test_cli_help_is_fast_and_light():
     import subprocess
     import sys
 
-    code = "import sys, flows.cli; print(any(m.startswith(('torch', 'prefect', 'open_clip')) for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    code = "import sys, geopipe.flows.cli; print(any(m.startswith(('torch', 'prefect', 'open_clip')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
     assert out.stdout.strip() == "False", "importing the CLI must not import torch/prefect/open_clip"

@@ -1,0 +1,278 @@
+"""Checkpoint directories (schema :mod:`geopipe.schemas.checkpoint`): safetensors + JSON, never unpickled (A13).
+
+Layout: ``model.safetensors`` (EMA weights, A2), ``config.json`` (full resolved configuration plus
+provenance), and for resume ``train_state.safetensors`` (raw weights ``model.*`` and optimiser
+tensors ``optim.<param id>.<name>`` / ``optim.group.<group>.<key>``) with ``train_state.json``
+(step, seeds, optimiser scalars). Every file is written to a temporary name and moved into place
+with ``os.replace``; ``config.json`` goes last, and the saved ``step`` is stamped into every file
+so that a save interrupted half-way is detected on load instead of mixing two steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _safetensors_bytes
+from torch import Tensor, nn
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.provenance import provenance
+from geopipe.schemas.checkpoint import (
+    CHECKPOINT_SCHEMA,
+    CONFIG_FILE,
+    MODEL_FILE,
+    REQUIRED_CONFIG_KEYS,
+    TRAIN_STATE_FILE,
+    TRAIN_STATE_JSON,
+)
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint_config",
+    "load_model_weights",
+    "load_train_state",
+    "optimizer_state_to_tensors",
+    "optimizer_state_from_tensors",
+    "pack_train_state",
+    "restore_train_state",
+    "checkpoint_identity",
+]
+
+_MODEL_PREFIX = "model."
+_OPTIM_PREFIX = "optim."
+
+
+class CheckpointError(GeopipeError, ValueError):
+    """A checkpoint directory is missing, corrupt, incomplete or of another schema (one-line message)."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fsio.write_atomic(str(path), data)
+
+
+def _json_bytes(obj: Any, path: Path) -> bytes:
+    try:
+        return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot write {path}: content is not JSON-serialisable ({exc})") from None
+
+
+def _tensor_bytes(tensors: Mapping[str, Tensor], step: int, path: Path) -> bytes:
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    try:
+        return _safetensors_bytes(flat, metadata={"schema": CHECKPOINT_SCHEMA, "step": str(step)})
+    except Exception as exc:  # safetensors raises several types (shared storage, bad dtype, ...)
+        raise CheckpointError(f"cannot write {path}: {exc}") from None
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model_state: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    train_state: Mapping[str, Tensor] | None = None,
+    train_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory and return its path.
+
+    model_state: the EMA weights (state-dict keys); config: the resolved configuration holding at
+    least ``REQUIRED_CONFIG_KEYS`` ("schema" and provenance "version"/"git_rev" are filled in when
+    absent); train_state/train_meta: resume tensors and JSON scalars, both or neither. Saving
+    without them deletes a stale train state left in the directory by an earlier save.
+    """
+    out = Path(directory)
+    cfg = {"schema": CHECKPOINT_SCHEMA, **provenance(), **dict(config)}
+    if cfg["schema"] != CHECKPOINT_SCHEMA:
+        raise CheckpointError(f"config schema {cfg['schema']!r} is not {CHECKPOINT_SCHEMA!r}; leave 'schema' out of the config")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise CheckpointError(f"cannot save checkpoint {out}: config lacks required key(s) {missing}")
+    step = cfg["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"cannot save checkpoint {out}: config 'step' must be an integer >= 0, got {step!r}")
+    if (train_state is None) != (train_meta is None):
+        raise CheckpointError(f"cannot save checkpoint {out}: give train_state and train_meta together, or neither")
+    out.mkdir(parents=True, exist_ok=True)
+    if train_state is not None:
+        meta = {**dict(train_meta), "step": step}
+        _atomic_write(out / TRAIN_STATE_FILE, _tensor_bytes(train_state, step, out / TRAIN_STATE_FILE))
+        _atomic_write(out / TRAIN_STATE_JSON, _json_bytes(meta, out / TRAIN_STATE_JSON))
+    else:
+        (out / TRAIN_STATE_FILE).unlink(missing_ok=True)
+        (out / TRAIN_STATE_JSON).unlink(missing_ok=True)
+    _atomic_write(out / MODEL_FILE, _tensor_bytes(model_state, step, out / MODEL_FILE))
+    _atomic_write(out / CONFIG_FILE, _json_bytes(cfg, out / CONFIG_FILE))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; is {path.parent} a geopipe checkpoint directory?")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def load_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``config.json`` (schema, required keys); errors name the file."""
+    path = Path(directory) / CONFIG_FILE
+    cfg = _read_json(path)
+    if cfg.get("schema") != CHECKPOINT_SCHEMA:
+        raise CheckpointError(f"{path}: unsupported schema {cfg.get('schema')!r}; this geopipe reads {CHECKPOINT_SCHEMA!r}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: missing required key(s) {missing}; re-save the checkpoint with a complete config")
+    if not isinstance(cfg["network"], dict):
+        raise CheckpointError(f"{path}: 'network' must be an object, found {type(cfg['network']).__name__}")
+    if isinstance(cfg["step"], bool) or not isinstance(cfg["step"], int):
+        raise CheckpointError(f"{path}: 'step' must be an integer, found {cfg['step']!r}")
+    return cfg
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; is {path.parent} a geopipe checkpoint directory?")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except Exception as exc:  # SafetensorError, OSError, ...: anything unreadable is a corrupt file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_step(path: Path, meta: Mapping[str, str], step: int) -> None:
+    if meta.get("step") != str(step):
+        raise CheckpointError(
+            f"{path} holds step {meta.get('step')} but {CONFIG_FILE} says step {step}; "
+            "a save was interrupted: re-save or use another checkpoint"
+        )
+
+
+def load_model_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The EMA weights of a checkpoint as a CPU state dict (safetensors only, never unpickled)."""
+    directory = Path(directory)
+    step = load_checkpoint_config(directory)["step"]
+    tensors, meta = _read_tensors(directory / MODEL_FILE)
+    _check_step(directory / MODEL_FILE, meta, step)
+    return tensors
+
+
+def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """``(tensors, meta)`` for resuming, or None when the checkpoint carries no train state."""
+    directory = Path(directory)
+    tpath, jpath = directory / TRAIN_STATE_FILE, directory / TRAIN_STATE_JSON
+    if not tpath.exists() and not jpath.exists():
+        return None
+    step = load_checkpoint_config(directory)["step"]
+    tensors, tmeta = _read_tensors(tpath)
+    meta = _read_json(jpath)
+    _check_step(tpath, tmeta, step)
+    if meta.get("step") != step:
+        raise CheckpointError(f"{jpath} holds step {meta.get('step')} but {CONFIG_FILE} says step {step}; a save was interrupted")
+    return tensors, meta
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into safetensors-able tensors and JSON-able scalars.
+
+    Tensors: ``optim.<param id>.<name>`` (moments, per-parameter step) and ``optim.group.<g>.<key>``
+    (tensor-valued group entries, e.g. timm Lamb's step). Meta: class name, param groups' scalars
+    (lr, betas, ...), non-tensor per-parameter state.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    state_meta: dict[str, dict[str, Any]] = {}
+    for pid, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{_OPTIM_PREFIX}{pid}.{name}"] = value
+            else:
+                state_meta.setdefault(str(pid), {})[name] = value
+    groups: list[dict[str, Any]] = []
+    for gi, group in enumerate(sd["param_groups"]):
+        scalars = {}
+        for key, value in group.items():
+            if torch.is_tensor(value):
+                tensors[f"{_OPTIM_PREFIX}group.{gi}.{key}"] = value
+            else:
+                scalars[key] = list(value) if isinstance(value, tuple) else value
+        groups.append(scalars)
+    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": state_meta}
+
+
+def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state_to_tensors`: load the state into ``optimizer`` in place.
+
+    Keys of ``tensors`` outside ``optim.`` are ignored, so a whole train state may be passed.
+    """
+    if meta.get("class") != type(optimizer).__name__:
+        raise CheckpointError(f"saved optimizer is {meta.get('class')!r} but training uses {type(optimizer).__name__!r}; resume with the same optimizer")
+    groups = [dict(g) for g in meta["param_groups"]]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"saved optimizer has {len(groups)} parameter groups, the current one {len(optimizer.param_groups)}")
+    for saved, current in zip(groups, optimizer.param_groups):
+        for key, value in current.items():  # JSON turned tuples (betas) into lists
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+    state: dict[int, dict[str, Any]] = {int(pid): dict(entries) for pid, entries in meta["state"].items()}
+    for key, value in tensors.items():
+        if not key.startswith(_OPTIM_PREFIX):
+            continue
+        head, rest = key[len(_OPTIM_PREFIX):].split(".", 1)
+        if head == "group":
+            gi, gkey = rest.split(".", 1)
+            groups[int(gi)][gkey] = value
+        else:
+            state.setdefault(int(head), {})[rest] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"saved optimizer state does not fit the current model: {exc}") from None
+
+
+def pack_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, **extra: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(train_state, train_meta) for :func:`save_checkpoint`: raw weights ``model.*``, optimiser
+    tensors ``optim.*``; meta ``{"optimizer": ..., **extra}`` (extra: rng seed, best val, ...)."""
+    tensors = {f"{_MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
+    otensors, ometa = optimizer_state_to_tensors(optimizer)
+    return {**tensors, **otensors}, {"optimizer": ometa, **extra}
+
+
+def restore_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Load raw weights and optimiser state saved by :func:`pack_train_state` (in place)."""
+    weights = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"saved weights do not fit the model: {first}") from None
+    optimizer_state_from_tensors(optimizer, tensors, meta["optimizer"])
+
+
+def checkpoint_identity(directory: str | os.PathLike) -> str:
+    """A short hex digest that changes whenever the checkpoint's content may have changed: the
+    bytes of ``config.json`` plus (name, size, mtime, inode) of every other file. Retraining
+    into the same directory replaces the files (atomic renames), so the identity changes."""
+    root = Path(directory)
+    h = hashlib.sha256()
+    try:
+        h.update((root / CONFIG_FILE).read_bytes())
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.is_file() and entry.name != CONFIG_FILE:
+                st = entry.stat()
+                h.update(f"{entry.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(directory)!r} ({exc.strerror or exc})") from None
+    return h.hexdigest()[:16]

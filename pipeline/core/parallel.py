@@ -1,0 +1,84 @@
+"""Fan-out of independent partitions: in this process, or on a Dask cluster.
+
+``spec`` names where partitions run: None (in process), ``"local:N"`` (a ``LocalCluster`` of
+N single-threaded worker processes, N ≥ 1) or a scheduler address (``tcp://host:8786``).
+Results come back in submission order, so the output never depends on how many workers ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+from geopipe.pipeline.core.errors import GeopipeError
+
+__all__ = ["parse_dask_spec", "dask_client", "map_partitions"]
+
+_CONNECT_TIMEOUT_S = 20
+
+
+def parse_dask_spec(spec: str) -> tuple[str, int | str]:
+    """``("local", n_workers)`` or ``("address", address)``; GeopipeError for a malformed spec."""
+    spec = str(spec).strip()
+    if spec == "local" or spec.startswith("local:"):
+        raw = spec.split(":", 1)[1] if ":" in spec else "2"
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise GeopipeError(f"--dask {spec!r}: local:N needs a whole number of workers N ≥ 1, e.g. local:2")
+        return "local", n
+    if "://" not in spec and ":" not in spec:
+        raise GeopipeError(f"--dask {spec!r} is neither local:N nor a scheduler address such as tcp://host:8786")
+    return "address", spec
+
+
+@contextlib.contextmanager
+def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
+    """A ``distributed.Client`` for ``spec``, closed (with its LocalCluster) on exit."""
+    from dask.distributed import Client, LocalCluster
+
+    kind, value = parse_dask_spec(spec)
+    cluster = None
+    try:
+        if kind == "local":
+            cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None)
+            client = Client(cluster)
+        else:
+            try:
+                client = Client(value, timeout=f"{_CONNECT_TIMEOUT_S}s")
+            except (OSError, TimeoutError) as exc:
+                raise GeopipeError(f"--dask {value!r}: no Dask scheduler answered within {_CONNECT_TIMEOUT_S} s "
+                                   f"({type(exc).__name__}); start one with `dask scheduler` or use --dask local:N") from None
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def map_partitions(fn: Callable, parts: Sequence[tuple], spec: str | None, *, on_done: Callable | None = None) -> list:
+    """``[fn(*part) for part in parts]``, in process (spec None) or as Dask tasks; ``on_done(i,
+    result)`` is called as each partition finishes (any order); results keep ``parts`` order."""
+    if not spec:
+        out = []
+        for i, part in enumerate(parts):
+            out.append(fn(*part))
+            if on_done:
+                on_done(i, out[-1])
+        return out
+    from dask.distributed import as_completed
+
+    with dask_client(spec) as client:
+        futures = [client.submit(fn, *part, pure=False) for part in parts]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list = [None] * len(futures)
+        for fut in as_completed(futures):
+            i = index[fut.key]
+            results[i] = fut.result()
+            if on_done:
+                on_done(i, results[i])
+        return results

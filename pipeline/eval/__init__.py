@@ -1,0 +1,3 @@
+"""Evaluation: geolocation metrics, PRDC, calibration, admin accuracy, comparison tables."""
+
+__all__: list[str] = []

@@ -1,0 +1,129 @@
+"""Administrative-area accuracies (country / region / sub-region / city; spec §9).
+
+Predicted labels follow the reference: from a ``reverse_geocoder`` hit (nearest GeoNames place, offline)
+country = ``cc``, region = ``admin1_cc``, sub-region = ``admin2_admin1_cc``,
+city = ``name_admin2_admin1_cc``; ground truth are the dataset's labels (OSV-5M:
+``unique_country``, ``unique_region``, ``unique_sub-region``, ``unique_city``). Accuracy is the
+exact string-match rate over records whose true label is known; :func:`store_admin_labels` reads
+true labels from an embedding store's ``meta/`` arrays. ``reverse_geocoder`` is an
+optional dependency (``pip install geopipe[geocode]``), imported only when labels are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from geopipe.pipeline.core.errors import GeopipeError
+
+__all__ = ["ADMIN_AREAS", "is_missing_label", "admin_accuracy", "reverse_geocode_labels", "store_admin_labels"]
+
+#: Area name -> reverse_geocoder fields joined with "_" to form the label.
+ADMIN_AREAS: dict[str, tuple[str, ...]] = {
+    "country": ("cc",),
+    "region": ("admin1", "cc"),
+    "sub-region": ("admin2", "admin1", "cc"),
+    "city": ("name", "admin2", "admin1", "cc"),
+}
+
+# "NaN" is what OSV-5M stores for a missing attribute; the reference only skipped "nan" (§14.9).
+_MISSING = {"", "nan"}
+
+
+def is_missing_label(label) -> bool:
+    """True for an unknown label: None, a float NaN, "", "nan", "NaN" (any case, surrounding blanks)."""
+    if label is None:
+        return True
+    if isinstance(label, float) and math.isnan(label):
+        return True
+    return isinstance(label, str) and label.strip().lower() in _MISSING
+
+
+def admin_accuracy(true_labels: Mapping[str, Sequence], pred_labels: Mapping[str, Sequence]) -> dict:
+    """Per-area accuracy of predicted vs true labels, ``{area: {"n", "accuracy"}}``.
+
+    ``true_labels[area]`` and ``pred_labels[area]`` are (N,) sequences of labels for the same
+    records in the same order. Records with a missing true label (see :func:`is_missing_label`)
+    leave numerator and denominator; a missing predicted label counts as a miss. ``accuracy``
+    is ``None`` when no true label of that area is known.
+    """
+    out: dict = {}
+    for area, truth in true_labels.items():
+        if area not in pred_labels:
+            raise ValueError(f"admin_accuracy: no predicted labels for area {area!r}; have {sorted(pred_labels)}")
+        pred = pred_labels[area]
+        if len(pred) != len(truth):
+            raise ValueError(f"admin_accuracy: area {area!r} has {len(truth)} true and {len(pred)} predicted labels")
+        known = [(t, p) for t, p in zip(truth, pred) if not is_missing_label(t)]
+        hits = sum(1 for t, p in known if not is_missing_label(p) and str(p) == str(t))
+        out[area] = {"n": len(known), "accuracy": hits / len(known) if known else None}
+    return out
+
+
+def _geocoder():
+    try:
+        import reverse_geocoder
+    except ImportError:
+        raise GeopipeError(
+            "admin accuracy needs reverse geocoding, but the optional package 'reverse_geocoder' is not installed; "
+            "run: pip install geopipe[geocode]"
+        ) from None
+    return reverse_geocoder
+
+
+def reverse_geocode_labels(lat, lon, areas: Sequence[str] = ("country", "region", "city")) -> dict[str, list[str]]:
+    """Labels ``{area: [label…]}`` of (N,) degree coordinates via ``reverse_geocoder`` (offline).
+
+    Raises :class:`GeopipeError` telling to ``pip install geopipe[geocode]`` when the package is
+    absent, and ValueError for an unknown area name.
+    """
+    unknown = [a for a in areas if a not in ADMIN_AREAS]
+    if unknown:
+        raise ValueError(f"unknown admin area {unknown[0]!r}; choose from {list(ADMIN_AREAS)}")
+    lat = np.asarray(lat, dtype=np.float64).reshape(-1)
+    lon = np.asarray(lon, dtype=np.float64).reshape(-1)
+    if lat.size == 0:
+        return {a: [] for a in areas}
+    rg = _geocoder()
+    # mode=1: single-process k-d tree (mode 2 forks a pool); verbose=False: no loading banner
+    hits = rg.search(list(zip(lat.tolist(), lon.tolist())), mode=1, verbose=False)
+    return {a: ["_".join(str(h.get(f, "")) for f in ADMIN_AREAS[a]) for h in hits] for a in areas}
+
+
+def _decode_meta(value: str):
+    # store meta/ values are JSON-encoded scalars, "" when absent (schemas/store.py)
+    if value == "":
+        return None
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value
+    return None if decoded is None else str(decoded)
+
+
+def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str]) -> dict[str, list]:
+    """True labels ``{area: [label | None …]}`` aligned with ``keys``, read from an embedding store.
+
+    ``fields`` maps an area to a ``meta/<field>`` array of the Zarr store (schemas/store.py; values
+    JSON-encoded scalars, "" when absent); a key not in the store gets ``None``. Raises
+    :class:`GeopipeError` when the store cannot be read or lacks a field.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(store, mode="r")
+        rows = int(group.attrs.get("rows", group["keys"].shape[0]))
+        index = {str(k): i for i, k in enumerate(np.asarray(group["keys"][:rows]).tolist())}
+        available = list(group.attrs.get("meta_fields", []))
+    except Exception as exc:  # zarr raises several types for a missing / foreign path
+        raise GeopipeError(f"cannot read embedding store {store!r} for admin labels ({type(exc).__name__}: {exc})") from None
+    out: dict[str, list] = {}
+    for area, field in fields.items():
+        if field not in available:
+            raise GeopipeError(f"store {store!r} has no meta field {field!r} for {area} labels; available: {available}")
+        decoded = [_decode_meta(str(v)) for v in np.asarray(group["meta"][field][:rows]).tolist()]
+        out[area] = [decoded[index[k]] if k in index else None for k in keys]
+    return out

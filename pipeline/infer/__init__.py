@@ -1,0 +1,3 @@
+"""Inference: the predictor (sampling, likelihood) and localizability."""
+
+__all__: list[str] = []

@@ -1,0 +1,143 @@
+"""The extraction loop: decoded shard parts → embeddings → store, committing shards in order.
+
+Decoding runs in DataLoader workers (:class:`geopipe.pipeline.ingest.decode.ShardBatches`, each
+worker owning whole shards); the main process embeds each batch and appends a shard once all
+its parts are in, strictly in shard order, so the store does not depend on ``num_workers``.
+
+On CUDA the batches arrive in pinned memory and the loop keeps one batch in flight: the
+host→device copy, the forward pass and the device→host copy of batch i are queued
+asynchronously, and the CPU assembles and commits batch i-1 meanwhile, so the backbone is the
+bottleneck rather than Python or the store writes. Precomputed embeddings (``.npy`` entries,
+``backbone=None``) skip the model entirely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from geopipe.pipeline.store.rejects import Reject
+from geopipe.pipeline.ingest.decode import SampleSpec, ShardBatches
+from geopipe.pipeline.ingest.rows import ShardRows, commit_rows
+from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.writer import StoreWriter
+
+__all__ = ["LoopOptions", "embed_shards"]
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """batch_size: images per forward pass; num_workers: decode processes (0 = in the main
+    process); precision: :data:`geopipe.pipeline.ingest.backbones.PRECISIONS`; prefetch_factor: batches each
+    worker decodes ahead; progress: a tqdm bar on stderr."""
+
+    batch_size: int = 256
+    num_workers: int = 2
+    precision: str = "auto"
+    prefetch_factor: int = 2
+    progress: bool = True
+
+
+def _identity(x):
+    return x
+
+
+def _launch(backbone, images: torch.Tensor | None, precision: str, embed_dim: int):
+    """Start embedding one batch; returns a handle for :func:`_collect` (no sync on CUDA)."""
+    if images is None:
+        return np.zeros((0, embed_dim), np.float32), None
+    if backbone is None:  # precomputed (b, D) embeddings
+        return images.numpy(), None
+    z = backbone.encode(images, precision)
+    if z.device.type != "cuda":
+        return z.numpy(), None
+    host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+    host.copy_(z, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _collect(handle) -> np.ndarray:
+    out, done = handle
+    if done is not None:
+        done.synchronize()
+        out = out.numpy()
+    return out
+
+
+def _rows(parts: list) -> tuple[ShardRows, str | None]:
+    """A finished shard's parts [(seq, part, (b, D) embeddings)] → rows in tar order, sha256."""
+    parts = sorted(parts, key=lambda p: p[0])
+    rows = ShardRows(
+        idx=[i for _, p, _ in parts for i in p["idx"]],
+        keys=[k for _, p, _ in parts for k in p["keys"]],
+        latlon=[ll for _, p, _ in parts for ll in p["latlon"]],
+        meta=[m for _, p, _ in parts for m in p["meta"]],
+        embeddings=np.concatenate([e for _, _, e in parts], axis=0),
+        rejects=[r for _, p, _ in parts for r in p["rejects"]],
+    )
+    return rows, parts[-1][1].get("sha256")
+
+
+def _loader(dataset: ShardBatches, n_shards: int, opts: LoopOptions, device: torch.device):
+    workers = min(opts.num_workers, n_shards)
+    # forkserver: workers start from a clean process, not a fork of a host that may run threads
+    # (an orchestrator's event loop, logging handlers) whose state breaks forked children
+    extra = {"prefetch_factor": opts.prefetch_factor, "multiprocessing_context": "forkserver"} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                                       pin_memory=device.type == "cuda", **extra)
+
+
+def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, backbone, spec: SampleSpec,
+                 opts: LoopOptions, device: torch.device,
+                 on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None) -> None:
+    """Embed the shards ``todo`` [(url, stat)] and append each to ``writer`` in order.
+
+    backbone: a :class:`geopipe.pipeline.ingest.backbones.Backbone`, or None to read ``spec.embedding_key``
+    entries as the embeddings. on_commit(url, rows kept, rejects) runs after each shard's
+    commit (counting, reject-budget checks; an exception there stops the loop, committed
+    shards stay).
+    """
+    from tqdm import tqdm
+
+    embed_dim = int(writer.attrs["embed_dim"])
+    preprocess = backbone.preprocess if backbone is not None else None
+    dataset = ShardBatches([u for u, _ in todo], preprocess, spec, opts.batch_size, embed_dim=embed_dim)
+    total_bytes, bytes_done = sum(s.size for _, s in todo), 0
+    bar = tqdm(desc="extract", unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True)
+    pending: dict[int, list] = {}  # shard position → [(seq, part, embeddings)] until its last part
+    done, nxt, in_flight = set(), 0, None
+
+    def finish(part, handle) -> None:
+        nonlocal nxt, bytes_done
+        pending.setdefault(part["shard"], []).append((part["seq"], part, _collect(handle)))
+        done.update([part["shard"]] if part["last"] else [])
+        bar.update(part["n_samples"])
+        while nxt in done:
+            url, stat = todo[nxt]
+            rows, sha256 = _rows(pending.pop(nxt))
+            n_ok, rejects = commit_rows(writer, url, dataclasses.replace(stat, sha256=sha256), rows)
+            bytes_done += stat.size
+            if bytes_done and total_bytes:  # ETA from the shards' bytes per image so far
+                bar.total = max(bar.n, int(bar.n * total_bytes / bytes_done))
+                bar.refresh()
+            nxt += 1
+            on_commit(url, n_ok, rejects)
+
+    try:
+        for part in _loader(dataset, len(todo), opts, device):
+            images = part.pop("images")  # not buffered: a shard's decoded images can be gigabytes
+            handle = _launch(backbone, images, opts.precision, embed_dim)
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = (part, handle)
+        if in_flight is not None:
+            finish(*in_flight)
+    finally:
+        bar.close()

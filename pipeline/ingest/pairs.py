@@ -1,0 +1,213 @@
+"""Precomputed embeddings: pairs of an (N, D) ``.npy`` file and an N-row Parquet metadata file.
+
+Two layouts are discovered by :func:`discover_pairs`:
+
+* clip-retrieval output folders: ``DIR/img_emb/img_emb_<i>.npy`` with
+  ``DIR/metadata/metadata_<i>.parquet``, paired by the integer ``<i>``;
+* plain pairs: ``X.npy`` with ``X.parquet`` beside it, given as paths, globs or brace patterns
+  of the ``.npy`` files.
+
+Row r of the metadata describes row r of the embeddings: a key column, latitude and longitude
+in degrees, and extra columns carried into the store's ``meta/`` (JSON-encoded; null = absent).
+Each pair becomes one "shard" of a store (its url is the ``.npy`` url), so imports are
+resumable and incremental exactly like extraction. Files may be local or fsspec urls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.store.rejects import Reject
+from geopipe.pipeline.ingest.rows import ShardRows
+from geopipe.pipeline.ingest.shards import file_sha256, resolve_shards, shard_stat
+from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.reader import META_NAME
+
+__all__ = ["PairError", "EmbeddingPair", "ColumnSpec", "precomputed_identity", "discover_pairs", "pair_stat",
+           "pair_sha256", "npy_embed_dim", "read_pair"]
+
+_EMB = re.compile(r"^img_emb_(\d+)\.npy$")
+_META = re.compile(r"^metadata_(\d+)\.parquet$")
+
+
+class PairError(GeopipeError):
+    """A pair that cannot be imported at all (missing partner, misaligned rows, missing column)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingPair:
+    """embeddings: url of the (N, D) ``.npy``; metadata: url of the N-row ``.parquet``."""
+
+    embeddings: str
+    metadata: str
+
+    @property
+    def url(self) -> str:
+        """The pair's name in the store's completion records."""
+        return self.embeddings
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Metadata columns: key, latitude and longitude (degrees), and the extra columns to carry
+    (None: every scalar column whose name is a valid array name)."""
+
+    key_col: str = "key"
+    lat_col: str = "latitude"
+    lon_col: str = "longitude"
+    meta_fields: tuple[str, ...] | None = None
+
+
+def precomputed_identity(label: str, embed_dim: int) -> dict:
+    """Backbone identity of embeddings computed elsewhere, named by the user's ``label``."""
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError("precomputed embeddings need a backbone label naming their model (e.g. 'StreetCLIP')")
+    return {"name": label, "pretrained": None, "embed_dim": int(embed_dim), "preprocess": {"source": "import"},
+            "fingerprint": hashlib.sha256(label.encode()).hexdigest()}
+
+
+def _clip_retrieval_pairs(folder: str) -> list[EmbeddingPair]:
+    emb_dir, meta_dir = fsio.join(folder, "img_emb"), fsio.join(folder, "metadata")
+    embs = {int(m.group(1)): n for n in fsio.listdir(emb_dir) if (m := _EMB.match(n))}
+    metas = {int(m.group(1)): n for n in fsio.listdir(meta_dir) if (m := _META.match(n))}
+    if not embs:
+        raise PairError(f"{folder} is not a clip-retrieval folder (no img_emb/img_emb_<i>.npy files); "
+                        f"pass the folder holding img_emb/ and metadata/, or .npy files with .parquet partners")
+    for i in sorted(set(embs) ^ set(metas)):
+        have, lack = ("img_emb", f"metadata/metadata_{i}.parquet") if i in embs else ("metadata", f"img_emb/img_emb_{i}.npy")
+        raise PairError(f"{folder}: {have} file {i} has no partner {lack}; every pair needs both files")
+    return [EmbeddingPair(fsio.join(emb_dir, embs[i]), fsio.join(meta_dir, metas[i])) for i in sorted(embs)]
+
+
+def discover_pairs(sources: Sequence[str]) -> list[EmbeddingPair]:
+    """Expand ``sources`` (clip-retrieval folders; ``.npy`` paths, globs, brace patterns) into pairs.
+
+    Order: sources in order, pairs by index / pattern order; repeats kept once. Raises
+    PairError for a ``.npy`` without its ``.parquet`` and ShardNotFoundError for no match.
+    """
+    pairs: dict[str, EmbeddingPair] = {}
+    for src in [sources] if isinstance(sources, str) else sources:
+        src = fsio.normalize(src)
+        if src.rstrip("/").endswith(".npy") or any(c in src for c in "*?[{"):
+            found = []
+            for npy in resolve_shards([src]):
+                meta = npy[: -len(".npy")] + ".parquet"
+                if not npy.endswith(".npy") or not fsio.isfile(meta):
+                    raise PairError(f"{npy} has no metadata partner {meta}; each X.npy needs an X.parquet beside it")
+                found.append(EmbeddingPair(npy, meta))
+        else:
+            found = _clip_retrieval_pairs(src.rstrip("/"))
+        pairs.update({p.url: p for p in found if p.url not in pairs})
+    return list(pairs.values())
+
+
+def pair_stat(pair: EmbeddingPair) -> ShardStat:
+    """Size (sum of both files) and mtime (the later one; None if either has none)."""
+    a, b = shard_stat(pair.embeddings), shard_stat(pair.metadata)
+    mtime = max(a.mtime, b.mtime) if a.mtime is not None and b.mtime is not None else None
+    return ShardStat(a.size + b.size, mtime)
+
+
+def pair_sha256(pair: EmbeddingPair) -> str:
+    """sha256 hex over the two files' sha256 hex digests (content change detection)."""
+    return hashlib.sha256((file_sha256(pair.embeddings) + file_sha256(pair.metadata)).encode()).hexdigest()
+
+
+def _load_npy(url: str) -> np.ndarray:
+    try:
+        if fsio.is_local(url):
+            return np.load(url, mmap_mode="r", allow_pickle=False)
+        return np.load(io.BytesIO(fsio.read_bytes(url)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise PairError(f"{url}: not a readable .npy array ({' '.join(str(exc).split())[:200]})") from None
+
+
+def npy_embed_dim(url: str) -> int:
+    """Width D of an (N, D) ``.npy`` (reads the header only for local files)."""
+    arr = _load_npy(url)
+    if arr.ndim != 2 or arr.dtype.kind not in "fiu":
+        raise PairError(f"{url}: expected an (N, D) numeric array of embeddings, got {arr.shape} {arr.dtype}")
+    return int(arr.shape[1])
+
+
+def _read_table(url: str):
+    import pyarrow.parquet as pq
+
+    try:
+        source = url if fsio.is_local(url) else io.BytesIO(fsio.read_bytes(url))
+        return pq.read_table(source)
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise PairError(f"{url}: not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _meta_columns(table, cols: ColumnSpec, url: str) -> list[str]:
+    import pyarrow.types as pt
+
+    skip = {cols.key_col, cols.lat_col, cols.lon_col}
+    if cols.meta_fields is not None:
+        absent = [m for m in cols.meta_fields if m not in table.column_names]
+        if absent:
+            raise PairError(f"{url}: columns {absent} not found; it has {table.column_names}")
+        return [m for m in cols.meta_fields if m not in skip]
+    scalar = (pt.is_string, pt.is_large_string, pt.is_integer, pt.is_floating, pt.is_boolean, pt.is_temporal,
+              pt.is_decimal, pt.is_dictionary)
+    return [f.name for f in table.schema if f.name not in skip and META_NAME.match(f.name)
+            and any(check(f.type) for check in scalar)]
+
+
+def _coordinate(value, name: str, limit: float) -> tuple[float | None, str, str]:
+    """→ (value or None, reject reason, detail)."""
+    if value is None:
+        return None, "missing_coordinates", f"{name} is null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, "invalid_coordinates", f"{name} is not a number: {value!r:.60}"
+    if not math.isfinite(value) or abs(value) > limit:
+        return None, "invalid_coordinates", f"{name}={float(value)!r} outside [-{limit:g}, {limit:g}]"
+    return float(value), "", ""
+
+
+def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = None) -> ShardRows:
+    """Load a pair into :class:`~geopipe.pipeline.ingest.rows.ShardRows` (rows with a usable key and
+    coordinates; rejects for the others). Raises PairError — before anything is written — for
+    misaligned row counts, a missing column, or embeddings that are not (N, ``embed_dim``)."""
+    emb, table = _load_npy(pair.embeddings), _read_table(pair.metadata)
+    if emb.ndim != 2 or emb.dtype.kind not in "fiu" or (embed_dim is not None and emb.shape[1] != embed_dim):
+        want = f"(N, {embed_dim})" if embed_dim is not None else "(N, D)"
+        raise PairError(f"{pair.embeddings}: expected {want} numeric embeddings, got {emb.shape} {emb.dtype}")
+    if emb.shape[0] != table.num_rows:
+        raise PairError(f"pair misaligned: {pair.embeddings} has {emb.shape[0]} embeddings but {pair.metadata} has "
+                        f"{table.num_rows} rows; row r of both files must describe the same image")
+    absent = [c for c in (cols.key_col, cols.lat_col, cols.lon_col) if c not in table.column_names]
+    if absent:
+        raise PairError(f"{pair.metadata}: columns {absent} not found; it has {table.column_names} "
+                        f"(choose the key/latitude/longitude columns)")
+    names = _meta_columns(table, cols, pair.metadata)
+    keys, lats, lons = (table.column(c).to_pylist() for c in (cols.key_col, cols.lat_col, cols.lon_col))
+    extra = {n: table.column(n).to_pylist() for n in names}
+    rows = ShardRows([], [], [], [], np.zeros((0, emb.shape[1]), np.float32), [])
+    for i, key in enumerate(keys):
+        key = "" if key is None else str(key)
+        lon, (lat, why, detail) = None, _coordinate(lats[i], cols.lat_col, 90.0)
+        if lat is not None:
+            lon, why, detail = _coordinate(lons[i], cols.lon_col, 180.0)
+        if not key:
+            rows.rejects.append((i, Reject("", pair.url, "missing_key", f"row {i}: {cols.key_col} is null or empty")))
+        elif lon is None:
+            rows.rejects.append((i, Reject(key, pair.url, why, f"row {i}: {detail}")))
+        else:
+            rows.idx.append(i)
+            rows.keys.append(key)
+            rows.latlon.append((lat, lon))
+            rows.meta.append({n: json.dumps(v[i], ensure_ascii=False, default=str) for n, v in extra.items() if v[i] is not None})
+    rows.embeddings = np.asarray(emb[rows.idx], dtype=np.float32)
+    return rows

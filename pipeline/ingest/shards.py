@@ -1,0 +1,255 @@
+"""WebDataset shards: resolving patterns, change detection and fault-tolerant tar iteration.
+
+A shard is a POSIX tar whose members ``<key>.<ext>`` are grouped into samples by key
+(webdataset's convention: the key is the member path up to the first dot of its basename,
+the extension the rest, lower-cased). Local paths, globs and brace patterns
+(``data/train-{000000..000003}.tar``) are supported, plus ``proto://`` urls through fsspec
+(``s3://``, ``https://``, ``memory://``; ``file://`` urls become local paths).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.store.format import ShardStat
+
+__all__ = [
+    "ShardNotFoundError",
+    "CorruptShardError",
+    "resolve_shards",
+    "shard_stat",
+    "file_sha256",
+    "iter_tar_samples",
+]
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_META_KEY = re.compile(r"^__[^/]*__$")
+_BLOCK = 512
+
+
+class ShardNotFoundError(GeopipeError):
+    """A shard path or pattern that matches no file."""
+
+
+class CorruptShardError(Exception):
+    """A tar that ended early or could not be read; samples before the break were yielded.
+
+    ``last_key`` is the key of the last complete sample ("" if none), ``detail`` one line.
+    """
+
+    def __init__(self, last_key: str, detail: str):
+        super().__init__(detail)
+        self.last_key = last_key
+        self.detail = detail
+
+
+def _is_remote(url: str) -> bool:
+    return not fsio.is_local(url)
+
+
+def _expand_one(path: str) -> list[str]:
+    path = fsio.normalize(path)
+    if _is_remote(path):
+        fs, p = fsio.url_to_fs(path)
+        found = sorted(fs.glob(p)) if glob.has_magic(p) else ([p] if fs.isfile(p) else [])
+        return [fs.unstrip_protocol(m) for m in found]
+    if glob.has_magic(path):
+        return [os.path.abspath(m) for m in sorted(glob.glob(path)) if os.path.isfile(m)]
+    return [os.path.abspath(path)] if os.path.isfile(path) else []
+
+
+def resolve_shards(patterns: Sequence[str]) -> list[str]:
+    """Expand brace patterns and globs into shard urls (absolute paths for local files).
+
+    Order: patterns in the given order, brace alternatives in order, glob matches sorted;
+    repeated shards are kept once (first position). Raises :class:`ShardNotFoundError` for a
+    path or pattern that matches no file.
+    """
+    from braceexpand import braceexpand
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: dict[str, None] = {}
+    for pattern in patterns:
+        for path in braceexpand(pattern):
+            found = _expand_one(path)
+            if not found:
+                raise ShardNotFoundError(f"shard not found: {path} (check the path or brace pattern)")
+            urls.update(dict.fromkeys(found))
+    return list(urls)
+
+
+def shard_stat(url: str) -> ShardStat:
+    """Current size and mtime of a shard (used to detect shards changed since extraction)."""
+    if not _is_remote(url):
+        st = os.stat(fsio.normalize(url))
+        return ShardStat(int(st.st_size), float(st.st_mtime))
+    fs, p = fsio.url_to_fs(url)
+    info = fs.info(p)
+    mtime = info.get("mtime")
+    return ShardStat(int(info.get("size") or 0), float(mtime) if isinstance(mtime, (int, float)) else None)
+
+
+def file_sha256(url: str) -> str:
+    """sha256 hex of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with fsio.open_read(url) as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Hashing:
+    """Read-only file wrapper feeding every byte of the file, once and in order, to ``digest``.
+
+    Bytes are hashed up to the furthest position read; a backward seek re-reads without
+    re-hashing and :meth:`finish` hashes whatever was never read, so the digest is the file's.
+    """
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest, self.pos, self.hashed = raw, digest, 0, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        end = self.pos + len(data)
+        if end > self.hashed:
+            self.digest.update(memoryview(data)[self.hashed - self.pos:])
+            self.hashed = end
+        self.pos = end
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = {0: offset, 1: self.pos + offset}.get(whence)
+        if target is None or target > self.hashed:  # never used by tarfile's stream mode
+            raise OSError("unsupported seek while hashing a shard")
+        self.pos = self.raw.seek(target)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def finish(self) -> None:
+        self.seek(self.hashed)
+        while self.read(1 << 20):
+            pass
+
+
+def _split(name: str) -> tuple[str | None, str]:
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, "")
+
+
+def _has_end_marker(fh, offset: int) -> bool:
+    """True when the bytes after the last member are at least one block of zeros (end of archive).
+
+    tarfile ends silently when a header block is cut or missing, so a tar truncated at a member
+    boundary would otherwise look complete.
+    """
+    fh.seek(offset)
+    total = 0
+    while chunk := fh.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return False
+        total += len(chunk)
+    return total >= _BLOCK
+
+
+class _CutMember(Exception):
+    """The data of member ``name`` could not be read in full (its header was)."""
+
+    def __init__(self, name: str, exc: BaseException):
+        super().__init__(f"member {name!r}: {type(exc).__name__}: {exc}")
+        self.name = name
+
+
+def _members(fh) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member in order; raises on a broken or truncated stream."""
+    stream = tarfile.open(fileobj=fh, mode="r|*")
+    for info in stream:
+        if info.isreg():
+            try:
+                data = stream.extractfile(info).read()
+            except Exception as exc:
+                raise _CutMember(info.name, exc) from None
+            yield info.name, data
+        stream.members = []  # stream mode keeps every TarInfo otherwise
+    compressed = getattr(stream.fileobj, "comptype", "tar") != "tar"
+    if not compressed and not _has_end_marker(fh, stream.offset):  # compressors detect truncation themselves
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {stream.offset} (tar truncated)")
+
+
+def _starts_new(sample: dict | None, key: str, ext: str) -> bool:
+    return sample is not None and (key != sample["__key__"] or ext in sample)
+
+
+class _Grouper:
+    """Groups (name, bytes) members into samples; keeps the sample being filled and the last key yielded."""
+
+    def __init__(self):
+        self.current: dict | None = None
+        self.last_key = ""
+
+    def feed(self, members) -> Iterator[dict]:
+        for name, data in members:
+            key, ext = _split(name)
+            if key is None or _META_KEY.match(os.path.basename(key)):
+                continue
+            if _starts_new(self.current, key, ext):
+                done, self.current = self.current, None
+                self.last_key = done["__key__"]
+                yield done
+            if self.current is None:
+                self.current = {"__key__": key}
+            self.current[ext] = data
+
+
+def iter_tar_samples(url: str, info: dict | None = None) -> Iterator[dict]:
+    """Yield the samples of one shard in tar order: ``{"__key__": key, ext: bytes, ...}``.
+
+    Consecutive members with the same key form one sample; a key reappearing with an
+    extension it already has starts a new sample (reported downstream as a duplicate key).
+    Members with ``__*__`` keys (shard metadata) and non-regular entries are skipped. When the
+    tar is unreadable or ends early, the sample at the break is dropped unless the break lies
+    in a later sample's member, and :class:`CorruptShardError` is raised after every complete
+    sample before it was yielded. info: a dict that receives ``info["sha256"]``, the sha256
+    hex of the file's bytes hashed while reading (None when the file itself could not be read
+    to the end), once the generator is exhausted.
+    """
+    group, error = _Grouper(), None
+    if info is not None:
+        info["sha256"] = None
+    try:
+        with fsio.open_read(url) as raw:
+            fh = _Hashing(raw, hashlib.sha256()) if info is not None else raw
+            try:
+                yield from group.feed(_members(fh))
+            except Exception as exc:  # a broken tar: the file itself may still be readable to the end
+                error = exc
+            if info is not None:
+                fh.finish()
+                info["sha256"] = fh.digest.hexdigest()
+    except Exception as exc:  # any read failure is a data-plane fault of this shard
+        error = error or exc
+    current, last_key = group.current, group.last_key
+    if error is None:
+        if current is not None:
+            yield current
+        return
+    detail = f"{type(error).__name__}: {error}"
+    if isinstance(error, _CutMember):
+        detail, (key, ext) = str(error), _split(error.name)
+        if _starts_new(current, key, ext):
+            yield current  # the cut member belongs to the next sample: this one is complete
+            last_key, current = current["__key__"], None
+        current = current or ({"__key__": key} if key else None)
+    partial = f"; incomplete sample {current['__key__']!r} dropped" if current else ""
+    detail = " ".join(detail.split())[:300]
+    raise CorruptShardError(last_key, f"tar ended early after sample {last_key!r} ({detail}){partial}")

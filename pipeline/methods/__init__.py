@@ -1,0 +1,3 @@
+"""The generative method family (registry, flow/diffusion fields, closed-form vMF baselines)."""
+
+__all__: list[str] = []

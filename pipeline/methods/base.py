@@ -1,0 +1,85 @@
+"""Shared pieces of the training objectives / methods (spec §3, A3).
+
+Not a public entry point: use :mod:`geopipe.pipeline.methods.registry` (the METHODS registry).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from geopipe.pipeline.sphere.geometry import NonFiniteError, project
+from geopipe.pipeline.model.schedules import Schedule, make_schedule, schedule_from_dict
+
+__all__ = ["MethodBase", "drop_condition", "finalize_points", "resolve_schedule"]
+
+
+def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Classifier-free-guidance dropout (§3): each row of cond (B, C) → zeros with probability p."""
+    if p <= 0.0:
+        return cond
+    keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
+    return cond * keep.unsqueeze(-1).to(cond.dtype)
+
+
+def finalize_points(x: torch.Tensor, keys=None, *, per_record: int = 1) -> torch.Tensor:
+    """Final points (K, 3) → unit vectors (A3), raising NonFiniteError naming the record.
+
+    Rows are ``per_record`` consecutive samples of one record; ``keys`` (optional, one per
+    record) name it in the error. The max-abs rescaling first keeps huge but finite outputs
+    (e.g. 1e30 in float32, whose plain norm overflows) projectable.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    bad = ~(torch.isfinite(x).all(dim=-1) & (scale[..., 0] > 0))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        rec, j = divmod(idx, per_record)
+        name = repr(keys[rec]) if keys is not None else f"#{rec}"
+        extra = f" (sample {j})" if per_record > 1 else ""
+        raise NonFiniteError(f"non-finite or zero model output for record {name}{extra}: {x[idx].tolist()}")
+    return project(x / scale)
+
+
+def resolve_schedule(schedule, schedule_params: dict | None) -> Schedule:
+    """A Schedule from an instance, a registry name (+ params) or a ``schedule_to_dict`` dict."""
+    params = dict(schedule_params or {})
+    if isinstance(schedule, str):
+        return make_schedule(schedule, **params)
+    if isinstance(schedule, dict):
+        return schedule_from_dict({**schedule, **params})
+    if params:
+        raise ValueError("schedule_params only apply when schedule is given by name")
+    if not (hasattr(schedule, "gamma") and hasattr(schedule, "dgamma")):
+        raise ValueError(f"schedule must be a name, a dict or a Schedule, got {type(schedule).__name__}")
+    return schedule
+
+
+class MethodBase:
+    """Common surface of every method: ``name``, ``space`` ("sphere" | "r3"), ``trainable``.
+
+    Subclasses set ``OPTIONS`` (constructor options recorded by :meth:`to_dict`).
+    """
+
+    name = "base"
+    space = "sphere"
+    trainable = True
+    OPTIONS: tuple[str, ...] = ()
+    # Training defaults of the family, used where the user gives none: network depth, peak
+    # learning rate and gradient-norm clip (None: no clipping). See docs/methods.md, "Training".
+    TRAIN_DEFAULTS = {"depth": 12, "lr": 8e-4, "grad_clip": None}
+
+    def to_dict(self) -> dict:
+        """JSON-able description for the checkpoint: {"name", "space", **options}."""
+        return {"name": self.name, "space": self.space, **{k: self._option(k) for k in self.OPTIONS}}
+
+    def _option(self, key: str):
+        return getattr(self, key)
+
+    def sample_native(self, model, cond, n: int, **kw) -> torch.Tensor:
+        """n draws per record (B, n, 3) in the space where the density lives: unit vectors for
+        sphere methods (this default: :meth:`sample`), unprojected R³ points for Euclidean ones.
+        Entropy and HDR ranks need these: a projected R³ draw is not distributed as p."""
+        return self.sample(model, cond, n, **kw)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={self._option(k)!r}" for k in self.OPTIONS)
+        return f"{type(self).__name__}({opts})"

@@ -1,0 +1,61 @@
+"""The stored representation of embeddings: dtypes, normalisation, shard digests, fingerprints.
+
+Pure functions shared by the writer (:mod:`geopipe.pipeline.store.writer`) and the checks of
+:mod:`geopipe.pipeline.store.verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "shard_digest", "chain_fingerprint"]
+
+#: Stored embedding dtypes.
+DTYPES = ("float16", "float32")
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class ShardStat:
+    """Size in bytes, modification time (float seconds; None where the filesystem has none) and
+    sha256 hex of the content (None when not computed)."""
+
+    size: int
+    mtime: float | None
+    sha256: str | None = None
+
+
+def prepare_embeddings(x: np.ndarray, dtype: str, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) raw embeddings → ((n, D) stored values, (n,) bool ok mask).
+
+    Normalisation is x / ||x||₂ per row in float32. Rows that are non-finite, zero (when
+    normalising) or overflow ``dtype`` are not ok.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    ok = np.isfinite(x).all(axis=1)
+    if normalize:
+        norm = np.linalg.norm(np.where(ok[:, None], x, 0.0), axis=1, keepdims=True).astype(np.float32)
+        ok &= norm[:, 0] > 0
+        x = x / np.where(norm > 0, norm, np.float32(1.0))
+    if dtype == "float16":
+        ok &= ~(np.abs(np.where(ok[:, None], x, 0.0)) > _F16_MAX).any(axis=1)
+    with np.errstate(over="ignore"):  # overflowing rows are flagged above
+        return x.astype(dtype), ok
+
+
+def shard_digest(keys: Sequence[str], embeddings: np.ndarray, latlon: np.ndarray) -> str:
+    """sha256 hex over a shard's rows as stored: "\\n"-joined keys, then the (n, D) embedding
+    bytes (stored dtype) and the (n, 2) float64 latlon bytes (C order)."""
+    data = "\n".join(keys).encode() + np.ascontiguousarray(embeddings).tobytes()
+    return hashlib.sha256(data + np.ascontiguousarray(latlon, dtype=np.float64).tobytes()).hexdigest()
+
+
+def chain_fingerprint(fingerprint: str, digests: Sequence[str]) -> str:
+    """The store fingerprint: sha256 chained over the shards' digests in record order (from "")."""
+    for digest in digests:
+        fingerprint = hashlib.sha256((fingerprint + digest).encode()).hexdigest()
+    return fingerprint

@@ -1,0 +1,211 @@
+"""Reading the Zarr v3 embedding store (layout and attributes: :mod:`geopipe.schemas.store`).
+
+Only rows ``[0, attrs["rows"])`` are part of a store: arrays may be longer after an
+interrupted extract, so every accessor here is clipped to the committed rows. Writing lives in
+:mod:`geopipe.pipeline.store.writer`. ``path`` may be a local path or an fsspec url
+(:mod:`geopipe.pipeline.core.fsio`); ``file://`` urls are read as local paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.store.rejects import read_rejects
+from geopipe.schemas.rejects import REJECTS_SCHEMA
+from geopipe.schemas.store import (
+    ARRAY_EMBEDDINGS,
+    ARRAY_KEYS,
+    ARRAY_LATLON,
+    ARRAY_SHARD,
+    META_GROUP,
+    STORE_SCHEMA,
+    validate_store_attrs,
+)
+
+__all__ = ["META_NAME", "REJECTS_PARTS_DIR", "StoreError", "StoreData", "EmbeddingStore", "open_store", "read_store", "rejects_part_path"]
+
+#: Valid names of ``meta/<name>`` arrays; json fields with other names are not carried by default.
+META_NAME = re.compile(r"^(?!__)[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+#: Per-shard rejects parts (``part-<shard index>.parquet``), the source of ``rejects.parquet``.
+REJECTS_PARTS_DIR = "rejects"
+
+
+class StoreError(GeopipeError):
+    """A path that is not a (valid, compatible) geopipe embedding store."""
+
+
+def rejects_part_path(store: str, index: int) -> str:
+    """Path of the rejects part of the shard with completion-record index ``index``."""
+    return fsio.join(store, REJECTS_PARTS_DIR, f"part-{index:06d}.parquet")
+
+
+class _Rows:
+    """Read-only view of a Zarr array clipped to the first ``rows`` rows; strings come back as ``object``."""
+
+    def __init__(self, array, rows: int):
+        self._array, self._rows = array, rows
+        self.shape = (rows, *array.shape[1:])
+        self.dtype = np.dtype(object) if array.dtype.kind in "TUO" else np.dtype(array.dtype)
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            out = self._array[slice(*item.indices(self._rows))]
+        elif isinstance(item, (int, np.integer)):
+            i = int(item) + (self._rows if item < 0 else 0)
+            if not 0 <= i < self._rows:
+                raise IndexError(f"row {item} out of range for {self._rows} rows")
+            out = self._array[i]
+        else:
+            idx = np.asarray(item)
+            idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + self._rows, idx)
+            if idx.size and (idx.min() < 0 or idx.max() >= self._rows):
+                raise IndexError(f"row index out of range for {self._rows} rows")
+            out = self._array.get_orthogonal_selection((idx,)) if idx.size else self[0:0]
+        return np.asarray(out, dtype=object) if self.dtype == object else np.asarray(out)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+@dataclass(frozen=True)
+class StoreData:
+    """A whole store in memory.
+
+    embeddings: (N, D) in the requested dtype (default: the store's float16/float32).
+    latlon: (N, 2) float64 degrees (latitude, longitude). keys: (N,) object array of str.
+    shard: (N,) int32 completion-record index. meta: name → (N,) object array of JSON strings.
+    """
+
+    embeddings: np.ndarray
+    latlon: np.ndarray
+    keys: np.ndarray
+    shard: np.ndarray
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+
+
+class EmbeddingStore:
+    """A store opened read-only. Raises :class:`StoreError` when ``path`` is not a geopipe store."""
+
+    def __init__(self, path: str):
+        import zarr
+
+        self.path = fsio.normalize(str(path))
+        if not fsio.isfile(fsio.join(self.path, "zarr.json")):
+            raise StoreError(f"not a geopipe embedding store: {self.path} (no zarr.json; run `geopipe extract` first)")
+        try:
+            self._group = zarr.open_group(self.path, mode="r")
+        except Exception as exc:
+            raise StoreError(f"cannot open embedding store {self.path}: {exc}") from None
+        self.attrs: dict = dict(self._group.attrs)
+        if self.attrs.get("schema") != STORE_SCHEMA:
+            raise StoreError(f"not a geopipe embedding store: {self.path} (attribute schema={self.attrs.get('schema')!r}, expected {STORE_SCHEMA!r})")
+        problems = validate_store_attrs(self.attrs)
+        if problems:
+            raise StoreError(f"invalid embedding store {self.path}: {'; '.join(problems)}")
+        self.rows: int = self.attrs["rows"]
+
+    def _array(self, name: str) -> _Rows:
+        try:
+            return _Rows(self._group[name], self.rows)
+        except KeyError:
+            raise StoreError(f"invalid embedding store {self.path}: array {name!r} is missing") from None
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def embeddings(self) -> _Rows:
+        """(N, D) float16|float32 view; slicing returns numpy."""
+        return self._array(ARRAY_EMBEDDINGS)
+
+    @property
+    def latlon(self) -> _Rows:
+        """(N, 2) float64 degrees view."""
+        return self._array(ARRAY_LATLON)
+
+    @property
+    def keys(self) -> _Rows:
+        """(N,) keys view (object arrays of str)."""
+        return self._array(ARRAY_KEYS)
+
+    @property
+    def shard(self) -> _Rows:
+        """(N,) int32 shard-record index view."""
+        return self._array(ARRAY_SHARD)
+
+    @property
+    def meta(self) -> dict[str, _Rows]:
+        """Extra json fields: name → (N,) view of JSON-encoded strings ("" when absent)."""
+        return {name: self._array(f"{META_GROUP}/{name}") for name in self.attrs["meta_fields"]}
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def rejects(self) -> pa.Table:
+        """Rejects of every committed shard, in shard order (from the per-shard parts)."""
+        tables = [read_rejects(rejects_part_path(self.path, i)) for i in range(len(self.attrs["shards"]))]
+        return pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table()
+
+    def validate(self) -> list[str]:
+        """Problems with attributes, array shapes and completion records (empty list = valid)."""
+        problems = validate_store_attrs(self.attrs)
+        d, rows = self.attrs.get("embed_dim"), self.rows
+        names = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD]
+        names += [f"{META_GROUP}/{m}" for m in self.attrs.get("meta_fields", [])]
+        for name in names:
+            try:
+                arr = self._group[name]
+            except KeyError:
+                problems.append(f"array {name!r} is missing")
+                continue
+            if arr.shape[0] < rows:
+                problems.append(f"array {name!r} has {arr.shape[0]} rows < attrs rows {rows}")
+        emb = self._group.get(ARRAY_EMBEDDINGS)
+        if emb is not None and (emb.shape[1:] != (d,) or str(emb.dtype) != self.attrs.get("dtype")):
+            problems.append(f"embeddings are {emb.shape[1:]} {emb.dtype}, attrs say ({d},) {self.attrs.get('dtype')}")
+        recs = sorted(self.attrs.get("shards", {}).values(), key=lambda r: r.get("index", -1))
+        stop = 0
+        for i, rec in enumerate(recs):
+            if rec.get("index") != i or rec.get("start") != stop or rec.get("stop", -1) < stop:
+                problems.append(f"shard records are not contiguous at index {i}")
+                break
+            stop = rec["stop"]
+        else:
+            if stop != rows:
+                problems.append(f"shard records cover rows [0, {stop}) but attrs rows is {rows}")
+        return problems
+
+
+def open_store(path: str) -> EmbeddingStore:
+    """Open an embedding store read-only (see :class:`EmbeddingStore`)."""
+    return EmbeddingStore(path)
+
+
+def read_store(path: str, dtype: str | None = None) -> StoreData:
+    """Load every committed row of a store into memory.
+
+    dtype: embeddings dtype ("float32", "float16") or None for the store's own (float16
+    halves memory; call ``.astype(np.float32)`` where precision matters).
+    """
+    store = EmbeddingStore(path)
+    emb = store.embeddings[:]
+    return StoreData(
+        embeddings=emb if dtype is None else emb.astype(dtype),
+        latlon=store.latlon[:].astype(np.float64),
+        keys=store.keys[:],
+        shard=store.shard[:],
+        meta={name: view[:] for name, view in store.meta.items()},
+        attrs=store.attrs,
+    )

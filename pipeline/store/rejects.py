@@ -1,0 +1,64 @@
+"""Rejected samples: a small value type and atomic Parquet I/O for :mod:`geopipe.schemas.rejects`.
+
+Paths may be local or fsspec urls (:mod:`geopipe.pipeline.core.fsio`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geopipe.pipeline.core import fsio
+from geopipe.schemas.rejects import REJECT_REASONS, REJECTS_SCHEMA
+
+__all__ = ["Reject", "rejects_table", "write_rejects", "read_rejects", "count_reasons"]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One skipped sample: its ``__key__`` ("" if unknown), shard url, reason and a one-line detail."""
+
+    key: str
+    shard: str
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {self.reason!r}; choose one of {list(REJECT_REASONS)}")
+
+
+def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
+    """Rejects → Arrow table with exactly :data:`geopipe.schemas.rejects.REJECTS_SCHEMA`."""
+    rows = list(rejects)
+    cols = {name: [getattr(r, name) for r in rows] for name in REJECTS_SCHEMA.names}
+    return pa.Table.from_pydict(cols, schema=REJECTS_SCHEMA)
+
+
+def write_rejects(path: str, rejects: Iterable[Reject] | pa.Table) -> None:
+    """Write a rejects table atomically (temporary file + rename): readers see old or new, never half."""
+    table = rejects if isinstance(rejects, pa.Table) else rejects_table(rejects)
+    buf = io.BytesIO()
+    pq.write_table(table.cast(REJECTS_SCHEMA), buf)
+    fsio.write_atomic(path, buf.getvalue())
+
+
+def read_rejects(path: str) -> pa.Table:
+    """Read a rejects Parquet file; a missing file reads as an empty table."""
+    if not fsio.exists(path):
+        return REJECTS_SCHEMA.empty_table()
+    return pq.read_table(io.BytesIO(fsio.read_bytes(path)), schema=REJECTS_SCHEMA)
+
+
+def count_reasons(rejects: Iterable[Reject] | pa.Table) -> dict[str, int]:
+    """reason → count, in :data:`REJECT_REASONS` order, omitting zero counts."""
+    if isinstance(rejects, pa.Table):
+        counts = Counter(rejects.column("reason").to_pylist())
+    else:
+        counts = Counter(r.reason for r in rejects)
+    return {reason: counts[reason] for reason in REJECT_REASONS if counts[reason]}

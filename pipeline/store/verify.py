@@ -1,0 +1,165 @@
+"""Inspecting and verifying embedding stores (``geopipe store info`` / ``geopipe store verify``).
+
+:func:`verify_store` re-reads every committed row, one shard at a time, and checks what the
+writer promises (:mod:`geopipe.schemas.store`): arrays at least ``rows`` long and of the recorded
+shape and dtype; completion records contiguous over [0, rows) with the ``shard`` array equal
+to their index; finite embeddings, of unit norm when normalised (|‖e‖ − 1| ≤ 2e-3 for
+float16, 1e-4 for float32); latitudes in [−90, 90] and longitudes in [−180, 180) degrees;
+non-empty unique keys; each shard's digest and the chained store fingerprint; rejects parts
+matching the records' counts and ``attrs["rejects"]``, and ``rejects.parquet`` consolidated.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.store.rejects import count_reasons, read_rejects
+from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
+from geopipe.schemas.store import REJECTS_FILE
+
+__all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "verify_store"]
+
+#: Allowed |‖e‖₂ − 1| of stored normalised embeddings, by dtype (float16 rounding ≈ 2⁻¹¹ per entry).
+NORM_TOLERANCE = {"float16": 2e-3, "float32": 1e-4}
+_SHOWN = 5  # examples listed per problem
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Summary of a store: counts, embedding format, backbone, shards, rejects, size on disk (bytes)."""
+
+    path: str
+    schema: str
+    rows: int
+    embed_dim: int
+    dtype: str
+    normalized: bool
+    backbone: dict
+    shards: int
+    rejects: dict
+    meta_fields: list
+    size_bytes: int
+    fingerprint: str
+    created_by: dict = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """Human-readable ``name: value`` lines."""
+        bb = self.backbone
+        n_rej = sum(self.rejects.values())
+        why = ", ".join(f"{r}: {c}" for r, c in self.rejects.items())
+        return [
+            f"store: {self.path}",
+            f"schema: {self.schema}",
+            f"rows: {self.rows}",
+            f"embeddings: ({self.rows}, {self.embed_dim}) {self.dtype}, {'L2-normalised' if self.normalized else 'raw'}",
+            f"backbone: {bb.get('name')} (pretrained={bb.get('pretrained')}, fingerprint {str(bb.get('fingerprint'))[:12]})",
+            f"shards done: {self.shards}",
+            f"rejects: {n_rej}" + (f" ({why})" if why else ""),
+            f"meta fields: {', '.join(self.meta_fields) or '-'}",
+            f"size on disk: {self.size_bytes / 2**20:.2f} MiB ({self.size_bytes} bytes)",
+            f"fingerprint: {self.fingerprint}",
+            f"created by: geopipe {self.created_by.get('version')} (git {str(self.created_by.get('git_rev'))[:12]})",
+        ]
+
+
+def store_info(path: str) -> StoreInfo:
+    """Read a store's summary (attributes and size on disk); raises StoreError for a non-store."""
+    s = EmbeddingStore(path)
+    a = s.attrs
+    return StoreInfo(path=s.path, schema=a["schema"], rows=s.rows, embed_dim=a["embed_dim"], dtype=a["dtype"],
+                     normalized=a["normalized"], backbone=a["backbone"], shards=len(a["shards"]), rejects=dict(a["rejects"]),
+                     meta_fields=list(a["meta_fields"]), size_bytes=fsio.disk_usage(s.path),
+                     fingerprint=a.get("fingerprint", ""), created_by=a.get("created_by", {}))
+
+
+def _examples(items) -> str:
+    items = [int(i) if isinstance(i, np.integer) else i for i in items]
+    return ", ".join(map(repr, items[:_SHOWN])) + (f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
+
+
+def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Row-level checks of rows [start, stop) → (problems, embeddings, latlon, keys)."""
+    problems = []
+    emb, ll, keys = s.embeddings[start:stop], s.latlon[start:stop], s.keys[start:stop]
+    values = emb.astype(np.float32)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        problems.append(f"{where}: {int((~finite).sum())} non-finite embeddings (rows {_examples(np.flatnonzero(~finite) + start)})")
+    if s.attrs["normalized"]:
+        norms = np.linalg.norm(np.where(finite[:, None], values, 0.0), axis=1)
+        off = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE[s.attrs["dtype"]])
+        if off.any():
+            problems.append(f"{where}: {int(off.sum())} embeddings are not unit-norm (rows {_examples(np.flatnonzero(off) + start)})")
+    lat, lon = ll[:, 0], ll[:, 1]
+    out = ~(np.isfinite(ll).all(axis=1) & (np.abs(lat) <= 90) & (lon >= -180) & (lon < 180))
+    if out.any():
+        problems.append(f"{where}: {int(out.sum())} coordinates outside lat [-90, 90], lon [-180, 180) "
+                        f"(rows {_examples(np.flatnonzero(out) + start)})")
+    empty = [i + start for i, k in enumerate(keys) if not isinstance(k, str) or not k]
+    if empty:
+        problems.append(f"{where}: empty keys (rows {_examples(empty)})")
+    return problems, emb, ll, keys
+
+
+def _check_shards(s: EmbeddingStore) -> list[str]:
+    """Per-record checks (rows, shard index, digest) plus keys unique and the fingerprint chain."""
+    problems, seen, dups, digests = [], set(), [], []
+    records = sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"])
+    for url, rec in records:
+        start, stop, where = rec["start"], rec["stop"], f"shard {rec['index']} ({url})"
+        if rec["n_ok"] != stop - start:
+            problems.append(f"{where}: record says {rec['n_ok']} rows but spans [{start}, {stop})")
+        found, emb, ll, keys = _check_rows(s, start, stop, where)
+        problems += found
+        if (s.shard[start:stop] != rec["index"]).any():
+            problems.append(f"{where}: the shard array is not {rec['index']} on rows [{start}, {stop})")
+        if rec.get("digest") and shard_digest(keys.tolist(), emb, ll) != rec["digest"]:
+            problems.append(f"{where}: rows differ from the digest recorded when it was written")
+        digests.append(rec.get("digest", ""))
+        for k in keys.tolist():
+            (dups.append(k) if k in seen else seen.add(k))
+    if dups:
+        problems.append(f"{len(dups)} repeated keys: {_examples(dups)}")
+    if all(digests) and chain_fingerprint("", digests) != s.attrs.get("fingerprint"):
+        problems.append("attrs fingerprint does not match the chain of shard digests")
+    return problems
+
+
+def _check_rejects(s: EmbeddingStore) -> list[str]:
+    import pyarrow as pa
+
+    problems, parts, total = [], [], Counter()
+    for url, rec in sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"]):
+        part = rejects_part_path(s.path, rec["index"])
+        table = read_rejects(part)
+        if rec["n_rejected"] and not fsio.exists(part):
+            problems.append(f"shard {rec['index']} ({url}): rejects part {part} is missing ({rec['n_rejected']} rejects recorded)")
+        elif table.num_rows != rec["n_rejected"]:
+            problems.append(f"shard {rec['index']} ({url}): rejects part has {table.num_rows} rows, record says {rec['n_rejected']}")
+        total.update(count_reasons(table))
+        parts.append(table)
+    if dict(total) != dict(s.attrs["rejects"]):
+        problems.append(f"attrs rejects {s.attrs['rejects']} differ from the rejects parts {dict(total)}")
+    whole = pa.concat_tables(parts) if parts else None
+    consolidated = read_rejects(fsio.join(s.path, REJECTS_FILE))
+    if whole is not None and not consolidated.equals(whole):
+        problems.append(f"{REJECTS_FILE} is stale ({consolidated.num_rows} rows, parts hold {whole.num_rows}); "
+                        f"an interrupted run: run extract/import again to finish and consolidate it")
+    return problems
+
+
+def verify_store(path: str) -> list[str]:
+    """Every problem found in the store at ``path`` (empty list = valid); see the module docstring."""
+    try:
+        s = EmbeddingStore(path)
+    except StoreError as exc:
+        return [str(exc)]
+    problems = s.validate()
+    if problems:  # shapes or records are broken: row-level checks would only repeat it
+        return problems
+    return _check_shards(s) + _check_rejects(s)

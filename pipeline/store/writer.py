@@ -1,0 +1,308 @@
+"""Appending shards to a Zarr v3 embedding store, crash-safely (layout: :mod:`geopipe.schemas.store`).
+
+Commit protocol of :meth:`StoreWriter.append_shard` (one shard's rows ``[start, stop)``):
+
+1. resize every array to ``stop`` rows (dropping rows an interrupted run left past
+   ``attrs["rows"]``) and write rows ``[start, stop)`` of every array, meta included;
+2. write the shard's rejects part ``rejects/part-<index>.parquet`` (atomic rename);
+3. update the group attributes — ``rows``, the shard's completion record, reject counts,
+   ``meta_fields``, ``fingerprint`` — in one atomic write of ``zarr.json``. This is the commit.
+
+A crash before 3 leaves only data past ``attrs["rows"]`` and parts past the last record, which
+the next writer overwrites or deletes, so a resumed extract ends with the same store as an
+uninterrupted one. ``rejects.parquet`` is consolidated from the parts when a writer opens and
+closes; :meth:`geopipe.pipeline.store.reader.EmbeddingStore.rejects` reads the parts directly.
+
+:meth:`StoreWriter.truncate` drops the last shards (re-extraction of changed shards) with the
+same single atomic commit. Stores may live behind fsspec urls (:mod:`geopipe.pipeline.core.fsio`); the
+single-writer lock is then skipped with a warning (object stores have no exclusive create).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+from zarr.codecs import ZstdCodec
+
+from geopipe.pipeline.core import fsio
+from geopipe.pipeline.sphere.geometry import wrap_latlon
+from geopipe.pipeline.core.lockfile import DirLock, NullLock
+from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
+from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
+from geopipe.schemas.rejects import REJECTS_SCHEMA
+from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
+
+__all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
+
+
+class StoreMismatchError(StoreError):
+    """Appending with a different backbone, preprocessing, dtype or normalisation."""
+
+
+_CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP}
+
+
+def _is_fresh_dir(path: str) -> bool:
+    """Empty, or holding only what an interrupted store creation leaves (no root zarr.json)."""
+    return set(fsio.listdir(path)) <= _CREATION_LEFTOVERS
+
+
+class StoreWriter:
+    """Single writer of one store (holds ``STORE/.lock``); create with :meth:`open`, then ``append_shard``, ``close``."""
+
+    def __init__(self, path: str, group, lock: DirLock | NullLock):
+        self.path, self._group, self._lock = path, group, lock
+        self.attrs: dict = dict(group.attrs)
+        self.keys_seen: set[str] = set(EmbeddingStore(path).keys[:].tolist())
+
+    @staticmethod
+    def lock(path: str) -> DirLock | NullLock:
+        """Create ``path`` if needed and take ``path/.lock`` at once, before any slow work
+        (loading a backbone); raises :class:`geopipe.pipeline.core.lockfile.LockedError` if it is held.
+
+        Stores behind fsspec urls get a :class:`~geopipe.pipeline.core.lockfile.NullLock` and a warning:
+        the lock is local-only, so concurrent writers of a remote store are not detected.
+        """
+        path = fsio.normalize(path)
+        if not fsio.is_local(path):
+            warnings.warn(f"store {path} is not on a local filesystem: the single-writer lock is local-only and "
+                          f"is skipped; make sure no other process writes this store", stacklevel=2)
+            return NullLock(path).acquire()
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"{path} exists and is not a directory; choose another store path")
+        os.makedirs(path, exist_ok=True)
+        return DirLock(path).acquire()
+
+    @classmethod
+    def open(cls, path: str, *, backbone: dict, embed_dim: int, dtype: str = "float16", normalize: bool = True,
+             created_by: dict | None = None, chunk_rows: int = 4096,
+             lock: DirLock | NullLock | None = None) -> "StoreWriter":
+        """Create ``path`` or open it for appending.
+
+        backbone: the backbone identity dict (``Backbone.identity``); created_by: provenance
+        and config recorded at creation; lock: a held :meth:`lock` of ``path`` to take over
+        (taken here otherwise; released by :meth:`close`). Raises :class:`StoreMismatchError`
+        when the existing store's backbone identity, dtype or normalisation differ.
+        """
+        import zarr
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown embedding dtype {dtype!r}; choose one of {list(DTYPES)}")
+        path = fsio.normalize(path)
+        lock = lock if lock is not None else cls.lock(path)
+        try:
+            if fsio.isfile(fsio.join(path, "zarr.json")):
+                EmbeddingStore(path)  # raises StoreError if not a valid store
+                group = zarr.open_group(path, mode="r+")
+                _check_compatible(path, dict(group.attrs), backbone, dtype, normalize)
+            elif _is_fresh_dir(path):
+                group = _create(path, backbone, embed_dim, dtype, normalize, created_by or {}, chunk_rows)
+            else:
+                raise StoreError(f"{path} exists, is not empty and is not a geopipe store; choose a new store path")
+            writer = cls(path, group, lock)
+            writer._repair()
+        except BaseException:
+            lock.release()
+            raise
+        return writer
+
+    @property
+    def rows(self) -> int:
+        return int(self.attrs["rows"])
+
+    @property
+    def shards(self) -> dict:
+        """url → completion record of every committed shard."""
+        return self.attrs["shards"]
+
+    def _repair(self) -> None:
+        """Drop what an interrupted run left uncommitted, and rebuild rejects.parquet."""
+        meta = self._group.require_group(META_GROUP)
+        for name in list(meta.array_keys()):
+            if name not in self.attrs["meta_fields"]:
+                del meta[name]
+        self._drop_parts(len(self.shards))
+        self._consolidate()
+
+    def _drop_parts(self, n: int) -> None:
+        """Delete rejects parts of record indices >= n (left by an interrupted or truncated run)."""
+        parts = fsio.join(self.path, REJECTS_PARTS_DIR)
+        for name in fsio.listdir(parts):
+            if name.startswith("part-") and name.endswith(".parquet") and int(name[5:11]) >= n:
+                fsio.remove(fsio.join(parts, name))
+
+    def _consolidate(self) -> None:
+        import pyarrow as pa
+
+        tables = [read_rejects(rejects_part_path(self.path, i)) for i in range(len(self.shards))]
+        write_rejects(fsio.join(self.path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
+
+    def _write(self, name: str, start: int, values: np.ndarray) -> None:
+        arr = self._group[name]
+        stop = start + len(values)
+        if arr.shape[0] != stop:
+            arr.resize((stop, *arr.shape[1:]))
+        if len(values):
+            arr[start:stop] = values
+
+    def append_shard(self, url: str, embeddings: np.ndarray, latlon: np.ndarray, keys: Sequence[str],
+                     meta: Mapping[str, Sequence[str]], rejects: Sequence[Reject], stat: ShardStat) -> dict:
+        """Append one shard's rows and commit its completion record (see the module docstring).
+
+        embeddings: (n, D) raw float embeddings (normalised and cast here); latlon: (n, 2)
+        degrees (wrapped here, §1.1); keys: (n,) new unique keys; meta: field → (n,) JSON
+        strings (absent fields are ""); rejects: this shard's rejects. Returns the record.
+        """
+        keys, n = [str(k) for k in keys], len(keys)
+        raw, ll = np.asarray(embeddings), np.asarray(latlon, dtype=np.float64)
+        if n == 0:  # a shard whose samples were all rejected
+            raw, ll = raw.reshape(0, self.attrs["embed_dim"]), ll.reshape(0, 2)
+        emb = self._check_shard(url, raw, ll, keys, meta)
+        lat, lon = wrap_latlon(ll[:, 0], ll[:, 1])
+        coords = np.stack([lat, lon], axis=1)
+        start, index = self.rows, len(self.shards)
+        fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
+        self._write(ARRAY_EMBEDDINGS, start, emb)
+        self._write(ARRAY_LATLON, start, coords)
+        self._write(ARRAY_KEYS, start, np.asarray(keys, dtype=object))
+        self._write(ARRAY_SHARD, start, np.full(n, index, dtype=np.int32))
+        for name in fields:
+            if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
+                _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
+                              dtype=str, fill_value="", compressors=ZstdCodec(level=3))
+            self._write(f"{META_GROUP}/{name}", start, np.asarray(meta.get(name, [""] * n), dtype=object))
+        part = rejects_part_path(self.path, index)
+        if rejects:
+            write_rejects(part, rejects)
+        else:
+            fsio.remove(part)
+        digest = shard_digest(keys, emb, coords)
+        record = {"index": index, "start": start, "stop": start + n, "n_ok": n, "n_rejected": len(rejects),
+                  "size": stat.size, "mtime": stat.mtime, "digest": digest, "sha256": stat.sha256}
+        counts = dict(self.attrs["rejects"])
+        for reason, c in count_reasons(rejects).items():
+            counts[reason] = counts.get(reason, 0) + c
+        update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": fields,
+                  "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest])}
+        self._commit(update)
+        self.attrs.update(update)
+        self.keys_seen.update(keys)
+        return record
+
+    def truncate(self, index: int) -> list[str]:
+        """Drop the shards with record index >= ``index`` (and their rows and rejects) in one
+        commit; returns their urls in record order. Used to re-extract changed shards: the
+        rows of every later shard go too, since a store's shards are contiguous row ranges."""
+        recs = sorted(self.shards.items(), key=lambda kv: kv[1]["index"])
+        if not 0 <= index <= len(recs):
+            raise ValueError(f"cannot truncate store {self.path} at shard index {index}: it has {len(recs)} shards")
+        keep, drop = dict(recs[:index]), [url for url, _ in recs[index:]]
+        rows = recs[index][1]["start"] if drop else self.rows
+        counts: dict[str, int] = {}
+        for i in range(index):
+            for reason, c in count_reasons(read_rejects(rejects_part_path(self.path, i))).items():
+                counts[reason] = counts.get(reason, 0) + c
+        digests = [rec.get("digest", "") for _, rec in recs[:index]]
+        update = {"rows": rows, "shards": keep, "rejects": counts, "fingerprint": chain_fingerprint("", digests)}
+        self._commit(update)
+        self.attrs.update(update)
+        self.keys_seen = set(EmbeddingStore(self.path).keys[:].tolist())
+        self._drop_parts(index)
+        self._consolidate()
+        return drop
+
+    def _check_shard(self, url: str, raw: np.ndarray, ll: np.ndarray, keys: list[str], meta: Mapping) -> np.ndarray:
+        """Validate one shard's rows; returns the embeddings as stored (normalised, cast)."""
+        n, d = len(keys), self.attrs["embed_dim"]
+        if url in self.shards:
+            raise ValueError(f"shard {url} is already in store {self.path}")
+        if raw.shape != (n, d) or ll.shape != (n, 2) or any(len(v) != n for v in meta.values()):
+            raise ValueError(f"shard {url}: expected ({n}, {d}) embeddings, ({n}, 2) latlon and {n} meta values per field, "
+                             f"got {raw.shape}, {ll.shape}")
+        emb, ok = prepare_embeddings(raw, self.attrs["dtype"], self.attrs["normalized"])
+        if not ok.all():
+            raise ValueError(f"shard {url}: {int((~ok).sum())} embeddings are non-finite, zero or overflow {self.attrs['dtype']}")
+        if not np.isfinite(ll).all():
+            raise ValueError(f"shard {url}: non-finite coordinates")
+        dup = self.keys_seen.intersection(keys)
+        if dup or len(set(keys)) != n:
+            raise ValueError(f"shard {url}: keys must be new and unique; repeated: {sorted(dup)[:5] or 'within the shard'}")
+        bad = [m for m in meta if not META_NAME.match(m)]
+        if bad:
+            raise ValueError(f"shard {url}: invalid meta field names {bad[:5]} (letters, digits, '_', '-', '.')")
+        return emb
+
+    def _commit(self, update: dict) -> None:
+        # One write of zarr.json (LocalStore: temp file + rename; object stores: one PUT).
+        # Not ``attrs.update``: zarr's MutableMapping.update rewrites zarr.json once per key.
+        self._group.update_attributes({**self.attrs, **update})
+
+    def _chunk_rows(self) -> int:
+        return int(self._group[ARRAY_KEYS].chunks[0])
+
+    def close(self) -> None:
+        """Consolidate ``rejects.parquet`` and release the lock."""
+        try:
+            if self._lock.held:
+                self._consolidate()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_compatible(path: str, attrs: dict, backbone: dict, dtype: str, normalize: bool) -> None:
+    old = attrs["backbone"]
+    if old != backbone:
+        diff = sorted(k for k in set(old) | set(backbone) if old.get(k) != backbone.get(k))
+        raise StoreMismatchError(
+            f"store {path} holds embeddings of backbone {old.get('name')!r} (pretrained={old.get('pretrained')!r}); "
+            f"refusing to append from {backbone.get('name')!r} (pretrained={backbone.get('pretrained')!r}), which differs in "
+            f"{diff}; extract into a new store"
+        )
+    if attrs["dtype"] != dtype or attrs["normalized"] != normalize:
+        raise StoreMismatchError(
+            f"store {path} holds {attrs['dtype']} embeddings with normalized={attrs['normalized']}; refusing to append "
+            f"{dtype} with normalized={normalize}; use the same options or a new store"
+        )
+
+
+def _create_array(url: str, **spec):
+    """Create an array rooted at its own url, touching nothing outside it (``Group.create_array``
+    also writes every parent's zarr.json "if not exists": an extra exists+PUT on object stores)."""
+    import zarr
+
+    return zarr.create_array(store=url, overwrite=True, **spec)
+
+
+def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bool, created_by: dict, chunk_rows: int):
+    """Arrays first, the group's zarr.json (with the schema attribute) last: an interrupted
+    creation leaves no store, only leftovers that the next creation overwrites."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    floats = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    strings = ZstdCodec(level=3)
+    arrays = {
+        ARRAY_EMBEDDINGS: dict(shape=(0, embed_dim), chunks=(chunk_rows, embed_dim), dtype=dtype, compressors=floats, fill_value=0),
+        ARRAY_LATLON: dict(shape=(0, 2), chunks=(chunk_rows, 2), dtype="float64", compressors=floats, fill_value=0),
+        ARRAY_KEYS: dict(shape=(0,), chunks=(chunk_rows,), dtype=str, compressors=strings, fill_value=""),
+        ARRAY_SHARD: dict(shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=floats, fill_value=-1),
+    }
+    for name, spec in arrays.items():
+        _create_array(fsio.join(path, name), **spec)
+    zarr.create_group(store=fsio.join(path, META_GROUP), overwrite=True)
+    attrs = {
+        "schema": STORE_SCHEMA, "rows": 0, "embed_dim": int(embed_dim), "dtype": dtype, "normalized": bool(normalize),
+        "backbone": backbone, "shards": {}, "rejects": {}, "meta_fields": [], "created_by": created_by, "fingerprint": "",
+    }
+    return zarr.create_group(store=path, attributes=attrs)

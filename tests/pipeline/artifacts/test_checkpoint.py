@@ -1,0 +1,155 @@
+"""Checkpoint directories: safetensors + JSON round trips, bit-identical resume, clear errors (A13)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from geopipe.pipeline.artifacts.checkpoint import (
+    CheckpointError,
+    load_checkpoint_config,
+    load_model_weights,
+    load_train_state,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    pack_train_state,
+    restore_train_state,
+    save_checkpoint,
+)
+from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig
+from geopipe.pipeline.train.optim import EMA, lr_at, make_optimizer, set_lr
+from geopipe.pipeline.core.provenance import provenance
+from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, MODEL_FILE, REQUIRED_CONFIG_KEYS
+
+NET = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)
+
+
+def _config(step: int) -> dict:
+    return {"method": "rfm", "network": NET.to_dict(), "embed_dim": 8, "backbone": {"name": "tiny"}, "step": step}
+
+
+def _fresh(name: str, seed: int):
+    torch.manual_seed(seed)
+    model = GeoAdaLNMLP(NET)
+    return model, make_optimizer(name, model.parameters(), lr=0.0, weight_decay=0.05), EMA(model, decay=0.9)
+
+
+def _train(model, opt, ema, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(100 + step)  # the batch depends only on the step: resumable
+        y, cond, target = torch.randn(4, 3, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, 3, generator=g)
+        gamma = torch.rand(4, generator=g)
+        set_lr(opt, lr_at(step, lr0=1e-2, warmup=2, total=10))
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(y, gamma, cond), target).backward()
+        opt.step()
+        ema.update(model)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["lamb", "adamw"])
+def test_resume_is_bit_identical(tmp_path, name):
+    model, opt, ema = _fresh(name, seed=0)
+    _train(model, opt, ema, range(5))
+
+    model2, opt2, ema2 = _fresh(name, seed=0)
+    _train(model2, opt2, ema2, range(3))
+    state, meta = pack_train_state(model2, opt2, rng_seed=3407)
+    save_checkpoint(tmp_path, model_state=ema2.state_dict(), config=_config(3), train_state=state, train_meta=meta)
+
+    model3, opt3, ema3 = _fresh(name, seed=123)  # different init: everything must come from disk
+    tensors, meta3 = load_train_state(tmp_path)
+    assert meta3["step"] == 3 and meta3["rng_seed"] == 3407
+    restore_train_state(model3, opt3, tensors, meta3)
+    ema3.load_state_dict(load_model_weights(tmp_path))
+    _train(model3, opt3, ema3, range(3, 5))
+
+    _assert_same(model.state_dict(), model3.state_dict())
+    _assert_same(ema.state_dict(), ema3.state_dict())
+    t_ref, m_ref = optimizer_state_to_tensors(opt)
+    t_new, m_new = optimizer_state_to_tensors(opt3)
+    _assert_same(t_ref, t_new)
+    assert m_ref == m_new
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_config_round_trip_and_provenance(tmp_path):
+    model, _, ema = _fresh("adamw", seed=0)
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(7))
+    cfg = load_checkpoint_config(tmp_path)
+    assert cfg == {**_config(7), "schema": CHECKPOINT_SCHEMA, **provenance()}
+    assert NetworkConfig.from_dict(cfg["network"]) == NET
+    assert load_train_state(tmp_path) is None
+    _assert_same(load_model_weights(tmp_path), model.state_dict())
+
+
+def test_save_without_train_state_removes_a_stale_one(tmp_path):
+    model, opt, ema = _fresh("lamb", seed=0)
+    _train(model, opt, ema, range(1))
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(1), train_state=pack_train_state(model, opt)[0], train_meta={"optimizer": optimizer_state_to_tensors(opt)[1]})
+    assert load_train_state(tmp_path) is not None
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(2))
+    assert load_train_state(tmp_path) is None
+
+
+def test_not_a_safetensors_file_is_a_clear_error_and_never_unpickled(tmp_path):
+    model, _, ema = _fresh("adamw", seed=0)
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(0))
+    marker = tmp_path / "unpickled"
+
+    class _Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    (tmp_path / MODEL_FILE).write_bytes(pickle.dumps({"w": _Payload()}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_model_weights(tmp_path)
+    assert not marker.exists()
+    (tmp_path / MODEL_FILE).write_bytes(b"definitely not a tensor file")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model_weights(tmp_path)
+
+
+def test_missing_or_bad_config_is_a_clear_error(tmp_path):
+    model, _, ema = _fresh("adamw", seed=0)
+    with pytest.raises(CheckpointError, match="lacks required key"):
+        save_checkpoint(tmp_path, model_state=ema.state_dict(), config={k: v for k, v in _config(0).items() if k != "backbone"})
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(0))
+    path = tmp_path / CONFIG_FILE
+    for key in REQUIRED_CONFIG_KEYS:
+        cfg = json.loads(path.read_text())
+        del cfg[key]
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=rf"config\.json: (missing required key\(s\) \['{key}'\]|unsupported schema)"):
+            load_checkpoint_config(tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_checkpoint_config(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint_config(tmp_path / "nope")
+
+
+def test_interrupted_save_is_detected(tmp_path):
+    model, _, ema = _fresh("adamw", seed=0)
+    save_checkpoint(tmp_path / "a", model_state=ema.state_dict(), config=_config(3))
+    save_checkpoint(tmp_path / "b", model_state=ema.state_dict(), config=_config(5))
+    shutil.copy(tmp_path / "b" / MODEL_FILE, tmp_path / "a" / MODEL_FILE)  # new weights, old config
+    with pytest.raises(CheckpointError, match="holds step 5 but config.json says step 3"):
+        load_model_weights(tmp_path / "a")
+
+
+def test_optimizer_mismatch_is_a_clear_error():
+    model, lamb, _ = _fresh("lamb", seed=0)
+    _, adamw, _ = _fresh("adamw", seed=0)
+    tensors, meta = optimizer_state_to_tensors(lamb)
+    with pytest.raises(CheckpointError, match="saved optimizer is 'Lamb' but training uses 'AdamW'"):
+        optimizer_state_from_tensors(adamw, tensors, meta)
