@@ -1,0 +1,45 @@
+"""The predictor cache follows the checkpoint's content: retraining into the same directory and
+predicting again in one process uses the new weights (the model is reused only while unchanged)."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from geopipe.pipeline.infer.predictor import cached_predictor, load_predictor, predict_rows
+from geopipe.pipeline.store.reader import open_store
+from geopipe.stages.predict import PredictConfig, run_predict
+from geopipe.stages.train import TrainConfig, run_train
+
+CPU = torch.device("cpu")
+
+
+def _train(store, out, *, seed, steps):
+    run_train(TrainConfig(store=store, out=out, method="rfm", dim=16, depth=1, steps=steps, warmup=1, batch_size=32,
+                          val_every=steps, seed=seed, resume=False, device="cpu", progress=False))
+
+
+def _predict(ckpt, store, out):
+    cfg = PredictConfig(checkpoint=ckpt, store=store, out=out, steps=2, batch_size=64, device="cpu", progress=False)
+    run_predict(cfg)
+    table = pq.read_table(out)
+    return np.stack([table.column("lat").to_numpy(), table.column("lon").to_numpy()], axis=1), cfg
+
+
+def test_retrain_into_same_directory_is_seen_by_the_next_predict(demo_stores, tmp_path):
+    ckpt = str(tmp_path / "model")
+    _train(demo_stores["train"], ckpt, seed=1, steps=4)
+    first, _ = _predict(ckpt, demo_stores["test"], str(tmp_path / "a.parquet"))
+    p_first = cached_predictor(ckpt, CPU, None)
+    assert cached_predictor(ckpt, CPU, None) is p_first  # unchanged checkpoint: loaded once
+
+    _train(demo_stores["train"], ckpt, seed=2, steps=6)  # same directory, --no-resume
+    second, cfg = _predict(ckpt, demo_stores["test"], str(tmp_path / "b.parquet"))
+    assert cached_predictor(ckpt, CPU, None) is not p_first
+    assert not np.allclose(first, second)
+
+    # The same numbers as a fresh load that never saw the first model.
+    store = open_store(demo_stores["test"])
+    fresh = load_predictor(ckpt, CPU, int(store.embeddings.shape[1]))
+    table = predict_rows(fresh, store, 0, len(store.keys), cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
+    expect = np.stack([table.column("lat").to_numpy(), table.column("lon").to_numpy()], axis=1)
+    np.testing.assert_array_equal(second, expect)
