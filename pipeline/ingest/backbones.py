@@ -3,7 +3,7 @@
 A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
 :class:`Backbone` (eval-mode frozen model + eval preprocessing + JSON identity). Names:
 
-* ``"tiny"`` — a real open_clip CLIP model (config ``pipeline/ingest/assets/geopipe-tiny.json``:
+* ``"tiny"`` — a real open_clip CLIP model (config ``pipeline/ingest/geopipe-tiny.json``:
   ViT 64 px, patch 8, width 64, 2 layers, 2 heads, embed_dim 64; ≈0.2M parameters) with
   random weights drawn under the fixed seed :data:`TINY_SEED`, so every process gets the same
   weights. ``pretrained`` may instead be a local checkpoint file of that architecture.
@@ -51,7 +51,7 @@ RANDOM = "random"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-_TINY_CONFIG_FILE = Path(__file__).parent / "assets" / "geopipe-tiny.json"
+_TINY_CONFIG_FILE = Path(__file__).parent / "geopipe-tiny.json"
 _TINY_ARCH = _TINY_CONFIG_FILE.stem  # open_clip model name of the tiny config: "geopipe-tiny"
 _HF_PREFIX = "hf-hub:"
 

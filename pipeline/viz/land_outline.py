@@ -1,13 +1,13 @@
 """Offline world outline (coastlines and country borders) for the density maps.
 
-The bundled asset ``assets/ne_110m_outline.json`` is derived from **Natural Earth 1:110m
+The bundled asset ``ne_110m_outline.json`` is derived from **Natural Earth 1:110m
 Admin-0 countries** (naturalearthdata.com, version 5.x; Natural Earth is in the **public
 domain**: "No permission is needed to use Natural Earth"), as shipped inside the PyPI wheel
 ``geopandas==0.14.4`` (BSD-3-Clause) at ``geopandas/datasets/naturalearth_lowres/
 naturalearth_lowres.shp``. Nothing is downloaded at run time.
 
 Derivation (:func:`outline_from_shapefile`, reproducible with
-``python -m geopipe.pipeline.viz.land_outline naturalearth_lowres.shp pipeline/viz/assets/ne_110m_outline.json``):
+``python -m geopipe.pipeline.viz.land_outline naturalearth_lowres.shp pipeline/viz/ne_110m_outline.json``):
 every polygon ring is cut into edges; an edge used by exactly one ring is coastline, an edge
 shared by two rings (the topologically consistent Natural Earth countries share vertices) is an
 internal border. Edges along the map frame (the antimeridian λ = ±180° cutting Russia and Fiji,
@@ -28,7 +28,7 @@ import numpy as np
 __all__ = ["OUTLINE_ASSET", "load_outline", "outline_from_shapefile", "write_outline_asset"]
 
 #: Path of the bundled outline asset (see the module docstring for provenance and licence).
-OUTLINE_ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "ne_110m_outline.json")
+OUTLINE_ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ne_110m_outline.json")
 
 _PROVENANCE = {
     "source": "Natural Earth 1:110m Admin-0 countries (naturalearthdata.com), via the PyPI wheel geopandas==0.14.4 "
