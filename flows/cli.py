@@ -96,16 +96,20 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @click.option("--val-every", default=1000, show_default=True)
 @click.option("--seed", default=3407, show_default=True)
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
+@click.option("--stream/--in-memory", "stream", default=None,
+              help="Stream shuffled chunks from the store through a bounded buffer, or load it whole "
+                   "(default: in memory when the store fits comfortably).")
 @_device_option
 @user_errors
-def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume, device):
+def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
+          stream, device):
     """Train a generative geolocation model on a store's cached embeddings."""
     from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
         store=store, out=out, method=method, dim=dim, depth=depth, schedule=schedule, steps=steps,
         batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, optimizer=optimizer,
-        ema_decay=ema_decay, val_every=val_every, seed=seed, resume=not no_resume, device=device,
+        ema_decay=ema_decay, val_every=val_every, seed=seed, resume=not no_resume, device=device, stream=stream,
     )
     res = run_train(cfg)
     click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from geopipe.pipeline.artifacts.checkpoint import (
@@ -34,7 +35,8 @@ from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.pipeline.core.provenance import provenance
-from geopipe.pipeline.store.reader import read_store
+from geopipe.pipeline.store.reader import open_store, read_store
+from geopipe.pipeline.store.stream import StoreStream, scan_store
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
 
 __all__ = ["TrainConfig", "TrainResult", "run_train"]
@@ -68,6 +70,8 @@ class TrainConfig:
     resume: bool = True
     device: str = "auto"
     progress: bool = True
+    stream: bool | None = None  # None: in memory when the store fits comfortably, else streamed from disk
+    buffer_chunks: int = 4  # stored chunks per shuffled window when streaming
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
@@ -106,7 +110,7 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
         "normalized": bool(store.attrs.get("normalized", True)),
         "backbone": store.attrs.get("backbone", {}),
         "data_fingerprint": _fingerprint(store),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device")},
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device", "buffer_chunks")},
         **provenance(),
     }
 
@@ -137,10 +141,39 @@ def _save(cfg, model, optimizer, ema, generator, config, step, history):
                     train_state=train_state, train_meta=train_meta)
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg.method`` on ``cfg.store`` and write the checkpoint directory ``cfg.out``."""
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+@dataclass(frozen=True)
+class _Data:
+    """What training reads from the store: ``batches(step)`` is the batch source from ``step`` on;
+    ``val`` the validation (x (m, 3), cond (m, D)) on the device (at most what validation uses)."""
+
+    store: object
+    val: tuple
+    stats: CondStats
+    cond_dim: int
+    n_train: int
+    n_val: int
+    batches: object
+
+
+#: The in-memory path needs about this many times the store's bytes (copies while loading).
+_IN_MEMORY_FACTOR = 3
+
+
+def _fits_in_memory(store) -> bool:
+    """True when loading the whole store uses under half of the memory available now."""
+    import psutil
+
+    row_bytes = store.embed_dim * np.dtype(store.attrs.get("dtype", "float32")).itemsize + 2 * 8 + 3 * 4
+    return _IN_MEMORY_FACTOR * store.rows * row_bytes < 0.5 * psutil.virtual_memory().available
+
+
+def _load_data(cfg: TrainConfig, device) -> _Data:
+    """The training split streamed from ``cfg.store`` or loaded whole (``cfg.stream``, None: auto)."""
+    stream = cfg.stream if cfg.stream is not None else not _fits_in_memory(open_store(cfg.store))
+    return _stream_data(cfg, device) if stream else _memory_data(cfg, device)
+
+
+def _memory_data(cfg: TrainConfig, device) -> _Data:
     store = read_store(cfg.store)
     is_val = split_is_val(store.keys, cfg.val_fraction)
     x_all = latlon_to_xyz(torch.as_tensor(store.latlon, dtype=torch.float64)).float()
@@ -149,13 +182,44 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     x_va, c_va = x_all[is_val].to(device), c_all[is_val].to(device)
     if len(x_tr) == 0:
         raise GeopipeError(f"store {cfg.store} has no training records")
+    stats = CondStats.from_embeddings(store.embeddings[~is_val]) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
+    return _Data(store, (x_va, c_va), stats, int(c_all.shape[1]), int(len(x_tr)), int(len(x_va)),
+                 lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size))
 
-    c_np = store.embeddings[~is_val]
-    stats = CondStats.from_embeddings(c_np) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
+
+def _stream_data(cfg: TrainConfig, device) -> _Data:
+    """One pass for the statistics, the split's sizes and the validation rows, then a seeded
+    stream that starts at the resumed step (so a resumed run continues the same batches)."""
+    store = open_store(cfg.store)
+
+    def is_train(keys):
+        return ~split_is_val(keys, cfg.val_fraction)
+
+    scan = scan_store(cfg.store, is_train, held_out_limit=cfg.val_batches * cfg.batch_size)
+    if scan.n == 0:
+        raise GeopipeError(f"store {cfg.store} has no training records")
+    c_va, ll_va = scan.held_out
+    x_va = latlon_to_xyz(torch.as_tensor(ll_va, dtype=torch.float64)).float().to(device)
+    stats = CondStats.from_moments(scan.n, scan.sum, scan.sumsq) if cfg.standardize_cond else CondStats.identity(store.embed_dim)
+    n_val = store.rows - scan.n
+
+    def batches(step: int) -> StoreStream:
+        return StoreStream(cfg.store, cfg.batch_size, seed=cfg.seed, select=is_train, buffer_chunks=cfg.buffer_chunks,
+                           start_batch=step, device=device, counts=scan.counts)
+
+    return _Data(store, (x_va, torch.as_tensor(c_va).to(device)), stats, store.embed_dim, scan.n, n_val, batches)
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.store`` and write the checkpoint directory ``cfg.out``."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    data = _load_data(cfg, device)
+    store, (x_va, c_va), stats = data.store, data.val, data.stats
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
     defaults = method.TRAIN_DEFAULTS
     depth = cfg.depth if cfg.depth is not None else defaults["depth"]
-    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=depth, expansion=cfg.expansion, cond_dim=c_all.shape[1])
+    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=depth, expansion=cfg.expansion, cond_dim=data.cond_dim)
     torch.manual_seed(cfg.seed)
     model = method.build_model(net_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,7 +235,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     def save(state: LoopState) -> None:
         _save(cfg, model, optimizer, ema, generator, config, state.step, state.history)
 
-    state = run_loop(method, model, optimizer, ema, TensorBatches(x_tr, c_tr, cfg.batch_size), (x_va, c_va), stats.apply,
-                     loop, LoopState(step=step, history=history), generator, save, desc=f"train {cfg.method}", progress=cfg.progress)
-    return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, int(len(x_tr)), int(len(x_va)),
+    batches = data.batches(step)
+    try:
+        state = run_loop(method, model, optimizer, ema, batches, (x_va, c_va), stats.apply, loop,
+                         LoopState(step=step, history=history), generator, save, desc=f"train {cfg.method}", progress=cfg.progress)
+    finally:
+        getattr(batches, "close", lambda: None)()
+    return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, data.n_train, data.n_val,
                        time.perf_counter() - t0, tuple(state.history))

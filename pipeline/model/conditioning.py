@@ -38,8 +38,13 @@ class CondStats:
             block = np.asarray(embeddings[i : i + chunk], dtype=np.float64)
             s += block.sum(0)
             ss += (block * block).sum(0)
-        mean = s / max(n, 1)
-        std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+        return cls.from_moments(n, s, ss, min_std=min_std)
+
+    @classmethod
+    def from_moments(cls, n: int, s: np.ndarray, ss: np.ndarray, min_std: float = 1e-6) -> "CondStats":
+        """Statistics from the row count and (D,) float64 sum and sum of squares of the rows."""
+        mean = np.asarray(s, dtype=np.float64) / max(n, 1)
+        std = np.sqrt(np.maximum(np.asarray(ss, dtype=np.float64) / max(n, 1) - mean * mean, 0.0))
         return cls(mean, np.maximum(std, min_std))
 
     def apply(self, cond: torch.Tensor) -> torch.Tensor:

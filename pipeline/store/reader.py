@@ -126,6 +126,11 @@ class EmbeddingStore:
         return int(self.attrs["embed_dim"])
 
     @property
+    def chunk_rows(self) -> int:
+        """Rows per stored chunk of the embeddings (the unit of streaming reads and Dask partitions)."""
+        return int(self._group[ARRAY_EMBEDDINGS].chunks[0])
+
+    @property
     def embeddings(self) -> _Rows:
         """(N, D) float16|float32 view; slicing returns numpy."""
         return self._array(ARRAY_EMBEDDINGS)

@@ -1,0 +1,229 @@
+"""Streaming training batches from an embedding store, through a bounded buffer.
+
+The store is read in *windows* of ``buffer_chunks`` stored chunks: each epoch visits the
+chunks in a seeded random order, a window's rows (those ``select`` keeps) are shuffled with a
+seed of their own, and batches are consecutive runs of ``batch_size`` rows of the endless
+sequence of shuffled windows (a batch may span two windows or two epochs). Batch ``i`` is
+therefore a pure function of (store, seed, i): a resumed run seeks straight to its step and
+continues the same stream, and the order differs from epoch to epoch.
+
+A background thread reads and shuffles ahead, holding at most one window, the partial batch
+carried over from the previous one and ``prefetch`` finished batches; :attr:`StoreStream.peak_bytes`
+is that accounting's high-water mark. Works on local paths and fsspec urls (whatever
+:func:`geopipe.pipeline.store.reader.open_store` opens).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from geopipe.pipeline.sphere.geometry import latlon_to_xyz
+from geopipe.pipeline.store.reader import open_store
+
+__all__ = ["StoreScan", "scan_store", "StoreStream"]
+
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class StoreScan:
+    """One pass over a store's chunks (keys and embeddings), nothing kept but small results.
+
+    counts: (n_chunks,) rows of each chunk that ``select`` keeps; n: their total; sum, sumsq:
+    (D,) float64 moments of those rows' embeddings (as stored); held_out: the first ``limit``
+    rows ``select`` rejects, in row order, as (embeddings (m, D) store dtype, latlon (m, 2) degrees).
+    """
+
+    counts: np.ndarray
+    n: int
+    sum: np.ndarray
+    sumsq: np.ndarray
+    held_out: tuple[np.ndarray, np.ndarray]
+
+
+def _chunk_bounds(rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(rows, s + chunk)) for s in range(0, rows, chunk)]
+
+
+def scan_store(path: str, select: Callable[[np.ndarray], np.ndarray] | None = None, *, held_out_limit: int = 0) -> StoreScan:
+    """Count, sum and square-sum the rows ``select(keys) -> bool mask`` keeps, chunk by chunk,
+    and collect up to ``held_out_limit`` of the rows it drops (a validation split)."""
+    store = open_store(path)
+    d = store.embed_dim
+    counts, s, ss, n = [], np.zeros(d), np.zeros(d), 0
+    ho_c, ho_x, held = [], [], 0
+    for a, b in _chunk_bounds(store.rows, store.chunk_rows):
+        keep = np.ones(b - a, bool) if select is None else np.asarray(select(store.keys[a:b]), bool)
+        emb = store.embeddings[a:b]
+        block = emb[keep].astype(np.float64)
+        s += block.sum(0)
+        ss += (block * block).sum(0)
+        counts.append(int(keep.sum()))
+        n += counts[-1]
+        if held < held_out_limit and not keep.all():
+            drop = np.flatnonzero(~keep)[: held_out_limit - held]
+            ho_c.append(emb[drop])
+            ho_x.append(store.latlon[a:b][drop])
+            held += len(drop)
+    dtype = np.dtype(store.attrs.get("dtype", "float32"))
+    held_out = (np.concatenate(ho_c) if ho_c else np.zeros((0, d), dtype), np.concatenate(ho_x) if ho_x else np.zeros((0, 2)))
+    return StoreScan(np.asarray(counts, np.int64), n, s, ss, held_out)
+
+
+class StoreStream:
+    """Training batches streamed from a store: ``next_batch(generator) -> (x (B, 3) float32 unit
+    vectors, cond (B, D) in the store's dtype)`` on ``device`` (the training loop's batch-source
+    seam; the loop's generator is not used: the order comes from ``seed`` alone).
+
+    path: store path or url; select: keys (n,) → bool mask of training rows (None: all);
+    buffer_chunks: stored chunks per shuffled window; prefetch: finished batches queued ahead;
+    start_batch: index of the first batch to yield (a resumed run's step); counts: per-chunk
+    selected row counts from :func:`scan_store` (scanned here when None).
+    """
+
+    def __init__(self, path: str, batch_size: int, *, seed: int, select: Callable | None = None, buffer_chunks: int = 4,
+                 prefetch: int = 2, start_batch: int = 0, device: torch.device | str = "cpu", counts: np.ndarray | None = None):
+        if batch_size < 1 or buffer_chunks < 1 or prefetch < 1:
+            raise ValueError("batch_size, buffer_chunks and prefetch must be positive")
+        self._store = open_store(path)
+        self.batch_size, self.seed, self.buffer_chunks = int(batch_size), int(seed), int(buffer_chunks)
+        self._select = select
+        self._bounds = _chunk_bounds(self._store.rows, self._store.chunk_rows)
+        self.counts = np.asarray(counts if counts is not None else scan_store(path, select).counts, np.int64)
+        if len(self.counts) != len(self._bounds):
+            raise ValueError(f"counts has {len(self.counts)} chunks, the store {len(self._bounds)}")
+        self.n = int(self.counts.sum())
+        if self.n == 0:
+            raise ValueError(f"store {path} has no rows to train on")
+        self.device = torch.device(device)
+        self._pin = self.device.type == "cuda"
+        self.buffer_bytes = 0  # rows held by the reader thread: window + carry + queued batches
+        self.peak_bytes = 0
+        self.windows_read = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=int(prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(int(start_batch) * self.batch_size,), daemon=True,
+                                        name="geopipe-store-stream")
+        self._thread.start()
+
+    # -- order -------------------------------------------------------------------------
+    def epoch_windows(self, epoch: int) -> list[np.ndarray]:
+        """The chunk indices of each window of ``epoch``, in visiting order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._bounds))
+        return [order[i : i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+
+    def _window_rows(self, epoch: int, w: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(emb (m, D), latlon (m, 2)) of a window's selected rows, shuffled (seeded by epoch, window)."""
+        embs, lls = [], []
+        for c in chunks:
+            a, b = self._bounds[int(c)]
+            emb, ll = self._store.embeddings[a:b], self._store.latlon[a:b]
+            if self._select is not None:
+                keep = np.asarray(self._select(self._store.keys[a:b]), bool)
+                emb, ll = emb[keep], ll[keep]
+            embs.append(emb)
+            lls.append(ll)
+        emb, ll = np.concatenate(embs), np.concatenate(lls).astype(np.float64)
+        perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(emb))
+        return emb[perm], ll[perm]
+
+    # -- reader thread ---------------------------------------------------------------------
+    def _account(self, delta: int) -> None:
+        with self._lock:
+            self.buffer_bytes += delta
+            self.peak_bytes = max(self.peak_bytes, self.buffer_bytes)
+
+    def _positions(self, skip_rows: int):
+        """(epoch, window index, chunks, row offset) from the window holding row ``skip_rows`` on."""
+        epoch, skip = divmod(skip_rows, self.n)
+        while True:
+            for w, chunks in enumerate(self.epoch_windows(epoch)):
+                rows = int(self.counts[chunks].sum())
+                if skip >= rows:  # skipped without reading
+                    skip -= rows
+                    continue
+                yield epoch, w, chunks, skip
+                skip = 0
+            epoch += 1
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, skip_rows: int) -> None:
+        try:
+            carry_e, carry_l = None, None
+            carry_bytes = 0
+            for epoch, w, chunks, offset in self._positions(skip_rows):
+                emb, ll = self._window_rows(epoch, w, chunks)
+                self.windows_read += 1
+                emb, ll = emb[offset:], ll[offset:]
+                raw_bytes = emb.nbytes + ll.nbytes
+                self._account(raw_bytes)
+                if carry_e is not None and len(carry_e):
+                    emb, ll = np.concatenate([carry_e, emb]), np.concatenate([carry_l, ll])
+                window_bytes = emb.nbytes + ll.nbytes
+                self._account(window_bytes - raw_bytes - carry_bytes)
+                full = len(emb) // self.batch_size * self.batch_size
+                for i in range(0, full, self.batch_size):
+                    batch = self._tensors(emb[i : i + self.batch_size], ll[i : i + self.batch_size])
+                    self._account(batch[2])
+                    if not self._put(batch):
+                        return
+                carry_e, carry_l = emb[full:].copy(), ll[full:].copy()
+                carry_bytes = carry_e.nbytes + carry_l.nbytes
+                self._account(carry_bytes - window_bytes)
+                del emb, ll
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it with its traceback
+            self._put(exc)
+
+    def _tensors(self, emb: np.ndarray, ll: np.ndarray):
+        x = latlon_to_xyz(torch.from_numpy(np.ascontiguousarray(ll))).float()
+        c = torch.from_numpy(np.ascontiguousarray(emb))
+        if self._pin:  # page-locked host memory, so the copy to the GPU can overlap the step
+            x, c = x.pin_memory(), c.pin_memory()
+        return x, c, x.numel() * x.element_size() + c.numel() * c.element_size()
+
+    # -- consumer ----------------------------------------------------------------------------
+    def next_batch(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the store stream's reader thread stopped") from None
+        if isinstance(item, BaseException):
+            raise item
+        x, c, nbytes = item
+        self._account(-nbytes)
+        non_blocking = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=non_blocking), c.to(self.device, non_blocking=non_blocking)
+
+    def close(self) -> None:
+        """Stop the reader thread (idempotent)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "StoreStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n
