@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from geopipe.pipeline.core.device import resolve_device
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.methods.registry import get_method
 
@@ -36,6 +37,23 @@ class BenchConfig:
     threads: int | None = None
     device: str = "auto"
     seed: int = 0
+    progress: bool = True  # network forward passes done / total on stderr
+
+
+def _figures(cfg: BenchConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k != "progress"}
+
+
+def _count_forwards(model, bar: Progress):
+    """Make ``model`` count its forward passes on ``bar``; returns the original forward."""
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        bar.update(1)
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    return forward
 
 
 def _setup(cfg: BenchConfig):
@@ -85,11 +103,17 @@ def bench_predict(cfg: BenchConfig = BenchConfig()) -> dict:
     def sample():
         method.predict_point(model, cond, steps=cfg.steps, guidance=2.0, generator=gen)
 
-    sample()  # warm-up (allocator, kernels)
-    t_bare = _best(bare, cfg.repeats, device)
-    t_sample = _best(sample, cfg.repeats, device)
+    # one guided call per sampling step: warm-up + repeats of sampling, repeats of the bare loop
+    with Progress(cfg.steps * (1 + 2 * cfg.repeats), "bench predict", "fwd", enabled=cfg.progress) as bar:
+        forward = _count_forwards(model, bar)
+        try:
+            sample()  # warm-up (allocator, kernels)
+            t_bare = _best(bare, cfg.repeats, device)
+            t_sample = _best(sample, cfg.repeats, device)
+        finally:
+            model.forward = forward
     return {
-        **asdict(cfg),
+        **_figures(cfg),
         "torch_threads": torch.get_num_threads(),
         "device_name": str(device),
         "bare_forward_s": t_bare,
@@ -106,29 +130,25 @@ def bench_nll(cfg: BenchConfig = BenchConfig()) -> dict:
     n = cfg.nll_batch
     x = torch.nn.functional.normalize(torch.randn(n, 3, device=device), dim=-1)
     c = cond[:n]
-    calls = {"n": 0}
     forward = model.forward
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return forward(*args, **kwargs)
 
     @torch.inference_mode()
     def one_forward():
         forward(x, torch.rand(n, device=device), c)
 
     t_fwd = _best(one_forward, max(cfg.repeats, 3), device)
-    model.forward = counted
-    try:
-        t0 = time.perf_counter()
-        method.log_likelihood(model, x, c, rtol=1e-5, atol=1e-5)
-        _sync(device)
-        t_nll = time.perf_counter() - t0
-    finally:
-        model.forward = forward
-    nfe = max(calls["n"], 1)
+    with Progress(None, "bench nll", "eval", enabled=cfg.progress) as bar:  # adaptive solver: no known total
+        _count_forwards(model, bar)
+        try:
+            t0 = time.perf_counter()
+            method.log_likelihood(model, x, c, rtol=1e-5, atol=1e-5)
+            _sync(device)
+            t_nll = time.perf_counter() - t0
+        finally:
+            model.forward = forward
+    nfe = max(bar.n, 1)
     return {
-        **asdict(cfg),
+        **_figures(cfg),
         "device_name": str(device),
         "nll_s": t_nll,
         "records_per_s": n / t_nll,

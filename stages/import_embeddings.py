@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.ingest.pairs import (ColumnSpec, EmbeddingPair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat,
                                 precomputed_identity, read_pair)
 from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, plan_shards
@@ -26,6 +27,7 @@ from geopipe.pipeline.store.writer import DTYPES, StoreWriter
 from geopipe.schemas.rejects import REJECT_REASONS
 from geopipe.schemas.store import REJECTS_FILE
 from geopipe.stages.ingest_result import IngestResult
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
 
@@ -59,24 +61,24 @@ class ImportConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if not self.sources:
-            raise ValueError("import needs at least one source folder or .npy path")
+            raise ConfigError("import needs at least one source folder or .npy path")
         if not isinstance(self.store, str) or not self.store:
-            raise ValueError("import needs a store path")
+            raise ConfigError("import needs a store path")
         if not isinstance(self.backbone_name, str) or not self.backbone_name.strip():
-            raise ValueError("import needs a backbone name labelling the embeddings' model (e.g. 'StreetCLIP')")
+            raise ConfigError("import needs a backbone name labelling the embeddings' model (e.g. 'StreetCLIP')")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+            raise ConfigError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.on_changed not in ON_CHANGED:
-            raise ValueError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
+            raise ConfigError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
         if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
-            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
+            raise ConfigError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
         if self.meta_fields is not None:
             from geopipe.pipeline.store.reader import META_NAME
 
             object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
             bad = [m for m in self.meta_fields if not META_NAME.match(m)]
             if bad:
-                raise ValueError(f"invalid meta column names {bad}: use letters, digits, '_', '-', '.'")
+                raise ConfigError(f"invalid meta column names {bad}: use letters, digits, '_', '-', '.'")
 
 
 @dataclass(frozen=True)
@@ -127,14 +129,15 @@ def run_import(cfg: ImportConfig) -> ImportResult:
         if plan.truncate_at is not None:
             writer.truncate(plan.truncate_at)
         t_loop = time.perf_counter()
-        for url, stat in plan.todo:
-            rows = read_pair(pairs[url], cols, writer.attrs["embed_dim"])
-            stat = dataclasses.replace(stat, sha256=pair_sha256(pairs[url]))
-            n_ok, rejects = commit_rows(writer, url, stat, rows)
-            budget.add(n_ok, [r.reason for r in rejects])
-            budget.check(final=False)
-            if cfg.progress:
-                print(f"import: {url}: {n_ok} rows, {len(rejects)} rejected", file=sys.stderr)
+        with Progress(len(plan.todo), "import", "pair", enabled=cfg.progress) as bar:
+            for url, stat in plan.todo:
+                rows = read_pair(pairs[url], cols, writer.attrs["embed_dim"])
+                stat = dataclasses.replace(stat, sha256=pair_sha256(pairs[url]))
+                n_ok, rejects = commit_rows(writer, url, stat, rows)
+                budget.add(n_ok, [r.reason for r in rejects])
+                budget.check(final=False)
+                bar.set_postfix(rows=budget.ok, rejected=budget.rejected)
+                bar.update(1)
         t_loop = time.perf_counter() - t_loop
     seen = budget.ok + budget.rejected
     result = ImportResult(

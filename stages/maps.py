@@ -19,7 +19,8 @@ import torch
 
 from geopipe.pipeline.artifacts.report import read_report
 from geopipe.pipeline.core.device import resolve_device
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.sphere.geometry import xyz_to_latlon
 from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
@@ -30,6 +31,7 @@ __all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotCo
 
 #: Density sources: exact log-likelihood on the grid, or a KDE of model samples.
 MAP_MODES = ("loglik", "kde")
+_GRID_CHUNK = 1024  # grid points per likelihood solve: progress every few seconds on a CPU
 
 
 @dataclass(frozen=True)
@@ -63,19 +65,20 @@ class MapConfig:
     atol: float = 1e-4
     zoom: bool = True
     device: str = "auto"
+    progress: bool = True
 
     def __post_init__(self):
         if isinstance(self.keys, (list, str)):
             object.__setattr__(self, "keys", (self.keys,) if isinstance(self.keys, str) else tuple(self.keys))
         if self.mode not in MAP_MODES:
-            raise ValueError(f"unknown map mode {self.mode!r}; choose one of {list(MAP_MODES)}")
+            raise ConfigError(f"unknown map mode {self.mode!r}; choose one of {list(MAP_MODES)}")
         latlon_grid(self.resolution_deg)  # raises a ValueError naming valid resolutions
         for name, low in (("n_records", 1), ("kde_samples", 2), ("steps", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"map: {name} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"map: {name} must be an integer >= {low}, got {v!r}")
         if self.bandwidth_km is not None and not self.bandwidth_km > 0:
-            raise ValueError(f"map: bandwidth_km must be > 0 km, got {self.bandwidth_km!r}")
+            raise ConfigError(f"map: bandwidth_km must be > 0 km, got {self.bandwidth_km!r}")
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,11 @@ def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "record"
 
 
-def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generator, extent=None, cache=None):
+def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generator, extent=None, cache=None, bar=None):
     """(grid, caption) of the record's density (nats per steradian) on the world or ``extent``.
 
     ``cache`` (a dict) keeps the KDE samples (and an R³ density's normaliser) between the world
-    and zoomed grids.
+    and zoomed grids; ``bar`` (a :class:`Progress`) counts exact-likelihood grid points.
     """
     res = cfg.resolution_deg if extent is None else (extent[1] - extent[0]) * cfg.resolution_deg / 360.0
     if cfg.mode == "kde":
@@ -121,7 +124,7 @@ def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generato
         grid = density_grid_kde(cache["x"], res, bandwidth_km=bw, extent=extent)
         return grid, f"KDE of {cfg.kde_samples} samples, σ = {bw:,.0f} km"
     grid = density_grid_loglik(p.method, p.model, cond[0], res, rtol=cfg.rtol, atol=cfg.atol, guidance=cfg.density_guidance,
-                               extent=extent)
+                               extent=extent, chunk=_GRID_CHUNK, on_points=bar.update if bar is not None else None)
     caption = f"exact log-likelihood on a {cfg.resolution_deg:g}° grid"
     if p.method.space != "sphere":  # an R³ density: show its restriction to S², renormalised
         if extent is None:
@@ -132,15 +135,17 @@ def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generato
     return grid, caption
 
 
-def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred) -> tuple[str, float]:
+def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, bar: Progress | None = None) -> tuple[str, float]:
     """Render one record's map; returns (path, probability mass of the world grid)."""
     cache: dict = {}
-    grid, caption = _density(cfg, p, cond, g, cache=cache)
+    grid, caption = _density(cfg, p, cond, g, cache=cache, bar=bar)
     mass = grid_mass(grid)
     points = [pt for pt in (truth, pred) if pt is not None]
     extent = hdr_extent(grid, include=points) if cfg.zoom else None
     if extent is not None:
-        grid, caption = _density(cfg, p, cond, g, extent=extent, cache=cache)
+        if cfg.mode == "loglik" and bar is not None:  # the zoomed grid has as many points again
+            bar.total += grid.logp.size
+        grid, caption = _density(cfg, p, cond, g, extent=extent, cache=cache, bar=bar)
         caption += f"; view holds {min(grid_mass(grid) / mass, 1.0):.0%} of the probability"
     path = os.path.join(cfg.out_dir, f"map-{_safe_name(key)}.png")
     render_density_map(path, *grid, true_latlon=truth, pred_latlon=pred, extent=extent,
@@ -158,6 +163,9 @@ def run_maps(cfg: MapConfig) -> MapResult:
     p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), expect_embed_dim=store.embed_dim)
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths, masses = [], []
+    n_grid = int(np.prod([len(a) for a in latlon_grid(cfg.resolution_deg)]))
+    loglik = cfg.mode == "loglik"
+    bar = Progress(len(rows) * n_grid if loglik else len(rows), "map", "point" if loglik else "rec", enabled=cfg.progress)
     for row in rows:
         key = str(keys[row])
         g = record_generator(cfg.seed, row, p.device)
@@ -166,9 +174,12 @@ def run_maps(cfg: MapConfig) -> MapResult:
             point = p.method.predict_point(p.model, cond, steps=cfg.steps, guidance=cfg.guidance, generator=g, keys=[key])
         pred = xyz_to_latlon(point.double(), keys=[key])[0].cpu().numpy()
         truth = np.asarray(store.latlon[row], dtype=np.float64)
-        path, mass = _draw_record(cfg, p, cond, g, key, tuple(truth) if np.isfinite(truth).all() else None, tuple(pred))
+        path, mass = _draw_record(cfg, p, cond, g, key, tuple(truth) if np.isfinite(truth).all() else None, tuple(pred), bar)
         paths.append(path)
         masses.append(mass)
+        if not loglik:
+            bar.update(1)
+    bar.close()
     return MapResult(tuple(paths), tuple(str(keys[r]) for r in rows), tuple(masses))
 
 

@@ -14,13 +14,13 @@ bottleneck rather than Python or the store writes. Precomputed embeddings (``.np
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.decode import SampleSpec, ShardBatches
 from geopipe.pipeline.ingest.rows import ShardRows, commit_rows
@@ -34,7 +34,7 @@ __all__ = ["LoopOptions", "embed_shards"]
 class LoopOptions:
     """batch_size: images per forward pass; num_workers: decode processes (0 = in the main
     process); precision: :data:`geopipe.pipeline.ingest.backbones.PRECISIONS`; prefetch_factor: batches each
-    worker decodes ahead; progress: a tqdm bar on stderr."""
+    worker decodes ahead; progress: images done / total on stderr (:class:`geopipe.pipeline.core.progress.Progress`)."""
 
     batch_size: int = 256
     num_workers: int = 2
@@ -104,13 +104,11 @@ def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, bac
     commit (counting, reject-budget checks; an exception there stops the loop, committed
     shards stay).
     """
-    from tqdm import tqdm
-
     embed_dim = int(writer.attrs["embed_dim"])
     preprocess = backbone.preprocess if backbone is not None else None
     dataset = ShardBatches([u for u, _ in todo], preprocess, spec, opts.batch_size, embed_dim=embed_dim)
     total_bytes, bytes_done = sum(s.size for _, s in todo), 0
-    bar = tqdm(desc="extract", unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True)
+    bar = Progress(None, "extract", "img", enabled=opts.progress)
     pending: dict[int, list] = {}  # shard position → [(seq, part, embeddings)] until its last part
     done, nxt, in_flight = set(), 0, None
 
@@ -126,7 +124,6 @@ def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, bac
             bytes_done += stat.size
             if bytes_done and total_bytes:  # ETA from the shards' bytes per image so far
                 bar.total = max(bar.n, int(bar.n * total_bytes / bytes_done))
-                bar.refresh()
             nxt += 1
             on_commit(url, n_ok, rejects)
 

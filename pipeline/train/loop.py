@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.train.optim import lr_at, set_lr
 
 __all__ = ["BatchSource", "TensorBatches", "LoopConfig", "LoopState", "split_is_val", "validate", "ema_model", "run_loop"]
@@ -105,14 +105,12 @@ def run_loop(method, model, optimizer, ema, batches: BatchSource, val: tuple, co
              desc: str = "train", progress: bool = True) -> LoopState:
     """Train from ``state.step`` to ``cfg.steps``; validate and ``save(state)`` every
     ``val_every`` steps and at the end. Five consecutive non-finite losses stop the run."""
-    from tqdm import tqdm
-
     params = [p for p in model.parameters() if p.requires_grad]
     history = state.history if state.history is not None else []
     state.history = history
     x_va, c_va = val
     bad = 0
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", file=sys.stderr, disable=not progress)
+    bar = Progress(cfg.steps, desc, "step", initial=state.step, enabled=progress)
     model.train()
     while optimizer is not None and state.step < cfg.steps:
         set_lr(optimizer, lr_at(state.step, lr0=cfg.lr, warmup=cfg.warmup, total=cfg.steps))
