@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 
 import click
 
-__all__ = ["user_errors"]
+__all__ = ["user_errors", "report_hint"]
+
+
+def report_hint() -> str:
+    """The line printed under the traceback of an unexpected exception."""
+    from geopipe import __version__
+
+    return f"geopipe: this is a bug in geopipe {__version__}; please report it with the traceback above"
 
 
 def user_errors(fn):
-    """Turn expected failures into one-line messages (no traceback) and exit status 1."""
+    """Error policy of every command, exit status 1 either way:
+
+    - :class:`~geopipe.pipeline.core.errors.GeopipeError` (a problem the user can fix) prints its
+      message as one line, ``geopipe: error: ...``, without a traceback;
+    - any other exception is a bug: its full traceback is printed, then one line saying how to
+      report it. Click's own exceptions (usage errors, aborts, exits) pass through untouched.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -19,9 +33,16 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (GeopipeError, ValueError, FileNotFoundError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except GeopipeError as exc:
+            text = str(exc).strip()
+            msg = text.splitlines()[0] if text else type(exc).__name__
             click.echo(f"geopipe: error: {msg}", err=True)
+            sys.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            click.echo(report_hint(), err=True)
             sys.exit(1)
 
     return wrapper

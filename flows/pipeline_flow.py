@@ -25,6 +25,7 @@ from geopipe.stages.evaluate import EvaluateConfig, run_evaluate, store_mean_dir
 from geopipe.stages.extract import run_extract
 from geopipe.stages.predict import run_predict
 from geopipe.stages.train import run_train
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
 __all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
 
@@ -92,9 +93,9 @@ def scheduled_deployment(config_path: str, *, cron: str | None = None, interval_
     """A Prefect deployment of :func:`scheduled_flow` for ``config_path`` on a cron or interval schedule."""
     path = os.path.abspath(config_path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config not found: {config_path}")
+        raise GeopipeError(f"config not found: {config_path}")
     if (cron is None) == (interval_s is None):
-        raise ValueError("give exactly one of --cron or --interval")
+        raise ConfigError("give exactly one of --cron or --interval")
     return scheduled_flow.to_deployment(
         name=name or f"geopipe-{os.path.splitext(os.path.basename(path))[0]}",
         parameters={"config_path": path},

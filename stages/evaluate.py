@@ -17,7 +17,7 @@ import numpy as np
 
 from geopipe.pipeline.artifacts.predictions import read_predictions
 from geopipe.pipeline.artifacts.report import build_report, write_report
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.metrics import constant_baseline
 from geopipe.pipeline.eval.score import ScoreOptions, baseline_entry, report_notes, score_predictions, truth_mask
@@ -57,15 +57,15 @@ class EvaluateConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         if isinstance(self.predictions, str) or not self.predictions:
-            raise ValueError("evaluate: give one or more predictions files as a tuple of paths")
+            raise ConfigError("evaluate: give one or more predictions files as a tuple of paths")
         if self.names is not None and len(self.names) != len(self.predictions):
-            raise ValueError(f"evaluate: {len(self.names)} names for {len(self.predictions)} predictions files; give one name per file")
+            raise ConfigError(f"evaluate: {len(self.names)} names for {len(self.predictions)} predictions files; give one name per file")
         for name in ("prdc_k", "prdc_chunks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"evaluate: {name} must be a positive integer, got {v!r}")
         if self.baseline_latlon is not None and len(self.baseline_latlon) != 2:
-            raise ValueError(f"evaluate: baseline_latlon must be (lat, lon) in degrees, got {self.baseline_latlon!r}")
+            raise ConfigError(f"evaluate: baseline_latlon must be (lat, lon) in degrees, got {self.baseline_latlon!r}")
 
     def admin_fields(self) -> dict[str, str]:
         return {"country": self.country_field, "region": self.region_field, "city": self.city_field}

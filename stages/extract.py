@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.ingest.backbones import PRECISIONS
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, ShardChangedError, TooManyRejectsError, plan_shards
 from geopipe.pipeline.ingest.shards import resolve_shards
 from geopipe.pipeline.store.writer import DTYPES, StoreWriter
@@ -34,7 +34,7 @@ __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChange
 
 def _positive_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -75,21 +75,21 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", (self.shards,) if isinstance(self.shards, str) else tuple(self.shards))
         if not self.shards:
-            raise ValueError("extract needs at least one shard path or pattern")
+            raise ConfigError("extract needs at least one shard path or pattern")
         if not isinstance(self.store, str) or not self.store:
-            raise ValueError("extract needs a store path")
+            raise ConfigError("extract needs a store path")
         _positive_int("batch_size", self.batch_size, 1)
         _positive_int("num_workers", self.num_workers, 0)
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+            raise ConfigError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         if self.on_changed not in ON_CHANGED:
-            raise ValueError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
+            raise ConfigError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
         if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
-            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
+            raise ConfigError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
         if self.embedding_key is not None and (self.pretrained is not None or not self.embedding_key.strip(".")):
-            raise ValueError("embedding_key stores precomputed embeddings: give a sample extension such as "
+            raise ConfigError("embedding_key stores precomputed embeddings: give a sample extension such as "
                              "'street_clip.npy', a backbone label and no pretrained weights")
         if self.meta_fields is not None:
             from geopipe.pipeline.store.reader import META_NAME
@@ -97,7 +97,7 @@ class ExtractConfig:
             object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
             bad = [m for m in self.meta_fields if not META_NAME.match(m) or m in (self.lat_key, self.lon_key)]
             if bad:
-                raise ValueError(f"invalid meta field names {bad}: use letters, digits, '_', '-', '.', not the coordinates")
+                raise ConfigError(f"invalid meta field names {bad}: use letters, digits, '_', '-', '.', not the coordinates")
 
 
 @dataclass(frozen=True)

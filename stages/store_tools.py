@@ -6,13 +6,14 @@ import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.store.verify import StoreInfo, store_info, verify_store
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify"]
 
 
 def _check_store(store) -> None:
     if not isinstance(store, str) or not store:
-        raise ValueError("a store path or url is required")
+        raise ConfigError("a store path or url is required")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from geopipe.pipeline.artifacts.checkpoint import (
 )
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.core.device import resolve_device
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.methods.registry import get_method
@@ -75,11 +75,11 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise ValueError("steps, batch_size and val_every must be positive")
+            raise ConfigError("steps, batch_size and val_every must be positive")
         if not 0 <= self.warmup < self.steps:
-            raise ValueError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
+            raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
         if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:
-            raise ValueError("cond_drop and val_fraction must lie in [0, 1)")
+            raise ConfigError("cond_drop and val_fraction must lie in [0, 1)")
 
 
 @dataclass(frozen=True)

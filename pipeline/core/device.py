@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["resolve_device"]
 
@@ -16,5 +17,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return dev

@@ -1,9 +1,20 @@
-"""User-facing errors: the CLI prints their message as one line and exits with status 1."""
+"""User-facing errors: the CLI prints their message as one line and exits with status 1.
+
+Raise :class:`GeopipeError` (or a subclass) only for problems the user can fix — a bad path, an
+option out of range, incompatible inputs — with one line naming the file/record/option and
+what to do. Every other exception is a bug: the CLI keeps its traceback and asks for a report.
+"""
 
 from __future__ import annotations
 
-__all__ = ["GeopipeError"]
+__all__ = ["GeopipeError", "ConfigError"]
 
 
 class GeopipeError(Exception):
     """An error the user can fix (bad path, incompatible inputs, bad option); message is one line."""
+
+
+class ConfigError(GeopipeError, ValueError):
+    """An option or configuration value is invalid (unknown name, out of range); one line naming
+    the option, what it got and what it accepts. Also a ``ValueError``, so callers that validate
+    values the standard way keep catching it."""

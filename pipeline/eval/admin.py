@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
 __all__ = ["ADMIN_AREAS", "is_missing_label", "admin_accuracy", "reverse_geocode_labels", "store_admin_labels"]
 
@@ -82,7 +82,7 @@ def reverse_geocode_labels(lat, lon, areas: Sequence[str] = ("country", "region"
     """
     unknown = [a for a in areas if a not in ADMIN_AREAS]
     if unknown:
-        raise ValueError(f"unknown admin area {unknown[0]!r}; choose from {list(ADMIN_AREAS)}")
+        raise ConfigError(f"unknown admin area {unknown[0]!r}; choose from {list(ADMIN_AREAS)}")
     lat = np.asarray(lat, dtype=np.float64).reshape(-1)
     lon = np.asarray(lon, dtype=np.float64).reshape(-1)
     if lat.size == 0:

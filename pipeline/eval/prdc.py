@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["prdc"]
 
@@ -99,9 +100,9 @@ def prdc(real_xyz, fake_xyz, k: int = 3, chunks: int = 1) -> dict:
     (``chunks`` = number of pieces actually used). Density is in [0, N/k]; the others in [0, 1].
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"prdc: k must be a positive integer, got {k!r}")
+        raise ConfigError(f"prdc: k must be a positive integer, got {k!r}")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"prdc: chunks must be a positive integer, got {chunks!r}")
+        raise ConfigError(f"prdc: chunks must be a positive integer, got {chunks!r}")
     real, fake = _unit("real_xyz", real_xyz), _unit("fake_xyz", fake_xyz)
     if chunks == 1:
         pieces = [_prdc_once(real, fake, k)]

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.shards import CorruptShardError, iter_tar_samples
 from geopipe.pipeline.store.reader import META_NAME
@@ -161,7 +162,7 @@ def find_embed_dim(urls: Sequence[str], embedding_key: str) -> int:
                     continue
         except CorruptShardError:
             continue
-    raise ValueError(f"no sample in {len(urls)} shard(s) has a readable {embedding_key!r} entry; "
+    raise ConfigError(f"no sample in {len(urls)} shard(s) has a readable {embedding_key!r} entry; "
                      f"check the embedding key (an extension such as 'street_clip.npy')")
 
 

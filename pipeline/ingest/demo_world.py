@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from geopipe.pipeline.core.fsio import atomic_path
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["DemoWorldConfig", "DemoWorldResult", "write_demo_world", "write_shards"]
 
@@ -94,9 +95,9 @@ class DemoWorldConfig:
         for name, low in (("n_train", 1), ("n_test", 0), ("shard_size", 1), ("image_size", 1), ("seed", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"DemoWorldConfig.{name} must be an int >= {low}, got {v!r}")
+                raise ConfigError(f"DemoWorldConfig.{name} must be an int >= {low}, got {v!r}")
         if self.image_size < 16:
-            raise ValueError(f"DemoWorldConfig.image_size must be >= 16 pixels, got {self.image_size}")
+            raise ConfigError(f"DemoWorldConfig.image_size must be >= 16 pixels, got {self.image_size}")
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,9 @@ def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], prefix: st
         atomically (temporary name, then rename). Returns the paths written, in order.
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+        raise ConfigError(f"shard_size must be a positive int, got {shard_size!r}")
     if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"shard prefix must be a non-empty file-name stem, got {prefix!r}")
+        raise ConfigError(f"shard prefix must be a non-empty file-name stem, got {prefix!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[str] = []

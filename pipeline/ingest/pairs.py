@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.rows import ShardRows
 from geopipe.pipeline.ingest.shards import file_sha256, resolve_shards, shard_stat
@@ -71,7 +71,7 @@ class ColumnSpec:
 def precomputed_identity(label: str, embed_dim: int) -> dict:
     """Backbone identity of embeddings computed elsewhere, named by the user's ``label``."""
     if not isinstance(label, str) or not label.strip():
-        raise ValueError("precomputed embeddings need a backbone label naming their model (e.g. 'StreetCLIP')")
+        raise ConfigError("precomputed embeddings need a backbone label naming their model (e.g. 'StreetCLIP')")
     return {"name": label, "pretrained": None, "embed_dim": int(embed_dim), "preprocess": {"source": "import"},
             "fingerprint": hashlib.sha256(label.encode()).hexdigest()}
 

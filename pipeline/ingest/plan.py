@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.ingest.shards import file_sha256, shard_stat
 from geopipe.pipeline.store.format import ShardStat
 
@@ -78,7 +78,7 @@ def plan_shards(urls: Sequence[str], records: Mapping[str, Mapping], *, store: s
     GeopipeError when re-extraction would drop shards that ``urls`` no longer include.
     """
     if on_changed not in ON_CHANGED:
-        raise ValueError(f"unknown on_changed policy {on_changed!r}; choose one of {list(ON_CHANGED)}")
+        raise ConfigError(f"unknown on_changed policy {on_changed!r}; choose one of {list(ON_CHANGED)}")
     stats = {url: stat_fn(url) for url in urls}
     changed = {}
     for url in urls:

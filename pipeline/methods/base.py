@@ -9,6 +9,7 @@ import torch
 
 from geopipe.pipeline.sphere.geometry import NonFiniteError, project
 from geopipe.pipeline.model.schedules import Schedule, make_schedule, schedule_from_dict
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["MethodBase", "drop_condition", "finalize_points", "resolve_schedule"]
 
@@ -47,9 +48,9 @@ def resolve_schedule(schedule, schedule_params: dict | None) -> Schedule:
     if isinstance(schedule, dict):
         return schedule_from_dict({**schedule, **params})
     if params:
-        raise ValueError("schedule_params only apply when schedule is given by name")
+        raise ConfigError("schedule_params only apply when schedule is given by name")
     if not (hasattr(schedule, "gamma") and hasattr(schedule, "dgamma")):
-        raise ValueError(f"schedule must be a name, a dict or a Schedule, got {type(schedule).__name__}")
+        raise ConfigError(f"schedule must be a name, a dict or a Schedule, got {type(schedule).__name__}")
     return schedule
 
 

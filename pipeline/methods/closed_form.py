@@ -19,13 +19,14 @@ from geopipe.pipeline.sphere.vmf import (
     vmf_mixture_log_density,
     vmf_mixture_mode,
 )
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["VMFMethod", "VMFMixtureMethod", "UniformMethod", "UniformModel"]
 
 
 def _no_sampler(name: str, sampler) -> None:
     if sampler is not None:
-        raise ValueError(f"method {name!r} draws with Wood's vMF sampler; sampler {sampler!r} does not apply (leave it unset)")
+        raise ConfigError(f"method {name!r} draws with Wood's vMF sampler; sampler {sampler!r} does not apply (leave it unset)")
 
 
 class _VMFBase(MethodBase):
@@ -40,7 +41,7 @@ class _VMFBase(MethodBase):
         _no_sampler(self.name, sampler)
         self.cond_drop = 0.0 if cond_drop is None else float(cond_drop)
         if not 0.0 <= self.cond_drop < 1.0:
-            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
 
     def build_model(self, net_cfg) -> torch.nn.Module:
         """GeoAdaLNMLPVonMises: cond (B, C) → VMFParams(mu (B, M, 3), kappa (B, M), weights (B, M))."""

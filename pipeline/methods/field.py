@@ -22,6 +22,7 @@ from geopipe.pipeline.model.likelihood import (
 from geopipe.pipeline.methods.base import MethodBase, drop_condition, finalize_points, resolve_schedule
 from geopipe.pipeline.model.samplers import get_sampler
 from geopipe.pipeline.model.schedules import schedule_to_dict
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["rfm_interpolant", "RFMMethod", "FlowMethod", "DiffusionMethod"]
 
@@ -52,7 +53,7 @@ class _FieldMethod(MethodBase):
         self.schedule = resolve_schedule(schedule, schedule_params)
         self.cond_drop = 0.1 if cond_drop is None else float(cond_drop)
         if not 0.0 <= self.cond_drop < 1.0:
-            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         self.sampler = sampler or self.default_sampler
         get_sampler(self.sampler, space=self.space, prediction=self.prediction)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from geopipe.pipeline.methods.base import MethodBase
 from geopipe.pipeline.methods.field import DiffusionMethod, FlowMethod, RFMMethod, rfm_interpolant
 from geopipe.pipeline.methods.closed_form import UniformMethod, VMFMethod, VMFMixtureMethod
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "METHODS",
@@ -50,10 +51,10 @@ _OPTIONS = ("schedule", "schedule_params", "cond_drop", "sampler")
 def get_method(name: str, **options) -> MethodBase:
     """Build a method by registry name; unknown names or options raise ValueError listing valid ones."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {list(_OPTIONS)}")
+        raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; valid: {list(_OPTIONS)}")
     options = {k: v for k, v in options.items() if v is not None}
     return METHODS[name](**options)
 
@@ -61,10 +62,10 @@ def get_method(name: str, **options) -> MethodBase:
 def method_from_dict(d: dict) -> MethodBase:
     """Inverse of ``method.to_dict()`` (checkpoint JSON → method)."""
     if not isinstance(d, dict) or "name" not in d:
-        raise ValueError(f"method config must be a dict with a 'name', got {d!r}")
+        raise ConfigError(f"method config must be a dict with a 'name', got {d!r}")
     opts = dict(d)
     name, space = opts.pop("name"), opts.pop("space", None)
     method = get_method(name, **opts)
     if space is not None and space != method.space:
-        raise ValueError(f"method config says space {space!r} but {name!r} lives in {method.space!r}")
+        raise ConfigError(f"method config says space {space!r} but {name!r} lives in {method.space!r}")
     return method

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "NetworkConfig",
@@ -48,9 +49,9 @@ class NetworkConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"network config: {f.name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"network config: {f.name} must be a positive integer, got {v!r}")
         if self.dim % 8:
-            raise ValueError(f"network config: dim must be a multiple of 8 (time channels d/4 split in cos/sin), got {self.dim}")
+            raise ConfigError(f"network config: dim must be a multiple of 8 (time channels d/4 split in cos/sin), got {self.dim}")
 
     def to_dict(self) -> dict[str, int]:
         """JSON-able dict (written into checkpoint config.json under "network")."""
@@ -60,11 +61,11 @@ class NetworkConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "NetworkConfig":
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"network config must be a mapping, got {type(d).__name__}")
+            raise ConfigError(f"network config must be a mapping, got {type(d).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown network config key(s) {unknown}; valid keys are {valid}")
+            raise ConfigError(f"unknown network config key(s) {unknown}; valid keys are {valid}")
         return cls(**dict(d))
 
 
@@ -195,9 +196,9 @@ class GeoAdaLNMLPVonMises(nn.Module):
     def __init__(self, cfg: NetworkConfig, components: int = 1) -> None:
         super().__init__()
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-            raise ValueError(f"components must be a positive integer (1 = vMF, 3 = paper mixture), got {components!r}")
+            raise ConfigError(f"components must be a positive integer (1 = vMF, 3 = paper mixture), got {components!r}")
         if cfg.input_dim != 3:
-            raise ValueError(f"vMF networks live on S² and need input_dim 3, got {cfg.input_dim}")
+            raise ConfigError(f"vMF networks live on S² and need input_dim 3, got {cfg.input_dim}")
         self.cfg = cfg
         self.components = components
         d = cfg.dim

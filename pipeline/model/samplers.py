@@ -20,6 +20,7 @@ import torch
 from geopipe.pipeline.sphere.geometry import project, sphere_exp, tangent_project
 from geopipe.pipeline.model.guidance import Field
 from geopipe.pipeline.model.schedules import Schedule, time_grid
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "SamplerSpec",
@@ -166,7 +167,7 @@ class SamplerSpec:
 
     def __call__(self, field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -> torch.Tensor:
         if steps < 1:
-            raise ValueError(f"sampler {self.name!r}: steps must be ≥ 1, got {steps}")
+            raise ConfigError(f"sampler {self.name!r}: steps must be ≥ 1, got {steps}")
         return self.fn(field, x, schedule, int(steps))
 
 
@@ -186,14 +187,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
 def get_sampler(name: str, *, space: str | None = None, prediction: str | None = None) -> SamplerSpec:
     """Look a sampler up and check it fits the model (space "r3"/"sphere", prediction "eps"/"velocity")."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     spec = SAMPLERS[name]
     if (space is not None and spec.space != space) or (prediction is not None and spec.prediction != prediction):
         fits = sorted(
             n for n, s in SAMPLERS.items()
             if (space is None or s.space == space) and (prediction is None or s.prediction == prediction)
         )
-        raise ValueError(
+        raise ConfigError(
             f"sampler {name!r} is for {spec.space} {spec.prediction}-prediction models, not "
             f"{space or spec.space} {prediction or spec.prediction}-prediction; choose one of {fits}"
         )

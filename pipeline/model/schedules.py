@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import torch
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "Schedule",
@@ -143,12 +144,12 @@ SCHEDULES: dict[str, type] = {
 def make_schedule(name: str, **params) -> Schedule:
     """Build a schedule by registry name; unknown names or parameters raise ValueError."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     cls = SCHEDULES[name]
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(params) - valid)
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for schedule {name!r}; valid: {sorted(valid)}")
+        raise ConfigError(f"unknown parameter(s) {unknown} for schedule {name!r}; valid: {sorted(valid)}")
     return cls(**{k: float(v) for k, v in params.items()})
 
 
@@ -169,6 +170,6 @@ def time_grid(schedule: Schedule, steps: int) -> tuple[torch.Tensor, torch.Tenso
     γ_0 = 1e-9 is the noise end, γ_N = 1 the data end.
     """
     if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+        raise ConfigError(f"steps must be ≥ 1, got {steps}")
     t = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
     return t, schedule.gamma(t)

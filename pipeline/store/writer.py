@@ -36,6 +36,7 @@ from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, Embeddin
 from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
 
@@ -92,7 +93,7 @@ class StoreWriter:
         import zarr
 
         if dtype not in DTYPES:
-            raise ValueError(f"unknown embedding dtype {dtype!r}; choose one of {list(DTYPES)}")
+            raise ConfigError(f"unknown embedding dtype {dtype!r}; choose one of {list(DTYPES)}")
         path = fsio.normalize(path)
         lock = lock if lock is not None else cls.lock(path)
         try:

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["OPTIMIZERS", "lr_at", "make_optimizer", "set_lr", "EMA"]
 
@@ -25,7 +26,7 @@ def lr_at(step: int, *, lr0: float, warmup: int = 500, total: int) -> float:
     if step < 0:
         raise ValueError(f"lr_at: step must be >= 0, got {step}")
     if warmup < 0 or total <= warmup:
-        raise ValueError(f"lr_at: need 0 <= warmup < total, got warmup={warmup}, total={total}")
+        raise ConfigError(f"lr_at: need 0 <= warmup < total, got warmup={warmup}, total={total}")
     if lr0 < 0:
         raise ValueError(f"lr_at: lr0 must be >= 0, got {lr0}")
     if step < warmup:
@@ -78,12 +79,12 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Build optimiser ``name`` ("lamb" or "adamw"; §10 defaults lr 8e-4, wd 0.05 are the caller's)."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if lr < 0 or weight_decay < 0 or eps <= 0:
-        raise ValueError(f"optimizer {name!r}: need lr >= 0, weight_decay >= 0, eps > 0; got {lr}, {weight_decay}, {eps}")
+        raise ConfigError(f"optimizer {name!r}: need lr >= 0, weight_decay >= 0, eps > 0; got {lr}, {weight_decay}, {eps}")
     b1, b2 = (float(b) for b in betas)
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"optimizer {name!r}: betas must lie in [0, 1), got {tuple(betas)}")
+        raise ConfigError(f"optimizer {name!r}: betas must lie in [0, 1), got {tuple(betas)}")
     return OPTIMIZERS[name](params, float(lr), float(weight_decay), (b1, b2), float(eps))
 
 
@@ -103,7 +104,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+            raise ConfigError(f"EMA decay must lie in [0, 1], got {decay}")
         self.decay = float(decay)
         self._shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self._averaged = {n for n, p in module.named_parameters() if p.requires_grad and p.is_floating_point()}
