@@ -27,6 +27,7 @@ from geopipe.pipeline.store.writer import DTYPES, StoreWriter
 from geopipe.schemas.rejects import REJECT_REASONS
 from geopipe.schemas.store import REJECTS_FILE
 from geopipe.stages.ingest_result import IngestResult
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
 
@@ -60,24 +61,24 @@ class ImportConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if not self.sources:
-            raise ValueError("import needs at least one source folder or .npy path")
+            raise ConfigError("import needs at least one source folder or .npy path")
         if not isinstance(self.store, str) or not self.store:
-            raise ValueError("import needs a store path")
+            raise ConfigError("import needs a store path")
         if not isinstance(self.backbone_name, str) or not self.backbone_name.strip():
-            raise ValueError("import needs a backbone name labelling the embeddings' model (e.g. 'StreetCLIP')")
+            raise ConfigError("import needs a backbone name labelling the embeddings' model (e.g. 'StreetCLIP')")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+            raise ConfigError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.on_changed not in ON_CHANGED:
-            raise ValueError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
+            raise ConfigError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
         if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
-            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
+            raise ConfigError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
         if self.meta_fields is not None:
             from geopipe.pipeline.store.reader import META_NAME
 
             object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
             bad = [m for m in self.meta_fields if not META_NAME.match(m)]
             if bad:
-                raise ValueError(f"invalid meta column names {bad}: use letters, digits, '_', '-', '.'")
+                raise ConfigError(f"invalid meta column names {bad}: use letters, digits, '_', '-', '.'")
 
 
 @dataclass(frozen=True)

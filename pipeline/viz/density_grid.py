@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, latlon_to_xyz
+from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "DensityGrid",
@@ -54,11 +55,11 @@ def latlon_grid(resolution_deg: float, extent=None) -> tuple[np.ndarray, np.ndar
     if extent is not None:
         lon0, lon1, lat0, lat1 = (float(v) for v in extent)
         if not (r > 0 and -180 <= lon0 < lon1 <= 180 and -90 <= lat0 < lat1 <= 90):
-            raise ValueError(f"extent must be (lon0 < lon1, lat0 < lat1) inside the world in degrees and r > 0, got {extent!r}, r={r!r}")
+            raise ConfigError(f"extent must be (lon0 < lon1, lat0 < lat1) inside the world in degrees and r > 0, got {extent!r}, r={r!r}")
         nw, nh = max(1, math.ceil((lon1 - lon0) / r - 1e-9)), max(1, math.ceil((lat1 - lat0) / r - 1e-9))
         return lat0 + (lat1 - lat0) / nh * (np.arange(nh) + 0.5), lon0 + (lon1 - lon0) / nw * (np.arange(nw) + 0.5)
     if not (0 < r <= 30) or abs(h - round(h)) > 1e-9:
-        raise ValueError(f"resolution_deg must divide 180 (e.g. 0.5, 1, 2, 3, 5), got {resolution_deg!r}")
+        raise ConfigError(f"resolution_deg must divide 180 (e.g. 0.5, 1, 2, 3, 5), got {resolution_deg!r}")
     h = int(round(h))
     return -90.0 + r * (np.arange(h) + 0.5), -180.0 + r * (np.arange(2 * h) + 0.5)
 
@@ -160,7 +161,7 @@ def density_grid_kde(samples_xyz, resolution_deg: float = 3.0, *, bandwidth_km: 
     or neither for :func:`kde_bandwidth_km`; ``extent``: a regional grid. Returns log densities in nats per steradian.
     """
     if bandwidth_km is not None and kappa is not None:
-        raise ValueError("give bandwidth_km or kappa for the KDE, not both")
+        raise ConfigError("give bandwidth_km or kappa for the KDE, not both")
     mu = torch.as_tensor(np.asarray(samples_xyz), dtype=torch.float64).reshape(-1, 3)
     if len(mu) == 0 or not torch.isfinite(mu).all():
         raise ValueError(f"density_grid_kde: need finite (N, 3) samples, got shape {tuple(mu.shape)}")
@@ -169,10 +170,10 @@ def density_grid_kde(samples_xyz, resolution_deg: float = 3.0, *, bandwidth_km: 
     if kappa is None:
         bw = kde_bandwidth_km(mu.numpy(), resolution_deg) if bandwidth_km is None else float(bandwidth_km)
         if not bw > 0:
-            raise ValueError(f"bandwidth_km must be > 0, got {bandwidth_km!r}")
+            raise ConfigError(f"bandwidth_km must be > 0, got {bandwidth_km!r}")
         kappa = (EARTH_RADIUS_KM / bw) ** 2
     if not float(kappa) > 0:
-        raise ValueError(f"kappa must be > 0, got {kappa!r}")
+        raise ConfigError(f"kappa must be > 0, got {kappa!r}")
     # log p̂(x) = log C(κ) − ln N + logsumexp_i κ(⟨x_i, x⟩ − 1), C(κ) = κ / (2π(1 − e^{−2κ})) as in
     # geopipe.pipeline.sphere.vmf (same stable form), with one matmul per chunk instead of a (B, N, 3) product.
     kap = torch.tensor(float(kappa), dtype=torch.float64)
