@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from geopipe.flows.cli_common import user_errors
+from geopipe.flows.cli_common import progress_enabled, user_errors
 
 __all__ = ["main", "cli"]
 
@@ -23,7 +23,9 @@ def _device_option(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="geopipe")
-def cli():
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress on stderr (on a terminal a bar, elsewhere one line every 10 s: done / total, rate, ETA).")
+def cli(quiet):
     """geopipe — generative image geolocation on cached embedding stores.
 
     extract (shards → Zarr store) → train (denoiser) → predict (Parquet) → evaluate.
@@ -74,7 +76,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         shards=tuple(shards), store=store, backbone=backbone, pretrained=pretrained, batch_size=batch_size,
         num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
         dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
-        precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=True,
+        precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=progress_enabled(),
     )
     run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
 
@@ -96,13 +98,15 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @click.option("--val-every", default=1000, show_default=True)
 @click.option("--seed", default=3407, show_default=True)
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
+@click.option("--allow-changes", is_flag=True, help="Resume although the store or training options differ from the "
+              "saved run (the differences are recorded in the checkpoint's config.json).")
 @click.option("--stream/--in-memory", "stream", default=None,
               help="Stream shuffled chunks from the store through a bounded buffer, or load it whole "
                    "(default: in memory when the store fits comfortably).")
 @_device_option
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
-          stream, device):
+          stream, device, allow_changes=False):
     """Train a generative geolocation model on a store's cached embeddings."""
     from geopipe.stages.train import TrainConfig, run_train
 
@@ -110,6 +114,7 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
         store=store, out=out, method=method, dim=dim, depth=depth, schedule=schedule, steps=steps,
         batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, optimizer=optimizer,
         ema_decay=ema_decay, val_every=val_every, seed=seed, resume=not no_resume, device=device, stream=stream,
+        progress=progress_enabled(), allow_changes=allow_changes,
     )
     res = run_train(cfg)
     click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")
@@ -140,7 +145,7 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
     cfg = PredictConfig(
         checkpoint=checkpoint, store=store, out=out, steps=steps, guidance=guidance, sampler=sampler,
         samples=samples, ensemble=ensemble, nll=nll, localizability=localizability, rtol=rtol, atol=atol,
-        batch_size=batch_size, seed=seed, dask=dask_address, device=device,
+        batch_size=batch_size, seed=seed, dask=dask_address, device=device, progress=progress_enabled(),
     )
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
@@ -185,7 +190,7 @@ def run(config):
     from geopipe.flows.pipeline_flow import geopipe_flow
     from geopipe.stages.config import load_pipeline_config
 
-    result = geopipe_flow(load_pipeline_config(config))
+    result = geopipe_flow(_with_progress(load_pipeline_config(config)))
     click.echo(result["table"])
 
 
@@ -215,7 +220,7 @@ def demo(workdir, steps):
     from geopipe.flows.pipeline_flow import geopipe_flow
     from geopipe.stages.config import demo_pipeline_config
 
-    result = geopipe_flow(demo_pipeline_config(workdir, train_steps=steps))
+    result = geopipe_flow(_with_progress(demo_pipeline_config(workdir, train_steps=steps)))
     click.echo(result["table"])
 
 
@@ -235,7 +240,8 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
     from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
-    cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device)
+    cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device,
+                      progress=progress_enabled())
     results = {}
     if what in ("predict", "all"):
         results["predict"] = bench_predict(cfg)
@@ -250,6 +256,16 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
         with open(out, "w") as fh:
             fh.write(text)
     click.echo(text)
+
+
+def _with_progress(cfg):
+    """The pipeline config with each stage's progress switched off under ``--quiet``."""
+    if progress_enabled():
+        return cfg
+    import dataclasses
+
+    off = lambda c: dataclasses.replace(c, progress=False)  # noqa: E731
+    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict))
 
 
 def _register_subcommands() -> None:

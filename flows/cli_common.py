@@ -1,4 +1,4 @@
-"""Shared pieces of the command line: user-facing error handling."""
+"""Shared pieces of the command line: user-facing error handling, the global ``--quiet``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import traceback
 
 import click
 
-__all__ = ["user_errors", "report_hint"]
+__all__ = ["user_errors", "report_hint", "progress_enabled"]
+
+
+def progress_enabled() -> bool:
+    """False when ``geopipe --quiet …`` was given: commands then show no progress on stderr."""
+    ctx = click.get_current_context(silent=True)
+    return not (ctx is not None and ctx.find_root().params.get("quiet"))
 
 
 def report_hint() -> str:

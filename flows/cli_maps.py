@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from geopipe.flows.cli_common import user_errors
+from geopipe.flows.cli_common import progress_enabled, user_errors
 
 __all__ = ["map_command", "calibration_plot_command"]
 
@@ -40,7 +40,8 @@ def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_de
 
     cfg = MapConfig(checkpoint=checkpoint, store=store, out_dir=out_dir, keys=tuple(keys), n_records=n_records, mode=mode,
                     resolution_deg=resolution_deg, kde_samples=kde_samples, bandwidth_km=bandwidth_km, steps=steps,
-                    guidance=guidance, seed=seed, rtol=rtol, atol=atol, zoom=not world, device=device)
+                    guidance=guidance, seed=seed, rtol=rtol, atol=atol, zoom=not world, device=device,
+                    progress=progress_enabled())
     res = run_maps(cfg)
     for key, path, mass in zip(res.keys, res.paths, res.masses):
         click.echo(f"{key}: {path} (grid mass {mass:.3f})")

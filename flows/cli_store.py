@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from geopipe.flows.cli_common import user_errors
+from geopipe.flows.cli_common import progress_enabled, user_errors
 
 __all__ = ["store_group", "import_command"]
 
@@ -69,7 +69,8 @@ def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, met
 
     cfg = ImportConfig(sources=tuple(sources), store=store, backbone_name=backbone_name, key_col=key_col, lat_col=lat_col,
                        lon_col=lon_col, meta_fields=tuple(meta_fields) or None, dtype=dtype, normalize=not no_normalize,
-                       max_reject_fraction=max_reject_fraction, on_changed=on_changed, verify_hash=verify_hash)
+                       max_reject_fraction=max_reject_fraction, on_changed=on_changed, verify_hash=verify_hash,
+                       progress=progress_enabled())
     res = run_import(cfg)
     click.echo(f"imported {res.n_ok} records ({res.n_rejected} rejected) from {res.shards_done} pairs "
                f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}")
