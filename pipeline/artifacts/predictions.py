@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.schemas.predictions import GEO_METADATA, METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID
+from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
-__all__ = ["wkb_points", "predictions_table", "predictions_metadata", "write_predictions", "read_predictions",
+__all__ = ["wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
            "NUMERIC_COLUMNS"]
 
 _REQUIRED = ("key", "lat", "lon")
@@ -51,14 +51,23 @@ def predictions_metadata(config: Mapping, model: Mapping, provenance: Mapping) -
     """Parquet key-value metadata: ``geopipe`` (schema, config, model identity, provenance) and
     GeoParquet ``geo``."""
     meta = {"schema": PREDICTIONS_SCHEMA_ID, "config": dict(config), "model": dict(model), **provenance}
-    return {METADATA_KEY: json.dumps(meta, default=str).encode(), b"geo": json.dumps(GEO_METADATA).encode()}
+    return {METADATA_KEY: json.dumps(meta, default=str).encode(), b"geo": json.dumps(geo_metadata()).encode()}
+
+
+def with_bbox(table: pa.Table, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    """``metadata`` with the GeoParquet ``bbox`` of ``table``'s predicted points (degrees; none
+    when no point is finite)."""
+    lat, lon = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("lat", "lon"))
+    ok = np.isfinite(lat) & np.isfinite(lon)
+    bbox = (lon[ok].min(), lat[ok].min(), lon[ok].max(), lat[ok].max()) if ok.any() else None
+    return {**metadata, b"geo": json.dumps(geo_metadata(bbox)).encode()}
 
 
 def write_predictions(table: pa.Table, path: str, metadata: Mapping[bytes, bytes]) -> None:
     """Write ``table`` with ``metadata`` to ``path`` atomically (old file or new, never half)."""
     if os.path.isdir(path):
         raise GeopipeError(f"output {path!r} is a directory; give a file path such as {os.path.join(path, 'predictions.parquet')!r}")
-    table = table.replace_schema_metadata(dict(metadata))
+    table = table.replace_schema_metadata(with_bbox(table, metadata))
     with fsio.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
