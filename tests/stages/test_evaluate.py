@@ -38,7 +38,8 @@ def _write_predictions(path, pred_lat, pred_lon, *, method="rfm", space="sphere"
         "neg_entropy_nats": rng.normal(0.5, 0.2, N), "entropy_bits": [None] * N, "effective_area_km2": [None] * N,
         "hdr_rank": rng.integers(0, 65, N) / 64, "sample_lat": [None] * N, "sample_lon": [None] * N, "geometry": [None] * N,
     }
-    table = pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
+    table = pa.Table.from_arrays([pa.array(cols.get(f.name, [None] * N), type=f.type) for f in PREDICTIONS_SCHEMA],
+                                 schema=PREDICTIONS_SCHEMA)
     meta = {"schema": PREDICTIONS_SCHEMA_ID, "config": {"steps": 16}, "model": {"method": method, "space": space}}
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), path)
     return str(path)
