@@ -36,6 +36,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("topk_distance", pa.list_(pa.float64())),  # descriptor distance (squared L2; 2 − 2cos for unit vectors)
         pa.field("topk_lat", pa.list_(pa.float64())),  # degrees
         pa.field("topk_lon", pa.list_(pa.float64())),
+        pa.field("answerable", pa.bool_()),  # the database holds a record within the positive radius (25 m) of the truth
         # uncertainty scores, higher = more uncertain (geopipe evaluate --uncertainty ranks failures by them)
         pa.field("log_u", pa.float64()),  # BayesCap: log of the geometric mean of the total per-feature variance
         pa.field("log_u_alea", pa.float64()),  # aleatoric part

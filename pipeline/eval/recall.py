@@ -16,7 +16,7 @@ import numpy as np
 
 from geopipe.pipeline.sphere.geometry import haversine_km
 
-__all__ = ["POSITIVE_RADIUS_M", "RECALL_KS", "haversine_m", "correct_at_k", "recall_at_k", "recall_summary"]
+__all__ = ["POSITIVE_RADIUS_M", "RECALL_KS", "haversine_m", "answerable", "correct_at_k", "recall_at_k", "recall_summary"]
 
 #: Default positive radius in metres.
 POSITIVE_RADIUS_M = 25.0
@@ -27,6 +27,32 @@ RECALL_KS: tuple[int, ...] = (1, 5, 10, 20)
 def haversine_m(lat1, lon1, lat2, lon2) -> np.ndarray:
     """Great-circle distance in metres between degree coordinates (numpy, broadcasting)."""
     return haversine_km(lat1, lon1, lat2, lon2) * 1000.0
+
+
+def answerable(query_latlon, db_latlon, radius_m: float = POSITIVE_RADIUS_M, query_groups=None, db_groups=None) -> np.ndarray:
+    """(Q,) bool: the database holds a positive (``<= radius_m``) of each query's position.
+
+    ``query_latlon`` (Q, 2), ``db_latlon`` (N, 2) degrees (NaN rows never match); with
+    ``query_groups`` (Q,) and ``db_groups`` (N,) a database row of the query's own group does
+    not count (its own record or capture). Sorted by latitude, each query scans only the
+    rows within ``radius_m`` of latitude: O((Q + N) log N + matches).
+    """
+    q = np.asarray(query_latlon, dtype=np.float64).reshape(-1, 2)
+    db = np.asarray(db_latlon, dtype=np.float64).reshape(-1, 2)
+    ok = np.isfinite(db).all(axis=1)
+    rows = np.flatnonzero(ok)
+    order = rows[np.argsort(db[rows, 0], kind="stable")]
+    lat_sorted = db[order, 0]
+    dlat = np.rad2deg(radius_m / 6371008.8) * (1 + 1e-9)
+    lo = np.searchsorted(lat_sorted, q[:, 0] - dlat, side="left")
+    hi = np.searchsorted(lat_sorted, q[:, 0] + dlat, side="right")
+    out = np.zeros(q.shape[0], dtype=bool)
+    for i in np.flatnonzero((hi > lo) & np.isfinite(q).all(axis=1)):
+        cand = order[lo[i]:hi[i]]
+        if query_groups is not None and db_groups is not None:
+            cand = cand[np.asarray(db_groups)[cand] != query_groups[i]]
+        out[i] = bool(cand.size) and bool((haversine_m(q[i, 0], q[i, 1], db[cand, 0], db[cand, 1]) <= radius_m).any())
+    return out
 
 
 def correct_at_k(dist_m, radius_m: float = POSITIVE_RADIUS_M) -> np.ndarray:

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from geopipe.pipeline.eval.recall import correct_at_k, haversine_m, recall_at_k, recall_summary
+from geopipe.pipeline.eval.recall import answerable, correct_at_k, haversine_m, recall_at_k, recall_summary
 
 ORACLES = json.loads((pathlib.Path(__file__).parent / "uncertainty_oracles.json").read_text())
 
@@ -55,3 +55,17 @@ def test_correct_at_k_is_cumulative_and_nan_is_a_miss():
 
 def test_no_answerable_query_gives_none():
     assert recall_at_k(np.array([[100.0]]), answerable=[False], ks=(1,)) == {1: None}
+
+
+def test_answerable_matches_brute_force_and_excludes_own_group():
+    rng = np.random.default_rng(0)
+    db = np.stack([45 + rng.uniform(0, 0.002, 300), 7 + rng.uniform(0, 0.002, 300)], axis=1)
+    q = np.stack([45 + rng.uniform(-0.001, 0.003, 100), 7 + rng.uniform(-0.001, 0.003, 100)], axis=1)
+    brute = (haversine_m(q[:, None, 0], q[:, None, 1], db[None, :, 0], db[None, :, 1]) <= 25.0).any(axis=1)
+    np.testing.assert_array_equal(answerable(q, db), brute)
+    assert 0 < brute.sum() < 100
+    # leave-one-out: a record is not its own positive
+    lone = np.array([[0.0, 0.0], [10.0, 10.0], [10.0, 10.0001]])
+    g = np.arange(3)
+    assert answerable(lone, lone, query_groups=g, db_groups=g).tolist() == [False, True, True]
+    assert answerable(lone, lone).tolist() == [True, True, True]

@@ -1,0 +1,187 @@
+"""Retrieve stage: query store(s) against a geotagged database store → a predictions table.
+
+Exact top-K search (blocked matmul streaming the database chunk by chunk, or faiss when
+installed), the top-1 position (``mode="top1"``) or the densest neighbour of a vMF kernel
+mixture over the top-K (``mode="kernel"``, which also gives NLL, localizability and HDR
+ranks on S²; the kernel is fitted on database records queried leave-one-out), the
+training-free uncertainty scores, and whether each query has a positive in the database.
+``geopipe evaluate`` scores the output like any model (plus Recall@K).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from geopipe.pipeline.artifacts.predictions import predictions_metadata, predictions_table, write_predictions
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.provenance import provenance
+from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, answerable, haversine_m, recall_summary
+from geopipe.pipeline.retrieval.density import (fit_kernel, kernel_localizability, kernel_mode, kernel_weights,
+                                                neighbour_xyz)
+from geopipe.pipeline.retrieval.index import resolve_backend, search_topk
+from geopipe.pipeline.retrieval.search import TopK
+from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
+from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz
+from geopipe.pipeline.store.reader import EmbeddingStore, open_store
+from geopipe.pipeline.uncertainty.scores import retrieval_scores
+
+__all__ = ["MODES", "RetrieveConfig", "RetrieveResult", "run_retrieve", "check_compatible", "store_chunks"]
+
+MODES = ("top1", "kernel")
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    """query: store of the queries; database: store of the geotagged database, or None to split
+    ``query`` by ``split`` (see :class:`geopipe.pipeline.retrieval.split.SplitConfig`); k
+    neighbours; mode top1|kernel; backend auto|blocked|faiss; radius_m: positive radius of
+    Recall@K; kernel_val: database records used to fit the kernel (mode kernel)."""
+
+    query: str
+    out: str
+    database: str | None = None
+    k: int = 10
+    mode: str = "top1"
+    split: SplitConfig = field(default_factory=SplitConfig)
+    backend: str = "auto"
+    radius_m: float = POSITIVE_RADIUS_M
+    kernel_val: int = 2000
+    kernel_samples: int = 256
+    chunk_rows: int = 65536
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    out: str
+    n_queries: int
+    n_database: int
+    backend: str
+    recall: dict
+    kernel: dict | None
+    seconds: float
+
+
+def _identity(store: EmbeddingStore) -> tuple:
+    b = store.attrs.get("backbone") or {}
+    return b.get("name"), b.get("pretrained"), b.get("fingerprint")
+
+
+def check_compatible(query: EmbeddingStore, database: EmbeddingStore) -> None:
+    """One GeopipeError for an empty database, a dimension mismatch or different backbones."""
+    if len(database) == 0:
+        raise GeopipeError(f"database store {database.path} has no records; extract or import some first")
+    if query.embed_dim != database.embed_dim:
+        raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
+                           f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")
+    if _identity(query) != _identity(database):
+        raise GeopipeError(f"query store {query.path} (backbone {_identity(query)[0]!r}) and database store {database.path} "
+                           f"(backbone {_identity(database)[0]!r}) were embedded by different backbones; re-extract one of them")
+
+
+def store_chunks(store: EmbeddingStore, rows: np.ndarray, chunk_rows: int):
+    """(row ids, embeddings) of the selected ``rows`` (sorted) in store order, one read per chunk."""
+    n = len(store)
+    step = max(chunk_rows // store.chunk_rows, 1) * store.chunk_rows
+    keep = np.zeros(n, dtype=bool)
+    keep[rows] = True
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sel = keep[start:stop]
+        if sel.any():
+            emb = store.embeddings[start:stop]
+            yield np.arange(start, stop, dtype=np.int64)[sel], emb[sel]
+
+
+def _select(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
+    return store.embeddings[rows] if rows.size else np.zeros((0, store.embed_dim), np.float32)
+
+
+def _neighbour_latlon(db_latlon: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    ll = db_latlon[np.clip(idx, 0, None)]
+    ll[idx < 0] = np.nan
+    return ll
+
+
+def _fit_kernel(db: EmbeddingStore, qd: QueryDatabase, db_latlon: np.ndarray, metric: str, cfg: RetrieveConfig):
+    """Fit the kernel on up to ``kernel_val`` database records queried against the database
+    (leave-one-out: never their own record or capture)."""
+    rng = np.random.default_rng(cfg.seed)
+    val = np.sort(rng.choice(qd.db_rows, size=min(cfg.kernel_val, qd.db_rows.size), replace=False))
+    groups = qd.db_groups if qd.db_groups is not None else np.arange(len(db), dtype=np.int64)
+    top = search_topk(_select(db, val).astype(np.float32), store_chunks(db, qd.db_rows, cfg.chunk_rows), cfg.k, metric,
+                      cfg.backend, query_groups=groups[val], db_groups=groups)
+    ok = (top.indices >= 0).any(axis=1)
+    return fit_kernel(db_latlon[val][ok], _neighbour_latlon(db_latlon, top.indices[ok]), top.distances[ok], top.indices[ok])
+
+
+def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDatabase]:
+    qs = open_store(cfg.query)
+    if cfg.database is None:
+        meta = {name: view[:] for name, view in qs.meta.items() if name in (cfg.split.column, cfg.split.capture_field)}
+        qd = split_rows(qs.latlon[:], meta, cfg.split, source=qs.path)
+        check_compatible(qs, qs)
+        return qs, qs, qd
+    db = open_store(cfg.database)
+    check_compatible(qs, db)
+    return qs, db, QueryDatabase(np.arange(len(qs), dtype=np.int64), np.arange(len(db), dtype=np.int64), None, None)
+
+
+def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
+    """Search, predict, score and write the predictions table (see the module docstring)."""
+    t0 = time.perf_counter()
+    if cfg.mode not in MODES:
+        raise GeopipeError(f"unknown retrieval mode {cfg.mode!r}; choose one of {list(MODES)}")
+    if cfg.k < 1:
+        raise GeopipeError(f"-k must be at least 1, got {cfg.k}")
+    backend = resolve_backend(cfg.backend)
+    qs, db, qd = _plan(cfg)
+    if qd.query_rows.size == 0:
+        raise GeopipeError(f"query store {qs.path} has no records")
+    metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
+    queries = _select(qs, qd.query_rows).astype(np.float32)
+    top: TopK = search_topk(queries, store_chunks(db, qd.db_rows, cfg.chunk_rows), cfg.k, metric, backend,
+                            query_groups=qd.query_groups, db_groups=qd.db_groups)
+    db_latlon = db.latlon[:].astype(np.float64)
+    nb = _neighbour_latlon(db_latlon, top.indices)
+    true_ll = qs.latlon[qd.query_rows].astype(np.float64)
+    cols: dict = {"key": [str(k) for k in qs.keys[qd.query_rows]], "true_lat": true_ll[:, 0], "true_lon": true_ll[:, 1]}
+    if (top.indices[:, 0] < 0).any():
+        raise GeopipeError(f"{int((top.indices[:, 0] < 0).sum())} queries have no eligible database record "
+                           "(the database is empty after excluding their own captures)")
+    pred = nb[:, 0].copy()
+    kernel = None
+    if cfg.mode == "kernel":
+        fit = _fit_kernel(db, qd, db_latlon, metric, cfg)
+        kernel = {**asdict(fit), "width_km": fit.width_km}
+        mu = neighbour_xyz(nb)
+        w = kernel_weights(top.distances, top.indices, fit.temperature)
+        pred = kernel_mode(mu, w, fit.kappa)
+        loc = kernel_localizability(mu, w, fit.kappa, latlon_to_xyz(torch.from_numpy(true_ll)), cfg.kernel_samples, cfg.seed)
+        cols.update(loc)
+    cols.update({"lat": pred[:, 0], "lon": pred[:, 1],
+                 "distance_km": haversine_km(pred[:, 0], pred[:, 1], true_ll[:, 0], true_ll[:, 1])})
+    keys_db = db.keys[np.unique(top.indices[top.indices >= 0])]
+    key_of = dict(zip(np.unique(top.indices[top.indices >= 0]).tolist(), (str(k) for k in keys_db)))
+    cols["topk_keys"] = [[key_of[i] for i in row if i >= 0] for row in top.indices.tolist()]
+    cols["topk_distance"] = [row[ok].tolist() for row, ok in zip(top.distances, top.indices >= 0)]
+    cols["topk_lat"] = [row[ok, 0].tolist() for row, ok in zip(nb, top.indices >= 0)]
+    cols["topk_lon"] = [row[ok, 1].tolist() for row, ok in zip(nb, top.indices >= 0)]
+    cols.update(retrieval_scores(top.distances, top.indices, nb, radius_m=cfg.radius_m))
+    positive = answerable(true_ll, db_latlon[qd.db_rows], cfg.radius_m, qd.query_groups,
+                          None if qd.db_groups is None else qd.db_groups[qd.db_rows])
+    cols["answerable"] = positive
+    recall = recall_summary(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), positive, ks=tuple(sorted({k for k in (1, 5, 10, 20) if k <= cfg.k} | {cfg.k})), radius_m=cfg.radius_m)
+    model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": backend,
+             "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,
+             "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"]}}
+    config = {**asdict(cfg), "split": asdict(cfg.split)}
+    table = predictions_table(cols, len(cols["key"]))
+    write_predictions(table, cfg.out, predictions_metadata(config, model, provenance()))
+    return RetrieveResult(out=cfg.out, n_queries=len(cols["key"]), n_database=int(qd.db_rows.size), backend=backend,
+                          recall=recall, kernel=kernel, seconds=time.perf_counter() - t0)
