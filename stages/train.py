@@ -72,6 +72,7 @@ class TrainConfig:
     progress: bool = True
     stream: bool | None = None  # None: in memory when the store fits comfortably, else streamed from disk
     buffer_chunks: int = 4  # stored chunks per shuffled window when streaming
+    allow_changes: bool = False  # resume although the store or training options differ (recorded in config.json "changes")
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
@@ -115,8 +116,29 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
     }
 
 
-def _resume(cfg, model, optimizer, ema, generator) -> tuple[int, list]:
-    """Continue from ``cfg.out`` when it holds a training state of the same method."""
+#: Training options that may change on resume without --allow-changes (train longer, log differently).
+_RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes")
+
+
+def _config_changes(saved: dict, config: dict) -> dict:
+    """Dotted key → [saved value, new value] for the store fingerprint, method, network and
+    training options that differ between a saved checkpoint config and the one resuming it."""
+    def flat(cfg):
+        out = {"data_fingerprint": cfg.get("data_fingerprint"), "embed_dim": cfg.get("embed_dim")}
+        for section in ("method", "network", "train"):
+            out.update({f"{section}.{k}": v for k, v in (cfg.get(section) or {}).items() if not (section == "train" and k in _RESUME_FREE)})
+        return out
+
+    old, new = flat(saved), flat(json.loads(json.dumps(config, default=str)))  # compare as JSON (tuples → lists)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def _resume(cfg, model, optimizer, ema, generator, config: dict) -> tuple[int, list]:
+    """Continue from ``cfg.out`` when it holds a training state of the same method, store and
+    options; a difference is refused, naming it, unless ``cfg.allow_changes``, which records it
+    in ``config["changes"]`` (kept in every later save) so the checkpoint says what trained which steps."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise GeopipeError(f"--out {cfg.out} exists and is not a directory; give a checkpoint directory")
     if not os.path.exists(os.path.join(cfg.out, CONFIG_FILE)):
         return 0, []
     saved = load_checkpoint_config(cfg.out)
@@ -125,6 +147,13 @@ def _resume(cfg, model, optimizer, ema, generator) -> tuple[int, list]:
     packed = load_train_state(cfg.out)
     if packed is None:
         return 0, []
+    changes = _config_changes(saved, config)
+    shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in list(changes.items())[:4]))
+    if changes and not getattr(cfg, "allow_changes", False):
+        what = "a different store" if "data_fingerprint" in changes else "different settings"
+        raise GeopipeError(f"{cfg.out} was trained to step {saved['step']} with {what} ({shown}); pass --allow-changes to "
+                           f"resume anyway (recorded in the checkpoint), --no-resume to start over, or another --out")
+    config["changes"] = list(saved.get("changes", [])) + ([{"step": saved["step"], "changed": changes}] if changes else [])
     tensors, meta = packed
     restore_train_state(model, optimizer, tensors, meta)
     ema.load_state_dict(load_model_weights(cfg.out))
@@ -230,7 +259,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     ema = EMA(model, decay=cfg.ema_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     config = _model_config(cfg, store, method, net_cfg, stats)
-    step, history = _resume(cfg, model, optimizer, ema, generator) if cfg.resume and optimizer else (0, [])
+    step, history = _resume(cfg, model, optimizer, ema, generator, config) if cfg.resume and optimizer else (0, [])
 
     def save(state: LoopState) -> None:
         _save(cfg, model, optimizer, ema, generator, config, state.step, state.history)

@@ -1,11 +1,17 @@
 """Checkpoint directories (schema :mod:`geopipe.schemas.checkpoint`): safetensors + JSON, never unpickled (A13).
 
-Layout: ``model.safetensors`` (EMA weights, A2), ``config.json`` (full resolved configuration plus
-provenance), and for resume ``train_state.safetensors`` (raw weights ``model.*`` and optimiser
-tensors ``optim.<param id>.<name>`` / ``optim.group.<group>.<key>``) with ``train_state.json``
-(step, seeds, optimiser scalars). Every file is written to a temporary name and moved into place
-with ``os.replace``; ``config.json`` goes last, and the saved ``step`` is stamped into every file
-so that a save interrupted half-way is detected on load instead of mixing two steps.
+Layout: the EMA weights (A2), ``config.json`` (full resolved configuration plus provenance), and
+for resume a train state (raw weights ``model.*`` and optimiser tensors ``optim.<param id>.<name>``
+/ ``optim.group.<group>.<key>``, plus a JSON of step, seeds, optimiser scalars).
+
+Saves are versioned: each save writes new files named ``<role>-<step>-<token>.<ext>`` (e.g.
+``model-00000500-3fa2c1d9.safetensors``), then replaces ``config.json`` — which names them in its
+``"files"`` entry — in one atomic rename. That rename is the commit: a process killed anywhere in
+a save leaves the previous ``config.json`` and the files it names untouched, so resume and
+predict always find the last complete save. Files no save names any more are deleted after the
+commit. Checkpoints written before versioning (fixed names ``model.safetensors``,
+``train_state.safetensors``, ``train_state.json``; no ``"files"``) are read as before. The saved
+``step`` is stamped into every file, so files of two saves are never mixed silently.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,10 +52,17 @@ __all__ = [
     "pack_train_state",
     "restore_train_state",
     "checkpoint_identity",
+    "checkpoint_files",
+    "weight_shapes",
+    "NETWORK_LIMITS",
 ]
 
 _MODEL_PREFIX = "model."
 _OPTIM_PREFIX = "optim."
+#: role → the file name of checkpoints written before versioned saves (also the name stem).
+_LEGACY_FILES = {"model": MODEL_FILE, "train_state": TRAIN_STATE_FILE, "train_state_json": TRAIN_STATE_JSON}
+#: Names of files a save writes (fixed, versioned, or the temporary of a killed atomic write).
+_OWN_FILE = re.compile(r"^\.?(model|train_state)(-\d{8}-[0-9a-f]{8})?\.(safetensors|json)(\.[0-9a-f]{12}\.tmp)?$")
 
 
 class CheckpointError(GeopipeError, ValueError):
@@ -100,17 +115,46 @@ def save_checkpoint(
         raise CheckpointError(f"cannot save checkpoint {out}: config 'step' must be an integer >= 0, got {step!r}")
     if (train_state is None) != (train_meta is None):
         raise CheckpointError(f"cannot save checkpoint {out}: give train_state and train_meta together, or neither")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"cannot save checkpoint {out}: it exists and is not a directory; choose another output directory")
     out.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    files = {role: _versioned_name(role, step, token) for role in (["model"] + (["train_state", "train_state_json"] if train_state is not None else []))}
     if train_state is not None:
         meta = {**dict(train_meta), "step": step}
-        _atomic_write(out / TRAIN_STATE_FILE, _tensor_bytes(train_state, step, out / TRAIN_STATE_FILE))
-        _atomic_write(out / TRAIN_STATE_JSON, _json_bytes(meta, out / TRAIN_STATE_JSON))
-    else:
-        (out / TRAIN_STATE_FILE).unlink(missing_ok=True)
-        (out / TRAIN_STATE_JSON).unlink(missing_ok=True)
-    _atomic_write(out / MODEL_FILE, _tensor_bytes(model_state, step, out / MODEL_FILE))
-    _atomic_write(out / CONFIG_FILE, _json_bytes(cfg, out / CONFIG_FILE))
+        _atomic_write(out / files["train_state"], _tensor_bytes(train_state, step, out / files["train_state"]))
+        _atomic_write(out / files["train_state_json"], _json_bytes(meta, out / files["train_state_json"]))
+    _atomic_write(out / files["model"], _tensor_bytes(model_state, step, out / files["model"]))
+    cfg["files"] = files
+    _atomic_write(out / CONFIG_FILE, _json_bytes(cfg, out / CONFIG_FILE))  # the commit
+    _drop_unnamed(out, set(files.values()))
     return out
+
+
+def _versioned_name(role: str, step: int, token: str) -> str:
+    stem, ext = os.path.splitext(_LEGACY_FILES[role])
+    return f"{stem}-{step:08d}-{token}{ext}"
+
+
+def _drop_unnamed(out: Path, keep: set[str]) -> None:
+    """Delete checkpoint files (and temporaries of killed saves) that ``config.json`` no longer names."""
+    for entry in os.scandir(out):
+        if entry.is_file() and entry.name not in keep and _OWN_FILE.match(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def checkpoint_files(directory: str | os.PathLike, config: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """role ("model", and for resume "train_state", "train_state_json") → path of the file the
+    last complete save wrote (versioned names from ``config.json``'s ``"files"``, or the fixed
+    names of older checkpoints)."""
+    directory = Path(directory)
+    config = load_checkpoint_config(directory) if config is None else config
+    files = config.get("files")
+    if files is None:  # written before versioned saves
+        return {role: directory / name for role, name in _LEGACY_FILES.items()}
+    if not isinstance(files, dict) or not all(isinstance(v, str) and os.path.basename(v) == v for v in files.values()):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: 'files' must map roles to file names in the checkpoint directory")
+    return {role: directory / name for role, name in files.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -138,7 +182,38 @@ def load_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: 'network' must be an object, found {type(cfg['network']).__name__}")
     if isinstance(cfg["step"], bool) or not isinstance(cfg["step"], int):
         raise CheckpointError(f"{path}: 'step' must be an integer, found {cfg['step']!r}")
+    _check_network(path, cfg)
     return cfg
+
+
+#: Bounds of the network sizes a checkpoint may declare (checked before anything is allocated).
+NETWORK_LIMITS = {"input_dim": 3, "dim": 16384, "depth": 256, "expansion": 64, "cond_dim": 65536}
+
+
+def _check_network(path: Path, cfg: Mapping[str, Any]) -> None:
+    """Refuse network sizes outside :data:`NETWORK_LIMITS` (an edited config must not allocate
+    until the machine runs out of memory) and an embedding dimension that disagrees with them."""
+    for key, value in cfg["network"].items():
+        limit = NETWORK_LIMITS.get(key)
+        if limit is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+            raise CheckpointError(f"{path}: network {key} = {value!r} is outside 1..{limit}; the config is damaged or was edited, "
+                                  f"restore it or retrain")
+    embed_dim, cond_dim = cfg["embed_dim"], cfg["network"].get("cond_dim")
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1 or (cond_dim is not None and cond_dim != embed_dim):
+        raise CheckpointError(f"{path}: embed_dim {embed_dim!r} must be a positive integer equal to network cond_dim {cond_dim!r}")
+
+
+def weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """name → shape of every tensor of the checkpoint's EMA weights, from the file header only
+    (nothing is loaded), to compare a config against its weights before building a model."""
+    path = checkpoint_files(directory)["model"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; is {path.parent} a geopipe checkpoint directory?")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -162,20 +237,21 @@ def _check_step(path: Path, meta: Mapping[str, str], step: int) -> None:
 
 def load_model_weights(directory: str | os.PathLike) -> dict[str, Tensor]:
     """The EMA weights of a checkpoint as a CPU state dict (safetensors only, never unpickled)."""
-    directory = Path(directory)
-    step = load_checkpoint_config(directory)["step"]
-    tensors, meta = _read_tensors(directory / MODEL_FILE)
-    _check_step(directory / MODEL_FILE, meta, step)
+    config = load_checkpoint_config(directory)
+    path = checkpoint_files(directory, config)["model"]
+    tensors, meta = _read_tensors(path)
+    _check_step(path, meta, config["step"])
     return tensors
 
 
 def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """``(tensors, meta)`` for resuming, or None when the checkpoint carries no train state."""
-    directory = Path(directory)
-    tpath, jpath = directory / TRAIN_STATE_FILE, directory / TRAIN_STATE_JSON
-    if not tpath.exists() and not jpath.exists():
+    config = load_checkpoint_config(directory)
+    files = checkpoint_files(directory, config)
+    tpath, jpath = files.get("train_state"), files.get("train_state_json")
+    if tpath is None or jpath is None or (not tpath.exists() and not jpath.exists()):
         return None
-    step = load_checkpoint_config(directory)["step"]
+    step = config["step"]
     tensors, tmeta = _read_tensors(tpath)
     meta = _read_json(jpath)
     _check_step(tpath, tmeta, step)

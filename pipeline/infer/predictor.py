@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.model.conditioning import CondStats
-from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights
+from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights, weight_shapes
 from geopipe.pipeline.artifacts.predictions import predictions_table
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
@@ -69,13 +69,29 @@ def load_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int 
             f"({config.get('backbone', {}).get('name', '?')})"
         )
     method = method_from_dict(config["method"])
-    model = method.build_model(NetworkConfig.from_dict(config["network"]))
+    net_cfg = NetworkConfig.from_dict(config["network"])
+    _check_weight_shapes(checkpoint, method, net_cfg)
+    model = method.build_model(net_cfg)
     weights = load_model_weights(checkpoint)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise GeopipeError(f"checkpoint {checkpoint} does not match its network config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     stats = CondStats.from_dict(config.get("condition"), int(config["embed_dim"]))
     return Predictor(method, model.to(device).eval(), config, device, stats)
+
+
+def _check_weight_shapes(checkpoint: str, method, net_cfg: NetworkConfig) -> None:
+    """Compare the config's network (built on the meta device: no memory) with the weights'
+    shapes read from the file header, before anything is allocated."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in method.build_model(net_cfg).state_dict().items()}
+    found = weight_shapes(checkpoint)
+    bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    if bad:
+        k = bad[0]
+        raise GeopipeError(f"checkpoint {checkpoint}: the weights do not match config.json's network ({len(bad)} tensor(s) differ, "
+                           f"e.g. {k}: weights {found.get(k, 'missing')}, config {expected.get(k, 'missing')}); "
+                           f"restore the matching config.json or retrain")
 
 
 def _chunks(n: int, size: int):

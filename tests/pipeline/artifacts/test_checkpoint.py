@@ -11,6 +11,7 @@ import torch
 
 from geopipe.pipeline.artifacts.checkpoint import (
     CheckpointError,
+    checkpoint_files,
     load_checkpoint_config,
     load_model_weights,
     load_train_state,
@@ -86,7 +87,7 @@ def test_config_round_trip_and_provenance(tmp_path):
     model, _, ema = _fresh("adamw", seed=0)
     save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(7))
     cfg = load_checkpoint_config(tmp_path)
-    assert cfg == {**_config(7), "schema": CHECKPOINT_SCHEMA, **provenance()}
+    assert {k: v for k, v in cfg.items() if k != "files"} == {**_config(7), "schema": CHECKPOINT_SCHEMA, **provenance()}
     assert NetworkConfig.from_dict(cfg["network"]) == NET
     assert load_train_state(tmp_path) is None
     _assert_same(load_model_weights(tmp_path), model.state_dict())
@@ -110,12 +111,13 @@ def test_not_a_safetensors_file_is_a_clear_error_and_never_unpickled(tmp_path):
         def __reduce__(self):
             return (exec, (f"open({str(marker)!r}, 'w').close()",))
 
-    (tmp_path / MODEL_FILE).write_bytes(pickle.dumps({"w": _Payload()}))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+    model_file = checkpoint_files(tmp_path)["model"]
+    model_file.write_bytes(pickle.dumps({"w": _Payload()}))
+    with pytest.raises(CheckpointError, match=r"model-00000000-[0-9a-f]{8}\.safetensors is not a readable safetensors file"):
         load_model_weights(tmp_path)
     assert not marker.exists()
-    (tmp_path / MODEL_FILE).write_bytes(b"definitely not a tensor file")
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    model_file.write_bytes(b"definitely not a tensor file")
+    with pytest.raises(CheckpointError, match=model_file.name):
         load_model_weights(tmp_path)
 
 
@@ -142,7 +144,7 @@ def test_interrupted_save_is_detected(tmp_path):
     model, _, ema = _fresh("adamw", seed=0)
     save_checkpoint(tmp_path / "a", model_state=ema.state_dict(), config=_config(3))
     save_checkpoint(tmp_path / "b", model_state=ema.state_dict(), config=_config(5))
-    shutil.copy(tmp_path / "b" / MODEL_FILE, tmp_path / "a" / MODEL_FILE)  # new weights, old config
+    shutil.copy(checkpoint_files(tmp_path / "b")["model"], checkpoint_files(tmp_path / "a")["model"])  # new weights, old config
     with pytest.raises(CheckpointError, match="holds step 5 but config.json says step 3"):
         load_model_weights(tmp_path / "a")
 
@@ -153,3 +155,62 @@ def test_optimizer_mismatch_is_a_clear_error():
     tensors, meta = optimizer_state_to_tensors(lamb)
     with pytest.raises(CheckpointError, match="saved optimizer is 'Lamb' but training uses 'AdamW'"):
         optimizer_state_from_tensors(adamw, tensors, meta)
+
+
+def test_each_save_is_versioned_and_committed_by_config_json(tmp_path):
+    """Every save writes new files; config.json names them; files of earlier saves are gone."""
+    model, opt, ema = _fresh("adamw", seed=0)
+    for step in (1, 2, 2):
+        state, meta = pack_train_state(model, opt)
+        save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(step), train_state=state, train_meta=meta)
+    files = checkpoint_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, *(p.name for p in files.values())])
+    assert files["model"].name.startswith("model-00000002-") and load_train_state(tmp_path)[1]["step"] == 2
+
+
+def test_interrupted_save_keeps_the_previous_one(tmp_path):
+    """A save killed before its config.json rename (here: files of a save that never committed,
+    plus a half-written temporary) leaves the last complete save loadable."""
+    model, opt, ema = _fresh("adamw", seed=0)
+    state, meta = pack_train_state(model, opt)
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(4), train_state=state, train_meta=meta)
+    good = {k: v.clone() for k, v in load_model_weights(tmp_path).items()}
+    (tmp_path / "model-00000008-0123abcd.safetensors").write_bytes(b"half")
+    (tmp_path / ".model-00000008-0123abcd.safetensors.0123456789ab.tmp").write_bytes(b"half")
+    assert load_checkpoint_config(tmp_path)["step"] == 4 and load_train_state(tmp_path)[1]["step"] == 4
+    assert all(torch.equal(good[k], v) for k, v in load_model_weights(tmp_path).items())
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(8), train_state=state, train_meta=meta)
+    assert not any("0123abcd" in p.name for p in tmp_path.iterdir())  # leftovers of the killed save are cleaned
+
+
+def test_checkpoints_without_versioned_files_still_load(tmp_path):
+    """Checkpoints written before versioned saves (fixed file names, no "files") read as before."""
+    model, opt, ema = _fresh("adamw", seed=0)
+    state, meta = pack_train_state(model, opt)
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(3), train_state=state, train_meta=meta)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for role, path in checkpoint_files(tmp_path).items():
+        path.rename(tmp_path / {"model": MODEL_FILE, "train_state": "train_state.safetensors", "train_state_json": "train_state.json"}[role])
+    del cfg["files"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    assert set(load_model_weights(tmp_path)) == set(ema.state_dict()) and load_train_state(tmp_path)[1]["step"] == 3
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(4))  # upgraded: the fixed names go
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_FILE, checkpoint_files(tmp_path)["model"].name])
+
+
+@pytest.mark.parametrize("key, value", [("depth", 10**9), ("depth", 1e9), ("dim", 0), ("expansion", 10**6), ("cond_dim", 9)])
+def test_edited_network_config_is_refused_on_load(tmp_path, key, value):
+    model, _, ema = _fresh("adamw", seed=0)
+    save_checkpoint(tmp_path, model_state=ema.state_dict(), config=_config(0))
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    cfg["network"][key] = value
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"config\.json: (network {key} = |embed_dim 8 must be)"):
+        load_checkpoint_config(tmp_path)
+
+
+def test_save_into_a_file_is_a_clear_error(tmp_path):
+    model, _, ema = _fresh("adamw", seed=0)
+    (tmp_path / "m").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        save_checkpoint(tmp_path / "m", model_state=ema.state_dict(), config=_config(0))
