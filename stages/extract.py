@@ -2,7 +2,7 @@
 
 Decoding runs in DataLoader workers and shards are committed strictly in shard order
 (:mod:`geopipe.pipeline.ingest.embed`), so the store's rows are shard order then tar order whatever
-``num_workers`` is. Bad samples are skipped and recorded in ``STORE/rejects.parquet``.
+``num_workers`` is. Bad samples are skipped and recorded in ``STORE/rejects/rejects.parquet``.
 
 Runs are resumable and incremental (:mod:`geopipe.pipeline.ingest.plan`): shards already in the store
 are skipped, new ones appended; shards changed since they were written are handled by
@@ -15,20 +15,15 @@ recorded as the store's backbone identity. Shards and store may be fsspec urls.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.ingest.backbones import PRECISIONS
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
-from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, ShardChangedError, TooManyRejectsError, plan_shards
+from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
+from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 from geopipe.pipeline.ingest.shards import resolve_shards
-from geopipe.pipeline.store.writer import DTYPES, StoreWriter
-from geopipe.schemas.rejects import REJECT_REASONS
-from geopipe.schemas.store import REJECTS_FILE
-from geopipe.stages.ingest_result import IngestResult
 
 __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChangedError", "run_extract"]
 
@@ -80,24 +75,13 @@ class ExtractConfig:
             raise ConfigError("extract needs a store path")
         _positive_int("batch_size", self.batch_size, 1)
         _positive_int("num_workers", self.num_workers, 0)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.on_changed not in ON_CHANGED:
-            raise ConfigError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
-        if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
-            raise ConfigError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
+        check_ingest_options(self.dtype, self.max_reject_fraction, self.on_changed)
         if self.embedding_key is not None and (self.pretrained is not None or not self.embedding_key.strip(".")):
             raise ConfigError("embedding_key stores precomputed embeddings: give a sample extension such as "
                              "'street_clip.npy', a backbone label and no pretrained weights")
-        if self.meta_fields is not None:
-            from geopipe.pipeline.store.reader import META_NAME
-
-            object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
-            bad = [m for m in self.meta_fields if not META_NAME.match(m) or m in (self.lat_key, self.lon_key)]
-            if bad:
-                raise ConfigError(f"invalid meta field names {bad}: use letters, digits, '_', '-', '.', not the coordinates")
+        object.__setattr__(self, "meta_fields", meta_names(self.meta_fields, reserved=(self.lat_key, self.lon_key)))
 
 
 @dataclass(frozen=True)
@@ -144,31 +128,6 @@ def _source(cfg: ExtractConfig, urls: list[str], store: str, device, backbone):
     return None, precomputed_identity(cfg.backbone, dim), dim
 
 
-def _open_writer(cfg: ExtractConfig, urls: list[str], store: str, backbone):
-    """Lock the store (fail fast), resolve the device and backbone, open the writer."""
-    from geopipe.pipeline.core.device import resolve_device
-    from geopipe.pipeline.core.provenance import provenance
-
-    existed = fsio.exists(store)
-    lock = StoreWriter.lock(store)
-    try:
-        try:
-            device = resolve_device(cfg.device)
-        except ValueError as exc:
-            raise GeopipeError(str(exc)) from None
-        bb, identity, dim = _source(cfg, urls, store, device, backbone)
-        device = bb.device if bb is not None else device
-        created_by = {**provenance(), "config": dataclasses.asdict(cfg)}
-        writer = StoreWriter.open(store, backbone=identity, embed_dim=dim, dtype=cfg.dtype, normalize=cfg.normalize,
-                                  created_by=created_by, lock=lock)
-    except BaseException:
-        lock.release()
-        if not existed and fsio.is_local(store) and os.path.isdir(store) and not os.listdir(store):
-            os.rmdir(store)
-        raise
-    return writer, bb, device
-
-
 def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     """Extract ``cfg.shards`` into ``cfg.store`` (created, or appended to / resumed).
 
@@ -177,36 +136,27 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     GeopipeError subclasses for user errors (missing shard, locked store, backbone
     mismatch, changed shard, too many rejects).
     """
-    from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
+    from geopipe.pipeline.core.device import resolve_device
+    from geopipe.pipeline.core.provenance import provenance
     from geopipe.pipeline.ingest.decode import SampleSpec
+    from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
 
     t0 = time.perf_counter()
     urls = resolve_shards(cfg.shards)
     store = fsio.normalize(cfg.store)
-    writer, bb, device = _open_writer(cfg, urls, store, backbone)
-    budget = RejectBudget(cfg.max_reject_fraction, fsio.join(store, REJECTS_FILE))
 
-    def on_commit(url, n_ok, rejects) -> None:
-        budget.add(n_ok, [r.reason for r in rejects])
-        budget.check(final=False)
+    def prepare():
+        device = resolve_device(cfg.device)
+        bb, identity, dim = _source(cfg, urls, store, device, backbone)
+        return identity, dim, (bb, bb.device if bb is not None else device)
 
-    with writer:
-        plan = plan_shards(urls, writer.shards, store=cfg.store, on_changed=cfg.on_changed, verify_hash=cfg.verify_hash)
-        if plan.truncate_at is not None:
-            writer.truncate(plan.truncate_at)
-        t_loop = time.perf_counter()
-        if plan.todo:
-            spec = SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key)
-            opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
-            embed_shards(plan.todo, writer, bb, spec, opts, device, on_commit)
-        t_loop = time.perf_counter() - t_loop
-    seen = budget.ok + budget.rejected
-    result = ExtractResult(
-        cfg.store, budget.ok, budget.rejected, {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
-        budget.shards, len(plan.skipped), time.perf_counter() - t0, plan.changed, plan.missing,
-        images_per_s=seen / t_loop if t_loop > 0 else 0.0, on_changed=cfg.on_changed,
-    )
-    if cfg.progress:
-        print(result.summary(), file=sys.stderr)
-    budget.check(final=True, rows=writer.rows, store_rejects=writer.attrs["rejects"])
-    return result
+    def write(writer, todo, ctx, on_commit):
+        bb, device = ctx
+        spec = SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key)
+        opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
+        embed_shards(todo, writer, bb, spec, opts, device, on_commit)
+
+    opts = IngestOptions(cfg.dtype, cfg.normalize, cfg.max_reject_fraction, cfg.on_changed, cfg.verify_hash, cfg.progress,
+                         created_by={**provenance(), "config": dataclasses.asdict(cfg)})
+    return run_ingest(urls, cfg.store, opts, prepare=prepare, write=write, t0=t0,
+                      finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))

@@ -3,7 +3,7 @@
 The same store format, validation and rejects as ``geopipe extract``
 (:mod:`geopipe.pipeline.ingest.pairs` reads the pairs, :mod:`geopipe.pipeline.ingest.rows` filters and appends):
 rows with invalid or missing coordinates, a missing key, an unusable embedding or a repeated
-key are skipped and recorded in ``STORE/rejects.parquet``. Each pair is one "shard" with a
+key are skipped and recorded in ``STORE/rejects/rejects.parquet``. Each pair is one "shard" with a
 completion record, so an interrupted import resumes and a later import with more pairs
 appends only the new ones (``on_changed`` and ``shards_missing`` as for extract). A pair
 whose files disagree on the row count is an error, and nothing of it is written. The store's
@@ -13,21 +13,16 @@ backbone identity is the user's label (``backbone_name``), e.g. "StreetCLIP".
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.progress import Progress
-from geopipe.pipeline.ingest.pairs import (ColumnSpec, EmbeddingPair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat,
-                                precomputed_identity, read_pair)
-from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, plan_shards
-from geopipe.pipeline.ingest.rows import commit_rows
-from geopipe.pipeline.store.writer import DTYPES, StoreWriter
-from geopipe.schemas.rejects import REJECT_REASONS
-from geopipe.schemas.store import REJECTS_FILE
-from geopipe.stages.ingest_result import IngestResult
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.ingest.pairs import (ColumnSpec, discover_pairs, npy_embed_dim, pair_sha256, pair_stat, precomputed_identity,
+                                           read_pair)
+from geopipe.pipeline.ingest.rows import commit_rows
+from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
 
@@ -66,19 +61,8 @@ class ImportConfig:
             raise ConfigError("import needs a store path")
         if not isinstance(self.backbone_name, str) or not self.backbone_name.strip():
             raise ConfigError("import needs a backbone name labelling the embeddings' model (e.g. 'StreetCLIP')")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown embedding dtype {self.dtype!r}; choose one of {list(DTYPES)}")
-        if self.on_changed not in ON_CHANGED:
-            raise ConfigError(f"unknown on_changed policy {self.on_changed!r}; choose one of {list(ON_CHANGED)}")
-        if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
-            raise ConfigError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction!r}")
-        if self.meta_fields is not None:
-            from geopipe.pipeline.store.reader import META_NAME
-
-            object.__setattr__(self, "meta_fields", tuple(self.meta_fields))
-            bad = [m for m in self.meta_fields if not META_NAME.match(m)]
-            if bad:
-                raise ConfigError(f"invalid meta column names {bad}: use letters, digits, '_', '-', '.'")
+        check_ingest_options(self.dtype, self.max_reject_fraction, self.on_changed)
+        object.__setattr__(self, "meta_fields", meta_names(self.meta_fields, what="meta column"))
 
 
 @dataclass(frozen=True)
@@ -94,58 +78,39 @@ class ImportResult(IngestResult):
         return f"{self.rows_per_s:.0f} rows/s"
 
 
-def _open_writer(cfg: ImportConfig, store: str, pairs: list[EmbeddingPair]) -> StoreWriter:
-    from geopipe.pipeline.core.provenance import provenance
-    from geopipe.pipeline.store.reader import open_store
-
-    lock = StoreWriter.lock(store)
-    try:
-        exists = fsio.isfile(fsio.join(store, "zarr.json"))
-        dim = open_store(store).embed_dim if exists else npy_embed_dim(pairs[0].embeddings)
-        created_by = {**provenance(), "config": dataclasses.asdict(cfg)}
-        return StoreWriter.open(store, backbone=precomputed_identity(cfg.backbone_name, dim), embed_dim=dim,
-                                dtype=cfg.dtype, normalize=cfg.normalize, created_by=created_by, lock=lock)
-    except BaseException:
-        lock.release()
-        raise
-
-
 def run_import(cfg: ImportConfig) -> ImportResult:
     """Import ``cfg.sources`` into ``cfg.store`` (created, or appended to / resumed).
 
     Raises GeopipeError subclasses for user errors (no pairs, misaligned pair, missing column,
     locked store, other backbone label or embedding width, changed pair, too many rejects).
     """
+    from geopipe.pipeline.core.provenance import provenance
+    from geopipe.pipeline.store.reader import open_store
+
     t0 = time.perf_counter()
     pairs = {p.url: p for p in discover_pairs(cfg.sources)}
     store = fsio.normalize(cfg.store)
-    writer = _open_writer(cfg, store, list(pairs.values()))
-    budget = RejectBudget(cfg.max_reject_fraction, fsio.join(store, REJECTS_FILE))
     cols = ColumnSpec(cfg.key_col, cfg.lat_col, cfg.lon_col, cfg.meta_fields)
-    with writer:
-        plan = plan_shards(list(pairs), writer.shards, store=cfg.store, on_changed=cfg.on_changed,
-                           verify_hash=cfg.verify_hash, stat_fn=lambda u: pair_stat(pairs[u]),
-                           hash_fn=lambda u: pair_sha256(pairs[u]))
-        if plan.truncate_at is not None:
-            writer.truncate(plan.truncate_at)
-        t_loop = time.perf_counter()
-        with Progress(len(plan.todo), "import", "pair", enabled=cfg.progress) as bar:
-            for url, stat in plan.todo:
+
+    def prepare():
+        exists = fsio.isfile(fsio.join(store, "zarr.json"))
+        dim = open_store(store).embed_dim if exists else npy_embed_dim(next(iter(pairs.values())).embeddings)
+        return precomputed_identity(cfg.backbone_name, dim), dim, None
+
+    def write(writer, todo, _ctx, on_commit):
+        rows_ok = rejected = 0
+        with Progress(len(todo), "import", "pair", enabled=cfg.progress) as bar:
+            for url, stat in todo:
                 rows = read_pair(pairs[url], cols, writer.attrs["embed_dim"])
                 stat = dataclasses.replace(stat, sha256=pair_sha256(pairs[url]))
                 n_ok, rejects = commit_rows(writer, url, stat, rows)
-                budget.add(n_ok, [r.reason for r in rejects])
-                budget.check(final=False)
-                bar.set_postfix(rows=budget.ok, rejected=budget.rejected)
+                on_commit(url, n_ok, rejects)
+                rows_ok, rejected = rows_ok + n_ok, rejected + len(rejects)
+                bar.set_postfix(rows=rows_ok, rejected=rejected)
                 bar.update(1)
-        t_loop = time.perf_counter() - t_loop
-    seen = budget.ok + budget.rejected
-    result = ImportResult(
-        cfg.store, budget.ok, budget.rejected, {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
-        budget.shards, len(plan.skipped), time.perf_counter() - t0, plan.changed, plan.missing,
-        rows_per_s=seen / t_loop if t_loop > 0 else 0.0,
-    )
-    if cfg.progress:
-        print(result.summary(), file=sys.stderr)
-    budget.check(final=True, rows=writer.rows, store_rejects=writer.attrs["rejects"])
-    return result
+
+    opts = IngestOptions(cfg.dtype, cfg.normalize, cfg.max_reject_fraction, cfg.on_changed, cfg.verify_hash, cfg.progress,
+                         created_by={**provenance(), "config": dataclasses.asdict(cfg)})
+    return run_ingest(list(pairs), cfg.store, opts, prepare=prepare, write=write, t0=t0,
+                      stat_fn=lambda u: pair_stat(pairs[u]), hash_fn=lambda u: pair_sha256(pairs[u]),
+                      finish=lambda common, per_s: ImportResult(**common, rows_per_s=per_s))
