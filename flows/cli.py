@@ -164,8 +164,12 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
 @click.option("--city-field", default="unique_city", show_default=True)
 @click.option("--prdc-k", default=3, show_default=True, help="Neighbours for precision/recall/density/coverage.")
 @click.option("--prdc-chunks", default=1, show_default=True, help="Average PRDC over this many contiguous chunks (1 = whole set, A11).")
+@click.option("--uncertainty", is_flag=True, help="Also print the failure-prediction table of every uncertainty score column.")
+@click.option("--failure-km", default=25.0, show_default=True, help="With --uncertainty: a record fails when its error exceeds this.")
+@click.option("--plots", "plots_dir", default=None, help="With --uncertainty: write sparsification and reliability PNGs here.")
 @user_errors
-def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks):
+def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks,
+             uncertainty, failure_km, plots_dir):
     """Score one or several prediction files; several files print one row per model."""
     from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 
@@ -177,16 +181,48 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
     res = run_evaluate(EvaluateConfig(
         predictions=tuple(predictions), out=out, names=tuple(names) or None, baseline_latlon=baseline, store=store,
         geocode=geocode, country_field=country_field, region_field=region_field, city_field=city_field,
-        prdc_k=prdc_k, prdc_chunks=prdc_chunks,
+        prdc_k=prdc_k, prdc_chunks=prdc_chunks, uncertainty=uncertainty, failure_km=failure_km, plots_dir=plots_dir,
     ))
     click.echo(res.table)
+    if res.uncertainty_table:
+        click.echo("\n" + res.uncertainty_table)
+    for path in res.plots:
+        click.echo(f"plot → {path}")
 
 
 @cli.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @user_errors
 def run(config):
-    """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect."""
+    """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect.
+
+    CONFIG layout: a section's keys are the fields of that stage's config (mostly the command's
+    options, with underscores); unknown keys and wrong types are one-line errors; [train],
+    [predict] and [evaluate] are required:
+
+    \b
+        workdir = "data/run"                # optional
+        [demo_data]                         # optional: write the offline demo world first
+        out = "data/run/shards"
+        [extract.train]                     # one table per store to extract
+        shards = ["data/run/shards/train-{000000..000005}.tar"]
+        store = "data/run/train.zarr"
+        [extract.test]
+        shards = ["data/run/shards/test-000000.tar"]
+        store = "data/run/test.zarr"
+        [train]
+        store = "data/run/train.zarr"
+        out = "data/run/model"
+        steps = 3000
+        [predict]
+        checkpoint = "data/run/model"
+        store = "data/run/test.zarr"
+        out = "data/run/predictions.parquet"
+        nll = true
+        [evaluate]
+        predictions = ["data/run/predictions.parquet"]
+        baseline_store = "data/run/train.zarr"  # optional: constant-prediction row
+    """
     from geopipe.flows.pipeline_flow import geopipe_flow
     from geopipe.stages.config import load_pipeline_config
 

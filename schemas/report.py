@@ -28,7 +28,11 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
     prdc            {precision, recall, density, coverage, k, chunks, n_real, n_fake}  (real = truths, fake = predictions)
     admin           {area: {n, accuracy}}  area ∈ country / region / sub-region / city; n counts known true labels
 
-ROW: the keys of :data:`COMPARISON_COLUMNS`, numbers or null.
+    retrieval       (optional) Recall@K of retrieval files, see OPTIONAL_ENTRY_KEYS
+
+ROW: the keys of :data:`COMPARISON_COLUMNS`, numbers or null. Optional top level
+"uncertainty": failure-prediction rows (model, score, failure, n, ausc, ause, aurg, spearman,
+auroc, auprc, curves) written by ``geopipe evaluate --uncertainty``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "REPORT_SCHEMA_ID",
     "REPORT_KEYS",
     "ENTRY_KEYS",
+    "OPTIONAL_ENTRY_KEYS",
+    "OPTIONAL_REPORT_KEYS",
     "ENTRY_KINDS",
     "SECTION_KEYS",
     "COMPARISON_COLUMNS",
@@ -66,6 +72,12 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "prdc": (dict, _NULL),
     "admin": (dict, _NULL),
 }
+#: Entry keys that may be absent (older reports lack them).
+OPTIONAL_ENTRY_KEYS: dict[str, tuple[type, ...]] = {
+    "retrieval": (dict, _NULL),  # Recall@K of retrieval files: {radius_m, n, n_unanswerable, ks, recall, recall_all, recall_km}
+}
+#: Top-level keys that may be absent: "uncertainty" = failure-prediction rows of ``evaluate --uncertainty``.
+OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list}
 ENTRY_KINDS: tuple[str, ...] = ("model", "baseline")
 
 #: Keys each non-null metric section must hold.
@@ -95,8 +107,8 @@ def _entry_problems(i: int, entry) -> list[str]:
     if not isinstance(entry, dict):
         return [f"reports[{i}] must be an object"]
     problems = [f"reports[{i}] lacks {k!r}" for k in ENTRY_KEYS if k not in entry]
-    problems += [f"reports[{i}] has unknown key {k!r}" for k in entry if k not in ENTRY_KEYS]
-    for key, kinds in ENTRY_KEYS.items():
+    problems += [f"reports[{i}] has unknown key {k!r}" for k in entry if k not in ENTRY_KEYS and k not in OPTIONAL_ENTRY_KEYS]
+    for key, kinds in {**ENTRY_KEYS, **OPTIONAL_ENTRY_KEYS}.items():
         if key in entry and not _type_ok(entry[key], kinds):
             problems.append(f"reports[{i}].{key} has type {type(entry[key]).__name__}")
     if entry.get("kind") not in ENTRY_KINDS:
@@ -124,7 +136,10 @@ def validate_report(report) -> list[str]:
             problems.append(f"missing key {key!r}")
         elif not isinstance(report[key], kind):
             problems.append(f"key {key!r} must be {kind.__name__}, got {type(report[key]).__name__}")
-    problems += [f"unknown key {k!r}" for k in report if k not in REPORT_KEYS]
+    problems += [f"unknown key {k!r}" for k in report if k not in REPORT_KEYS and k not in OPTIONAL_REPORT_KEYS]
+    for key, kind in OPTIONAL_REPORT_KEYS.items():
+        if key in report and not isinstance(report[key], kind):
+            problems.append(f"key {key!r} must be {kind.__name__}, got {type(report[key]).__name__}")
     if report.get("schema") not in (None, REPORT_SCHEMA_ID):
         problems.append(f"unsupported report schema {report.get('schema')!r}; expected {REPORT_SCHEMA_ID!r}")
     entries = report.get("reports") if isinstance(report.get("reports"), list) else []

@@ -5,7 +5,10 @@ the truth is known; NLL in nats and bits/dim (tagged with its density space) fro
 ``log_likelihood``; localizability from ``neg_entropy_nats``; HDR calibration from
 ``hdr_rank``; PRDC of the predicted points (fake) against the true points (real) of the same
 records; optionally country/region/city accuracies. Several files give one row per model, plus
-a "constant baseline" row when ``baseline_latlon`` is set.
+a "constant baseline" row when ``baseline_latlon`` is set. Retrieval files add Recall@K. With
+``uncertainty``, a failure-prediction table (one row per uncertainty score column and failure
+definition, see :mod:`geopipe.pipeline.eval.failure`) and, with ``plots_dir``, sparsification and
+reliability plots (PNG).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopipe.pipeline.artifacts.predictions import read_predictions
-from geopipe.pipeline.artifacts.report import build_report, write_report
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.artifacts.report import build_report, json_safe, write_report
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.provenance import provenance
+from geopipe.pipeline.eval.failure import FailureOptions, failure_rows, format_failure_table
 from geopipe.pipeline.eval.metrics import constant_baseline
 from geopipe.pipeline.eval.score import ScoreOptions, baseline_entry, report_notes, score_predictions, truth_mask
 from geopipe.pipeline.eval.table import format_table
@@ -50,6 +54,9 @@ class EvaluateConfig:
     city_field: str = "unique_city"
     geocode: bool = False
     baseline_latlon: tuple[float, float] | None = None
+    uncertainty: bool = False
+    failure_km: float = 25.0
+    plots_dir: str | None = None
 
     def __post_init__(self):
         for name in ("predictions", "names", "baseline_latlon"):
@@ -61,9 +68,7 @@ class EvaluateConfig:
         if self.names is not None and len(self.names) != len(self.predictions):
             raise ConfigError(f"evaluate: {len(self.names)} names for {len(self.predictions)} predictions files; give one name per file")
         for name in ("prdc_k", "prdc_chunks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"evaluate: {name} must be a positive integer, got {v!r}")
+            check_int(getattr(self, name), name, 1, where="evaluate")
         if self.baseline_latlon is not None and len(self.baseline_latlon) != 2:
             raise ConfigError(f"evaluate: baseline_latlon must be (lat, lon) in degrees, got {self.baseline_latlon!r}")
 
@@ -78,6 +83,9 @@ class EvaluateResult:
     reports: list[dict]
     table: str
     out: str | None = None
+    uncertainty: list[dict] | None = None
+    uncertainty_table: str | None = None
+    plots: tuple[str, ...] = ()
 
 
 def _labels(cfg: EvaluateConfig) -> list[str]:
@@ -91,11 +99,13 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every predictions file of ``cfg``; write the JSON report when ``cfg.out`` is set."""
     opts = ScoreOptions(prdc_k=cfg.prdc_k, prdc_chunks=cfg.prdc_chunks, store=cfg.store, geocode=cfg.geocode,
                         admin_fields=cfg.admin_fields())
-    entries, first_truth = [], None
+    entries, first_truth, failures = [], None, []
     for name, path in zip(_labels(cfg), cfg.predictions):
         cols, meta = read_predictions(str(path))
         try:
             entries.append(score_predictions(name, str(path), cols, meta, opts))
+            if cfg.uncertainty:
+                failures += failure_rows(name, str(path), cols, FailureOptions(failure_km=cfg.failure_km))
         except ValueError as exc:  # invalid values inside a well-formed file (e.g. NaN predictions)
             raise GeopipeError(f"{path!r}: {exc}") from None
         if first_truth is None and truth_mask(cols) is not None:
@@ -105,9 +115,31 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
             raise GeopipeError("a constant baseline needs true coordinates, but no predictions file has true_lat/true_lon")
         entries.append(baseline_entry(cfg.baseline_latlon, first_truth, opts))
     doc = build_report(entries, report_notes(entries), provenance()["version"])
+    plots: tuple[str, ...] = ()
+    if cfg.uncertainty:
+        doc["uncertainty"] = json_safe(failures)
+        plots = _failure_plots(failures, cfg.plots_dir) if cfg.plots_dir else ()
     if cfg.out:
         write_report(doc, cfg.out)
-    return EvaluateResult(reports=doc["reports"], table=format_table(doc["reports"]), out=cfg.out)
+    return EvaluateResult(reports=doc["reports"], table=format_table(doc["reports"]), out=cfg.out,
+                          uncertainty=doc.get("uncertainty"),
+                          uncertainty_table=format_failure_table(failures) if cfg.uncertainty else None, plots=plots)
+
+
+def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:
+    """One sparsification and one reliability PNG per failure definition in ``folder``."""
+    from geopipe.pipeline.viz.failure_plots import render_reliability_plot, render_sparsification_plot
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for label in dict.fromkeys(r["failure"] for r in rows):
+        group = [r for r in rows if r["failure"] == label]
+        slug = "".join(ch if ch.isalnum() else "_" for ch in label.replace("<=", "le").replace("@", "at")).strip("_")
+        paths.append(render_sparsification_plot(os.path.join(folder, f"sparsification_{slug}.png"), group,
+                                                title=f"Sparsification ({label})"))
+        paths.append(render_reliability_plot(os.path.join(folder, f"reliability_{slug}.png"), group,
+                                             title=f"Reliability ({label})"))
+    return tuple(paths)
 
 
 def store_mean_direction(store: str) -> tuple[float, float]:

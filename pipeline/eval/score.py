@@ -17,6 +17,7 @@ import torch
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.eval.admin import admin_accuracy, reverse_geocode_labels, store_admin_labels
 from geopipe.pipeline.eval.calibration import calibration_table
+from geopipe.pipeline.eval.failure import retrieval_section
 from geopipe.pipeline.eval.metrics import SPACES, distance_metrics, localizability_summary, nll_summary
 from geopipe.pipeline.eval.prdc import prdc
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
@@ -104,6 +105,9 @@ def score_predictions(name: str, path: str, cols: dict, meta: dict, opts: ScoreO
         entry["calibration"] = calibration_table(cols["hdr_rank"])
     entry["prdc"] = _prdc_section(cols, mask, opts)
     entry["admin"] = _admin_section(opts, cols, cols["lat"], cols["lon"])
+    retrieval = retrieval_section(path, cols) if mask is not None else None
+    if retrieval is not None:  # an optional section: files of generative models have no top-K
+        entry["retrieval"] = retrieval
     return entry
 
 

@@ -105,4 +105,17 @@ def format_table(reports: list[dict]) -> str:
         text = _grid(_HEADER + [f"{a} %" for a in areas], rows, left=2)
     if any(e.get("nll") for e in reports):
         text += "\n" + _NLL_NOTE
+    for e in reports:
+        text += _recall_line(e)
     return text
+
+
+def _recall_line(e: dict) -> str:
+    """Recall@K of a retrieval entry (answerable queries at the positive radius; all queries at 25 km)."""
+    rec = e.get("retrieval")
+    if not rec:
+        return ""
+    cells = " ".join(f"R@{k} {_fmt(v, '.1f', 100.0)}" for k, v in rec["recall"].items())
+    km = " ".join(f"R@{k} {_fmt(v, '.1f', 100.0)}" for k, v in (rec["recall_km"].get("25") or {}).items())
+    return (f"\n{e.get('name')}: Recall@K (%) at {rec['radius_m']:g} m: {cells} "
+            f"({rec['n_unanswerable']} of {rec['n']} queries without a positive dropped); at 25 km: {km}")

@@ -1,0 +1,161 @@
+"""Failure prediction: how well each uncertainty score of a predictions file ranks its
+failures, one row per (score column, failure definition), and Recall@K of retrieval files.
+
+Scores (higher = more uncertain): the columns of :data:`SCORE_COLUMNS` present in the file,
+and the entropy H = −(−H) of generative models (their ``neg_entropy_nats``; the effective
+area ranks identically). Failure definitions: ``correct@1`` (top-1 within ``radius_m``, for
+retrieval files; queries without a positive in the database are dropped) and
+``error <= failure_km`` (any file with truths). Per row: sparsification (AUSC, oracle, random,
+AUSE, AURG, AUSC_norm), adaptive bins with Spearman S and R², AUROC/AUPRC of failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geopipe.pipeline.eval.binning import BinningConfig, binned_rank_stats
+from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, haversine_m, recall_at_k, recall_summary
+from geopipe.pipeline.eval.sparsification import SPARSIFICATION_STEPS, failure_detection, sparsification
+from geopipe.pipeline.sphere.geometry import haversine_km
+
+__all__ = ["SCORE_COLUMNS", "RECALL_RADII_KM", "FailureOptions", "read_optional_columns", "retrieval_section",
+           "failure_rows", "format_failure_table"]
+
+#: Uncertainty score columns of the predictions schema (higher = more uncertain).
+SCORE_COLUMNS = ("log_u", "log_u_alea", "log_u_epi", "u_dist1", "u_ratio12", "u_spread_km", "u_geo_inconsistency")
+#: Distance thresholds (km) of the coarse Recall@K, as for the geolocation accuracies.
+RECALL_RADII_KM = (1, 25, 200, 750, 2500)
+_LIST_COLUMNS = ("topk_lat", "topk_lon")
+
+
+@dataclass(frozen=True)
+class FailureOptions:
+    """failure_km: a record fails when its error exceeds this (km); radius_m: positive radius of
+    correct@1 (metres); steps: sparsification steps; binning: adaptive-binning parameters."""
+
+    failure_km: float = 25.0
+    radius_m: float = POSITIVE_RADIUS_M
+    steps: int = SPARSIFICATION_STEPS
+    binning: BinningConfig = field(default_factory=BinningConfig)
+
+
+def read_optional_columns(path: str, names) -> dict:
+    """Columns of ``names`` present in a predictions file: floats as float64 arrays (NaN for
+    null), ``answerable`` as a float array (NaN unknown), list columns as (N, K) float arrays
+    padded with NaN."""
+    schema = pq.read_schema(path)
+    present = [n for n in names if n in schema.names]
+    if not present:
+        return {}
+    table = pq.read_table(path, columns=present)
+    out = {}
+    for name in present:
+        col = table.column(name)
+        if name in _LIST_COLUMNS:
+            rows = col.to_pylist()
+            k = max((len(r) for r in rows if r), default=0)
+            arr = np.full((len(rows), k), np.nan)
+            for i, r in enumerate(rows):
+                if r:
+                    arr[i, :len(r)] = [np.nan if v is None else v for v in r]
+            out[name] = arr
+        else:
+            out[name] = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    return out
+
+
+def _topk_metres(cols: dict, extra: dict) -> np.ndarray | None:
+    if "topk_lat" not in extra or extra["topk_lat"].shape[1] == 0 or "true_lat" not in cols:
+        return None
+    return haversine_m(cols["true_lat"][:, None], cols["true_lon"][:, None], extra["topk_lat"], extra["topk_lon"])
+
+
+def retrieval_section(path: str, cols: dict, radius_m: float = POSITIVE_RADIUS_M) -> dict | None:
+    """Recall@K of a retrieval predictions file (None for other files): at ``radius_m`` with
+    both conventions (answerable queries / all queries) and, all queries, at the km radii."""
+    extra = read_optional_columns(path, ("topk_lat", "topk_lon", "answerable"))
+    dist = _topk_metres(cols, extra)
+    if dist is None:
+        return None
+    known = np.isfinite(cols["true_lat"]) & np.isfinite(cols["true_lon"])
+    dist = dist[known]
+    ans = extra.get("answerable")
+    ans = None if ans is None or np.isnan(ans).all() else (ans[known] > 0.5)
+    k = dist.shape[1]
+    ks = tuple(sorted({kk for kk in (1, 5, 10, 20) if kk <= k} | {k}))
+    sec = recall_summary(dist, ans, ks, radius_m)
+    keyed = lambda d: {str(kk): v for kk, v in d.items()}  # noqa: E731 — JSON object keys are strings
+    return {"radius_m": sec["radius_m"], "n": sec["n"], "n_unanswerable": sec["n_unanswerable"], "ks": list(ks),
+            "recall": keyed(sec["recall"]), "recall_all": keyed(sec["recall_all"]),
+            "recall_km": {str(r): keyed(recall_at_k(dist, None, ks, r * 1000.0)) for r in RECALL_RADII_KM}}
+
+
+def _definitions(path: str, cols: dict, opts: FailureOptions) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, correct (N,) float with NaN = excluded, row mask) of each failure definition."""
+    out = []
+    if "true_lat" not in cols:
+        return out
+    known = np.isfinite(cols["true_lat"]) & np.isfinite(cols["true_lon"])
+    extra = read_optional_columns(path, ("topk_lat", "topk_lon", "answerable"))
+    dist = _topk_metres(cols, extra)
+    if dist is not None:
+        ok = known & np.isfinite(dist[:, 0])
+        if "answerable" in extra:
+            ok &= ~(extra["answerable"] < 0.5)
+        out.append((f"correct@1 {opts.radius_m:g} m", (np.nan_to_num(dist[:, 0], nan=np.inf) <= opts.radius_m).astype(float), ok))
+    err = haversine_km(cols["lat"], cols["lon"], cols["true_lat"], cols["true_lon"])
+    out.append((f"error <= {opts.failure_km:g} km", (err <= opts.failure_km).astype(float), known))
+    return out
+
+
+def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = FailureOptions()) -> list[dict]:
+    """One row per (score, failure definition) of a predictions file; ``curve``/``oracle`` and
+    the bins are kept for plots. Empty when the file has no truth or no score."""
+    scores = read_optional_columns(path, SCORE_COLUMNS)
+    if "neg_entropy_nats" in cols and np.isfinite(cols["neg_entropy_nats"]).any():
+        scores["entropy_nats"] = -cols["neg_entropy_nats"]
+    rows = []
+    for label, correct, mask in _definitions(path, cols, opts):
+        for score, values in scores.items():
+            keep = mask & np.isfinite(values)
+            n = int(keep.sum())
+            if n < 2:
+                continue
+            c, u = correct[keep], values[keep]
+            sp = sparsification(c, u, steps=opts.steps)
+            bins = binned_rank_stats(u, c, opts.binning)
+            fd = failure_detection(c, u)
+            rows.append({"model": name, "score": score, "failure": label, "n": n, "accuracy": float(c.mean()),
+                         **{k: sp[k] for k in ("ausc", "ausc_oracle", "ausc_random", "ause", "aurg", "ausc_norm")},
+                         "spearman": bins["spearman"], "r2_ols": bins["r2_ols"], "r2_direct": bins["r2_direct"],
+                         "bins": bins["bins"], "auroc": fd["auroc"], "auprc": fd["auprc"],
+                         "curve": sp["curve"].tolist(), "oracle": sp["oracle"].tolist(),
+                         "bin_mean_u": bins["mean_u"].tolist(), "bin_accuracy": bins["mean_correct"].tolist(),
+                         "bin_n": bins["n"].tolist()})
+    return rows
+
+
+def _f(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_failure_table(rows: list[dict]) -> str:
+    """Plain-text failure-prediction table: one line per row of :func:`failure_rows`."""
+    if not rows:
+        return "(no uncertainty scores with known truths)"
+    header = ["model", "score", "failure", "N", "acc", "AUSC", "oracle", "random", "AUSE", "AURG", "S", "R² ols",
+              "bins", "AUROC", "AUPRC"]
+    body = [[r["model"], r["score"], r["failure"], str(r["n"]), _f(r["accuracy"]), _f(r["ausc"]), _f(r["ausc_oracle"]),
+             _f(r["ausc_random"]), _f(r["ause"]), _f(r["aurg"]), _f(r["spearman"], ".2f"), _f(r["r2_ols"], ".2f"),
+             str(r["bins"]), _f(r["auroc"]), _f(r["auprc"])] for r in rows]
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(s.ljust(widths[i]) if i < 3 else s.rjust(widths[i]) for i, s in enumerate(row)).rstrip()  # noqa: E731
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(b) for b in body)]
+    lines.append("AUSC: area under the sparsification curve (accuracy of the kept records as the most uncertain are "
+                 "removed; higher is better); AUSE = oracle − AUSC; AURG = AUSC − random; S: Spearman of binned "
+                 "uncertainty vs accuracy (ideal −1); AUROC/AUPRC: the score detecting failures.")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""evaluate on retrieval files: Recall@K section, the failure-prediction table and plots."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from geopipe.flows.cli import cli
+from geopipe.pipeline.retrieval.split import SplitConfig
+from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
+from geopipe.schemas.report import validate_report
+from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
+from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
+
+
+@pytest.fixture(scope="module")
+def retrieval_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evu")
+    store = str(d / "views.zarr")
+    write_synthetic_store(store, SyntheticConfig(n_places=150, views_per_place=4, dim=16, seed=2))
+    out = str(d / "retrieval.parquet")
+    run_retrieve(RetrieveConfig(query=store, out=out, k=5, mode="kernel", split=SplitConfig(mode="leave_one_out"),
+                                kernel_val=200, kernel_samples=16))
+    return out
+
+
+def test_recall_and_failure_rows(retrieval_file, tmp_path):
+    res = run_evaluate(EvaluateConfig(predictions=(retrieval_file,), out=str(tmp_path / "r.json"), uncertainty=True,
+                                      plots_dir=str(tmp_path / "plots")))
+    rec = res.reports[0]["retrieval"]
+    assert rec["n_unanswerable"] == 0 and 0 < rec["recall"]["1"] <= rec["recall"]["5"] <= 1
+    assert rec["recall_km"]["25"]["1"] >= rec["recall"]["1"]
+    assert "Recall@K (%) at 25 m" in res.table
+    rows = {(r["score"], r["failure"]): r for r in res.uncertainty}
+    d1 = rows[("u_dist1", "correct@1 25 m")]
+    assert d1["aurg"] > 0 and d1["auroc"] > 0.6 and d1["ause"] >= 0
+    assert ("entropy_nats", "correct@1 25 m") in rows and ("u_ratio12", "error <= 25 km") in rows
+    assert "AUSC" in res.uncertainty_table and "u_spread_km" in res.uncertainty_table
+    doc = json.load(open(tmp_path / "r.json"))
+    assert validate_report(doc) == [] and len(doc["uncertainty"]) == len(res.uncertainty)
+    assert len(res.plots) == 4 and all(os.path.getsize(p) > 1000 for p in res.plots)
+
+
+def test_cli_evaluate_uncertainty(retrieval_file):
+    r = CliRunner().invoke(cli, ["evaluate", retrieval_file, "--uncertainty"])
+    assert r.exit_code == 0, r.output
+    assert "AURG" in r.output and "u_geo_inconsistency" in r.output
