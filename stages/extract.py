@@ -20,17 +20,12 @@ from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.ingest.backbones import PRECISIONS
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 from geopipe.pipeline.ingest.shards import resolve_shards
 
 __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChangedError", "run_extract"]
-
-def _positive_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -73,8 +68,8 @@ class ExtractConfig:
             raise ConfigError("extract needs at least one shard path or pattern")
         if not isinstance(self.store, str) or not self.store:
             raise ConfigError("extract needs a store path")
-        _positive_int("batch_size", self.batch_size, 1)
-        _positive_int("num_workers", self.num_workers, 0)
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.num_workers, "num_workers", 0)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         check_ingest_options(self.dtype, self.max_reject_fraction, self.on_changed)

@@ -19,7 +19,7 @@ import torch
 
 from geopipe.pipeline.artifacts.report import read_report
 from geopipe.pipeline.core.device import resolve_device
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.sphere.geometry import xyz_to_latlon
 from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
@@ -74,9 +74,7 @@ class MapConfig:
             raise ConfigError(f"unknown map mode {self.mode!r}; choose one of {list(MAP_MODES)}")
         latlon_grid(self.resolution_deg)  # raises a ValueError naming valid resolutions
         for name, low in (("n_records", 1), ("kde_samples", 2), ("steps", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"map: {name} must be an integer >= {low}, got {v!r}")
+            check_int(getattr(self, name), name, low, where="map")
         if self.bandwidth_km is not None and not self.bandwidth_km > 0:
             raise ConfigError(f"map: bandwidth_km must be > 0 km, got {self.bandwidth_km!r}")
 

@@ -28,7 +28,7 @@ from geopipe.pipeline.artifacts.checkpoint import (
 )
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.core.device import resolve_device
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.methods.registry import get_method
@@ -75,8 +75,8 @@ class TrainConfig:
     allow_changes: bool = False  # resume although the store or training options differ (recorded in config.json "changes")
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
-            raise ConfigError("steps, batch_size and val_every must be positive")
+        for name in ("steps", "batch_size", "val_every"):
+            check_int(getattr(self, name), name, 1)
         if not 0 <= self.warmup < self.steps:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
         if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:

@@ -7,7 +7,7 @@ what to do. Every other exception is a bug: the CLI keeps its traceback and asks
 
 from __future__ import annotations
 
-__all__ = ["GeopipeError", "ConfigError"]
+__all__ = ["GeopipeError", "ConfigError", "check_int"]
 
 
 class GeopipeError(Exception):
@@ -18,3 +18,11 @@ class ConfigError(GeopipeError, ValueError):
     """An option or configuration value is invalid (unknown name, out of range); one line naming
     the option, what it got and what it accepts. Also a ``ValueError``, so callers that validate
     values the standard way keep catching it."""
+
+
+def check_int(value, name: str, minimum: int = 1, *, where: str = "") -> int:
+    """``value`` when it is an ``int`` (not a ``bool``) of at least ``minimum``; else
+    ConfigError ``"<where>: <name> must be an integer >= <minimum>, got <value>"``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where + ': ' if where else ''}{name} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.core.errors import check_int
 
 __all__ = ["prdc"]
 
@@ -99,10 +99,8 @@ def prdc(real_xyz, fake_xyz, k: int = 3, chunks: int = 1) -> dict:
     Returns ``{"precision", "recall", "density", "coverage", "k", "chunks", "n_real", "n_fake"}``
     (``chunks`` = number of pieces actually used). Density is in [0, N/k]; the others in [0, 1].
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"prdc: k must be a positive integer, got {k!r}")
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ConfigError(f"prdc: chunks must be a positive integer, got {chunks!r}")
+    check_int(k, "k", 1, where="prdc")
+    check_int(chunks, "chunks", 1, where="prdc")
     real, fake = _unit("real_xyz", real_xyz), _unit("fake_xyz", fake_xyz)
     if chunks == 1:
         pieces = [_prdc_once(real, fake, k)]

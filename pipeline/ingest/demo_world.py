@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from geopipe.pipeline.core.fsio import atomic_path
-from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.core.errors import ConfigError, check_int
 
 __all__ = ["DemoWorldConfig", "DemoWorldResult", "write_demo_world", "write_shards"]
 
@@ -93,9 +93,7 @@ class DemoWorldConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("n_train", 1), ("n_test", 0), ("shard_size", 1), ("image_size", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"DemoWorldConfig.{name} must be an int >= {low}, got {v!r}")
+            check_int(getattr(self, name), name, low, where="DemoWorldConfig")
         if self.image_size < 16:
             raise ConfigError(f"DemoWorldConfig.image_size must be >= 16 pixels, got {self.image_size}")
 
@@ -125,8 +123,7 @@ def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], prefix: st
     shard_size: samples per tar (> 0). Tars are byte-reproducible (fixed mtime) and written
         atomically (temporary name, then rename). Returns the paths written, in order.
     """
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-        raise ConfigError(f"shard_size must be a positive int, got {shard_size!r}")
+    check_int(shard_size, "shard_size", 1)
     if not prefix or "/" in prefix or "." in prefix:
         raise ConfigError(f"shard prefix must be a non-empty file-name stem, got {prefix!r}")
     out = Path(out_dir)

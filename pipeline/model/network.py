@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.core.errors import ConfigError, check_int
 
 __all__ = [
     "NetworkConfig",
@@ -47,9 +47,7 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"network config: {f.name} must be a positive integer, got {v!r}")
+            check_int(getattr(self, f.name), f.name, 1, where="network config")
         if self.dim % 8:
             raise ConfigError(f"network config: dim must be a multiple of 8 (time channels d/4 split in cos/sin), got {self.dim}")
 
