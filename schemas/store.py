@@ -3,20 +3,31 @@
 A store is a Zarr v3 group::
 
     STORE/
-      embeddings   (N, D) float16|float32   chunked by rows, zstd-compressed
-      latlon       (N, 2) float64           (latitude, longitude) in degrees, wrapped (§1.1)
-      keys         (N,)   string            WebDataset ``__key__``; unique within a store
-      shard        (N,)   int32             index into ``attrs["shards"]`` order (insertion order)
-      meta/<name>  (N,)   string            extra json fields carried from the shards
-                                            (JSON-encoded scalars; "" when absent)
-      rejects/part-<index>.parquet          rejects of the shard with that record index
-      rejects.parquet                       all rejects (see :mod:`geopipe.schemas.rejects`),
-                                            consolidated from the parts when a writer closes
+      embeddings   (N, D) float16|float32   dims (record, dim); chunked by rows, zstd-compressed
+      latlon       (N, 2) float64           dims (record, coord): (latitude, longitude) in degrees,
+                                            wrapped to [-90, 90] × [-180, 180)
+      coord        (2,)   string            dims (coord,): the labels "lat", "lon"
+      keys         (N,)   string            dims (record,): WebDataset ``__key__``; unique within a store
+      shard        (N,)   int32             dims (record,): index into ``attrs["shards"]`` order
+      meta/<name>  (N,)   string            dims (record,): extra json fields carried from the
+                                            shards (JSON-encoded scalars; "" when absent)
+      rejects/     a Zarr group holding Parquet files only (see :mod:`geopipe.schemas.rejects`):
+        part-<index>.parquet                rejects of the shard with that record index
+        rejects.parquet                     all rejects, consolidated when a writer closes
+
+Every array carries ``dimension_names`` and CF-style attributes (:data:`ARRAY_ATTRS`:
+``long_name``, ``units``; ``coordinates = "keys"`` so xarray shows the keys as a coordinate),
+so ``xarray.open_zarr(STORE)`` opens the store (``group="meta"`` for the meta fields). The
+rejects are inside a group of their own so that Zarr, listing the store's root, meets no
+foreign files. Stores written before these existed lack them and are read as before.
 
 Rows are appended shard by shard; a shard's rows are contiguous. A shard counts as
 extracted only once its completion record is in ``attrs["shards"]`` (written after the
 arrays are resized and filled), so a crash mid-shard leaves rows past ``attrs["rows"]``
-that a resumed run overwrites.
+that a resumed run overwrites. **Rows rule:** the store is rows ``[0, attrs["rows"])``; a
+writer trims every array to exactly that many rows when it opens and after dropping shards, so
+arrays are longer only while a writer runs or after one was interrupted — readers that do not use geopipe
+should cut at ``attrs["rows"]`` (``ds.isel(record=slice(0, ds.attrs["rows"]))``).
 
 A store may live on a local disk or behind an fsspec url (``s3://bucket/x.zarr``,
 ``memory://x.zarr``); a "shard" is a WebDataset tar for ``geopipe extract`` and an
@@ -32,7 +43,14 @@ __all__ = [
     "ARRAY_KEYS",
     "ARRAY_SHARD",
     "META_GROUP",
+    "ARRAY_COORD",
+    "COORD_LABELS",
+    "DIMENSIONS",
+    "META_DIMENSIONS",
+    "ARRAY_ATTRS",
+    "REJECTS_GROUP",
     "REJECTS_FILE",
+    "LEGACY_REJECTS_FILE",
     "REQUIRED_ATTRS",
     "SHARD_RECORD_FIELDS",
     "SHARD_RECORD_OPTIONAL",
@@ -46,7 +64,32 @@ ARRAY_LATLON = "latlon"
 ARRAY_KEYS = "keys"
 ARRAY_SHARD = "shard"
 META_GROUP = "meta"
-REJECTS_FILE = "rejects.parquet"
+ARRAY_COORD = "coord"
+COORD_LABELS = ("lat", "lon")
+REJECTS_GROUP = "rejects"
+REJECTS_FILE = "rejects/rejects.parquet"
+LEGACY_REJECTS_FILE = "rejects.parquet"  # where stores written before the rejects group kept it
+
+#: ``dimension_names`` of each array (what xarray names the axes).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    ARRAY_EMBEDDINGS: ("record", "dim"),
+    ARRAY_LATLON: ("record", "coord"),
+    ARRAY_COORD: ("coord",),
+    ARRAY_KEYS: ("record",),
+    ARRAY_SHARD: ("record",),
+}
+META_DIMENSIONS: tuple[str, ...] = ("record",)
+
+#: CF-style attributes of each array (``units`` "1": dimensionless).
+ARRAY_ATTRS: dict[str, dict] = {
+    ARRAY_EMBEDDINGS: {"long_name": "image embedding of the backbone (attrs: backbone, normalized)", "units": "1",
+                       "coordinates": "keys"},
+    ARRAY_LATLON: {"long_name": "photo location, WGS 84 latitude and longitude", "units": "degrees",
+                   "coord_units": ["degrees_north", "degrees_east"], "coordinates": "keys"},
+    ARRAY_COORD: {"long_name": "columns of latlon: latitude, longitude"},
+    ARRAY_KEYS: {"long_name": "record key (WebDataset __key__), unique in the store"},
+    ARRAY_SHARD: {"long_name": "index of the record's shard in the completion records", "units": "1", "coordinates": "keys"},
+}
 
 #: Group attributes every store carries, with their JSON type.
 REQUIRED_ATTRS: dict[str, type] = {

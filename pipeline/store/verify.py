@@ -20,7 +20,7 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.rejects import count_reasons, read_rejects
 from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
-from geopipe.schemas.store import REJECTS_FILE
+from geopipe.schemas.store import LEGACY_REJECTS_FILE, REJECTS_FILE
 
 __all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "verify_store"]
 
@@ -146,9 +146,10 @@ def _check_rejects(s: EmbeddingStore) -> list[str]:
     if dict(total) != dict(s.attrs["rejects"]):
         problems.append(f"attrs rejects {s.attrs['rejects']} differ from the rejects parts {dict(total)}")
     whole = pa.concat_tables(parts) if parts else None
-    consolidated = read_rejects(fsio.join(s.path, REJECTS_FILE))
+    name = REJECTS_FILE if fsio.exists(fsio.join(s.path, REJECTS_FILE)) else LEGACY_REJECTS_FILE  # stores from before the rejects group
+    consolidated = read_rejects(fsio.join(s.path, name))
     if whole is not None and not consolidated.equals(whole):
-        problems.append(f"{REJECTS_FILE} is stale ({consolidated.num_rows} rows, parts hold {whole.num_rows}); "
+        problems.append(f"{name} is stale ({consolidated.num_rows} rows, parts hold {whole.num_rows}); "
                         f"an interrupted run: run extract/import again to finish and consolidate it")
     return problems
 

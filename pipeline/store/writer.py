@@ -36,6 +36,8 @@ from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, Embeddin
 from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
+from geopipe.schemas.store import (ARRAY_ATTRS, ARRAY_COORD, COORD_LABELS, DIMENSIONS, LEGACY_REJECTS_FILE, META_DIMENSIONS,
+                                   REJECTS_GROUP)
 from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
@@ -45,7 +47,8 @@ class StoreMismatchError(StoreError):
     """Appending with a different backbone, preprocessing, dtype or normalisation."""
 
 
-_CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP}
+_CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP, ARRAY_COORD, REJECTS_GROUP}
+_META_ATTRS = {"long_name": "json field carried from the shards (JSON-encoded; \"\" when absent)", "coordinates": "keys"}
 
 
 def _is_fresh_dir(path: str) -> bool:
@@ -127,8 +130,21 @@ class StoreWriter:
         for name in list(meta.array_keys()):
             if name not in self.attrs["meta_fields"]:
                 del meta[name]
+        self._trim()
         self._drop_parts(len(self.shards))
+        if not fsio.isfile(fsio.join(self.path, REJECTS_GROUP, "zarr.json")):  # a store from before the rejects group
+            _create_rejects_group(self.path)
+            fsio.remove(fsio.join(self.path, LEGACY_REJECTS_FILE))
         self._consolidate()
+
+    def _trim(self) -> None:
+        """Cut every array to the committed rows (the store's rows rule): rows an interrupted or
+        truncating run left past ``attrs["rows"]`` go."""
+        names = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + [f"{META_GROUP}/{m}" for m in self.attrs["meta_fields"]]
+        for name in names:
+            arr = self._group[name]
+            if arr.shape[0] > self.rows:
+                arr.resize((self.rows, *arr.shape[1:]))
 
     def _drop_parts(self, n: int) -> None:
         """Delete rejects parts of record indices >= n (left by an interrupted or truncated run)."""
@@ -175,7 +191,8 @@ class StoreWriter:
         for name in fields:
             if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
                 _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
-                              dtype=str, fill_value="", compressors=ZstdCodec(level=3))
+                              dtype=str, fill_value="", compressors=ZstdCodec(level=3), dimension_names=META_DIMENSIONS,
+                              attributes=_META_ATTRS)
             self._write(f"{META_GROUP}/{name}", start, np.asarray(meta.get(name, [""] * n), dtype=object))
         part = rejects_part_path(self.path, index)
         if rejects:
@@ -212,6 +229,7 @@ class StoreWriter:
         update = {"rows": rows, "shards": keep, "rejects": counts, "fingerprint": chain_fingerprint("", digests)}
         self._commit(update)
         self.attrs.update(update)
+        self._trim()
         self.keys_seen = set(EmbeddingStore(self.path).keys[:].tolist())
         self._drop_parts(index)
         self._consolidate()
@@ -285,6 +303,16 @@ def _create_array(url: str, **spec):
     return zarr.create_array(store=url, overwrite=True, **spec)
 
 
+def _create_rejects_group(path: str) -> None:
+    """The ``rejects/`` group: a zarr.json that makes the folder of Parquet files a known member."""
+    import zarr
+
+    if fsio.isfile(fsio.join(path, REJECTS_GROUP, "zarr.json")):
+        return
+    zarr.create_group(store=fsio.join(path, REJECTS_GROUP), overwrite=False,  # never delete parts already there
+                      attributes={"content": "Parquet tables, not Zarr arrays: rejects.parquet and part-<shard index>.parquet"})
+
+
 def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bool, created_by: dict, chunk_rows: int):
     """Arrays first, the group's zarr.json (with the schema attribute) last: an interrupted
     creation leaves no store, only leftovers that the next creation overwrites."""
@@ -299,9 +327,13 @@ def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bo
         ARRAY_KEYS: dict(shape=(0,), chunks=(chunk_rows,), dtype=str, compressors=strings, fill_value=""),
         ARRAY_SHARD: dict(shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=floats, fill_value=-1),
     }
+    arrays[ARRAY_COORD] = dict(shape=(len(COORD_LABELS),), chunks=(len(COORD_LABELS),), dtype=str, compressors=strings, fill_value="")
     for name, spec in arrays.items():
-        _create_array(fsio.join(path, name), **spec)
+        arr = _create_array(fsio.join(path, name), dimension_names=DIMENSIONS[name], attributes=ARRAY_ATTRS[name], **spec)
+        if name == ARRAY_COORD:
+            arr[:] = np.asarray(COORD_LABELS, dtype=object)
     zarr.create_group(store=fsio.join(path, META_GROUP), overwrite=True)
+    _create_rejects_group(path)
     attrs = {
         "schema": STORE_SCHEMA, "rows": 0, "embed_dim": int(embed_dim), "dtype": dtype, "normalized": bool(normalize),
         "backbone": backbone, "shards": {}, "rejects": {}, "meta_fields": [], "created_by": created_by, "fingerprint": "",

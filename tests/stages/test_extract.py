@@ -67,7 +67,7 @@ def _same_store(a, b):
     for name in ("rows", "rejects", "meta_fields", "fingerprint", "backbone", "dtype", "normalized"):
         assert da.attrs[name] == db.attrs[name], name
     assert da.attrs["shards"] == db.attrs["shards"]  # same records: index, rows, counts, size, mtime, digest
-    assert pq.read_table(a / "rejects.parquet").equals(pq.read_table(b / "rejects.parquet"))
+    assert pq.read_table(a / "rejects" / "rejects.parquet").equals(pq.read_table(b / "rejects" / "rejects.parquet"))
     assert open_store(str(a)).rejects().equals(open_store(str(b)).rejects())
 
 
@@ -132,7 +132,7 @@ def test_bad_samples_are_skipped_counted_and_written(tmp_path, tiny):
     good = _world(tmp_path, n_shards=1, per_shard=3, prefix="ok")
     bad = _bad_shard(tmp_path)
     res = run_extract(_cfg([bad, *good], tmp_path / "s.zarr", max_reject_fraction=0.9), backbone=tiny)
-    rej = pq.read_table(tmp_path / "s.zarr" / "rejects.parquet").to_pylist()
+    rej = pq.read_table(tmp_path / "s.zarr" / "rejects" / "rejects.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in rej] == EXPECTED_REJECTS  # tar order
     assert {r["shard"] for r in rej} == {bad} and all(r["detail"] for r in rej)
     assert read_store(str(tmp_path / "s.zarr")).keys.tolist() == ["g0", "g1", "g2", "g3", "ok0000", "ok0001", "ok0002"]
@@ -158,7 +158,7 @@ def test_truncated_tar_keeps_rows_before_the_break(tmp_path, tiny):
     res = run_extract(_cfg(shards, tmp_path / "s.zarr"), backbone=tiny)
     keys = read_store(str(tmp_path / "s.zarr")).keys.tolist()
     assert keys == [f"w{i:04d}" for i in (0, 1, 2, 3, *range(6, 12))]
-    rej = pq.read_table(tmp_path / "s.zarr" / "rejects.parquet").to_pylist()
+    rej = pq.read_table(tmp_path / "s.zarr" / "rejects" / "rejects.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in rej] == [("w0003", "corrupt_shard")] and "w0004" in rej[0]["detail"]
     assert res.rejects_by_reason == {"corrupt_shard": 1}
 
@@ -475,7 +475,7 @@ def test_fsspec_urls_for_shards_and_store(tmp_path, tiny):
         ref, got = read_store(str(tmp_path / "ref.zarr")), read_store(url)
         assert got.keys.tolist() == ref.keys.tolist() and np.array_equal(got.embeddings, ref.embeddings)
         assert list(got.attrs["shards"]) == [f"memory:///geopipe-extract-test/w-00000{i}.tar" for i in (0, 1)]  # fsspec's form
-        assert fs.exists("/geopipe-extract-test/s.zarr/rejects.parquet") and open_store(url).validate() == []
+        assert fs.exists("/geopipe-extract-test/s.zarr/rejects/rejects.parquet") and open_store(url).validate() == []
         with pytest.warns(UserWarning, match="lock is local-only"):
             r = run_extract(_cfg(["memory://geopipe-extract-test/w-*.tar"], url), backbone=tiny)
         assert (r.shards_done, r.shards_skipped) == (0, 2)

@@ -70,7 +70,7 @@ def test_writer_roundtrip_normalises_wraps_and_records(tmp_path):
     np.testing.assert_array_equal(d.latlon[:5], ll1)
     assert d.meta["city"].tolist() == ['"x"'] * 5 + [""] * 3  # fields appearing later: "" before
     assert d.meta["year"].tolist() == [""] * 5 + ["1", "2", "3"]
-    t = pq.read_table(store / "rejects.parquet")
+    t = pq.read_table(store / "rejects" / "rejects.parquet")
     assert t.schema.equals(REJECTS_SCHEMA, check_metadata=False) and t.column("key").to_pylist() == ["b9"]
     assert s.rejects().to_pylist() == t.to_pylist()
     assert not (store / ".lock").exists()
@@ -189,7 +189,7 @@ def test_uncommitted_meta_and_rejects_parts_are_dropped(tmp_path):
         assert w.rows == 2 and w.keys_seen == {"k0", "k1"}
     assert not (store / "rejects" / "part-000001.parquet").exists() and not (store / "meta" / "new").exists()
     s = open_store(str(store))
-    assert s.rejects().num_rows == 0 and read_rejects(str(store / "rejects.parquet")).num_rows == 0
+    assert s.rejects().num_rows == 0 and read_rejects(str(store / "rejects" / "rejects.parquet")).num_rows == 0
 
 
 # --------------------------------------------------------------------------- lock

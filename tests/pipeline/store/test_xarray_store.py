@@ -1,0 +1,71 @@
+"""The store is self-describing: xarray opens it, plain zarr lists it without warnings, arrays
+are trimmed to attrs["rows"], and stores from before the rejects group still read and migrate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.reader import open_store
+from geopipe.pipeline.store.rejects import Reject
+from geopipe.pipeline.store.verify import verify_store
+from geopipe.pipeline.store.writer import StoreWriter
+
+LATLON = np.array([[48.85, 2.35], [-33.87, 151.21], [40.71, -74.0], [35.68, 139.69]])
+
+
+def _store(path) -> str:
+    rng = np.random.default_rng(0)
+    with StoreWriter.open(str(path), backbone={"name": "t"}, embed_dim=4, dtype="float32", created_by={}) as w:
+        w.append_shard("a.tar", rng.normal(size=(2, 4)), LATLON[:2], ["k0", "k1"], {"country": ['"fr"', '"au"']},
+                       [Reject("bad", "a.tar", "corrupt_image")], ShardStat(1, 0.0))
+        w.append_shard("b.tar", rng.normal(size=(2, 4)), LATLON[2:], ["k2", "k3"], {}, [], ShardStat(1, 0.0))
+    return str(path)
+
+
+def test_xarray_opens_the_store_with_dimensions_coordinates_and_units(tmp_path):
+    xr = pytest.importorskip("xarray")
+    path = _store(tmp_path / "s.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not recognized as a component of a Zarr hierarchy"
+        ds = xr.open_zarr(path, consolidated=False)
+        meta = xr.open_zarr(path, group="meta", consolidated=False)
+    assert dict(ds.sizes) == {"record": 4, "dim": 4, "coord": 2}
+    assert ds["latlon"].dims == ("record", "coord") and ds["embeddings"].dims == ("record", "dim")
+    assert list(ds["coord"].values) == ["lat", "lon"] and "keys" in ds.coords
+    np.testing.assert_allclose(ds["latlon"].sel(coord="lat").values, LATLON[:, 0])
+    np.testing.assert_allclose(ds["latlon"].sel(coord="lon").values, LATLON[:, 1])
+    assert list(ds["keys"].values) == ["k0", "k1", "k2", "k3"] and list(ds["shard"].values) == [0, 0, 1, 1]
+    np.testing.assert_allclose(np.linalg.norm(ds["embeddings"].values, axis=1), 1.0, rtol=1e-6)
+    assert ds["latlon"].attrs["units"] == "degrees" and ds["latlon"].attrs["coord_units"] == ["degrees_north", "degrees_east"]
+    assert ds.attrs["rows"] == 4 and ds.attrs["schema"] == "geopipe.store/1"
+    assert list(meta["country"].values) == ['"fr"', '"au"', "", ""]
+
+
+def test_arrays_are_trimmed_to_the_committed_rows(tmp_path):
+    import zarr
+
+    path = _store(tmp_path / "s.zarr")
+    g = zarr.open_group(path, mode="r+")
+    g["latlon"].resize((9, 2))  # what a run killed mid-shard leaves past attrs["rows"]
+    g["meta/country"].resize((9,))
+    StoreWriter.open(path, backbone={"name": "t"}, embed_dim=4, dtype="float32").close()
+    assert g["latlon"].shape == (4, 2) and g["meta/country"].shape == (4,)
+    with StoreWriter.open(path, backbone={"name": "t"}, embed_dim=4, dtype="float32") as w:
+        assert w.truncate(1) == ["b.tar"]
+    assert all(zarr.open_group(path)[n].shape[0] == 2 for n in ("embeddings", "latlon", "keys", "shard", "meta/country"))
+
+
+def test_a_store_from_before_the_rejects_group_reads_verifies_and_migrates(tmp_path):
+    path = _store(tmp_path / "s.zarr")
+    os.remove(os.path.join(path, "rejects", "zarr.json"))  # the old layout: rejects.parquet at the root
+    shutil.move(os.path.join(path, "rejects", "rejects.parquet"), os.path.join(path, "rejects.parquet"))
+    assert open_store(path).rejects().num_rows == 1 and verify_store(path) == []
+    StoreWriter.open(path, backbone={"name": "t"}, embed_dim=4, dtype="float32").close()
+    assert sorted(os.listdir(os.path.join(path, "rejects"))) == ["part-000000.parquet", "rejects.parquet", "zarr.json"]
+    assert not os.path.exists(os.path.join(path, "rejects.parquet")) and verify_store(path) == []
