@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["RESIDUAL_FORMS", "GGDLossConfig", "ggd_nll", "ggd_elementwise", "ggd_loss", "temp_comb_loss",
-           "bc_loss", "bcc_loss", "log_ggd_variance"]
+           "bc_loss", "bcc_loss", "log_ggd_variance", "sample_ggd"]
 
 RESIDUAL_FORMS = ("power", "linear_official")
 
@@ -94,3 +94,15 @@ def bcc_loss(out1: tuple, out2: tuple, e1: torch.Tensor, e2: torch.Tensor, cfg: 
 def log_ggd_variance(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """log σ² = 2 log α + lgamma(3/β) − lgamma(1/β), finite where σ² itself overflows."""
     return 2.0 * torch.log(alpha) + torch.lgamma(3.0 / beta) - torch.lgamma(1.0 / beta)
+
+
+def sample_ggd(mu: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, n: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """n draws (n, *shape) of GGD(μ, α, β): z = μ + s·α·g^(1/β), g ~ Gamma(1/β, 1), s = ±1."""
+    shape = (n, *torch.broadcast_shapes(mu.shape, alpha.shape, beta.shape))
+    conc = (1.0 / beta).expand(shape).to(torch.float64)
+    if generator is not None:  # torch.distributions has no generator argument: derive a seed from it
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    g = torch.distributions.Gamma(conc, torch.ones_like(conc)).sample()
+    sign = torch.where(torch.rand(shape, dtype=torch.float64, generator=generator) < 0.5, -1.0, 1.0)
+    return mu + sign * alpha * g ** (1.0 / beta)
