@@ -3,9 +3,10 @@
 Distances are great-circle angles between unit vectors. The angle θ is a decreasing function
 of the dot product ⟨x, y⟩ = cos θ (and an increasing one of the chord ‖x − y‖), so every
 comparison "θ_ij < r_i" is done exactly as "⟨x_i, y_j⟩ > cos r_i", with cos r_i itself the k-th
-largest dot product of x_i with the other points of its own set: exact k-NN, no angles, no
-approximate index. Pairwise dot products are formed block by block (≤ ~4M entries, ~32 MB, at a
-time), so 100k × 100k points run in bounded memory; the work is O(N·M).
+largest dot product of x_i with the other points of its own set (exact k-NN by
+:func:`geopipe.pipeline.sphere.knn.knn`): no angles, no approximate index. Pairwise dot
+products are formed block by block (≤ ~4M entries, ~32 MB, at a time), so 100k × 100k points
+run in bounded memory; the work is O(N·M).
 
 With R the real points (true locations), F the fake points (predictions), r_R(i) the angle from
 real i to its k-th nearest *other* real point, r_F(j) likewise in F, and D_ij the real–fake angle:
@@ -20,6 +21,7 @@ import math
 
 import numpy as np
 from geopipe.pipeline.core.errors import check_int
+from geopipe.pipeline.sphere.knn import knn
 
 __all__ = ["prdc"]
 
@@ -42,16 +44,11 @@ def _rows_per_block(ncols: int) -> int:
 
 
 def _kth_neighbour_cos(x: np.ndarray, k: int) -> np.ndarray:
-    """(n,) cosine of the angle from each point of (n, 3) ``x`` to its k-th nearest other point."""
-    n = x.shape[0]
-    out = np.empty(n)
-    step = _rows_per_block(n)
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        g = x[s:e] @ x.T
-        g[np.arange(e - s), np.arange(s, e)] = -np.inf  # exclude the point itself (not its duplicates)
-        out[s:e] = np.partition(g, n - k, axis=1)[:, n - k]  # k-th largest dot = k-th smallest angle
-    return out
+    """(n,) cosine of the angle from each point of (n, 3) ``x`` to its k-th nearest other point
+    (the point itself is excluded, its duplicates are not)."""
+    rows = np.arange(x.shape[0])
+    cos, _ = knn(x, x, k, query_groups=rows, db_groups=rows, block_bytes=8 * _BLOCK_ELEMS)
+    return cos[:, k - 1]
 
 
 def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, latlon_to_xyz
+from geopipe.pipeline.sphere.knn import knn
 from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
@@ -145,11 +146,9 @@ def kde_bandwidth_km(samples_xyz, resolution_deg: float, *, max_points: int = 40
     if n < 3:
         return floor
     k = min(n - 1, math.ceil(n ** (2.0 / 3.0) / 2.0))
-    kth = []
-    for xb in torch.split(x, 1024):
-        cos = (xb @ x.T).clamp(-1.0, 1.0)
-        kth.append(torch.topk(cos, k + 1, dim=1).values[:, k])  # column 0 is the point itself
-    angle = torch.arccos(torch.cat(kth)).median().item()
+    rows = np.arange(n)
+    angles, _ = knn(x, x, k, angles=True, query_groups=rows, db_groups=rows, query_block=1024)  # itself excluded
+    angle = torch.as_tensor(angles[:, k - 1]).median().item()
     return max(angle * EARTH_RADIUS_KM, floor)
 
 

@@ -1,0 +1,139 @@
+"""Exact k-nearest neighbours by blocked matrix products — the project's one top-k search.
+
+Used for PRDC radii (:mod:`geopipe.pipeline.eval.prdc`), KDE bandwidths
+(:mod:`geopipe.pipeline.viz.density_grid`) and embedding retrieval
+(:mod:`geopipe.pipeline.retrieval.search`).
+
+For unit vectors (points on S² as (N, 3) xyz, or L2-normalised embeddings in any dimension) the
+inner product is the cosine of the great-circle angle between them, so "nearest" is "largest
+q·d": no angles are formed while searching and the search is exact (no approximate index).
+
+Memory is bounded whatever N and Q are: the database is read in chunks of rows (an in-memory
+array is cut into ``db_block`` rows; a store can stream its own chunks), the queries in blocks
+of at most ``query_block`` rows, and one score block (query rows × chunk rows) of at most
+``block_bytes`` exists at a time, next to the running (Q, k) best. Work is O(Q·N·D).
+
+Ties are broken by the lower database row, so results do not depend on the chunking.
+A query never retrieves a database row of its own *group* (``query_groups`` / ``db_groups``):
+pass the row numbers (``np.arange``) for both to exclude each point itself when queries and
+database are the same set, or capture ids to exclude every view of the query's own capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["METRICS", "array_chunks", "knn"]
+
+#: "ip": rank by the inner product q·d (cosine for unit vectors); "l2": rank by 2 q·d − ‖d‖²,
+#: i.e. by ascending squared Euclidean distance ‖q − d‖² (for vectors that are not unit).
+METRICS = ("ip", "l2")
+_BLOCK_BYTES = 256 * 2**20
+
+
+def array_chunks(database, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row ids (C,) int64, rows (C, D)) pieces of an (N, D) array (numpy, torch, or anything
+    sliceable such as a Zarr array), in row order."""
+    n = database.shape[0]
+    for start in range(0, n, max(1, int(chunk_rows))):
+        stop = min(n, start + chunk_rows)
+        yield np.arange(start, stop, dtype=np.int64), database[start:stop]
+
+
+def _as_matrix(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous CPU tensor: float64 stays float64, anything else becomes float32."""
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x.detach().cpu()
+    if dtype is None:
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.to(dtype).contiguous()
+
+
+def _block_topk(s: torch.Tensor, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a (B, C) score block, best first, with the lower id first among equal scores
+    (exactly, also when a tie straddles the k-th place)."""
+    kk = min(k, s.shape[1])
+    v, i = torch.topk(s, kk, dim=1)
+    kth = v[:, -1:]
+    ambiguous = ((s >= kth).sum(dim=1) > kk) & torch.isfinite(kth[:, 0])
+    vals, idx = v.numpy(), ids[i.numpy()]
+    for r in torch.nonzero(ambiguous).flatten().tolist():  # rare: more rows share the k-th score
+        row = s[r].numpy()
+        order = np.lexsort((ids, -row))[:kk]
+        vals[r], idx[r] = row[order], ids[order]
+    return vals, idx
+
+
+def knn(queries, database, k: int, *, metric: str = "ip", angles: bool = False,
+        query_groups=None, db_groups=None, query_block: int = 4096, db_block: int = 65536,
+        block_bytes: int = _BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database rows of each query, exactly, in bounded memory.
+
+    queries: (Q, D) array or tensor. float64 input is searched in float64 (exact comparisons,
+        e.g. PRDC on S²); anything else in float32.
+    database: an (N, D) array/tensor/Zarr array, or an iterable of (row ids (C,) int64,
+        rows (C, D)) chunks with ids ascending across the stream (e.g. a store read chunk by
+        chunk); each chunk is read once.
+    k: neighbours per query (≥ 1).
+    metric: ``"ip"`` (inner product; unit vectors: cosine) or ``"l2"`` (see :data:`METRICS`).
+    angles: return great-circle angles in radians, arccos(clip(q·d, −1, 1)), instead of
+        scores (``metric="ip"`` on unit vectors only).
+    query_groups (Q,), db_groups (N,): integer group ids; a query never gets a database row of
+        its own group (``db_groups`` is indexed by row id). Both or neither.
+    query_block, db_block, block_bytes: query rows per block, rows per chunk of an in-memory
+        database, and the largest score block in bytes.
+
+    Returns ``(values, indices)``, both (Q, k), best first: ``values`` are scores (ip: q·d;
+    l2: 2 q·d − ‖d‖², so ‖q − d‖² = ‖q‖² − score), float32 or float64 as searched, or
+    angles (float64 radians); ``indices`` are int64 database rows. Among equal scores the lower
+    row comes first. Where fewer than k rows are eligible the missing places hold index −1
+    and value −inf (scores) or NaN (angles).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"knn: unknown metric {metric!r}; choose one of {list(METRICS)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"knn: k must be an integer >= 1, got {k!r}")
+    if angles and metric != "ip":
+        raise ValueError("knn: angles are great-circle angles between unit vectors; use metric='ip'")
+    if (query_groups is None) != (db_groups is None):
+        raise ValueError("knn: give both query_groups and db_groups, or neither")
+    q = _as_matrix(queries)
+    if q.ndim != 2:
+        raise ValueError(f"knn: queries must be (Q, D), got shape {tuple(q.shape)}")
+    nq, dim = q.shape
+    k = int(k)
+    best_s = np.full((nq, k), -np.inf, dtype=q.numpy().dtype)
+    best_i = np.full((nq, k), -1, dtype=np.int64)
+    qg = None if query_groups is None else torch.as_tensor(np.asarray(query_groups, dtype=np.int64))
+    dg_all = None if db_groups is None else np.asarray(db_groups, dtype=np.int64)
+    chunks = array_chunks(database, db_block) if hasattr(database, "shape") else database
+    for ids, rows in chunks:
+        ids = np.asarray(ids, dtype=np.int64)
+        d = _as_matrix(rows, q.dtype)
+        if d.shape[0] == 0:
+            continue
+        if d.ndim != 2 or d.shape[1] != dim:
+            raise ValueError(f"knn: database chunk has shape {tuple(d.shape)}; queries have dimension {dim}")
+        dn = (d * d).sum(dim=1) if metric == "l2" else None
+        dg = None if dg_all is None else torch.as_tensor(dg_all[ids])
+        step = max(1, min(int(query_block), int(block_bytes) // (d.element_size() * d.shape[0])))
+        for a in range(0, nq, step):
+            b = min(nq, a + step)
+            s = q[a:b] @ d.T
+            if dn is not None:
+                s = 2.0 * s - dn
+            if qg is not None:
+                s.masked_fill_(qg[a:b, None] == dg[None, :], -np.inf)
+            vals, idx = _block_topk(s, ids, k)
+            cand_s = np.concatenate([best_s[a:b], vals], axis=1)
+            cand_i = np.concatenate([best_i[a:b], idx], axis=1)
+            order = np.lexsort((np.where(cand_i < 0, np.iinfo(np.int64).max, cand_i), -cand_s), axis=-1)[:, :k]
+            best_s[a:b] = np.take_along_axis(cand_s, order, axis=1)
+            best_i[a:b] = np.take_along_axis(cand_i, order, axis=1)
+    best_i[~np.isfinite(best_s)] = -1
+    if angles:
+        s = best_s.astype(np.float64)
+        return np.where(np.isfinite(s), np.arccos(np.clip(s, -1.0, 1.0)), np.nan), best_i
+    return best_s, best_i
