@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from geopipe.pipeline.infer.localizability import hdr_rank  # the one definition, re-exported here
+
 __all__ = ["CALIBRATION_LEVELS", "hdr_rank", "calibration_table"]
 
 #: HDR probability levels p at which coverage is reported.
@@ -33,20 +35,6 @@ CALIBRATION_LEVELS: tuple[float, ...] = tuple(i / 10 for i in range(1, 10))
 # hdr_rank is k/N in float64 and p is i/10; a rank equal to p in exact arithmetic may differ from
 # it by one rounding, so the comparison allows a tolerance far below 1/N.
 _TOL = 1e-9
-
-
-def hdr_rank(log_p_true, log_p_samples) -> np.ndarray:
-    """(B,) HDR ranks from (B,) true-location and (B, N) sample log densities (nats).
-
-    ``#{j : log_p_samples[b, j] > log_p_true[b]} / N`` per record (see the module docstring).
-    """
-    lt = np.asarray(log_p_true, dtype=np.float64).reshape(-1)
-    ls = np.asarray(log_p_samples, dtype=np.float64)
-    if ls.ndim != 2 or ls.shape[0] != lt.shape[0] or ls.shape[1] == 0:
-        raise ValueError(f"hdr_rank: expected (B,) and (B, N>0) log densities, got {lt.shape} and {ls.shape}")
-    if not (np.isfinite(lt).all() and np.isfinite(ls).all()):
-        raise ValueError("hdr_rank: log densities must be finite")
-    return np.mean(ls > lt[:, None], axis=1)
 
 
 def calibration_table(ranks, levels=CALIBRATION_LEVELS) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, project
@@ -67,15 +68,24 @@ def localizability_from_logp(sample_logp: torch.Tensor, space: str = "sphere") -
     return {"neg_entropy_nats": neg_entropy_nats(lp), "entropy_bits": entropy_bits(lp), "effective_area_km2": effective_area_km2(lp, space)}
 
 
-def hdr_rank(true_logp: torch.Tensor, sample_logp: torch.Tensor) -> torch.Tensor:
-    """Fraction (B,) of samples denser than the truth: mean_j 1[ℓ_j > log p(truth)] (A9).
+def hdr_rank(true_logp, sample_logp):
+    """Fraction (B,) of samples denser than the truth: mean_j 1[ℓ_j > log p(truth)] — the one
+    definition, used by predict (torch) and by evaluation (numpy).
 
-    The truth lies in the empirical p-HDR iff hdr_rank ≤ p. ``true_logp`` (B,), ``sample_logp`` (B, N).
+    ``true_logp`` (B,) and ``sample_logp`` (B, N) log densities (nats) of the truth and of N
+    samples drawn from the same predicted distribution, as torch tensors or array-likes: a
+    tensor ``sample_logp`` gives a tensor of its dtype, anything else a float64 numpy array.
+    The truth lies in the empirical p-HDR iff hdr_rank ≤ p (see
+    :mod:`geopipe.pipeline.eval.calibration`). A NaN sample density never counts as denser.
     """
-    _check(sample_logp)
-    if true_logp.shape != sample_logp.shape[:1]:
-        raise ValueError(f"true log densities must have shape ({sample_logp.shape[0]},), got {tuple(true_logp.shape)}")
-    return (sample_logp > true_logp.unsqueeze(1)).to(sample_logp.dtype).mean(dim=1)
+    tensor_in = isinstance(sample_logp, torch.Tensor)
+    ls = sample_logp if tensor_in else torch.as_tensor(np.asarray(sample_logp, dtype=np.float64))
+    lt = true_logp if isinstance(true_logp, torch.Tensor) else torch.as_tensor(np.asarray(true_logp, dtype=np.float64)).reshape(-1)
+    _check(ls)
+    if lt.shape != ls.shape[:1]:
+        raise ValueError(f"hdr_rank: true log densities must have shape ({ls.shape[0]},), got {tuple(lt.shape)}")
+    rank = (ls > lt.unsqueeze(1)).to(ls.dtype).mean(dim=1)
+    return rank if tensor_in else rank.numpy()
 
 
 @dataclass(frozen=True)
