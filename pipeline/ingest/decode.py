@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.shards import CorruptShardError, iter_tar_samples
 from geopipe.pipeline.store.reader import META_NAME
@@ -81,13 +81,10 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 def _coordinate(rec: dict, name: str, limit: float) -> float:
     if name not in rec:
         raise SampleError("missing_coordinates", f"json has no {name!r} field")
-    value = rec[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SampleError("invalid_coordinates", f"{name} is not a number: {value!r:.60}")
-    value = float(value)
-    if not math.isfinite(value) or abs(value) > limit:
-        raise SampleError("invalid_coordinates", f"{name}={value!r} outside [-{limit:g}, {limit:g}]")
-    return value
+    problem = coordinate_problem(rec[name], name, limit)
+    if problem is not None:
+        raise SampleError(*problem)
+    return float(rec[name])
 
 
 def parse_record(raw: bytes | None, spec: SampleSpec) -> tuple[tuple[float, float], dict[str, str]]:
@@ -103,7 +100,7 @@ def parse_record(raw: bytes | None, spec: SampleSpec) -> tuple[tuple[float, floa
         raise SampleError("invalid_json", _one_line(exc)) from None
     if not isinstance(rec, dict):
         raise SampleError("invalid_json", f"json is a {type(rec).__name__}, not an object")
-    latlon = (_coordinate(rec, spec.lat_key, 90.0), _coordinate(rec, spec.lon_key, 180.0))
+    latlon = (_coordinate(rec, spec.lat_key, LAT_LIMIT), _coordinate(rec, spec.lon_key, LON_LIMIT))
     if spec.meta_fields is None:
         skip = (spec.lat_key, spec.lon_key)
         items = [(k, v) for k, v in rec.items() if k not in skip and isinstance(v, _SCALARS) and META_NAME.match(k)]

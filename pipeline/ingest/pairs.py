@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.rows import ShardRows
 from geopipe.pipeline.ingest.shards import file_sha256, resolve_shards, shard_stat
@@ -167,13 +167,8 @@ def _meta_columns(table, cols: ColumnSpec, url: str) -> list[str]:
 
 def _coordinate(value, name: str, limit: float) -> tuple[float | None, str, str]:
     """→ (value or None, reject reason, detail)."""
-    if value is None:
-        return None, "missing_coordinates", f"{name} is null"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, "invalid_coordinates", f"{name} is not a number: {value!r:.60}"
-    if not math.isfinite(value) or abs(value) > limit:
-        return None, "invalid_coordinates", f"{name}={float(value)!r} outside [-{limit:g}, {limit:g}]"
-    return float(value), "", ""
+    problem = coordinate_problem(value, name, limit)
+    return (None, *problem) if problem is not None else (float(value), "", "")
 
 
 def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = None) -> ShardRows:
@@ -197,9 +192,9 @@ def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = Non
     rows = ShardRows([], [], [], [], np.zeros((0, emb.shape[1]), np.float32), [])
     for i, key in enumerate(keys):
         key = "" if key is None else str(key)
-        lon, (lat, why, detail) = None, _coordinate(lats[i], cols.lat_col, 90.0)
+        lon, (lat, why, detail) = None, _coordinate(lats[i], cols.lat_col, LAT_LIMIT)
         if lat is not None:
-            lon, why, detail = _coordinate(lons[i], cols.lon_col, 180.0)
+            lon, why, detail = _coordinate(lons[i], cols.lon_col, LON_LIMIT)
         if not key:
             rows.rejects.append((i, Reject("", pair.url, "missing_key", f"row {i}: {cols.key_col} is null or empty")))
         elif lon is None:

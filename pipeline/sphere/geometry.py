@@ -16,6 +16,9 @@ __all__ = [
     "EARTH_RADIUS_KM",
     "LOG_UNIFORM_SPHERE",
     "NonFiniteError",
+    "LAT_LIMIT",
+    "LON_LIMIT",
+    "coordinate_problem",
     "wrap_latlon",
     "latlon_to_xyz",
     "xyz_to_latlon",
@@ -42,6 +45,28 @@ class NonFiniteError(ValueError):
 def _eps(dtype: torch.dtype) -> float:
     # geoopt's clamp: 1e-4 in float32, 1e-7 in float64 (spec §0, §14.13)
     return 1e-7 if dtype == torch.float64 else 1e-4
+
+
+#: Largest |latitude| and |longitude| accepted from inputs, degrees.
+LAT_LIMIT, LON_LIMIT = 90.0, 180.0
+
+
+def coordinate_problem(value, name: str, limit: float) -> tuple[str, str] | None:
+    """Why ``value`` is not a usable input coordinate in degrees, or None when it is one.
+
+    The one rule for every ingest (shard json, embedding-pair tables): a real number (not a
+    bool), finite, with |value| ≤ ``limit`` (:data:`LAT_LIMIT` for latitudes, :data:`LON_LIMIT`
+    for longitudes; the store wraps longitudes into [−180, 180)). Returns (reject reason, detail)
+    with reasons from :data:`geopipe.schemas.rejects.REJECT_REASONS`: ``"missing_coordinates"``
+    for None (a null), ``"invalid_coordinates"`` otherwise; ``name`` is the field's name.
+    """
+    if value is None:
+        return "missing_coordinates", f"{name} is null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "invalid_coordinates", f"{name} is not a number: {value!r:.60}"
+    if not math.isfinite(value) or abs(value) > limit:
+        return "invalid_coordinates", f"{name}={float(value)!r} outside [-{limit:g}, {limit:g}]"
+    return None
 
 
 def wrap_latlon(lat, lon):

@@ -100,3 +100,18 @@ def test_wrap_latlon():
     lat, lon = wrap_latlon([95.0, -95.0, 45.0, 0.0], [10.0, 10.0, 190.0, -180.0])
     assert lat.tolist() == pytest.approx([85.0, -85.0, 45.0, 0.0])
     assert lon.tolist() == pytest.approx([-170.0, -170.0, -170.0, -180.0])
+
+
+def test_coordinate_problem_is_the_one_input_rule():
+    from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
+    from geopipe.schemas.rejects import REJECT_REASONS
+
+    for ok in (0, -90, 90.0, 45.5):
+        assert coordinate_problem(ok, "lat", LAT_LIMIT) is None
+    assert coordinate_problem(-180.0, "lon", LON_LIMIT) is None and coordinate_problem(180, "lon", LON_LIMIT) is None
+    cases = {None: "missing_coordinates", True: "invalid_coordinates", "12": "invalid_coordinates",
+             math.nan: "invalid_coordinates", math.inf: "invalid_coordinates", 90.5: "invalid_coordinates"}
+    for value, reason in cases.items():
+        why, detail = coordinate_problem(value, "lat", LAT_LIMIT)
+        assert why == reason and why in REJECT_REASONS and "lat" in detail
+    assert coordinate_problem(-180.01, "lon", LON_LIMIT)[1] == "lon=-180.01 outside [-180, 180]"
