@@ -1,7 +1,7 @@
 """Checkpoint directory (schema ``geopipe.checkpoint/1``); never unpickled.
 
     CKPT/
-      model.safetensors      EMA weights used for sampling, likelihoods and export (A2)
+      model.safetensors      EMA weights used for sampling, likelihoods and export
       config.json            {"schema", "method", "network": {...}, "scheduler": {...},
                               "backbone": {...}, "embed_dim", "normalized",
                               "data_fingerprint", "train": {...}, "step", "version", "git_rev"}

@@ -1,7 +1,7 @@
 """Predictions table (Parquet, schema ``geopipe.predictions/1``): one row per record.
 
 Coordinates are degrees; distances km; log-likelihoods nats per record (per steradian on
-S², per unit volume in R³ — not comparable across the two, see spec A6). Optional columns
+S², per unit volume in R³ — not comparable across the two, see docs/methods.md#units). Optional columns
 are null when the quantity was not requested. ``geometry`` is a WKB point (GeoParquet 1.1,
 lon/lat order, EPSG:4326) so GIS tools open the file directly. Key-value metadata
 ``geopipe`` holds JSON: {"schema", "config", "model", "version", "git_rev"}.
@@ -25,10 +25,10 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("true_lon", pa.float64()),
         pa.field("distance_km", pa.float64()),  # haversine(pred, truth), R = 6371.0088 km
         pa.field("log_likelihood", pa.float64()),  # log p(truth | image), nats
-        pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (A8; R³ models: per unit volume)
+        pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (R³ models: per unit volume)
         pa.field("entropy_bits", pa.float64()),
         pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E² (S² models; NaN for R³ ones)
-        pa.field("hdr_rank", pa.float64()),  # fraction of samples denser than the truth (A9)
+        pa.field("hdr_rank", pa.float64()),  # fraction of samples denser than the truth (docs/methods.md#calibration)
         pa.field("sample_lat", pa.list_(pa.float64())),  # optional extra samples, degrees
         pa.field("sample_lon", pa.list_(pa.float64())),
         # retrieval (geopipe retrieve): the top-K database records, best first

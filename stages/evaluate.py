@@ -1,6 +1,6 @@
 """Evaluate stage: predictions Parquet file(s) → metrics report JSON (geopipe.schemas.report) + text table.
 
-Every metric a file's columns allow is computed (spec §9, A6, A8–A11): distance metrics where
+Every metric a file's columns allow is computed (docs/methods.md#metrics): distance metrics where
 the truth is known; NLL in nats and bits/dim (tagged with its density space) from
 ``log_likelihood``; localizability from ``neg_entropy_nats``; HDR calibration from
 ``hdr_rank``; PRDC of the predicted points (fake) against the true points (real) of the same

@@ -42,7 +42,7 @@ class MapConfig:
     log p on every cell centre, rtol/atol for the ODE) or "kde" (``kde_samples`` model samples
     smoothed with a vMF kernel of ``bandwidth_km``, default: k-NN rule of
     :func:`geopipe.pipeline.viz.density_grid.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
-    180). The point prediction uses ``steps``/``guidance`` (spec A7); the drawn density is the
+    180). The point prediction uses ``steps``/``guidance`` (docs/methods.md#samplers); the drawn density is the
     model's p(x | c) at ``density_guidance`` (0 = unguided, as scored by NLL and calibration).
     zoom: when the 95% HDR, truth and prediction fit in a regional view, draw that view from a
     second grid with as many cells as the world grid (so loglik mode costs up to twice as much).

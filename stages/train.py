@@ -1,7 +1,7 @@
 """Train stage: a generative geolocation model on a store's cached embeddings.
 
 An explicit loop that reads top to bottom: LAMB (or AdamW) with warm-up + cosine decay,
-real EMA (A2), conditioning dropout inside the objective, periodic validation with the EMA
+real EMA (docs/methods.md#training), conditioning dropout inside the objective, periodic validation with the EMA
 weights, atomic checkpoints {EMA weights, raw weights + optimiser, step, RNG, config}, and
 resume that continues bit-identically where an interrupted run stopped.
 """
@@ -43,7 +43,8 @@ __all__ = ["TrainConfig", "TrainResult", "run_train"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training options; ``depth=None`` means the method's default (12, or 11 for vMF heads, §4.3)."""
+    """Training options (defaults: docs/methods.md#training); ``depth=None`` means the method's
+    default (12, or 11 for vMF heads)."""
 
     store: str
     out: str
@@ -53,15 +54,15 @@ class TrainConfig:
     expansion: int = 4
     schedule: str = "sigmoid"
     schedule_params: dict = field(default_factory=dict)
-    cond_drop: float | None = None  # None: 0.1 for generative methods, 0 for vMF baselines (§11)
+    cond_drop: float | None = None  # None: 0.1 for generative methods, 0 for vMF baselines
     steps: int = 20000
     batch_size: int = 1024
-    lr: float | None = None  # None: 8e-4 generative, 1e-4 vMF (§10)
+    lr: float | None = None  # None: 8e-4 generative, 1e-4 vMF
     warmup: int = 500
     weight_decay: float = 0.05
     optimizer: str = "lamb"
     ema_decay: float = 0.999
-    grad_clip: float | None = None  # None: none for generative, 0.05 for vMF (§10)
+    grad_clip: float | None = None  # None: none for generative, 0.05 for vMF
     standardize_cond: bool = True  # per-dimension z-scores of the embeddings (geopipe.pipeline.model.conditioning)
     val_fraction: float = 0.05
     val_every: int = 1000

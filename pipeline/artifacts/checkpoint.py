@@ -1,6 +1,7 @@
-"""Checkpoint directories (schema :mod:`geopipe.schemas.checkpoint`): safetensors + JSON, never unpickled (A13).
+"""Checkpoint directories (schema :mod:`geopipe.schemas.checkpoint`): safetensors + JSON, never unpickled
+(docs/methods.md#checkpoints).
 
-Layout: the EMA weights (A2), ``config.json`` (full resolved configuration plus provenance), and
+Layout: the EMA weights, ``config.json`` (full resolved configuration plus provenance), and
 for resume a train state (raw weights ``model.*`` and optimiser tensors ``optim.<param id>.<name>``
 / ``optim.group.<group>.<key>``, plus a JSON of step, seeds, optimiser scalars).
 

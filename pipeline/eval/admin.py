@@ -1,4 +1,5 @@
-"""Administrative-area accuracies (country / region / sub-region / city; spec §9).
+"""Administrative-area accuracies (country / region / sub-region / city;
+docs/methods.md#admin).
 
 Predicted labels follow the reference: from a ``reverse_geocoder`` hit (nearest GeoNames place, offline)
 country = ``cc``, region = ``admin1_cc``, sub-region = ``admin2_admin1_cc``,
@@ -29,7 +30,7 @@ ADMIN_AREAS: dict[str, tuple[str, ...]] = {
     "city": ("name", "admin2", "admin1", "cc"),
 }
 
-# "NaN" is what OSV-5M stores for a missing attribute; the reference only skipped "nan" (§14.9).
+# "NaN" is what OSV-5M stores for a missing attribute; the reference implementation only skipped "nan".
 _MISSING = {"", "nan"}
 
 

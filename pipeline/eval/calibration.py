@@ -1,4 +1,4 @@
-"""Highest-density-region (HDR) calibration of predicted densities (spec A9, beyond the paper).
+"""Highest-density-region (HDR) calibration of predicted densities (docs/methods.md#calibration).
 
 Per record, with ℓ* = log p(truth | image) and ℓ_1 … ℓ_N the log densities of N samples drawn
 from the same predicted distribution (nats), the **HDR rank** is
@@ -7,7 +7,7 @@ from the same predicted distribution (nats), the **HDR rank** is
 
 (the fraction of samples denser than the truth; the predictions column ``hdr_rank``). The truth
 lies inside the empirical p-HDR — "its log density exceeds the (1 − p) quantile of the sample log
-densities" (A9) — exactly when hdr_rank ≤ p: with the inverted-CDF empirical quantile
+densities" — exactly when hdr_rank ≤ p: with the inverted-CDF empirical quantile
 q = ℓ_(⌈(1−p)N⌉) (ascending order statistic), ℓ* > q ⟺ at least ⌈(1−p)N⌉ samples lie below ℓ*
 ⟺ N·hdr_rank ≤ N − ⌈(1−p)N⌉ = ⌊pN⌋ ⟺ hdr_rank ≤ p (ties between ℓ* and a sample have
 probability 0). Hence

@@ -1,8 +1,8 @@
 """Evaluation metrics on point predictions and predicted densities (numpy, float64).
 
 Coordinates are **degrees** at every boundary, distances **km** (great circle, R = 6371.0088 km,
-spec A10), log-likelihoods **nats**. Companion modules: :mod:`geopipe.pipeline.eval.prdc` (precision /
-recall / density / coverage on the sphere), :mod:`geopipe.pipeline.eval.calibration` (HDR coverage, A9) and
+docs/methods.md#conventions), log-likelihoods **nats**. Companion modules: :mod:`geopipe.pipeline.eval.prdc` (precision /
+recall / density / coverage on the sphere), :mod:`geopipe.pipeline.eval.calibration` (HDR coverage) and
 :mod:`geopipe.pipeline.eval.admin` (country / region / city accuracies).
 """
 
@@ -28,9 +28,9 @@ __all__ = [
 
 #: GeoScore decay length in km: GeoScore(d) = 5000·exp(−d / 1492.7).
 GEOSCORE_SCALE_KM = 1492.7
-#: Radii r (km) of the distance accuracies; a record counts when d < r (strict, A10).
+#: Radii r (km) of the distance accuracies; a record counts when d < r (strict; docs/methods.md#distance-metrics).
 ACCURACY_RADII_KM: tuple[int, ...] = (1, 25, 200, 750, 2500)
-#: Density spaces and the unit their log-likelihoods are in (A6: not comparable across spaces).
+#: Density spaces and the unit their log-likelihoods are in (not comparable across spaces: docs/methods.md#units).
 SPACES: dict[str, str] = {
     "sphere": "nats per steradian on S²",
     "r3": "nats per unit volume in R³",
@@ -50,7 +50,7 @@ def distance_metrics(pred_lat, pred_lon, true_lat, true_lon) -> dict:
     """Geolocation metrics of (N,) predicted vs true coordinates in degrees.
 
     Rows whose truth is missing (NaN) are excluded from every number and from ``n``; a
-    non-finite *prediction* with a known truth is an error (A3: predictions are never NaN).
+    non-finite *prediction* with a known truth is an error (predictions are never NaN: docs/methods.md#projection).
     Returns ``{"n", "mean_km", "median_km", "geoscore", "acc_1km", …, "acc_2500km"}`` where
     ``geoscore`` is the mean GeoScore and ``acc_<r>km`` the fraction with d < r (strict).
     With no usable row every value but ``n`` is ``None``.
@@ -77,7 +77,7 @@ def nll_summary(log_likelihood, space: str) -> dict:
     """Summarise (N,) log-likelihoods of the true locations, nats per record (NaN rows skipped).
 
     ``nll_nats = −mean(log p)``; ``nll_bits_per_dim = −mean(log p)/(3 ln 2)`` — the paper's unit,
-    bits per *ambient* dimension, D = 3 even on S² (spec §7.3, A6); uniform on S² gives
+    bits per *ambient* dimension, D = 3 even on S² (docs/methods.md#units); uniform on S² gives
     ln(4π)/(3 ln 2) = 1.2172. ``space`` is ``"sphere"`` (per steradian) or ``"r3"`` (per unit
     volume); the two are not comparable, so the space and its unit travel with the numbers.
     """
@@ -95,7 +95,8 @@ def nll_summary(log_likelihood, space: str) -> dict:
 
 
 def localizability_summary(neg_entropy_nats, space: str = "sphere") -> dict:
-    """Summarise (N,) localizabilities −H (nats, A8; NaN rows skipped) of densities on ``space``.
+    """Summarise (N,) localizabilities −H (nats; NaN rows skipped) of densities on ``space``
+    (docs/methods.md#localizability).
 
     Per record the entropy is H = −(−H) nats = H/ln 2 bits and the effective area is
     exp(H)·R_E² km² (area of the uniform region with the same entropy; uniform on S² gives the

@@ -1,4 +1,4 @@
-"""Precision / recall / density / coverage on the sphere (Naeem et al. 2020, spec §9 and A11).
+"""Precision / recall / density / coverage on the sphere (Naeem et al. 2020; docs/methods.md#prdc).
 
 Distances are great-circle angles between unit vectors. The angle θ is a decreasing function
 of the dot product ⟨x, y⟩ = cos θ (and an increasing one of the chord ‖x − y‖), so every
@@ -88,9 +88,9 @@ def prdc(real_xyz, fake_xyz, k: int = 3, chunks: int = 1) -> dict:
 
     Inputs are unit vectors (re-normalised here); distances are great-circle angles (see the
     module docstring for the four definitions; all comparisons strict). ``k`` is the number of
-    nearest neighbours defining each point's radius (3 in the paper). ``chunks`` = 1 (default,
-    A11) scores the whole set at once; ``chunks`` > 1 splits both sets into the same contiguous
-    pieces (torch.chunk order, reference §9: 20) and averages the four numbers over pieces —
+    nearest neighbours defining each point's radius (3 in the paper). ``chunks`` = 1 (default)
+    scores the whole set at once; ``chunks`` > 1 splits both sets into the same contiguous
+    pieces (torch.chunk order; the literature's protocol uses 20) and averages the four numbers over pieces —
     then real and fake must be paired row by row (N == M).
 
     Returns ``{"precision", "recall", "density", "coverage", "k", "chunks", "n_real", "n_fake"}``

@@ -1,4 +1,5 @@
-"""Localizability (negative entropy) and HDR ranks from sampled log densities (spec §8, A8, A9).
+"""Localizability (negative entropy) and HDR ranks from sampled log densities
+(docs/methods.md#localizability, docs/methods.md#calibration).
 
 For one record with samples y_j ~ p(·|c), j = 1…N, and their log densities ℓ_j = log p(y_j|c)
 (nats per steradian on S²):
@@ -12,7 +13,7 @@ For one record with samples y_j ~ p(·|c), j = 1…N, and their log densities �
 R³ models (flow, diffusion) are scored on their own draws y_j ~ p in R³, unprojected
 (``method.sample_native``): a projected draw is not distributed as p, so neither the entropy
 nor the HDR rank would mean anything with it. Their −H is then per unit volume (nats), not
-comparable with S² models (A6), and the effective area is undefined (NaN).
+comparable with S² models (docs/methods.md#units), and the effective area is undefined (NaN).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def entropy_bits(sample_logp: torch.Tensor) -> torch.Tensor:
 
 
 def effective_area_km2(sample_logp: torch.Tensor, space: str = "sphere") -> torch.Tensor:
-    """exp(H)·R_E² (B,) km², the area of the uniform region with the same entropy (A8); NaN for
+    """exp(H)·R_E² (B,) km², the area of the uniform region with the same entropy; NaN for
     an R³ density (``space="r3"``, per unit volume: no area)."""
     area = torch.exp(-neg_entropy_nats(sample_logp)) * EARTH_RADIUS_KM**2
     return area if space == "sphere" else torch.full_like(area, math.nan)

@@ -28,7 +28,7 @@ __all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """Sampling options (defaults: spec A7 — 16 steps, guidance 2, exact NLL tolerances 1e-5)."""
+    """Sampling options (defaults: 16 steps, guidance 2, exact NLL tolerances 1e-5; docs/methods.md#samplers)."""
 
     steps: int = 16
     guidance: float = 2.0

@@ -1,4 +1,4 @@
-"""Shared pieces of the training objectives / methods (spec §3, A3).
+"""Shared pieces of the training objectives / methods (docs/methods.md#models).
 
 Not a public entry point: use :mod:`geopipe.pipeline.methods.registry` (the METHODS registry).
 """
@@ -15,7 +15,7 @@ __all__ = ["MethodBase", "drop_condition", "finalize_points", "resolve_schedule"
 
 
 def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Classifier-free-guidance dropout (§3): each row of cond (B, C) → zeros with probability p."""
+    """Classifier-free-guidance dropout: each row of cond (B, C) → zeros with probability p."""
     if p <= 0.0:
         return cond
     keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= p
@@ -23,7 +23,7 @@ def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator | No
 
 
 def finalize_points(x: torch.Tensor, keys=None, *, per_record: int = 1) -> torch.Tensor:
-    """Final points (K, 3) → unit vectors (A3), raising NonFiniteError naming the record.
+    """Final points (K, 3) → unit vectors (docs/methods.md#projection), raising NonFiniteError naming the record.
 
     Rows are ``per_record`` consecutive samples of one record; ``keys`` (optional, one per
     record) name it in the error. The max-abs rescaling first keeps huge but finite outputs

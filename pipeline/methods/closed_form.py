@@ -1,4 +1,5 @@
-"""Closed-form baselines on S²: vMF, vMF mixture (§3.4, §3.5, §6.5, A7) and uniform (§3.6).
+"""Closed-form baselines on S²: vMF, vMF mixture (docs/methods.md#vmf) and uniform
+(docs/methods.md#uniform).
 
 Densities are in nats per steradian. ``steps`` / ``guidance`` are accepted for API uniformity
 with the generative methods and have no effect here (there is no ODE and no CFG); a ``sampler``
@@ -59,7 +60,7 @@ class _VMFBase(MethodBase):
     @torch.no_grad()
     def predict_point(self, model, cond, *, steps: int = 16, guidance: float = 2.0, sampler: str | None = None,
                       generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
-        """Mode (A7): the mean direction; for a mixture the component mean of highest density. (B, 3)."""
+        """Mode: the mean direction; for a mixture the component mean of highest density. (B, 3)."""
         _no_sampler(self.name, sampler)
         p = model(cond)
         return finalize_points(vmf_mixture_mode(p.mu, p.kappa, p.weights), keys)
@@ -82,7 +83,7 @@ class _VMFBase(MethodBase):
 
 
 class VMFMethod(_VMFBase):
-    """Single von Mises–Fisher (§3.4): log f = ln(κ+1e-8) − ln 4π − LS(κ) + κ⟨μ, x⟩."""
+    """Single von Mises–Fisher: log f = ln(κ+1e-8) − ln 4π − LS(κ) + κ⟨μ, x⟩."""
 
     name = "vmf"
     components = 1
@@ -92,7 +93,7 @@ class VMFMethod(_VMFBase):
 
 
 class VMFMixtureMethod(_VMFBase):
-    """Mixture of M = 3 vMF (§3.5): log Σ_i w_i f_i(x)."""
+    """Mixture of M = 3 vMF: log Σ_i w_i f_i(x)."""
 
     name = "vmf_mixture"
     components = 3
@@ -109,7 +110,7 @@ class UniformModel(torch.nn.Module):
 
 
 class UniformMethod(MethodBase):
-    """Uniform density 1/(4π) sr⁻¹ on S² (§3.6); point predictions are uniform draws."""
+    """Uniform density 1/(4π) sr⁻¹ on S²; point predictions are uniform draws."""
 
     name = "uniform"
     space = "sphere"

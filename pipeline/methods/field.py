@@ -1,10 +1,12 @@
-"""Generative methods with a network field ψ_θ(y, γ, c): RFM on S², FM and DDPM in R³ (§3.1–3.3).
+"""Generative methods with a network field ψ_θ(y, γ, c): RFM on S², FM and DDPM in R³
+(docs/methods.md#models).
 
 Training draws t ~ U[0, 1) per sample, γ = γ(t) (the network's time input), and replaces the
-condition by zeros with probability ``cond_drop`` (CFG dropout, §3). Sampling integrates the
-guided field on the §6.1 grid; every final R³ point is projected onto S² (A3). Likelihoods are
-exact ODE likelihoods (:mod:`geopipe.pipeline.model.likelihood`) in nats: per steradian for ``rfm``, per unit
-volume of R³ for ``flow`` / ``diffusion`` (not comparable, A6).
+condition by zeros with probability ``cond_drop`` (CFG dropout, docs/methods.md#guidance).
+Sampling integrates the guided field on the sampler grid; every final R³ point is projected
+onto S² (docs/methods.md#projection). Likelihoods are exact ODE likelihoods
+(:mod:`geopipe.pipeline.model.likelihood`) in nats: per steradian for ``rfm``, per unit volume
+of R³ for ``flow`` / ``diffusion`` (not comparable, docs/methods.md#units).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ __all__ = ["rfm_interpolant", "RFMMethod", "FlowMethod", "DiffusionMethod"]
 
 
 def rfm_interpolant(x0: torch.Tensor, x1: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Geodesic interpolant and its γ-velocity on S² (§3.3). x0 noise, x1 data (B, 3); γ (B,).
+    """Geodesic interpolant and its γ-velocity on S² (docs/methods.md#rfm). x0 noise, x1 data (B, 3); γ (B,).
 
     v = log_{x0}(x1), θ = ‖v‖; x_γ = exp_{x0}(γ v); u* = −θ sin(γθ) x0 + cos(γθ) v
     (= log_{x_γ}(x1)/(1 − γ), tangent at x_γ, ‖u*‖ = θ). Returns (x_γ, u*), both (B, 3).
@@ -85,7 +87,7 @@ class _FieldMethod(MethodBase):
 
     def predict_point(self, model, cond, *, steps: int = 16, guidance: float = 2.0, sampler: str | None = None,
                       generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
-        """One guided sample per record (A7): cond (B, C) → (B, 3) unit vectors."""
+        """One guided sample per record: cond (B, C) → (B, 3) unit vectors."""
         return finalize_points(self._integrate(model, cond, steps, guidance, sampler, generator), keys)
 
     def _draw(self, model, cond, n, steps, guidance, sampler, generator, keys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,11 +117,11 @@ class _FieldMethod(MethodBase):
 
 
 class RFMMethod(_FieldMethod):
-    """Riemannian flow matching on S² (§3.3), the default method; sampler ``riemann_euler``.
+    """Riemannian flow matching on S² (docs/methods.md#rfm), the default method; sampler ``riemann_euler``.
 
     Sampling starts from uniform points on S² (the reference Lightning module; its pipeline used
-    an un-normalised Gaussian draw, §6.4). Likelihoods are Riemannian (A5); pass
-    ``reference_ambient=True`` to ``log_likelihood`` to reproduce the reference's §7.4 numbers.
+    an un-normalised Gaussian draw). Likelihoods are Riemannian (docs/methods.md#likelihood-spaces); pass
+    ``reference_ambient=True`` to ``log_likelihood`` to reproduce the reference implementation's numbers.
     """
 
     name = "rfm"
@@ -138,7 +140,7 @@ class RFMMethod(_FieldMethod):
 
 
 class FlowMethod(_FieldMethod):
-    """Euclidean flow matching in R³ (§3.2): y = γx + (1−γ)ε, target x − ε; sampler ``euler``."""
+    """Euclidean flow matching in R³: y = γx + (1−γ)ε, target x − ε; sampler ``euler``."""
 
     name = "flow"
 
@@ -152,7 +154,7 @@ class FlowMethod(_FieldMethod):
 
 
 class DiffusionMethod(_FieldMethod):
-    """DDPM ε-prediction in R³ (§3.1): y = √γ x + √(1−γ) ε, target ε; sampler ``ddim``."""
+    """DDPM ε-prediction in R³: y = √γ x + √(1−γ) ε, target ε; sampler ``ddim``."""
 
     name = "diffusion"
     prediction = "eps"

@@ -3,7 +3,7 @@
 Each method object has ``name``, ``space`` ("sphere" | "r3"), ``trainable`` and
 
 * ``build_model(net_cfg) -> nn.Module``
-* ``loss(model, x (B, 3) unit, cond (B, C), *, generator) -> scalar`` (§3.1–3.6)
+* ``loss(model, x (B, 3) unit, cond (B, C), *, generator) -> scalar`` (docs/methods.md#models)
 * ``predict_point(model, cond, *, steps=16, guidance=2.0, sampler=None, generator, keys=None) -> (B, 3)``
 * ``sample(model, cond, n, *, steps=16, guidance=0.0, sampler=None, generator, keys=None) -> (B, n, 3)``
 * ``log_likelihood(model, x (B, 3), cond, *, rtol=1e-5, atol=1e-5, guidance=0.0, ...) -> (B,)`` nats

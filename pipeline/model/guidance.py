@@ -1,4 +1,4 @@
-"""Classifier-free guidance (spec §5).
+"""Classifier-free guidance (docs/methods.md#guidance).
 
 Guided output with scale w: ψ_w = (1 + w) ψ(y, γ, c) − w ψ(y, γ, 0) = ψ_c + w (ψ_c − ψ_u).
 The same rule applies to ε̂ (diffusion) and to γ-velocities (FM / RFM), and inside the likelihood

@@ -1,4 +1,5 @@
-"""Exact log-likelihoods by the instantaneous change of variables (spec §7, A4, A5).
+"""Exact log-likelihoods by the instantaneous change of variables
+(docs/methods.md#likelihood).
 
 The augmented state s = [x, ℓ] (B, D+1) is integrated with ``torchdiffeq.odeint`` from the data
 end t = 0 to the noise end t = 1 with dx/dt = f(x, t), dℓ/dt = div f(x, t), and
@@ -54,7 +55,7 @@ def field_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
 
 
 def sphere_divergence(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ψ̃(x) (B, 3) and the surface divergence of its tangent part at unit x (B, 3) (A5), (B,).
+    """ψ̃(x) (B, 3) and the surface divergence of its tangent part at unit x (B, 3), (B,).
 
     div_S(Pψ̃)(x) = tr J − xᵀ J x − 2 xᵀψ̃(x), J = ∂ψ̃/∂x the ambient 3×3 Jacobian; e.g. ψ̃ = a
     (constant) gives −2 x·a, ψ̃ = x or ψ̃ = ω × x give 0.
@@ -116,7 +117,7 @@ def euclidean_log_likelihood(
     field: Field, x: torch.Tensor, schedule: Schedule, *, rtol: float = 1e-5, atol: float = 1e-5,
     method: str = "dopri5", options: dict | None = None, hutchinson: bool = False, generator=None,
 ) -> torch.Tensor:
-    """Euclidean flow matching (§7.1): f = γ'(t) ψ(x, γ(t)), base N(0, I_D). x (B, D) → (B,) nats."""
+    """Euclidean flow matching: f = γ'(t) ψ(x, γ(t)), base N(0, I_D). x (B, D) → (B,) nats."""
     x = as_autograd_tensor(x)
     probe = _probe(x, generator) if hutchinson else None
     d = x.shape[-1]
@@ -138,7 +139,8 @@ def diffusion_log_likelihood(
     t_min: float = 1e-5, t_max: float = 1.0, method: str = "dopri5", options: dict | None = None,
     hutchinson: bool = False, generator=None,
 ) -> torch.Tensor:
-    """VP probability-flow likelihood for ε-prediction models (A4), base N(0, I_D).
+    """VP probability-flow likelihood for ε-prediction models, base N(0, I_D)
+    (docs/methods.md#likelihood-spaces).
 
     In scheduler time the field is dx/dt = −½β x + ½β ε̂/√(1−γ), β = −γ'/γ, with ᾱ = γ. It is
     singular at both ends (1/√(1−γ) at the data end, β ≈ 1/(1−t) at the noise end), which made
@@ -179,12 +181,13 @@ def sphere_log_likelihood(
     reference_ambient: bool = False, method: str = "dopri5", options: dict | None = None,
     hutchinson: bool = False, generator=None,
 ) -> torch.Tensor:
-    """Riemannian likelihood on S² (A5): x (B, 3) unit → (B,) nats per steradian.
+    """Riemannian likelihood on S²: x (B, 3) unit → (B,) nats per steradian
+    (docs/methods.md#likelihood-spaces).
 
     f = γ'(t) P(x̂) ψ̃(x̂) with x̂ = x/‖x‖ (the state is re-projected at every evaluation) and
     dℓ/dt = γ'(t) (tr J − x̂ᵀ J x̂ − 2 x̂ᵀ ψ̃), J = ∂ψ̃/∂x (ambient 3×3) at x̂; base −ln 4π.
-    ``reference_ambient=True`` reproduces §7.4 instead: f = γ'ψ unprojected, ambient tr J, no
-    re-projection (for comparing with published numbers only).
+    ``reference_ambient=True`` reproduces the reference implementation instead: f = γ'ψ
+    unprojected, ambient tr J, no re-projection (for comparing with published numbers only).
     """
     x = as_autograd_tensor(project(x))
     probe = _probe(x, generator) if hutchinson else None

@@ -1,7 +1,7 @@
 """GeoAdaLNMLP: the conditional residual MLP of every generative model, and the vMF baseline nets.
 
-Spec §4.2 (generative models) and §4.3 (vMF baselines). The network never sees ``t``; it sees
-the noise level ``γ(t) ∈ [0, 1]`` (A1). Parameter counts match §4.1/§4.3 exactly, e.g.
+See docs/methods.md#network (generative models and vMF baselines). The network never sees ``t``; it sees
+the noise level ``γ(t) ∈ [0, 1]``. Parameter counts match the reference implementation's exactly, e.g.
 ``GeoAdaLNMLP(NetworkConfig())`` has 36,034,563 parameters.
 """
 
@@ -25,13 +25,13 @@ __all__ = [
     "count_parameters",
 ]
 
-_LN_EPS = 1e-5  # LayerNorm without affine parameters, biased variance (§0)
-_MAX_POSITIONS = 10000.0  # sinusoid base of the time features (§4.2 step 2)
+_LN_EPS = 1e-5  # LayerNorm without affine parameters, biased variance
+_MAX_POSITIONS = 10000.0  # sinusoid base of the time features
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """Shape of a GeoAdaLNMLP (§4.1).
+    """Shape of a GeoAdaLNMLP.
 
     input_dim: ambient coordinate dimension D (3 for R³/S², 2 for the lat/lon ablation);
     dim: width d (must be a multiple of 8 so that C = d/4 time channels split into cos/sin);
@@ -81,13 +81,13 @@ class VMFParams:
 
 
 def time_features(gamma: Tensor, channels: int) -> Tensor:
-    """Standardised sinusoidal features of the noise level (§4.2 step 2, oracle §16.12).
+    """Standardised sinusoidal features of the noise level (step 2 of the network).
 
     gamma: (B,) noise levels γ ∈ [0, 1] (any float dtype); channels: C (even, ≥ 4).
     With τ = 1000·γ and f_k = 10000^(−2k/C), k < C/2 (computed in float32 as the reference does),
     r = [cos(τ f), sin(τ f)] (cosines first) and the result is (r − mean r)/std r per sample with
     the unbiased (C − 1) std and no epsilon. Returns (B, C) in gamma's dtype; the phases τ·f are
-    formed in that dtype too (float32 input reproduces the reference's float32 computation and §16.12).
+    formed in that dtype too (float32 input reproduces the reference's float32 computation and its oracle values).
     """
     if channels < 4 or channels % 2:
         raise ValueError(f"time_features: channels must be even and >= 4, got {channels}")
@@ -148,7 +148,7 @@ def _check_cond(cond: Tensor, cond_dim: int, batch: int | None = None) -> None:
 
 
 class GeoAdaLNMLP(nn.Module):
-    """ψ_θ(y, γ, c) of §4.2: ε̂ (diffusion) or the γ-velocity (FM, RFM).
+    """ψ_θ(y, γ, c) (docs/methods.md#network): ε̂ (diffusion) or the γ-velocity (FM, RFM).
 
     forward(y (B, D), gamma (B,) or scalar, cond (B, cond_dim)) -> (B, D).
     """
@@ -184,7 +184,7 @@ def _vmf_head(dim: int, out: int) -> nn.Sequential:
 
 
 class GeoAdaLNMLPVonMises(nn.Module):
-    """vMF (components=1) or vMF-mixture (components=M>1) baseline network of §4.3.
+    """vMF (components=1) or vMF-mixture (components=M>1) baseline network (docs/methods.md#network).
 
     A learned register r ∈ R^d (trunc-normal, std 0.02, cut at ±0.04) is the block input for every
     record; the conditioning is s = W_c c + b_c only (no time). Callers pass depth 11 for the

@@ -1,8 +1,8 @@
-"""Deterministic samplers over a network field and a noise schedule (spec §6).
+"""Deterministic samplers over a network field and a noise schedule (docs/methods.md#samplers).
 
 Every sampler has the signature ``sampler(field, x, schedule, steps) -> x_final`` where
 ``field(y (B, D), γ (B,)) -> (B, D)`` is ε̂ (diffusion) or the γ-velocity dy/dγ (FM, RFM), ``x`` is
-the initial noise (B, D) and the grid is t_i = 1 − i/N, γ_i = γ(t_i) (§6.1, noise γ_0 = 1e-9 →
+the initial noise (B, D) and the grid is t_i = 1 − i/N, γ_i = γ(t_i) (noise γ_0 = 1e-9 →
 data γ_N = 1). The state keeps the dtype of ``x`` (use float32 in production). The grid and
 every per-step coefficient are computed once per call in float64 and moved to the device in one
 transfer; the loop itself only calls the network and does a few elementwise ops (no host syncs).
@@ -52,7 +52,7 @@ def _on(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, gamma_now, gamma_next) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM (η = 0) step (§6.2). Returns (x_next, x̂_0), both (B, D).
+    """One DDIM (η = 0) step. Returns (x_next, x̂_0), both (B, D).
 
     x̂_0 = clip((x − √(1−γ) ε̂)/√γ, −1, 1); ε̃ = (x − √γ x̂_0)/√(1−γ);
     x_next = √γ_next x̂_0 + √(1−γ_next) ε̃.
@@ -69,7 +69,7 @@ def _ddim_update(x, eps, a, b, a_next, b_next):
 
 
 def riemann_euler_step(x: torch.Tensor, v: torch.Tensor, dgamma) -> torch.Tensor:
-    """Retraction step on S² (§6.4): proj(x + Δγ v̂). v̂ is used unprojected, as in the reference."""
+    """Retraction step on S²: proj(x + Δγ v̂). v̂ is used unprojected, as in the reference."""
     return project(x + dgamma * v)
 
 
@@ -78,7 +78,7 @@ def riemann_euler_step(x: torch.Tensor, v: torch.Tensor, dgamma) -> torch.Tensor
 
 @torch.no_grad()
 def ddim_sample(field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -> torch.Tensor:
-    """DDIM η = 0 for ε-prediction models (§6.2); the last step returns x̂_0 of its evaluation."""
+    """DDIM η = 0 for ε-prediction models; the last step returns x̂_0 of its evaluation."""
     gamma, gb = _grid(schedule, steps, x)
     a, b = _on(x, gamma.sqrt()), _on(x, (1 - gamma).sqrt())
     for i in range(steps):
@@ -90,7 +90,7 @@ def ddim_sample(field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -
 
 @torch.no_grad()
 def euler_sample(field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -> torch.Tensor:
-    """Euler in R^D (§6.3): x_{i+1} = x_i + (γ_{i+1} − γ_i) v̂(x_i, γ_i). No projection."""
+    """Euler in R^D: x_{i+1} = x_i + (γ_{i+1} − γ_i) v̂(x_i, γ_i). No projection."""
     gamma, gb = _grid(schedule, steps, x)
     h = _on(x, gamma.diff())
     for i in range(steps):
@@ -113,7 +113,7 @@ def heun_sample(field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -
 
 @torch.no_grad()
 def riemann_euler_sample(field: Field, x: torch.Tensor, schedule: Schedule, steps: int) -> torch.Tensor:
-    """Riemannian Euler with re-projection (§6.4, default for rfm): x ← proj(x + Δγ v̂)."""
+    """Riemannian Euler with re-projection (default for rfm): x ← proj(x + Δγ v̂)."""
     gamma, gb = _grid(schedule, steps, x)
     h = _on(x, gamma.diff())
     for i in range(steps):

@@ -1,4 +1,4 @@
-"""Noise schedules γ(t) on scheduler time t ∈ [0, 1] (spec §2).
+"""Noise schedules γ(t) on scheduler time t ∈ [0, 1] (docs/methods.md#schedules).
 
 t = 0 is the data end (γ = 1), t = 1 the noise end (γ = 1e-9). Networks receive γ(t), and
 flow-matching velocities are derivatives with respect to γ, so the ODE field in scheduler
@@ -52,7 +52,7 @@ class _Base:
 
 @dataclass(frozen=True)
 class SigmoidSchedule(_Base):
-    """Skewed sigmoid (spec §2.1); the paper's default is start −7, end 3, τ 1."""
+    """Skewed sigmoid; the paper's default is start −7, end 3, τ 1."""
 
     start: float = -7.0
     end: float = 3.0
@@ -76,7 +76,7 @@ class SigmoidSchedule(_Base):
 
 @dataclass(frozen=True)
 class LinearSchedule(_Base):
-    """γ(t) = clip((end − start) t + start); the default is 1 − t (spec §2.2)."""
+    """γ(t) = clip((end − start) t + start); the default is 1 − t."""
 
     start: float = 1.0
     end: float = 0.0
@@ -91,9 +91,9 @@ class LinearSchedule(_Base):
 
 @dataclass(frozen=True)
 class CosineSchedule(_Base):
-    """γ(t) = (cos(w)^{2τ} − v_e)/(v_s − v_e), w = π/2·(t(end − start) + start) (spec §2.3).
+    """γ(t) = (cos(w)^{2τ} − v_e)/(v_s − v_e), w = π/2·(t(end − start) + start).
 
-    The derivative is the correct one (the reference has an extra cos factor, §14.10).
+    The derivative is the correct one (the reference implementation has an extra cos factor).
     """
 
     start: float = 1.0
@@ -121,7 +121,7 @@ class CosineSchedule(_Base):
 
 @dataclass(frozen=True)
 class CosineSimpleSchedule(_Base):
-    """γ(t) = cos²(π/2 · (t + 2e-4)/(1 + 2.5e-4)), unclamped (spec §2.4)."""
+    """γ(t) = cos²(π/2 · (t + 2e-4)/(1 + 2.5e-4)), unclamped."""
 
     name = "cosine_simple"
 
@@ -165,7 +165,7 @@ def schedule_from_dict(d: dict) -> Schedule:
 
 
 def time_grid(schedule: Schedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling grid (spec §6.1): t_i = 1 − i/N, γ_i = γ(t_i), i = 0…N, float64.
+    """Sampling grid (docs/methods.md#samplers): t_i = 1 − i/N, γ_i = γ(t_i), i = 0…N, float64.
 
     γ_0 = 1e-9 is the noise end, γ_N = 1 the data end.
     """

@@ -1,6 +1,7 @@
 """Sphere geometry on S² ⊂ R³: coordinate conversion, projections, exp/log maps, distances.
 
-Conventions (spec §1.2): latitude φ and longitude λ in **degrees** at every public boundary;
+Conventions (docs/methods.md#conventions): latitude φ and longitude λ in **degrees** at every
+public boundary;
 ``x = (cos φ cos λ, cos φ sin λ, sin φ)`` — x toward (0°N, 0°E), y toward (0°N, 90°E), z toward
 the North pole. Torch functions keep the input dtype and broadcast over leading dimensions.
 """
@@ -32,7 +33,7 @@ __all__ = [
     "haversine_km",
 ]
 
-#: Mean Earth radius in km (spec A10).
+#: Mean Earth radius in km (the one radius for every distance and area).
 EARTH_RADIUS_KM = 6371.0088
 #: log density of the uniform distribution on S², nats per steradian: −ln 4π.
 LOG_UNIFORM_SPHERE = -math.log(4.0 * math.pi)
@@ -43,7 +44,7 @@ class NonFiniteError(ValueError):
 
 
 def _eps(dtype: torch.dtype) -> float:
-    # geoopt's clamp: 1e-4 in float32, 1e-7 in float64 (spec §0, §14.13)
+    # geoopt's clamp, as in the reference implementation: 1e-4 in float32, 1e-7 in float64
     return 1e-7 if dtype == torch.float64 else 1e-4
 
 
@@ -70,7 +71,9 @@ def coordinate_problem(value, name: str, limit: float) -> tuple[str, str] | None
 
 
 def wrap_latlon(lat, lon):
-    """Wrap degrees into lat ∈ [−90, 90], lon ∈ [−180, 180) (spec §1.1). numpy arrays or floats."""
+    """Wrap degrees into lat ∈ [−90, 90], lon ∈ [−180, 180) (docs/methods.md#conventions).
+
+    numpy arrays or floats."""
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     lat = np.mod(lat + 90.0, 360.0) - 90.0
@@ -89,7 +92,7 @@ def latlon_to_xyz(latlon: torch.Tensor) -> torch.Tensor:
 
 
 def xyz_to_latlon(xyz: torch.Tensor, keys=None) -> torch.Tensor:
-    """(…, 3) points → (…, 2) degrees (lat, lon), projecting onto the sphere first (spec A3).
+    """(…, 3) points → (…, 2) degrees (lat, lon), projecting onto the sphere first (docs/methods.md#projection).
 
     Raises :class:`NonFiniteError` naming the first offending record (``keys[i]`` when given)
     if any point is non-finite or zero, so no NaN prediction can ever leave the library.

@@ -1,4 +1,4 @@
-"""von Mises–Fisher densities and sampling on S² (spec §3.4, §3.5, §6.5, A7).
+"""von Mises–Fisher densities and sampling on S² (docs/methods.md#vmf).
 
 Densities are in nats per steradian. Parameters: mean directions μ (…, M, 3) unit vectors,
 concentrations κ (…, M) > 0, mixture weights w (…, M) summing to 1 (M = 1 for a single vMF).
@@ -25,7 +25,7 @@ _LOG_4PI = math.log(4.0 * math.pi)
 
 
 def vmf_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-    """log f(x; μ, κ) = ln(κ + 1e-8) − ln 4π − LS(κ) + κ⟨μ, x⟩ (§3.4), broadcasting.
+    """log f(x; μ, κ) = ln(κ + 1e-8) − ln 4π − LS(κ) + κ⟨μ, x⟩, broadcasting.
 
     x, μ (…, 3); κ (…). LS(κ) = κ + ln(1e-8 + (1 − e^{−2κ})/2) is a stable ln sinh κ
     (expm1 keeps small κ accurate); the κ⟨μ,x⟩ − κ difference never overflows.
@@ -35,7 +35,7 @@ def vmf_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> t
 
 
 def vmf_mixture_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """log Σ_i w_i f_i(x) (§3.5) with the stable component form, computed by logsumexp.
+    """log Σ_i w_i f_i(x) with the stable component form, computed by logsumexp.
 
     x (B, 3); μ (B, M, 3); κ, w (B, M) → (B,) nats per steradian.
     log f_i(x) = ln κ_i + κ_i(⟨μ_i, x⟩ − 1) − ln(1e-8 + 2π(1 − e^{−2κ_i})).
@@ -51,12 +51,12 @@ def vmf_mixture_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tens
 
 
 def vmf_mixture_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood (scalar, nats) of unit x (B, 3) under the mixtures (§3.5)."""
+    """Mean negative log-likelihood (scalar, nats) of unit x (B, 3) under the mixtures."""
     return -vmf_mixture_log_density(x, mu, kappa, weights).mean()
 
 
 def vmf_mixture_mode(mu: torch.Tensor, kappa: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Point prediction (A7): the component mean with the highest mixture density. (B, 3) unit.
+    """Point prediction: the component mean with the highest mixture density. (B, 3) unit.
 
     Each μ_j (B, M, 3) is scored under the full mixture; M = 1 returns μ itself.
     """
@@ -112,7 +112,7 @@ def sample_vmf_mixture(
 ) -> torch.Tensor:
     """n draws per record from each mixture: μ (B, M, 3), κ, w (B, M) → (B, n, 3) unit.
 
-    A component is drawn from the weights first (§6.5), then a vMF draw from it.
+    A component is drawn from the weights first, then a vMF draw from it.
     """
     b, m, _ = mu.shape
     comp = torch.multinomial(weights.to(torch.float64), n, replacement=True, generator=generator)  # (B, n)

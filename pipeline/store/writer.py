@@ -172,7 +172,7 @@ class StoreWriter:
         """Append one shard's rows and commit its completion record (see the module docstring).
 
         embeddings: (n, D) raw float embeddings (normalised and cast here); latlon: (n, 2)
-        degrees (wrapped here, §1.1); keys: (n,) new unique keys; meta: field → (n,) JSON
+        degrees (wrapped here, docs/methods.md#conventions); keys: (n,) new unique keys; meta: field → (n,) JSON
         strings (absent fields are ""); rejects: this shard's rejects. Returns the record.
         """
         keys, n = [str(k) for k in keys], len(keys)

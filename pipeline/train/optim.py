@@ -1,8 +1,8 @@
-"""Optimisation pieces of the training loop (spec §10, A2, A12): LR schedule, optimisers, EMA.
+"""Optimisation pieces of the training loop (docs/methods.md#training): LR schedule, optimisers, EMA.
 
 * :func:`lr_at` — linear warm-up from exactly 0, then half-cosine decay to 0 at ``total``.
-* :func:`make_optimizer` — ``"lamb"`` (timm's Lamb, configured to the §10 semantics) or ``"adamw"``.
-* :class:`EMA` — a real exponential moving average ``ema ← decay·ema + (1 − decay)·θ`` (A2).
+* :func:`make_optimizer` — ``"lamb"`` (timm's Lamb, configured to the documented semantics) or ``"adamw"``.
+* :class:`EMA` — a real exponential moving average ``ema ← decay·ema + (1 − decay)·θ``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["OPTIMIZERS", "lr_at", "make_optimizer", "set_lr", "EMA"]
 
 
 def lr_at(step: int, *, lr0: float, warmup: int = 500, total: int) -> float:
-    """Learning rate at global optimisation step ``step`` (§10, oracle §16.13).
+    """Learning rate at global optimisation step ``step``.
 
     ``lr0·step/warmup`` for ``step < warmup`` (so lr(0) = 0), else
     ``lr0·½(1 + cos(π (step − warmup)/(total − warmup)))``; held at 0 after ``total``.
@@ -36,7 +36,7 @@ def lr_at(step: int, *, lr0: float, warmup: int = 500, total: int) -> float:
 
 
 def _make_lamb(params: Iterable, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    """LAMB exactly as §10 (A12: a kept implementation, timm's, rather than a hand-written one).
+    """LAMB as documented (a kept implementation, timm's, rather than a hand-written one).
 
     Per tensor θ with gradient g at step k: Adam moments m, v with bias correction,
     r = m̂/(sqrt(v̂) + eps) + wd·θ, trust = ||θ||/||r|| (1 if either norm is 0),
@@ -77,7 +77,7 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """Build optimiser ``name`` ("lamb" or "adamw"; §10 defaults lr 8e-4, wd 0.05 are the caller's)."""
+    """Build optimiser ``name`` ("lamb" or "adamw"; the defaults lr 8e-4, wd 0.05 are the caller's)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if lr < 0 or weight_decay < 0 or eps <= 0:
@@ -95,7 +95,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class EMA:
-    """Exponential moving average of a module's weights (A2): ``ema ← decay·ema + (1 − decay)·θ``.
+    """Exponential moving average of a module's weights: ``ema ← decay·ema + (1 − decay)·θ``.
 
     Starts as a copy of the module's state. Floating-point parameters with ``requires_grad`` are
     averaged; everything else in the state dict (buffers, frozen parameters) is copied as is, so
