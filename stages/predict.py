@@ -28,7 +28,7 @@ __all__ = ["PredictConfig", "PredictResult", "run_predict"]
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Options of ``geopipe predict``; sampling defaults follow spec A7."""
+    """Options of ``geopipe predict``; sampling defaults as in docs/methods.md#samplers."""
 
     checkpoint: str
     store: str
