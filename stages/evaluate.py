@@ -36,7 +36,7 @@ class EvaluateConfig:
 
     predictions: one or more predictions Parquet paths; names: a label per file (default: file
     stem); out: JSON report path (None: not written); prdc_k / prdc_chunks: PRDC neighbours and
-    contiguous chunks (A11: 3 and 1 = whole set); baseline_latlon: (lat, lon) degrees of a
+    contiguous chunks (3 and 1 = whole set, as in the paper); baseline_latlon: (lat, lon) degrees of a
     constant prediction scored on the first file's truths. Admin accuracies are computed when
     ``geocode`` is set or ``store`` is given: predicted labels by reverse geocoding the predicted
     points (needs ``pip install geopipe[geocode]``), true labels from the store's ``meta/<field>``
