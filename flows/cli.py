@@ -13,6 +13,8 @@ import sys
 import click
 
 from geopipe.flows.cli_common import progress_enabled, user_errors
+from geopipe.pipeline.methods.names import METHOD_NAMES
+from geopipe.pipeline.model.names import SAMPLER_NAMES, SCHEDULE_NAMES
 
 __all__ = ["main", "cli"]
 
@@ -34,10 +36,10 @@ def cli(quiet):
 
 @cli.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n-train", default=3000, show_default=True)
-@click.option("--n-test", default=500, show_default=True)
-@click.option("--shard-size", default=500, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--n-train", default=3000, show_default=True, help="Training photos to generate.")
+@click.option("--n-test", default=500, show_default=True, help="Test photos to generate.")
+@click.option("--shard-size", default=500, show_default=True, help="Samples per WebDataset tar.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the generated world.")
 @user_errors
 def demo_data(out, n_train, n_test, shard_size, seed):
     """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
@@ -52,14 +54,14 @@ def demo_data(out, n_train, n_test, shard_size, seed):
 @click.option("--store", "-o", required=True, help="Output Zarr store (created or resumed).")
 @click.option("--backbone", default="tiny", show_default=True, help="open_clip model name, 'hf-hub:org/repo' or 'tiny'.")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint file.")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", default=256, show_default=True, help="Images per backbone forward pass.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader decode workers.")
-@click.option("--lat-key", default="latitude", show_default=True)
-@click.option("--lon-key", default="longitude", show_default=True)
+@click.option("--lat-key", default="latitude", show_default=True, help="json field holding the latitude in degrees.")
+@click.option("--lon-key", default="longitude", show_default=True, help="json field holding the longitude in degrees.")
 @click.option("--meta", "meta_fields", multiple=True, help="json fields to carry into the store (default: all scalars).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Stored embedding precision.")
 @click.option("--no-normalize", is_flag=True, help="Keep raw (not L2-normalised) embeddings.")
-@click.option("--max-reject-fraction", default=0.5, show_default=True)
+@click.option("--max-reject-fraction", default=0.5, show_default=True, help="Fail when more than this fraction of the samples is rejected.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Autocast on CUDA.")
 @click.option("--on-changed", type=click.Choice(["error", "skip", "reextract"]), default="error", show_default=True,
               help="What to do with shards changed since they were extracted.")
@@ -84,19 +86,21 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @cli.command()
 @click.option("--store", required=True, help="Training embedding store.")
 @click.option("--out", "-o", required=True, help="Checkpoint directory.")
-@click.option("--method", default="rfm", show_default=True, help="rfm, flow, diffusion, vmf, vmf_mixture, uniform.")
-@click.option("--dim", default=512, show_default=True)
-@click.option("--depth", default=12, show_default=True)
-@click.option("--schedule", default="sigmoid", show_default=True, help="sigmoid, linear, cosine, cosine_simple.")
-@click.option("--steps", default=20000, show_default=True)
-@click.option("--batch-size", default=1024, show_default=True)
-@click.option("--lr", default=8e-4, show_default=True)
-@click.option("--warmup", default=500, show_default=True)
-@click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--optimizer", default="lamb", show_default=True, type=click.Choice(["lamb", "adamw"]))
-@click.option("--ema-decay", default=0.999, show_default=True)
-@click.option("--val-every", default=1000, show_default=True)
-@click.option("--seed", default=3407, show_default=True)
+@click.option("--method", default="rfm", show_default=True, type=click.Choice([*METHOD_NAMES, "bayescap", "bayescap-cycle"]),
+              help="Generative method (rfm, flow, diffusion), baseline (vmf, vmf_mixture, uniform) or uncertainty heads (bayescap, bayescap-cycle); see docs/methods.md.")
+@click.option("--dim", default=512, show_default=True, help="Width of the denoiser network.")
+@click.option("--depth", default=12, show_default=True, help="Residual blocks of the denoiser network.")
+@click.option("--schedule", default="sigmoid", show_default=True, type=click.Choice(SCHEDULE_NAMES),
+              help="Noise schedule of the diffusion-style methods.")
+@click.option("--steps", default=20000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", default=1024, show_default=True, help="Records per training step.")
+@click.option("--lr", default=8e-4, show_default=True, help="Peak learning rate (reached after the warm-up).")
+@click.option("--warmup", default=500, show_default=True, help="Steps of linear learning-rate warm-up.")
+@click.option("--weight-decay", default=0.05, show_default=True, help="Decoupled weight decay.")
+@click.option("--optimizer", default="lamb", show_default=True, type=click.Choice(["lamb", "adamw"]), help="Optimiser.")
+@click.option("--ema-decay", default=0.999, show_default=True, help="Decay of the weights' moving average (the averaged model is saved and validated).")
+@click.option("--val-every", default=1000, show_default=True, help="Validate and checkpoint every N steps.")
+@click.option("--seed", default=3407, show_default=True, help="Random seed (initialisation, batches, noise).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
 @click.option("--allow-changes", is_flag=True, help="Resume although the store or training options differ from the "
               "saved run (the differences are recorded in the checkpoint's config.json).")
@@ -121,20 +125,20 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 
 
 @cli.command()
-@click.option("--checkpoint", "-c", required=True)
-@click.option("--store", required=True)
+@click.option("--checkpoint", "-c", required=True, help="Checkpoint directory (the --out of geopipe train).")
+@click.option("--store", required=True, help="Embedding store of the records to predict.")
 @click.option("--out", "-o", required=True, help="Predictions Parquet file.")
-@click.option("--steps", default=16, show_default=True)
-@click.option("--guidance", default=2.0, show_default=True)
-@click.option("--sampler", default=None, help="Override the method's default sampler.")
+@click.option("--steps", default=16, show_default=True, help="Sampler steps per prediction.")
+@click.option("--guidance", default=2.0, show_default=True, help="Classifier-free guidance scale of the point prediction (0 = unguided).")
+@click.option("--sampler", default=None, type=click.Choice(SAMPLER_NAMES), help="Sampler (default: the method's own).")
 @click.option("--samples", default=0, show_default=True, help="Extra unguided samples per record to store.")
 @click.option("--ensemble", default=0, show_default=True, help="Draw N unguided samples and keep the most likely one (0 = off; see docs/methods.md).")
 @click.option("--nll", is_flag=True, help="Exact log-likelihood of the true location.")
 @click.option("--localizability", default=0, show_default=True, help="Monte-Carlo samples for −entropy (0 = off).")
-@click.option("--rtol", default=1e-5, show_default=True)
-@click.option("--atol", default=1e-5, show_default=True)
-@click.option("--batch-size", default=4096, show_default=True)
-@click.option("--seed", default=3407, show_default=True)
+@click.option("--rtol", default=1e-5, show_default=True, help="Relative tolerance of the likelihood ODE solver.")
+@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance of the likelihood ODE solver.")
+@click.option("--batch-size", default=4096, show_default=True, help="Records per sampling batch.")
+@click.option("--seed", default=3407, show_default=True, help="Random seed of the sampling noise (per batch).")
 @click.option("--dask", "dask_address", default=None, help="'local:N' for a LocalCluster with N workers, or a scheduler address.")
 @_device_option
 @user_errors
@@ -156,12 +160,15 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
 @click.option("--out", "-o", default=None, help="Write the JSON report here.")
 @click.option("--name", "names", multiple=True, help="Label per predictions file (repeat).")
 @click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
-@click.option("--store", default=None, help="Store with true admin labels (meta/<field>) for country/region/city accuracy.")
+@click.option("--store", default=None,
+              help="Store with true admin labels (meta/<field>) for country/region/city accuracy; the predicted "
+                   "labels come from reverse geocoding the predicted points (pip install -e '.[geocode]' in the checkout).")
 @click.option("--geocode", is_flag=True, help="Country/region/city accuracy by offline reverse geocoding "
-              "(pip install 'geopipe[geocode]'); true labels from --store when given.")
-@click.option("--country-field", default="unique_country", show_default=True)
-@click.option("--region-field", default="unique_region", show_default=True)
-@click.option("--city-field", default="unique_city", show_default=True)
+              "(pip install -e '.[geocode]' in the checkout); true labels from --store when given.")
+@click.option("--country-field", default=None,
+              help="Store meta field of the true country [default: unique_country, skipped when the store lacks it].")
+@click.option("--region-field", default=None, help="Store meta field of the true region [default: unique_region, if present].")
+@click.option("--city-field", default=None, help="Store meta field of the true city [default: unique_city, if present].")
 @click.option("--prdc-k", default=3, show_default=True, help="Neighbours for precision/recall/density/coverage.")
 @click.option("--prdc-chunks", default=1, show_default=True, help="Average PRDC over this many contiguous chunks (1 = the whole set).")
 @click.option("--uncertainty", is_flag=True, help="Also print the failure-prediction table of every uncertainty score column.")
@@ -248,7 +255,8 @@ def serve(config, cron, interval, name):
 
 
 @cli.command()
-@click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--workdir", default="data/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo world, stores, model and outputs.")
 @click.option("--steps", default=3000, show_default=True, help="Training steps (CPU-sized).")
 @user_errors
 def demo(workdir, steps):
@@ -261,13 +269,13 @@ def demo(workdir, steps):
 
 
 @cli.command()
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all"]), default="all", show_default=True)
-@click.option("--dim", default=512, show_default=True)
-@click.option("--depth", default=12, show_default=True)
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all"]), default="all", show_default=True, help="Benchmark to run.")
+@click.option("--dim", default=512, show_default=True, help="Width of the benchmarked network.")
+@click.option("--depth", default=12, show_default=True, help="Residual blocks of the benchmarked network.")
 @click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
-@click.option("--steps", default=16, show_default=True)
-@click.option("--nll-batch", default=512, show_default=True)
-@click.option("--repeats", default=2, show_default=True)
+@click.option("--steps", default=16, show_default=True, help="Sampling steps per record.")
+@click.option("--nll-batch", default=512, show_default=True, help="Records per exact-likelihood batch.")
+@click.option("--repeats", default=2, show_default=True, help="Timed repeats (the fastest counts).")
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", "-o", default=None, help="Write the figures as JSON.")
 @_device_option

@@ -27,9 +27,9 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.option("--bandwidth-km", default=None, type=float, help="KDE kernel width in km (default: k-nearest-neighbour rule).")
 @click.option("--steps", default=16, show_default=True, help="Sampler steps.")
 @click.option("--guidance", default=2.0, show_default=True, help="Guidance of the point prediction.")
-@click.option("--seed", default=3407, show_default=True)
+@click.option("--seed", default=3407, show_default=True, help="Random seed of the sampling noise.")
 @click.option("--rtol", default=1e-4, show_default=True, help="ODE tolerance of the exact likelihood.")
-@click.option("--atol", default=1e-4, show_default=True)
+@click.option("--atol", default=1e-4, show_default=True, help="Absolute ODE tolerance of the exact likelihood.")
 @click.option("--world", is_flag=True, help="Always draw the whole world (no zoom on the high-density region).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @user_errors
@@ -50,7 +50,7 @@ def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_de
 @click.command("calibration-plot")
 @click.argument("report", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, help="PNG file to write.")
-@click.option("--title", default="HDR calibration", show_default=True)
+@click.option("--title", default="HDR calibration", show_default=True, help="Figure title.")
 @user_errors
 def calibration_plot_command(report, out, title):
     """Plot HDR calibration (coverage against probability level) of an evaluate REPORT JSON."""

@@ -30,35 +30,82 @@ from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 __all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
 
 
-@task(name="demo-data", cache_policy=NO_CACHE)
+def _run_name(verb: str, field: str):
+    """A task-run name after the task's input: ``extract train.zarr``, ``train model``."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        value = getattr(task_run.parameters["cfg"], field)
+        first = value[0] if isinstance(value, (list, tuple)) and value else value
+        more = f" +{len(value) - 1}" if isinstance(value, (list, tuple)) and len(value) > 1 else ""
+        return f"{verb} {os.path.basename(str(first).rstrip('/')) or first}{more}"
+
+    return name
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect retry condition: a GeopipeError (a missing shard, a bad option) fails at once;
+    anything else (an I/O hiccup, a killed worker) goes to the task's retries."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not isinstance(exc, GeopipeError)
+
+
+def _store_summary_artifact(res) -> None:
+    """The extracted store as a Prefect table artifact (one row), keyed ``store-<name>``
+    (``store-train-zarr``): Prefect keeps each key's history across runs."""
+    import re
+
+    from prefect.artifacts import create_table_artifact
+
+    from geopipe.pipeline.store.reader import open_store
+
+    attrs = open_store(res.store).attrs
+    key = "store-" + re.sub(r"[^a-z0-9]+", "-", os.path.basename(res.store.rstrip("/")).lower()).strip("-")
+    create_table_artifact(key=key, description=f"embedding store {res.store}", table=[{
+        "store": res.store, "records": attrs["rows"], "rejected (all runs)": sum(attrs["rejects"].values()),
+        "shards": len(attrs["shards"]), "shards added": res.shards_done, "shards skipped": res.shards_skipped,
+        "added": res.n_ok, "rejected": res.n_rejected, "seconds": round(res.seconds, 1),
+        "backbone": attrs["backbone"].get("name"), "dtype": attrs["dtype"],
+    }])
+
+
+@task(name="demo-data", task_run_name=_run_name("demo-data", "out"), cache_policy=NO_CACHE)
 def demo_data_task(cfg):
     return run_demo_data(cfg)
 
 
-@task(name="extract", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="extract", task_run_name=_run_name("extract", "store"), retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_unless_user_error, cache_policy=NO_CACHE)
 def extract_task(cfg):
     res = run_extract(cfg)
     get_run_logger().info("extract %s: %d ok, %d rejected, %d shards done", res.store, res.n_ok, res.n_rejected, res.shards_done)
+    _store_summary_artifact(res)
     return res
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", task_run_name=_run_name("train", "out"), cache_policy=NO_CACHE)
 def train_task(cfg):
     res = run_train(cfg)
     get_run_logger().info("train %s: step %d, val loss %.4f", res.method, res.step, res.val_loss)
     return res
 
 
-@task(name="predict", cache_policy=NO_CACHE)
+@task(name="predict", task_run_name=_run_name("predict", "out"), cache_policy=NO_CACHE)
 def predict_task(cfg):
     res = run_predict(cfg)
     get_run_logger().info("predict: %d records, %.0f records/s", res.n_records, res.records_per_s)
     return res
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name=_run_name("evaluate", "predictions"), cache_policy=NO_CACHE)
 def evaluate_task(cfg: EvaluateConfig):
-    return run_evaluate(cfg)
+    from prefect.artifacts import create_markdown_artifact
+
+    res = run_evaluate(cfg)
+    create_markdown_artifact(key="geopipe-evaluation", description="evaluation of the predictions",
+                             markdown=f"# geopipe evaluation\n\n```\n{res.table}\n```\n")
+    return res
 
 
 @flow(name="geopipe", validate_parameters=False, log_prints=True)

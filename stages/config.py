@@ -33,7 +33,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.stages.demo import DemoDataConfig
 from geopipe.stages.evaluate import EvaluateConfig
 from geopipe.stages.extract import ExtractConfig
@@ -58,22 +58,24 @@ class PipelineConfig:
 
 
 def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise GeopipeError(f"{where} must be a list, got {type(value).__name__}")
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool, dict):
-        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-            raise GeopipeError(f"{where} must be {hint.__name__}, got {value!r}")
+    """``value`` checked against the field's type ``hint`` with pydantic in strict mode (no
+    "1" → 1 or 1 → "1"; an int is a valid float; TOML arrays become tuples)."""
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    if isinstance(value, list):
+        value = tuple(value)
+    try:
+        return TypeAdapter(hint, config=ConfigDict(strict=True)).validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        at = "".join(f"[{p}]" for p in err["loc"] if not isinstance(p, str) or not p.startswith(("function-", "tuple[")))
+        raise ConfigError(f"{where}{at}: {err['msg'][0].lower()}{err['msg'][1:]}, got {err['input']!r}") from None
+
+
+def _table(doc: dict, name: str, where: str | None = None) -> dict:
+    value, where = doc[name], where or name
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{where}] must be a table (a [{where}] header with key = value lines), got {value!r}")
     return value
 
 
@@ -100,18 +102,21 @@ def parse_pipeline_config(doc: dict) -> PipelineConfig:
     for name in ("train", "predict", "evaluate"):
         if name not in doc:
             raise GeopipeError(f"config lacks the [{name}] section")
-    extract = tuple(build_config(ExtractConfig, tbl, f"extract.{name}") for name, tbl in doc.get("extract", {}).items())
-    demo = build_config(DemoDataConfig, doc["demo_data"], "demo_data") if "demo_data" in doc else None
-    evaluate = dict(doc["evaluate"])
+    stores = _table(doc, "extract") if "extract" in doc else {}
+    extract = tuple(build_config(ExtractConfig, _table(stores, name, f"extract.{name}"), f"extract.{name}") for name in stores)
+    demo = build_config(DemoDataConfig, _table(doc, "demo_data"), "demo_data") if "demo_data" in doc else None
+    evaluate = dict(_table(doc, "evaluate"))
+    if "baseline_store" in evaluate:
+        _coerce(evaluate["baseline_store"], str, "[evaluate] baseline_store")
     baseline = evaluate.pop("baseline_store", None)
     return PipelineConfig(
-        train=build_config(TrainConfig, doc["train"], "train"),
-        predict=build_config(PredictConfig, doc["predict"], "predict"),
+        train=build_config(TrainConfig, _table(doc, "train"), "train"),
+        predict=build_config(PredictConfig, _table(doc, "predict"), "predict"),
         evaluate=build_config(EvaluateConfig, evaluate, "evaluate"),
         extract=extract,
         demo_data=demo,
         baseline_store=baseline,
-        workdir=doc.get("workdir", "."),
+        workdir=_coerce(doc.get("workdir", "."), str, "workdir"),
     )
 
 

@@ -39,8 +39,10 @@ class EvaluateConfig:
     contiguous chunks (3 and 1 = whole set, as in the paper); baseline_latlon: (lat, lon) degrees of a
     constant prediction scored on the first file's truths. Admin accuracies are computed when
     ``geocode`` is set or ``store`` is given: predicted labels by reverse geocoding the predicted
-    points (needs ``pip install geopipe[geocode]``), true labels from the store's ``meta/<field>``
-    arrays joined on key (or, without a store, by reverse geocoding the true points).
+    points (needs ``pip install -e '.[geocode]'`` in the checkout), true labels from the store's
+    ``meta/<field>`` arrays joined on key (or, without a store, by reverse geocoding the true
+    points). Any subset of the areas works: a field left None is scored when the store has
+    ``unique_<area>``; a field given must exist.
     """
 
     predictions: tuple[str, ...]
@@ -49,9 +51,9 @@ class EvaluateConfig:
     prdc_k: int = 3
     prdc_chunks: int = 1
     store: str | None = None
-    country_field: str = "unique_country"
-    region_field: str = "unique_region"
-    city_field: str = "unique_city"
+    country_field: str | None = None  # None: "unique_country" when the store has it
+    region_field: str | None = None
+    city_field: str | None = None
     geocode: bool = False
     baseline_latlon: tuple[float, float] | None = None
     uncertainty: bool = False
@@ -73,7 +75,14 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate: baseline_latlon must be (lat, lon) in degrees, got {self.baseline_latlon!r}")
 
     def admin_fields(self) -> dict[str, str]:
-        return {"country": self.country_field, "region": self.region_field, "city": self.city_field}
+        """Area → store meta field: the one given, else ``unique_<area>``."""
+        given = {"country": self.country_field, "region": self.region_field, "city": self.city_field}
+        return {area: f if f is not None else f"unique_{area}" for area, f in given.items()}
+
+    def admin_optional(self) -> tuple[str, ...]:
+        """Areas without a field given: scored only when the store has the default field."""
+        given = {"country": self.country_field, "region": self.region_field, "city": self.city_field}
+        return tuple(area for area, f in given.items() if f is None)
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def _labels(cfg: EvaluateConfig) -> list[str]:
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every predictions file of ``cfg``; write the JSON report when ``cfg.out`` is set."""
     opts = ScoreOptions(prdc_k=cfg.prdc_k, prdc_chunks=cfg.prdc_chunks, store=cfg.store, geocode=cfg.geocode,
-                        admin_fields=cfg.admin_fields())
+                        admin_fields=cfg.admin_fields(), admin_optional=cfg.admin_optional())
     entries, first_truth, failures = [], None, []
     for name, path in zip(_labels(cfg), cfg.predictions):
         cols, meta = read_predictions(str(path))

@@ -7,7 +7,8 @@ city = ``name_admin2_admin1_cc``; ground truth are the dataset's labels (OSV-5M:
 ``unique_country``, ``unique_region``, ``unique_sub-region``, ``unique_city``). Accuracy is the
 exact string-match rate over records whose true label is known; :func:`store_admin_labels` reads
 true labels from an embedding store's ``meta/`` arrays. ``reverse_geocoder`` is an
-optional dependency (``pip install geopipe[geocode]``), imported only when labels are needed.
+optional dependency (``pip install -e '.[geocode]'`` in the geopipe checkout; the ``geopipe``
+name on the public package index is another project), imported only when labels are needed.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def _geocoder():
         import reverse_geocoder
     except ImportError:
         raise GeopipeError(
-            "admin accuracy needs reverse geocoding, but the optional package 'reverse_geocoder' is not installed; "
-            "run: pip install geopipe[geocode]"
+            "admin accuracy needs reverse geocoding of the predicted points, but the optional package 'reverse_geocoder' "
+            "is not installed; in the geopipe checkout run: pip install -e '.[geocode]'"
         ) from None
     return reverse_geocoder
 
@@ -78,7 +79,7 @@ def _geocoder():
 def reverse_geocode_labels(lat, lon, areas: Sequence[str] = ("country", "region", "city")) -> dict[str, list[str]]:
     """Labels ``{area: [label…]}`` of (N,) degree coordinates via ``reverse_geocoder`` (offline).
 
-    Raises :class:`GeopipeError` telling to ``pip install geopipe[geocode]`` when the package is
+    Raises :class:`GeopipeError` telling to ``pip install -e '.[geocode]'`` when the package is
     absent, and ValueError for an unknown area name.
     """
     unknown = [a for a in areas if a not in ADMIN_AREAS]
@@ -105,12 +106,15 @@ def _decode_meta(value: str):
     return None if decoded is None else str(decoded)
 
 
-def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str]) -> dict[str, list]:
+def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str],
+                       optional: Sequence[str] = ()) -> dict[str, list]:
     """True labels ``{area: [label | None …]}`` aligned with ``keys``, read from an embedding store.
 
     ``fields`` maps an area to a ``meta/<field>`` array of the Zarr store (schemas/store.py; values
-    JSON-encoded scalars, "" when absent); a key not in the store gets ``None``. Raises
-    :class:`GeopipeError` when the store cannot be read or lacks a field.
+    JSON-encoded scalars, "" when absent); a key not in the store gets ``None``. Areas in
+    ``optional`` whose field the store lacks are left out (any subset of the areas works).
+    Raises :class:`GeopipeError` when the store cannot be read, lacks a field that is not
+    optional, or has none of the fields.
     """
     import zarr
 
@@ -122,6 +126,10 @@ def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str
     except Exception as exc:  # zarr raises several types for a missing / foreign path
         raise GeopipeError(f"cannot read embedding store {store!r} for admin labels ({type(exc).__name__}: {exc})") from None
     out: dict[str, list] = {}
+    fields = {a: f for a, f in fields.items() if f in available or a not in optional}
+    if not fields:
+        raise GeopipeError(f"store {store!r} has none of the meta fields for admin labels; available: {available}; "
+                           f"name them with --country-field/--region-field/--city-field")
     for area, field in fields.items():
         if field not in available:
             raise GeopipeError(f"store {store!r} has no meta field {field!r} for {area} labels; available: {available}")

@@ -36,6 +36,7 @@ class ScoreOptions:
     store: str | None = None
     geocode: bool = False
     admin_fields: dict = field(default_factory=lambda: {"country": "unique_country", "region": "unique_region", "city": "unique_city"})
+    admin_optional: tuple = ()  # areas whose field may be absent from the store (default field names)
 
 
 def _xyz(lat, lon) -> np.ndarray:
@@ -64,7 +65,8 @@ def _admin_section(opts: ScoreOptions, cols: dict, pred_lat, pred_lon) -> dict |
         return None
     areas = tuple(opts.admin_fields)
     if opts.store:
-        truth = store_admin_labels(opts.store, opts.admin_fields, cols["key"])
+        truth = store_admin_labels(opts.store, opts.admin_fields, cols["key"], optional=opts.admin_optional)
+        areas = tuple(truth)
     elif truth_mask(cols) is not None:
         tl, tn = cols["true_lat"], cols["true_lon"]
         ok = np.isfinite(tl) & np.isfinite(tn)

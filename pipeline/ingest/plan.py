@@ -65,8 +65,17 @@ def change_reason(rec: Mapping, stat: ShardStat, url: str, verify_hash: bool,
         digest = stat.sha256 or hash_fn(url)
         return None if digest == rec["sha256"] else "content sha256 differs"
     if rec["mtime"] != stat.mtime:
-        return f"mtime {rec['mtime']} → {stat.mtime}"
+        return f"modified {_when(stat.mtime)}, extracted from the version of {_when(rec['mtime'])}"
     return None
+
+
+def _when(mtime: float | None) -> str:
+    """A file time for messages: ``2026-11-30 17:41:06 UTC`` (or "unknown")."""
+    import datetime
+
+    if mtime is None:
+        return "unknown time"
+    return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def plan_shards(urls: Sequence[str], records: Mapping[str, Mapping], *, store: str, on_changed: str = "error",
@@ -91,8 +100,9 @@ def plan_shards(urls: Sequence[str], records: Mapping[str, Mapping], *, store: s
     if changed and on_changed == "error":
         url, why = next(iter(changed.items()))
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise ShardChangedError(f"shard {url} changed since it was written into {store} ({why}){more}; use "
-                                f"on_changed='skip' to keep the old rows, 'reextract' to replace them, or a new store")
+        raise ShardChangedError(f"shard {url} changed since it was written into {store} ({why}){more}; pass "
+                                f"--on-changed skip to keep the old rows, --on-changed reextract to replace them "
+                                f"(on_changed = \"skip\" / \"reextract\" in a pipeline config), or use a new store")
     redo, cut = set(), None
     if changed and on_changed == "reextract":
         cut = min(records[u]["index"] for u in changed)
@@ -100,7 +110,7 @@ def plan_shards(urls: Sequence[str], records: Mapping[str, Mapping], *, store: s
         lost = sorted(redo - given, key=lambda u: records[u]["index"])
         if lost:
             raise GeopipeError(f"re-extracting {next(iter(changed))} from {store} would drop the later shard {lost[0]}, "
-                               f"which this run does not include; pass it too, or use on_changed='skip'")
+                               f"which this run does not include; pass it too, or use --on-changed skip")
     todo = tuple((u, stats[u]) for u in urls if u not in records or u in redo)
     skipped = tuple(u for u in urls if u in records and u not in redo)
     return ShardPlan(todo, skipped, tuple(changed), missing, cut)

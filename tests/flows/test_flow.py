@@ -41,15 +41,26 @@ def test_prefect_flow_end_to_end(demo_world, tmp_path):
     # the run is recorded by the (ephemeral) Prefect server with its task runs
     import asyncio
 
-    async def _task_names():
+    async def _runs_and_artifacts():
         async with get_client() as client:
             from prefect.client.schemas.sorting import TaskRunSort
 
             runs = await client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_ASC)
-            return {r.name.split("-")[0] for r in runs if r.flow_run_id == state.state_details.flow_run_id}
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, TaskRunFilter
+            from prefect.client.schemas.sorting import ArtifactSort
 
-    names = asyncio.run(_task_names())
-    assert {"extract", "train", "predict", "evaluate"} <= names
+            flow_run = state.state_details.flow_run_id
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])),
+                flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=200)
+            return {r.name for r in runs if r.flow_run_id == flow_run}, {a.key: a for a in artifacts if a.flow_run_id == flow_run}
+
+    names, artifacts = asyncio.run(_runs_and_artifacts())
+    # task runs are named after their input
+    assert {"extract train.zarr", "extract test.zarr", "train model", "predict p.parquet", "evaluate p.parquet"} <= names, names
+    assert "constant" in artifacts["geopipe-evaluation"].data and artifacts["geopipe-evaluation"].type == "markdown"
+    assert artifacts["store-test-zarr"].type == "table" and '"records": 80' in str(artifacts["store-test-zarr"].data)
+    assert '"records": 400' in str(artifacts["store-train-zarr"].data)
 
 
 def test_config_is_strict(tmp_path, demo_world):
@@ -59,7 +70,7 @@ def test_config_is_strict(tmp_path, demo_world):
         parse_pipeline_config(doc)
     doc = _doc(demo_world, tmp_path)
     doc["predict"]["steps"] = "many"
-    with pytest.raises(GeopipeError, match="steps must be int"):
+    with pytest.raises(GeopipeError, match=r"\[predict\] steps: input should be a valid integer, got 'many'"):
         parse_pipeline_config(doc)
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\n")

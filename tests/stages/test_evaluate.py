@@ -171,7 +171,7 @@ def test_admin_accuracy_from_store_labels(two_files, tmp_path, monkeypatch):
     assert header.split()[-6:] == ["country", "%", "region", "%", "city", "%"]
     assert rfm_row.split()[-3:] == [f"{100 * np.mean((tl + 0.5)[known] > 45):.1f}", "0.0", "-"]
     monkeypatch.setitem(sys.modules, "reverse_geocoder", None)
-    with pytest.raises(GeopipeError, match=r"pip install geopipe\[geocode\]"):
+    with pytest.raises(GeopipeError, match=r"reverse geocoding of the predicted points.*pip install -e '\.\[geocode\]'"):
         run_evaluate(EvaluateConfig(predictions=(two_files[0],), geocode=True))
     with pytest.raises(GeopipeError, match="no meta field 'cc'"):
         run_evaluate(EvaluateConfig(predictions=(two_files[0],), store=store, country_field="cc"))
@@ -201,3 +201,20 @@ def test_prdc_chunks_option_reaches_the_report(two_files):
     assert (entry["prdc"]["k"], entry["prdc"]["chunks"]) == (2, 4)
     (tiny,) = run_evaluate(EvaluateConfig(predictions=(two_files[0],), prdc_chunks=40)).reports  # chunks of 2 ≤ k
     assert tiny["prdc"] is None and tiny["distance"]["n"] == N
+
+
+def test_admin_accuracy_with_any_subset_of_store_fields(two_files, tmp_path, monkeypatch):
+    import zarr
+
+    keys = [f"{i:06d}" for i in range(N)]
+    store = _store(tmp_path, keys, ['"FR"'] * N)
+    g = zarr.open_group(store, mode="r+")
+    g.attrs["meta_fields"] = ["unique_country"]  # a store with country labels only
+    fake = types.ModuleType("reverse_geocoder")
+    fake.search = lambda coords, mode=2, verbose=True: [{"cc": "FR", "admin1": "R", "admin2": "", "name": "c"} for _ in coords]
+    monkeypatch.setitem(sys.modules, "reverse_geocoder", fake)
+    (entry,) = run_evaluate(EvaluateConfig(predictions=(two_files[0],), store=store)).reports
+    assert set(entry["admin"]) == {"country"} and entry["admin"]["country"] == {"n": N, "accuracy": 1.0}
+    g.attrs["meta_fields"] = ["other"]
+    with pytest.raises(GeopipeError, match=r"none of the meta fields for admin labels; available: \['other'\]"):
+        run_evaluate(EvaluateConfig(predictions=(two_files[0],), store=store))

@@ -403,7 +403,7 @@ def test_incremental_runs_changed_and_missing_shards(tmp_path, tiny):
     # touched, same bytes: changed by mtime, unchanged by content hash
     st = os.stat(shards[2])
     os.utime(shards[2], (1e9, 1e9))
-    with pytest.raises(ShardChangedError, match=r"w-000002.tar changed since it was written .*\(mtime .*skip"):
+    with pytest.raises(ShardChangedError, match=r"w-000002.tar changed since it was written .*\(modified 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC, extracted from the version of .* UTC\); pass --on-changed skip"):
         run_extract(_cfg(shards, store), backbone=tiny)
     r = run_extract(_cfg(shards, store, verify_hash=True), backbone=tiny)
     assert (r.shards_done, r.shards_skipped, r.shards_changed) == (0, 4, ())
