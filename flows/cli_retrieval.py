@@ -32,9 +32,6 @@ __all__ = ["retrieve_command"]
 @click.option("--backend", type=click.Choice(["auto", "blocked", "faiss"]), default="auto", show_default=True,
               help="Search backend: faiss when installed (pip install 'geopipe[faiss]'), else the blocked matmul.")
 @click.option("--radius-m", default=25.0, show_default=True, help="Positive radius of Recall@K in metres.")
-@click.option("--bayescap", "bayescap", default=None, help="BayesCap checkpoint (geopipe train --method bayescap…): "
-              "write log_u, log_u_alea, log_u_epi of each query.")
-@click.option("--mc-passes", default=15, show_default=True, help="MC-dropout passes of the --bayescap scores.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the split and the sampled predictions.")
 @user_errors
 def retrieve_command(query, database, out, k, mode, split_mode, split_column, query_value, block_m, query_fraction,
