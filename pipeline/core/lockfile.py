@@ -1,9 +1,11 @@
-"""An exclusive lock file holding the owner's pid, for single-writer directories (stores).
+"""An exclusive lock on a single-writer directory (a store): ``<directory>/.lock``.
 
-Created with ``O_CREAT | O_EXCL`` so two processes cannot both create it; a lock left by a
-process that no longer exists on this host (``kill -9``, power loss) is taken over. Local
-filesystems only: object stores have no exclusive create, so stores behind fsspec urls get a
-:class:`NullLock` (see :meth:`geopipe.pipeline.store.writer.StoreWriter.lock`).
+The lock is a :class:`filelock.FileLock` (``flock``): the kernel drops it when its process
+ends, however it ends (``kill -9``, a crash), so a dead writer never leaves a stale lock. The
+holder writes ``"<pid> <hostname>"`` into the file so a refused writer can say who holds it,
+and removes the file on release. Local filesystems only: object stores have no locks, so
+stores behind fsspec urls get a :class:`NullLock` (see
+:meth:`geopipe.pipeline.store.writer.StoreWriter.lock`).
 """
 
 from __future__ import annotations
@@ -20,16 +22,6 @@ class LockedError(GeopipeError):
     """The directory is locked by another live process."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _read_owner(path: str) -> tuple[int | None, str]:
     try:
         with open(path) as fh:
@@ -41,45 +33,52 @@ def _read_owner(path: str) -> tuple[int | None, str]:
 
 
 class DirLock:
-    """``<directory>/.lock`` containing ``"<pid> <hostname>"``; use as a context manager or acquire/release."""
+    """``<directory>/.lock`` held with ``flock``; use as a context manager or acquire/release."""
 
     def __init__(self, directory: str, name: str = ".lock"):
         self.path = os.path.join(directory, name)
         self.held = False
+        self._lock = None
+        self._inode: int | None = None
+
+    def _owned(self, fd: int) -> None:
+        """Runs once the flock is taken: record who holds it (for the refused writer's message)."""
+        self._inode = os.fstat(fd).st_ino
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
 
     def acquire(self) -> "DirLock":
         """Take the lock or raise :class:`LockedError` at once (never waits)."""
-        host = socket.gethostname()
+        import filelock
+
         for _ in range(3):
+            lock = filelock.FileLock(self.path, timeout=0, thread_local=False, fallback_to_soft=False, on_acquired=self._owned)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid, owner_host = _read_owner(self.path)
-                stale = pid is not None and owner_host == host and not _pid_alive(pid)
-                if not stale:
-                    who = f"process {pid} on {owner_host or 'an unknown host'}" if pid else "another process"
-                    raise LockedError(
-                        f"{os.path.dirname(self.path)} is locked by {who} (another extract is writing it); "
-                        f"wait for it, or delete {self.path} if that process is gone"
-                    ) from None
-                try:  # stale: the owner died without releasing; take it over
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()} {host}\n")
-            self.held = True
-            return self
-        raise LockedError(f"could not take the lock {self.path}; another process keeps recreating it")
+                lock.acquire()
+            except filelock.Timeout:
+                pid, host = _read_owner(self.path)
+                who = f"process {pid} on {host or 'an unknown host'}" if pid else "another process"
+                raise LockedError(f"{os.path.dirname(self.path)} is locked by {who} (another extract or import is "
+                                  f"writing it); wait for it to finish") from None
+            try:  # a releasing holder may have removed the file we locked: then lock the new one
+                same = os.stat(self.path).st_ino == self._inode
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock, self.held = lock, True
+                return self
+            lock.release()
+        raise LockedError(f"could not take the lock {self.path}; other processes keep taking and releasing it")
 
     def release(self) -> None:
-        """Remove the lock file if this process holds it."""
+        """Remove the lock file and drop the lock, if this process holds it."""
         if self.held:
-            pid, _ = _read_owner(self.path)
-            if pid == os.getpid():
-                os.unlink(self.path)
-            self.held = False
+            try:
+                os.unlink(self.path)  # before unlocking: a waiter then retries on a new file
+            except FileNotFoundError:
+                pass
+            self._lock.release()
+            self._lock, self.held = None, False
 
     def __enter__(self) -> "DirLock":
         return self.acquire()
@@ -89,7 +88,7 @@ class DirLock:
 
 
 class NullLock:
-    """A lock that locks nothing, for directories on object stores (no ``O_EXCL`` there).
+    """A lock that locks nothing, for directories on object stores (no locks there).
 
     Same interface as :class:`DirLock`; the caller is responsible for warning the user that
     concurrent writers are not detected.

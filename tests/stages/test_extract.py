@@ -19,7 +19,7 @@ from PIL import Image
 
 from geopipe.pipeline.ingest.demo_world import write_shards
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.core.lockfile import LockedError
+from geopipe.pipeline.core.lockfile import DirLock, LockedError
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.writer import StoreMismatchError, StoreWriter, prepare_embeddings
 from geopipe.schemas.store import validate_store_attrs
@@ -333,18 +333,18 @@ def test_cli_extract_survives_kill_9_and_refuses_a_concurrent_writer(tmp_path, t
         first = _committed_rows(store)
         k3 = zygote.start("k3", args + ["--workers", "1"])
         zygote.kill_when("k3", lambda: _committed_rows(store) >= first + 40)  # a few shards later
-        assert 0 < _committed_rows(store) < 198 and _lock_pid(store) == k3  # a stale lock is left
+        assert 0 < _committed_rows(store) < 198 and _lock_pid(store) == k3  # its pid is left in the lock file (the flock itself died with it)
         a = zygote.start("a", args + ["--workers", "2"])
         deadline = time.monotonic() + 60
-        while _lock_pid(store) != a:  # `a` took the stale lock over and is extracting
+        while _lock_pid(store) != a:  # `a` took the lock at once and is extracting
             assert not (zygote.dir / "a.rc").exists() and time.monotonic() < deadline, zygote.log("a")[-2000:]
             time.sleep(0.002)
         t0 = time.monotonic()
         zygote.start("b", args + ["--workers", "0"])
         assert zygote.rc("b") == 1 and time.monotonic() - t0 < 10  # fails fast, before loading a backbone
         assert zygote.log("b").strip().splitlines() == [
-            f"geopipe: error: {store} is locked by process {a} on {socket.gethostname()} (another extract is "
-            f"writing it); wait for it, or delete {store / '.lock'} if that process is gone"]
+            f"geopipe: error: {store} is locked by process {a} on {socket.gethostname()} (another extract or import is "
+            f"writing it); wait for it to finish"]
         assert zygote.rc("a") == 0, zygote.log("a")[-2000:]
         assert "extracted" in zygote.log("a")
     finally:
@@ -370,8 +370,7 @@ def test_mismatch_and_lock_are_refused(tmp_path, tiny, monkeypatch):
     assert open_store(str(store)).rows == 3
     # a live lock fails at once, before any backbone is loaded
     monkeypatch.setattr("geopipe.stages.extract._load_backbone", lambda *a: pytest.fail("loaded a backbone"))
-    (store / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
-    with pytest.raises(LockedError, match="locked by process"):
+    with DirLock(str(store)), pytest.raises(LockedError, match=f"locked by process {os.getpid()} on {socket.gethostname()}"):
         run_extract(_cfg(shards, store))
 
 
