@@ -201,8 +201,6 @@ def test_lock_held_by_live_process_fails_fast(tmp_path):
             DirLock(str(tmp_path)).acquire()
     assert not (tmp_path / ".lock").exists()
 
-def test_stale_lock_is_taken_over_and_released(tmp_path):
-    import socket
 
 def test_a_killed_holders_lock_is_free_at_once(tmp_path):
     """flock: the kernel drops the lock of a dead process; its pid left in the file does not matter."""
