@@ -1,12 +1,14 @@
 """The predictor cache follows the checkpoint's content: retraining into the same directory and
 predicting again in one process uses the new weights (the model is reused only while unchanged)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from geopipe.pipeline.infer.predictor import cached_predictor, load_predictor, predict_rows
-from geopipe.pipeline.store.reader import open_store
+from geopipe.pipeline.infer.predictor import cached_predictor
 from geopipe.stages.predict import PredictConfig, run_predict
 from geopipe.stages.train import TrainConfig, run_train
 
@@ -37,9 +39,9 @@ def test_retrain_into_same_directory_is_seen_by_the_next_predict(demo_stores, tm
     assert cached_predictor(ckpt, CPU, None) is not p_first
     assert not np.allclose(first, second)
 
-    # The same numbers as a fresh load that never saw the first model.
-    store = open_store(demo_stores["test"])
-    fresh = load_predictor(ckpt, CPU, int(store.embeddings.shape[1]))
-    table = predict_rows(fresh, store, 0, len(store.keys), cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
-    expect = np.stack([table.column("lat").to_numpy(), table.column("lon").to_numpy()], axis=1)
-    np.testing.assert_array_equal(second, expect)
+    # The same numbers as a fresh process that never saw the first model.
+    fresh = str(tmp_path / "c.parquet")
+    subprocess.run([sys.executable, "-m", "geopipe", "predict", "-c", ckpt, "--store", cfg.store, "-o", fresh, "--steps",
+                    str(cfg.steps), "--batch-size", str(cfg.batch_size), "--device", "cpu"], check=True, capture_output=True)
+    table = pq.read_table(fresh)
+    np.testing.assert_array_equal(second, np.stack([table.column("lat").to_numpy(), table.column("lon").to_numpy()], axis=1))
