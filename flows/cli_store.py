@@ -1,4 +1,4 @@
-"""``geopipe store info|verify`` and ``geopipe import``: store tools and precomputed embeddings.
+"""``geopipe store info|verify|repair`` and ``geopipe import``: store tools and precomputed embeddings.
 
 Registered on the main group in :mod:`geopipe.flows.cli` with ``cli.add_command(store_group)`` and
 ``cli.add_command(import_command)``. Heavy imports happen inside the commands.
@@ -41,6 +41,23 @@ def store_verify_command(store):
     click.echo(res.text, err=not res.ok)
     if not res.ok:
         sys.exit(1)
+
+
+@store_group.command("repair")
+@click.argument("store")
+@user_errors
+def store_repair_command(store):
+    """Drop the damaged shards of STORE (found by `store verify`) so that running the same extract
+    or import again writes them anew. A store's shards are contiguous rows: every shard after the
+    first damaged one is dropped too."""
+    from geopipe.stages.store_tools import StoreRepairConfig, run_store_repair
+
+    res = run_store_repair(StoreRepairConfig(store=store))
+    if not res.dropped:
+        click.echo(f"{store}: nothing to repair")
+        return
+    click.echo(f"{store}: dropped {len(res.dropped)} shard(s) from {res.dropped[0]} on ({res.rows} rows kept); "
+               f"run the same extract/import again to write them anew")
 
 
 @click.command("import")

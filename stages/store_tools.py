@@ -1,14 +1,17 @@
-"""Store tools stage: ``geopipe store info`` and ``geopipe store verify`` (:mod:`geopipe.pipeline.store.verify`)."""
+"""Store tools stage: ``geopipe store info``, ``geopipe store verify`` (:mod:`geopipe.pipeline.store.verify`) and
+``geopipe store repair`` (:mod:`geopipe.pipeline.store.repair`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from geopipe.pipeline.store.verify import StoreInfo, store_info, verify_store
+from geopipe.pipeline.store.repair import RepairResult, repair_store
+from geopipe.pipeline.store.verify import StoreInfo, check_store, store_info
 from geopipe.pipeline.core.errors import ConfigError
 
-__all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify"]
+__all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify",
+           "StoreRepairConfig", "run_store_repair"]
 
 
 def _check_store(store) -> None:
@@ -57,6 +60,8 @@ class StoreVerifyResult:
     store: str
     problems: tuple[str, ...]
     seconds: float
+    notes: tuple[str, ...] = ()
+    damaged_shards: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -64,13 +69,32 @@ class StoreVerifyResult:
 
     @property
     def text(self) -> str:
+        notes = [f"  note: {n}" for n in self.notes]
         if self.ok:
-            return f"{self.store}: OK ({self.seconds:.1f} s)"
-        return "\n".join([f"{self.store}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems])
+            return "\n".join([f"{self.store}: OK ({self.seconds:.1f} s)"] + notes)
+        hint = [f"  repair: `geopipe store repair {self.store}` drops shard {min(self.damaged_shards)} and every later one; "
+                f"then run the same extract/import again to write them anew"] if self.damaged_shards else []
+        return "\n".join([f"{self.store}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems] + notes + hint)
 
 
 def run_store_verify(cfg: StoreVerifyConfig) -> StoreVerifyResult:
     """Check a store end to end (never raises for a broken store: problems are the result)."""
     t0 = time.perf_counter()
-    problems = verify_store(cfg.store)
-    return StoreVerifyResult(cfg.store, tuple(problems), time.perf_counter() - t0)
+    check = check_store(cfg.store)
+    return StoreVerifyResult(cfg.store, check.problems, time.perf_counter() - t0, check.notes, check.damaged_shards)
+
+
+@dataclass(frozen=True)
+class StoreRepairConfig:
+    """store: path of an embedding store to repair (``geopipe store repair``)."""
+
+    store: str
+
+    def __post_init__(self) -> None:
+        _check_store(self.store)
+
+
+def run_store_repair(cfg: StoreRepairConfig) -> RepairResult:
+    """Drop the damaged shards of a store so that the next extract/import writes them again
+    (:mod:`geopipe.pipeline.store.repair`); raises StoreError when that cannot repair it."""
+    return repair_store(cfg.store)

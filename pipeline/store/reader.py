@@ -8,6 +8,7 @@ interrupted extract, so every accessor here is clipped to the committed rows. Wr
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, check_chunks, chunk_refs
 from geopipe.pipeline.store.rejects import read_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
@@ -48,28 +50,37 @@ def rejects_part_path(store: str, index: int) -> str:
 class _Rows:
     """Read-only view of a Zarr array clipped to the first ``rows`` rows; strings come back as ``object``."""
 
-    def __init__(self, array, rows: int):
-        self._array, self._rows = array, rows
+    def __init__(self, array, rows: int, guard=None):
+        self._array, self._rows, self._guard = array, rows, guard
         self.shape = (rows, *array.shape[1:])
         self.dtype = np.dtype(object) if array.dtype.kind in "TUO" else np.dtype(array.dtype)
 
     def __len__(self) -> int:
         return self._rows
 
+    def _read(self, start: int, stop: int, read):
+        """``read()`` after the chunks of rows [start, stop) passed their digests; decoder errors
+        become a one-line StoreError naming the array and rows."""
+        if self._guard is not None:
+            return self._guard(self._array, start, stop, read)
+        return read()
+
     def __getitem__(self, item) -> np.ndarray:
         if isinstance(item, slice):
-            out = self._array[slice(*item.indices(self._rows))]
+            sl = slice(*item.indices(self._rows))
+            lo, hi = (sl.start, sl.stop) if sl.step > 0 else (sl.stop + 1, sl.start + 1)
+            out = self._read(lo, hi, lambda: self._array[sl])
         elif isinstance(item, (int, np.integer)):
             i = int(item) + (self._rows if item < 0 else 0)
             if not 0 <= i < self._rows:
                 raise IndexError(f"row {item} out of range for {self._rows} rows")
-            out = self._array[i]
+            out = self._read(i, i + 1, lambda: self._array[i])
         else:
             idx = np.asarray(item)
             idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + self._rows, idx)
             if idx.size and (idx.min() < 0 or idx.max() >= self._rows):
                 raise IndexError(f"row index out of range for {self._rows} rows")
-            out = self._array.get_orthogonal_selection((idx,)) if idx.size else self[0:0]
+            out = self._read(int(idx.min()), int(idx.max()) + 1, lambda: self._array.get_orthogonal_selection((idx,))) if idx.size else self[0:0]
         return np.asarray(out, dtype=object) if self.dtype == object else np.asarray(out)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -114,12 +125,36 @@ class EmbeddingStore:
         if problems:
             raise StoreError(f"invalid embedding store {self.path}: {'; '.join(problems)}")
         self.rows: int = self.attrs["rows"]
+        self._verified: dict[str, set] = {}  # array → chunk keys whose bytes matched their digest
+        #: Compare chunk bytes with their commit-time digests before decoding (verification, which
+        #: has already compared every chunk and decoded the suspects in a child, turns it off).
+        self.check_digests = True
 
     def _array(self, name: str) -> _Rows:
         try:
-            return _Rows(self._group[name], self.rows)
+            return _Rows(self._group[name], self.rows, functools.partial(self._checked_read, name))
         except KeyError:
             raise StoreError(f"invalid embedding store {self.path}: array {name!r} is missing") from None
+
+    def _checked_read(self, name: str, array, start: int, stop: int, read):
+        """Run ``read`` (a decode of rows [start, stop) of array ``name``) once every chunk it
+        touches matched its commit-time digest (each chunk hashed once per open store), so a
+        damaged chunk is named instead of handed to a decoder that may crash on it."""
+        known = (self.attrs.get(CHUNK_DIGESTS_ATTR) or {}).get(name)
+        if known is not None and self.check_digests and stop > start:
+            damaged, _ = check_chunks(self.path, self._group, self.attrs, only=[r for r in chunk_refs(array, name, self.rows, start, stop)
+                                                                               if r.key not in self._verified.setdefault(name, set())])
+            if damaged:
+                ref, why = damaged[0]
+                raise StoreError(f"store {self.path}: array {ref.array}, chunk {ref.key} (rows [{ref.start}, {ref.stop})) is damaged: "
+                                 f"{why}; run `geopipe store verify {self.path}` and `geopipe store repair`")
+            self._verified[name].update(r.key for r in chunk_refs(array, name, self.rows, start, stop))
+        try:
+            return read()
+        except Exception as exc:  # codecs raise RuntimeError, ValueError, ...: the bytes on disk are damaged
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StoreError(f"store {self.path}: array {name} rows [{start}, {stop}) cannot be decoded ({type(exc).__name__}: {text}); "
+                             f"run `geopipe store verify {self.path}`") from None
 
     @property
     def embed_dim(self) -> int:

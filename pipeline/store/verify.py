@@ -20,9 +20,10 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.rejects import count_reasons, read_rejects
 from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
+from geopipe.pipeline.store.chunks import MISSING_CHUNK, bytes_digest, check_chunks, chunk_refs, decode_chunks_safely
 from geopipe.schemas.store import LEGACY_REJECTS_FILE, REJECTS_FILE
 
-__all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "verify_store"]
+__all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "StoreCheck", "check_store", "verify_store"]
 
 #: Allowed |‖e‖₂ − 1| of stored normalised embeddings, by dtype (float16 rounding ≈ 2⁻¹¹ per entry).
 NORM_TOLERANCE = {"float16": 2e-3, "float32": 1e-4}
@@ -91,7 +92,8 @@ def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[l
     if not finite.all():
         problems.append(f"{where}: {int((~finite).sum())} non-finite embeddings (rows {_examples(np.flatnonzero(~finite) + start)})")
     if s.attrs["normalized"]:
-        norms = np.linalg.norm(np.where(finite[:, None], values, 0.0), axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):  # damaged rows may hold huge values
+            norms = np.linalg.norm(np.where(finite[:, None], values, 0.0), axis=1)
         off = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE[s.attrs["dtype"]])
         if off.any():
             problems.append(f"{where}: {int(off.sum())} embeddings are not unit-norm (rows {_examples(np.flatnonzero(off) + start)})")
@@ -106,21 +108,24 @@ def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[l
     return problems, emb, ll, keys
 
 
-def _check_shards(s: EmbeddingStore) -> list[str]:
-    """Per-record checks (rows, shard index, digest) plus keys unique and the fingerprint chain."""
+def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> list[str]:
+    """Per-record checks (rows, shard index, digest) plus keys unique and the fingerprint chain;
+    shards whose record index is in ``unreadable`` (a chunk of theirs cannot be decoded) are skipped."""
     problems, seen, dups, digests = [], set(), [], []
     records = sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"])
     for url, rec in records:
         start, stop, where = rec["start"], rec["stop"], f"shard {rec['index']} ({url})"
         if rec["n_ok"] != stop - start:
             problems.append(f"{where}: record says {rec['n_ok']} rows but spans [{start}, {stop})")
+        digests.append(rec.get("digest", ""))
+        if rec["index"] in unreadable:
+            continue
         found, emb, ll, keys = _check_rows(s, start, stop, where)
         problems += found
         if (s.shard[start:stop] != rec["index"]).any():
             problems.append(f"{where}: the shard array is not {rec['index']} on rows [{start}, {stop})")
         if rec.get("digest") and shard_digest(keys.tolist(), emb, ll) != rec["digest"]:
             problems.append(f"{where}: rows differ from the digest recorded when it was written")
-        digests.append(rec.get("digest", ""))
         for k in keys.tolist():
             (dups.append(k) if k in seen else seen.add(k))
     if dups:
@@ -130,12 +135,37 @@ def _check_shards(s: EmbeddingStore) -> list[str]:
     return problems
 
 
-def _check_rejects(s: EmbeddingStore) -> list[str]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _part_damage(part: str, rec: dict) -> str:
+    """What is wrong with a shard's rejects part on disk ("" = nothing): its digest, or unreadable."""
+    want = rec.get("rejects_digest")
+    if want and fsio.exists(part) and bytes_digest(fsio.read_bytes(part)) != want:
+        return "its bytes differ from the digest recorded when it was committed"
+    try:
+        read_rejects(part)
+    except Exception as exc:  # pyarrow raises several types for damaged Parquet
+        return f"cannot be read ({type(exc).__name__}: {_first_line(exc)})"
+    return ""
+
+
+def _check_rejects(s: EmbeddingStore, damaged_parts: list | None = None) -> list[str]:
+    """Rejects parts against their records and ``attrs["rejects"]``; record indices of damaged
+    parts are appended to ``damaged_parts``."""
     import pyarrow as pa
 
+    damaged_parts = [] if damaged_parts is None else damaged_parts
     problems, parts, total = [], [], Counter()
     for url, rec in sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"]):
         part = rejects_part_path(s.path, rec["index"])
+        damage = _part_damage(part, rec)
+        if damage:
+            problems.append(f"rejects part {part}, shard {rec['index']} ({url}): {damage}")
+            damaged_parts.append(rec["index"])
+            continue
         table = read_rejects(part)
         if rec["n_rejected"] and not fsio.exists(part):
             problems.append(f"shard {rec['index']} ({url}): rejects part {part} is missing ({rec['n_rejected']} rejects recorded)")
@@ -143,24 +173,93 @@ def _check_rejects(s: EmbeddingStore) -> list[str]:
             problems.append(f"shard {rec['index']} ({url}): rejects part has {table.num_rows} rows, record says {rec['n_rejected']}")
         total.update(count_reasons(table))
         parts.append(table)
-    if dict(total) != dict(s.attrs["rejects"]):
+    if not damaged_parts and dict(total) != dict(s.attrs["rejects"]):
         problems.append(f"attrs rejects {s.attrs['rejects']} differ from the rejects parts {dict(total)}")
-    whole = pa.concat_tables(parts) if parts else None
+    whole = pa.concat_tables(parts) if parts and not damaged_parts else None
     name = REJECTS_FILE if fsio.exists(fsio.join(s.path, REJECTS_FILE)) else LEGACY_REJECTS_FILE  # stores from before the rejects group
-    consolidated = read_rejects(fsio.join(s.path, name))
+    try:
+        consolidated = read_rejects(fsio.join(s.path, name))
+    except Exception as exc:  # pyarrow raises several types for damaged Parquet
+        problems.append(f"{name} cannot be read ({type(exc).__name__}: {_first_line(exc)}); run extract/import again "
+                        f"(it rebuilds {name} from the parts)")
+        return problems
     if whole is not None and not consolidated.equals(whole):
         problems.append(f"{name} is stale ({consolidated.num_rows} rows, parts hold {whole.num_rows}); "
                         f"an interrupted run: run extract/import again to finish and consolidate it")
     return problems
 
 
-def verify_store(path: str) -> list[str]:
-    """Every problem found in the store at ``path`` (empty list = valid); see the module docstring."""
+@dataclass(frozen=True)
+class StoreCheck:
+    """What :func:`check_store` found.
+
+    problems: one line each (empty = valid); notes: lines that are not problems (arrays that
+    older stores do not cover with chunk digests); damaged_shards: record indices of shards
+    whose chunks or rejects part are damaged (re-extracting them repairs the store);
+    damaged_files: those chunk files and parts; fixed_damage: damage that re-extraction cannot
+    repair (a chunk of an array without a record axis).
+    """
+
+    problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    damaged_shards: tuple[int, ...] = ()
+    damaged_files: tuple[str, ...] = ()
+    fixed_damage: bool = False
+
+
+def _shards_of(records: list[dict], start: int, stop: int) -> list[int]:
+    return [r["index"] for r in records if r["start"] < max(stop, start + 1) and r["stop"] > start]
+
+
+def _check_chunk_bytes(s: EmbeddingStore, records: list[dict]) -> tuple[list[str], list[str], set[int], set[int], list[str], bool]:
+    """Chunk digests first (nothing decoded); chunks that fail them, and every chunk of arrays
+    without digests, are decoded in a child process (a decoder crash is reported, not suffered).
+    Returns (problems, notes, damaged shard indices, shards with undecodable rows, damaged
+    files, damage outside the record axis)."""
+    damaged, uncovered = check_chunks(s.path, s._group, s.attrs)
+    suspects = damaged + [(ref, "") for name in uncovered for ref in chunk_refs(s._group[name], name, s.rows)]
+    to_decode = [ref for ref, why in suspects if why != MISSING_CHUNK]
+    decoded = decode_chunks_safely(s.path, to_decode) if to_decode else {}
+    problems, shards_hit, unreadable, files, fixed = [], set(), set(), [], False
+    for ref, why in suspects:
+        failure = decoded.get(ref, "")
+        if not why and not failure:
+            continue
+        shards = _shards_of(records, ref.start, ref.stop) if ref.stop > ref.start else []
+        where = f"rows [{ref.start}, {ref.stop}), shard {', '.join(map(str, shards))}" if shards else "no record axis"
+        problems.append(f"{ref.array}, chunk {ref.key}, {where}: {'; '.join(w for w in (why, failure) if w)}")
+        files.append(fsio.join(s.path, *ref.array.split("/"), *ref.key.split("/")))
+        shards_hit.update(shards)
+        fixed |= not shards
+        if failure:
+            unreadable.update(shards)
+    notes = [f"not covered by chunk digests (a store written before they existed): {', '.join(uncovered)}; "
+             f"their chunks were decoded and checked"] if uncovered else []
+    return problems, notes, shards_hit, unreadable, files, fixed
+
+
+def check_store(path: str) -> StoreCheck:
+    """Every problem found in the store at ``path``: structure and records, each chunk's bytes
+    against the digests recorded at commit (before any decoding), the decoded rows (see the
+    module docstring) and the rejects parts. Never raises for a damaged store."""
     try:
         s = EmbeddingStore(path)
     except StoreError as exc:
-        return [str(exc)]
+        return StoreCheck((str(exc),))
     problems = s.validate()
     if problems:  # shapes or records are broken: row-level checks would only repeat it
-        return problems
-    return _check_shards(s) + _check_rejects(s)
+        return StoreCheck(tuple(problems))
+    records = sorted(s.attrs["shards"].values(), key=lambda r: r["index"])
+    chunk_problems, notes, shards_hit, unreadable, files, fixed = _check_chunk_bytes(s, records)
+    s.check_digests = False  # compared above; chunks that do not decode are skipped through ``unreadable``
+    damaged_parts: list[int] = []
+    rows = _check_shards(s, frozenset(unreadable))
+    rejects = _check_rejects(s, damaged_parts)
+    files += [rejects_part_path(s.path, i) for i in damaged_parts]
+    damaged = shards_hit | set(damaged_parts)
+    return StoreCheck(tuple(rows + rejects + chunk_problems), tuple(notes), tuple(sorted(damaged)), tuple(files), fixed)
+
+
+def verify_store(path: str) -> list[str]:
+    """Every problem found in the store at ``path`` (empty list = valid); see :func:`check_store`."""
+    return list(check_store(path).problems)

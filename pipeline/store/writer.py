@@ -34,6 +34,7 @@ from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, 
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
+from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
 from geopipe.schemas.store import (ARRAY_ATTRS, ARRAY_COORD, COORD_LABELS, DIMENSIONS, LEGACY_REJECTS_FILE, META_DIMENSIONS,
@@ -62,7 +63,7 @@ class StoreWriter:
     def __init__(self, path: str, group, lock: DirLock | NullLock):
         self.path, self._group, self._lock = path, group, lock
         self.attrs: dict = dict(group.attrs)
-        self.keys_seen: set[str] = set(EmbeddingStore(path).keys[:].tolist())
+        self._keys_seen: set[str] | None = None  # read on first use (a repair truncates before reading keys)
 
     @staticmethod
     def lock(path: str) -> DirLock | NullLock:
@@ -116,6 +117,13 @@ class StoreWriter:
         return writer
 
     @property
+    def keys_seen(self) -> set[str]:
+        """Keys of every committed row (read from the store on first use)."""
+        if self._keys_seen is None:
+            self._keys_seen = set(EmbeddingStore(self.path).keys[:].tolist())
+        return self._keys_seen
+
+    @property
     def rows(self) -> int:
         return int(self.attrs["rows"])
 
@@ -130,12 +138,35 @@ class StoreWriter:
         for name in list(meta.array_keys()):
             if name not in self.attrs["meta_fields"]:
                 del meta[name]
+        self._restore_last_chunks()
         self._trim()
         self._drop_parts(len(self.shards))
         if not fsio.isfile(fsio.join(self.path, REJECTS_GROUP, "zarr.json")):  # a store from before the rejects group
             _create_rejects_group(self.path)
             fsio.remove(fsio.join(self.path, LEGACY_REJECTS_FILE))
         self._consolidate()
+
+    def _restore_last_chunks(self) -> None:
+        """An interrupted append rewrote the chunk holding the last committed row with rows it
+        never committed, so its bytes no longer match the recorded digest: write its committed
+        rows back (dropping the rest) and commit the chunk's digest anew."""
+        digests, rows = self.attrs.get(CHUNK_DIGESTS_ATTR), self.rows
+        if digests is None or rows == 0:
+            return
+        first = None
+        for name in digests:
+            arr = self._group.get(name)
+            if arr is None or name in ("coord",) or arr.shape[0] <= rows:
+                continue
+            start = (rows - 1) // arr.chunks[0] * arr.chunks[0]
+            values = arr[start:rows]
+            arr.resize((rows, *arr.shape[1:]))
+            arr[start:rows] = values
+            first = start if first is None else min(first, start)
+        if first is not None:
+            update = {CHUNK_DIGESTS_ATTR: record_digests(self.path, self._group, rows, first, rows, digests)}
+            self._commit(update)
+            self.attrs.update(update)
 
     def _trim(self) -> None:
         """Cut every array to the committed rows (the store's rows rule): rows an interrupted or
@@ -207,6 +238,9 @@ class StoreWriter:
             counts[reason] = counts.get(reason, 0) + c
         update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": fields,
                   "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest])}
+        if rejects:
+            record["rejects_digest"] = bytes_digest(fsio.read_bytes(part))
+        self._record_chunk_digests(update, start, start + n)
         self._commit(update)
         self.attrs.update(update)
         self.keys_seen.update(keys)
@@ -227,10 +261,11 @@ class StoreWriter:
                 counts[reason] = counts.get(reason, 0) + c
         digests = [rec.get("digest", "") for _, rec in recs[:index]]
         update = {"rows": rows, "shards": keep, "rejects": counts, "fingerprint": chain_fingerprint("", digests)}
+        self._record_chunk_digests(update, rows, rows)
         self._commit(update)
         self.attrs.update(update)
         self._trim()
-        self.keys_seen = set(EmbeddingStore(self.path).keys[:].tolist())
+        self._keys_seen = None
         self._drop_parts(index)
         self._consolidate()
         return drop
@@ -255,6 +290,13 @@ class StoreWriter:
         if bad:
             raise ValueError(f"shard {url}: invalid meta field names {bad[:5]} (letters, digits, '_', '-', '.')")
         return emb
+
+    def _record_chunk_digests(self, update: dict, start: int, stop: int) -> None:
+        """Digests of the chunks rows [start, stop) touch, into ``update`` (committed with it; see
+        :mod:`geopipe.pipeline.store.chunks`). Stores created before digests stay without them."""
+        if start > 0 and CHUNK_DIGESTS_ATTR not in self.attrs:
+            return
+        update[CHUNK_DIGESTS_ATTR] = record_digests(self.path, self._group, stop, start, stop, self.attrs.get(CHUNK_DIGESTS_ATTR))
 
     def _commit(self, update: dict) -> None:
         # One write of zarr.json (LocalStore: temp file + rename; object stores: one PUT).

@@ -94,14 +94,19 @@ def _stale(g, path):
     write_rejects(str(path / "rejects" / "rejects.parquet"), [])
 
 
+# Edits through zarr (valid encodings) change the chunk's bytes too: found by the digests before decoding.
+_CHANGED = "%s, chunk c/0/0, rows [0, 65), shard 0, 1: its bytes"
+
+
 @pytest.mark.parametrize("edit,expected", [
-    (_nan_row, ["shard 0 (s0.tar): 1 non-finite embeddings (rows 3)", "shard 0 (s0.tar): rows differ from the digest"]),
-    (_long_row, ["shard 0 (s0.tar): 1 embeddings are not unit-norm (rows 5)", "shard 0 (s0.tar): rows differ"]),
-    (_bad_lat, ["shard 0 (s0.tar): 1 coordinates outside lat [-90, 90], lon [-180, 180) (rows 7)", "shard 0 (s0.tar): rows differ"]),
-    (_dup_key, ["shard 1 (s1.tar): rows differ", "1 repeated keys: 'k0_0'"]),
+    (_nan_row, ["shard 0 (s0.tar): 1 non-finite embeddings (rows 3)", "shard 0 (s0.tar): rows differ from the digest", _CHANGED % "embeddings"]),
+    (_long_row, ["shard 0 (s0.tar): 1 embeddings are not unit-norm (rows 5)", "shard 0 (s0.tar): rows differ", _CHANGED % "embeddings"]),
+    (_bad_lat, ["shard 0 (s0.tar): 1 coordinates outside lat [-90, 90], lon [-180, 180) (rows 7)", "shard 0 (s0.tar): rows differ",
+                _CHANGED % "latlon"]),
+    (_dup_key, ["shard 1 (s1.tar): rows differ", "1 repeated keys: 'k0_0'", "keys, chunk c/0, rows [0, 65), shard 0, 1: its bytes"]),
     (_gap, ["shard records are not contiguous at index 1"]),
     (_short, ["array 'keys' has 60 rows < attrs rows 65"]),
-    (_wrong_shard, ["shard 0 (s0.tar): the shard array is not 0 on rows [0, 40)"]),
+    (_wrong_shard, ["shard 0 (s0.tar): the shard array is not 0 on rows [0, 40)", "shard, chunk c/0, rows [0, 65), shard 0, 1: its bytes"]),
     (_fingerprint, ["attrs fingerprint does not match the chain of shard digests"]),
     (_no_part, ["shard 1 (s1.tar): rejects part", "attrs rejects {'corrupt_image': 3} differ from the rejects parts {'corrupt_image': 1}",
                 "rejects/rejects.parquet is stale"]),
@@ -123,7 +128,7 @@ def test_cli_info_and_verify_exit_codes(good_store, tmp_path):
     broken = _broken(good_store, tmp_path, _bad_lat)
     out = runner.invoke(cli, ["store", "verify", broken])
     assert out.exit_code == 1
-    assert out.output.splitlines()[:2] == [f"{broken}: 2 problem(s)", "  - shard 0 (s0.tar): 1 coordinates outside "
+    assert out.output.splitlines()[:2] == [f"{broken}: 3 problem(s)", "  - shard 0 (s0.tar): 1 coordinates outside "
                                            "lat [-90, 90], lon [-180, 180) (rows 7)"]
     out = runner.invoke(cli, ["store", "info", str(tmp_path / "nope")])
     assert out.exit_code == 1 and out.output.startswith("geopipe: error: not a geopipe embedding store")
