@@ -111,7 +111,12 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
           stream, device, allow_changes=False):
-    """Train a generative geolocation model on a store's cached embeddings."""
+    """Train a generative geolocation model on a store's cached embeddings (or, with --method
+    bayescap|bayescap-cycle, uncertainty heads on its frozen embeddings)."""
+    if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty: its own stage and defaults
+        from geopipe.flows.cli_retrieval import train_bayescap_command
+
+        return train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed)
     from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(

@@ -1,4 +1,5 @@
-"""``geopipe retrieve``: place recognition by exact top-K search against a geotagged database.
+"""``geopipe retrieve``: place recognition by exact top-K search against a geotagged database;
+and the BayesCap branch of ``geopipe train`` (uncertainty heads on frozen embeddings).
 
 Registered on the main group in :mod:`geopipe.flows.cli`. Heavy imports happen inside the
 command so ``geopipe --help`` stays fast.
@@ -10,7 +11,7 @@ import click
 
 from geopipe.flows.cli_common import progress_enabled, user_errors
 
-__all__ = ["retrieve_command"]
+__all__ = ["retrieve_command", "train_bayescap_command"]
 
 
 @click.command("retrieve")
@@ -32,10 +33,13 @@ __all__ = ["retrieve_command"]
 @click.option("--backend", type=click.Choice(["auto", "blocked", "faiss"]), default="auto", show_default=True,
               help="Search backend: faiss when installed (pip install 'geopipe[faiss]'), else the blocked matmul.")
 @click.option("--radius-m", default=25.0, show_default=True, help="Positive radius of Recall@K in metres.")
+@click.option("--bayescap", "bayescap", default=None, help="BayesCap checkpoint (geopipe train --method bayescap…): "
+              "write log_u, log_u_alea, log_u_epi of each query.")
+@click.option("--mc-passes", default=15, show_default=True, help="MC-dropout passes of the --bayescap scores.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the split and the sampled predictions.")
 @user_errors
 def retrieve_command(query, database, out, k, mode, split_mode, split_column, query_value, block_m, query_fraction,
-                     capture_field, backend, radius_m, seed):
+                     capture_field, backend, radius_m, bayescap, mc_passes, seed):
     """Retrieve the top-K database records of each query and write a predictions table that
     `geopipe evaluate` scores like any model (plus Recall@K)."""
     from geopipe.pipeline.retrieval.split import SplitConfig
@@ -44,7 +48,8 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
     split = SplitConfig(mode=split_mode, column=split_column, query_value=query_value, block_m=block_m,
                         query_fraction=query_fraction, seed=seed, capture_field=capture_field)
     res = run_retrieve(RetrieveConfig(query=query, database=database, out=out, k=k, mode=mode, split=split, backend=backend,
-                                      radius_m=radius_m, seed=seed, progress=progress_enabled()))
+                                      radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, seed=seed,
+                                      progress=progress_enabled()))
     rec = res.recall
     cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None)
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")
@@ -52,3 +57,27 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
     if res.kernel:
         click.echo(f"kernel: width {res.kernel['width_km']:.3g} km, temperature {res.kernel['temperature']:g}, "
                    f"validation NLL {res.kernel['val_nll']:.3f} nats/sr on {res.kernel['n_val']} records")
+
+
+def train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed) -> None:
+    """``geopipe train --method bayescap|bayescap-cycle``: options left at the generative
+    defaults take the BayesCap stage's defaults instead (2000 steps, batch 96, lr 1e-4)."""
+    from click.core import ParameterSource
+
+    from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
+
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)  # noqa: E731
+    chosen = {k: v for k, v in (("steps", steps), ("batch", batch_size), ("lr", lr), ("val_every", val_every), ("seed", seed))
+              if given({"batch": "batch_size"}.get(k, k))}
+    res = run_train_bayescap(BayesCapStageConfig(store=store, out=out, method=method, progress=progress_enabled(), **chosen))
+    p = res.pairs
+    click.echo(f"pairs: {p['n_pairs']} ({p['kind']}; {p['n_train']} train, {p['n_val']} validation), "
+               f"{p['pairable_fraction']:.1%} of {p['n_records']} records pairable")
+    if res.status != "trained":
+        click.echo(res.message)
+        return
+    last = res.history[-1] if res.history else (0, float("nan"), None)
+    val = "-" if last[2] is None else f"{last[2]:.4f}"
+    click.echo(f"trained {method} in {res.seconds:.1f} s, best step {res.best_step} (last train loss {last[1]:.4f}, "
+               f"validation {val}) → {res.out}")

@@ -39,7 +39,9 @@ class RetrieveConfig:
     """query: store of the queries; database: store of the geotagged database, or None to split
     ``query`` by ``split`` (see :class:`geopipe.pipeline.retrieval.split.SplitConfig`); k
     neighbours; mode top1|kernel; backend auto|blocked|faiss; radius_m: positive radius of
-    Recall@K; kernel_val: database records used to fit the kernel (mode kernel)."""
+    Recall@K; kernel_val: database records used to fit the kernel (mode kernel);
+    uncertainty_checkpoint: a BayesCap checkpoint whose MC-dropout scores (mc_passes passes)
+    become the log_u columns."""
 
     query: str
     out: str
@@ -51,6 +53,8 @@ class RetrieveConfig:
     radius_m: float = POSITIVE_RADIUS_M
     kernel_val: int = 2000
     kernel_samples: int = 256
+    uncertainty_checkpoint: str | None = None
+    mc_passes: int = 15
     chunk_rows: int = 65536
     seed: int = 0
     progress: bool = True
@@ -176,6 +180,10 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     positive = answerable(true_ll, db_latlon[qd.db_rows], cfg.radius_m, qd.query_groups,
                           None if qd.db_groups is None else qd.db_groups[qd.db_rows])
     cols["answerable"] = positive
+    if cfg.uncertainty_checkpoint:
+        from geopipe.stages.uncertainty import score_rows
+
+        cols.update(score_rows(cfg.uncertainty_checkpoint, qs, qd.query_rows, passes=cfg.mc_passes, seed=cfg.seed))
     recall = recall_summary(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), positive, ks=tuple(sorted({k for k in (1, 5, 10, 20) if k <= cfg.k} | {cfg.k})), radius_m=cfg.radius_m)
     model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": backend,
              "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,

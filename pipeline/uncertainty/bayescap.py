@@ -4,8 +4,8 @@ pairs (BayesCap: reconstruct view 1, explain view 2; BayesCapCycle: both directi
 Network (the vector form of BayesCap, trunk d → h → h → d with a residual):
 ``x' = trunk(x) + x``, trunk = Linear(d,h) ReLU Linear(h,h) ReLU Dropout(p) Linear(h,d);
 heads on x': μ = Linear(d,hh) ReLU Linear(hh,d); h_a (read as 1/α) and h_b (β) =
-Linear(d,hh) ReLU Linear(hh,d) then ReLU (or softplus). Defaults h = d/2, hh = d for d ≤ 512
-else 128, p = 0.1. Training: Adam(lr 1e-4), constant LR, batch 96, seeded; the checkpoint kept
+Linear(d,hh) ReLU Linear(hh,d) then ReLU (or softplus), last bias shifted by +1 so no output
+starts dead. Defaults h = d/2, hh = d for d ≤ 512 else 128, p = 0.1. Training: Adam(lr 1e-4), constant LR, batch 96, seeded; the checkpoint kept
 is the one with the lowest validation loss.
 """
 
@@ -31,19 +31,23 @@ METHODS = ("bayescap", "bayescap-cycle")
 @dataclass(frozen=True)
 class BayesCapConfig:
     """Network sizes: dim d; hidden h (None: d // 2); head_hidden (None: d if d ≤ 512 else 128);
-    dropout p; head_activation relu|softplus of the 1/α and β heads."""
+    dropout p; head_activation relu|softplus of the 1/α and β heads; head_bias_init added to the
+    PyTorch-default bias of their last Linear (0 = the official init, where ReLU outputs that
+    start negative for every input stay dead: β = eps, lgamma(1/eps) ≈ 8e4 dominates the loss)."""
 
     dim: int
     hidden: int | None = None
     head_hidden: int | None = None
     dropout: float = 0.1
     head_activation: str = "relu"
+    head_bias_init: float = 1.0
 
     def resolved(self) -> "BayesCapConfig":
         if self.head_activation not in ("relu", "softplus"):
             raise ValueError(f"unknown head_activation {self.head_activation!r}; choose relu or softplus")
         return BayesCapConfig(self.dim, self.hidden or max(self.dim // 2, 1),
-                              self.head_hidden or (self.dim if self.dim <= 512 else 128), self.dropout, self.head_activation)
+                              self.head_hidden or (self.dim if self.dim <= 512 else 128), self.dropout, self.head_activation,
+                              self.head_bias_init)
 
 
 def _head(d: int, hh: int, final: nn.Module | None) -> nn.Sequential:
@@ -64,6 +68,9 @@ class BayesCapMLP(nn.Module):
         self.mu = _head(d, hh, None)
         self.inv_alpha = _head(d, hh, act())
         self.beta = _head(d, hh, act())
+        with torch.no_grad():  # start the ReLU heads alive (β ≈ 1, 1/α ≈ 1): a head that starts
+            for head in (self.inv_alpha, self.beta):  # negative for every input gets no gradient, ever
+                head[2].bias.add_(c.head_bias_init)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.trunk(x) + x

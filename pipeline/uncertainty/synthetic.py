@@ -24,7 +24,9 @@ __all__ = ["SyntheticConfig", "synthetic_views", "write_synthetic_store"]
 class SyntheticConfig:
     """n_places places × views_per_place views, embedding dimension dim; view noise standard
     deviation per coordinate = (noise_min + difficulty·noise_span)/√dim with difficulty
-    uniform in [0, 1]; test_fraction of the places are held out as queries (split "test")."""
+    uniform in [0, 1]; test_fraction of the places are held out as queries (split "test");
+    difficulty_signal shifts the first latent coordinate by signal·(difficulty − ½), so the
+    difficulty can be read off an embedding (as content predicts difficulty in real images)."""
 
     n_places: int = 400
     views_per_place: int = 5
@@ -34,6 +36,7 @@ class SyntheticConfig:
     spacing_m: float = 200.0
     origin: tuple[float, float] = (45.0, 7.6)
     test_fraction: float = 0.25
+    difficulty_signal: float = 1.0
     seed: int = 0
 
 
@@ -46,9 +49,10 @@ def synthetic_views(cfg: SyntheticConfig = SyntheticConfig()) -> dict:
     dlat = cfg.spacing_m / 111_195.0
     dlon = dlat / math.cos(math.radians(cfg.origin[0]))
     centre = np.stack([cfg.origin[0] + (p // side) * dlat, cfg.origin[1] + (p % side) * dlon], axis=1)
-    latent = rng.normal(size=(cfg.n_places, cfg.dim))
-    latent /= np.linalg.norm(latent, axis=1, keepdims=True)
     difficulty = rng.uniform(0.0, 1.0, cfg.n_places)
+    latent = rng.normal(size=(cfg.n_places, cfg.dim)) / math.sqrt(cfg.dim)
+    latent[:, 0] += cfg.difficulty_signal * (difficulty - 0.5)  # hard places look alike: the difficulty is visible
+    latent /= np.linalg.norm(latent, axis=1, keepdims=True)
     test_place = rng.uniform(size=cfg.n_places) < cfg.test_fraction
     v = cfg.views_per_place
     place = np.repeat(p, v)

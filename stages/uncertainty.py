@@ -1,0 +1,187 @@
+"""BayesCap stage: viewpoint pairs from a store → a trained BayesCap / BayesCapCycle checkpoint
+(safetensors + JSON), and scoring of store rows with it (log_u, log_u_alea, log_u_epi).
+
+Pairs are mined on the store's records except the evaluation queries (``exclude_value`` of
+``exclude_column``, default split == "test"). With too few pairs the ``no_pairs_policy``
+decides: ``skip`` (default: nothing is trained, the result says why; evaluate then has the
+training-free scores only), ``identity`` (each record paired with a slightly noised copy of
+itself: u measures atypicality, a weak proxy), ``relaxed_radius`` (retry at a 75 m radius with
+the visual filter; pairs marked low quality). Never silent: the status and reason are in the
+result and the checkpoint JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, load_model_weights, save_checkpoint
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.retrieval.pairs import PairConfig, PairSet, mine_pairs
+from geopipe.pipeline.retrieval.split import decode_meta, group_ids
+from geopipe.pipeline.store.reader import EmbeddingStore, open_store
+from geopipe.pipeline.uncertainty.bayescap import (METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config,
+                                                   train_bayescap)
+from geopipe.pipeline.uncertainty.losses import GGDLossConfig
+from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
+
+__all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
+           "score_rows"]
+
+NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
+
+
+@dataclass(frozen=True)
+class BayesCapStageConfig:
+    """Options of ``geopipe train --method bayescap|bayescap-cycle`` (defaults: docs/methods.md;
+    lr 1e-4 and batch 96 as the thesis, steps scaled down for CPU)."""
+
+    store: str
+    out: str
+    method: str = "bayescap-cycle"
+    steps: int = 2000
+    batch: int = 96
+    lr: float = 1e-4
+    val_every: int = 200
+    residual_form: str = "power"
+    lambda1: float = 1.0
+    lambda2: float = 1e-4
+    hidden: int | None = None
+    head_hidden: int | None = None
+    dropout: float = 0.1
+    head_activation: str = "relu"
+    pairs: PairConfig = field(default_factory=PairConfig)
+    no_pairs_policy: str = "skip"
+    exclude_column: str = "split"
+    exclude_value: str = "test"
+    heading_field: str = "heading_deg"
+    capture_field: str = "capture_id"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class BayesCapStageResult:
+    """status: "trained" | "insufficient_pairs" (skip policy: nothing written); out: checkpoint
+    directory or None; pairs: pair statistics; history: (step, train loss, val loss) rows."""
+
+    status: str
+    out: str | None
+    message: str
+    pairs: dict
+    history: list
+    best_step: int | None
+    seconds: float
+    pairs_per_s: float | None
+
+
+def _meta_floats(store: EmbeddingStore, name: str) -> np.ndarray | None:
+    if name not in store.attrs["meta_fields"]:
+        return None
+    vals = decode_meta(store.meta[name][:])
+    return np.array([float(v) if isinstance(v, (int, float)) else np.nan for v in vals])
+
+
+def _pairs(store: EmbeddingStore, emb: np.ndarray, latlon: np.ndarray, cfg: BayesCapStageConfig) -> tuple[PairSet, str]:
+    fields = store.attrs["meta_fields"]
+    capture = group_ids(decode_meta(store.meta[cfg.capture_field][:])) if cfg.capture_field in fields else None
+    exclude = None
+    if cfg.exclude_column in fields:
+        exclude = np.array([str(v) == cfg.exclude_value for v in decode_meta(store.meta[cfg.exclude_column][:])])
+    heading = _meta_floats(store, cfg.heading_field)
+    ps = mine_pairs(emb, latlon, heading, capture, exclude, cfg.pairs)
+    if ps.status == "ok" or cfg.no_pairs_policy != "relaxed_radius":
+        return ps, "viewpoint"
+    relaxed = replace(cfg.pairs, pair_radius_m=75.0, visual_filter="negatives_calibrated")
+    return mine_pairs(emb, latlon, heading, capture, exclude, relaxed), "relaxed_radius (low quality)"
+
+
+def _identity_pairs(emb: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each record and a copy with Gaussian noise σ = 0.01/√d, renormalised: rows (i, N + i)."""
+    rng = np.random.default_rng(seed)
+    n, d = emb.shape
+    noisy = emb + rng.normal(scale=0.01 / math.sqrt(d), size=emb.shape).astype(np.float32)
+    noisy /= np.maximum(np.linalg.norm(noisy, axis=1, keepdims=True), 1e-12)
+    both = np.concatenate([emb, noisy]).astype(np.float32)
+    idx = rng.permutation(n)
+    cut = max(1, int(0.8 * n))
+    return both, np.stack([idx[:cut], idx[:cut] + n], 1), np.stack([idx[cut:], idx[cut:] + n], 1)
+
+
+def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
+    """Mine pairs, apply the no-pairs policy, train, save the checkpoint (see the module docstring)."""
+    t0 = time.perf_counter()
+    if cfg.method not in METHODS:
+        raise GeopipeError(f"unknown uncertainty method {cfg.method!r}; choose one of {list(METHODS)}")
+    if cfg.no_pairs_policy not in NO_PAIRS_POLICIES:
+        raise GeopipeError(f"unknown no_pairs_policy {cfg.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
+    store = open_store(cfg.store)
+    if len(store) == 0:
+        raise GeopipeError(f"store {store.path} has no records to train BayesCap on")
+    emb = np.asarray(store.embeddings[:], dtype=np.float32)
+    latlon = store.latlon[:].astype(np.float64)
+    ps, kind = _pairs(store, emb, latlon, cfg)
+    stats = {**ps.stats, "status": ps.status, "kind": kind}
+    train_emb, train_pairs, val_pairs = emb, ps.train, ps.val
+    if ps.status != "ok":
+        why = (f"insufficient_pairs: {ps.stats['n_pairs']} viewpoint pairs (need {cfg.pairs.min_pairs}) and "
+               f"{ps.stats['pairable_fraction']:.1%} of records pairable (need {cfg.pairs.min_pairable_fraction:.0%})")
+        if cfg.no_pairs_policy in ("skip", "relaxed_radius"):
+            return BayesCapStageResult(status="insufficient_pairs", out=None, pairs=stats, history=[], best_step=None,
+                                       message=f"{why}; not trained (no_pairs_policy={cfg.no_pairs_policy}): evaluate "
+                                               "--uncertainty will use the training-free scores only",
+                                       seconds=time.perf_counter() - t0, pairs_per_s=None)
+        train_emb, train_pairs, val_pairs = _identity_pairs(emb, cfg.seed)
+        stats["kind"] = "identity (weak: atypicality, not viewpoint change)"
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = BayesCapMLP(BayesCapConfig(emb.shape[1], cfg.hidden, cfg.head_hidden, cfg.dropout, cfg.head_activation))
+    loss = GGDLossConfig(residual_form=cfg.residual_form, lambda1=cfg.lambda1, lambda2=cfg.lambda2)
+    tcfg = TrainConfig(method=cfg.method, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, val_every=cfg.val_every,
+                       seed=cfg.seed, loss=loss)
+    log = train_bayescap(model, train_emb, train_pairs, val_pairs, tcfg)
+    config = {"method": cfg.method, "network": network_config(model), "embed_dim": int(emb.shape[1]),
+              "backbone": store.attrs.get("backbone"), "step": int(log.best_step),
+              "store": store.path, "store_fingerprint": store.attrs.get("fingerprint"),
+              "train": {**asdict(cfg), "pairs": asdict(cfg.pairs)}, "loss": asdict(loss), "pair_stats": stats,
+              "history": log.history}
+    save_checkpoint(cfg.out, model_state=model.state_dict(), config=json.loads(json.dumps(config, default=str)))
+    return BayesCapStageResult(status="trained", out=cfg.out, pairs=stats, history=log.history, best_step=log.best_step,
+                               message=f"trained on {len(train_pairs)} {stats['kind']} pairs", seconds=time.perf_counter() - t0,
+                               pairs_per_s=log.pairs_per_s)
+
+
+def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
+    """A trained BayesCap network (eval mode) and its checkpoint config."""
+    cfg = load_checkpoint_config(checkpoint)
+    if cfg.get("method") not in METHODS:
+        raise GeopipeError(f"{checkpoint}: checkpoint method {cfg.get('method')!r} is not a BayesCap method {list(METHODS)}")
+    net = {k: v for k, v in cfg["network"].items() if k != "kind"}
+    model = BayesCapMLP(BayesCapConfig(**net))
+    model.load_state_dict(load_model_weights(checkpoint))
+    model.eval()
+    return model, cfg
+
+
+def score_rows(checkpoint: str, store: EmbeddingStore, rows: np.ndarray, passes: int = 15, seed: int = 0,
+               batch: int = 4096) -> dict[str, np.ndarray]:
+    """log_u, log_u_alea, log_u_epi (len(rows),) float64 of a store's rows; the checkpoint's
+    backbone must match the store's."""
+    model, cfg = load_bayescap(checkpoint)
+    ident = lambda b: (b or {}).get("fingerprint") or (b or {}).get("name")  # noqa: E731
+    if ident(cfg.get("backbone")) != ident(store.attrs.get("backbone")) or cfg["embed_dim"] != store.embed_dim:
+        raise GeopipeError(f"{checkpoint}: BayesCap was trained on {cfg['embed_dim']}-d embeddings of backbone "
+                           f"{(cfg.get('backbone') or {}).get('name')!r}, store {store.path} holds {store.embed_dim}-d "
+                           f"of {(store.attrs.get('backbone') or {}).get('name')!r}")
+    out = {k: [] for k in ("log_u", "log_u_alea", "log_u_epi")}
+    with torch.inference_mode():
+        for s in range(0, rows.size, batch * 4):
+            part = score_embeddings(model, np.asarray(store.embeddings[rows[s:s + batch * 4]], dtype=np.float32), passes,
+                                    batch=batch, seed=seed + s)
+            for k in out:
+                out[k].append(part[k])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
