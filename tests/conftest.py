@@ -1,13 +1,18 @@
 """Shared fixtures: a small demo world extracted once per session with the tiny backbone."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
-# Prefect runs on its ephemeral local server with a throw-away home (SQLite) per session.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="geopipe-prefect-"))
+# Prefect runs on its ephemeral local server with a throw-away home (SQLite) per session,
+# removed at exit: registered before Prefect's own exit hooks, it runs after they stop the server.
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="geopipe-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 

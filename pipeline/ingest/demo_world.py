@@ -170,12 +170,18 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
 
 
 def _write_tar(path: Path, encoded: list[dict]) -> str:
-    import webdataset as wds
+    """A WebDataset shard: members ``<key>.<ext>`` per sample, extensions sorted, mtime 0, mode
+    0444, owner "bigdata" (byte-identical to ``webdataset.TarWriter(encoder=False, mtime=0)``)."""
+    import tarfile
 
     with atomic_path(str(path)) as tmp:
-        with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0) as writer:
+        with open(tmp, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
             for sample in encoded:
-                writer.write(sample)
+                for ext in sorted(k for k in sample if not k.startswith("_")):
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size, info.mtime, info.mode = len(sample[ext]), 0.0, 0o444
+                    info.uname = info.gname = "bigdata"
+                    tar.addfile(info, io.BytesIO(sample[ext]))
     return str(path)
 
 
