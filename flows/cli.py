@@ -274,7 +274,8 @@ def demo(workdir, steps):
 
 
 @cli.command()
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all"]), default="all", show_default=True, help="Benchmark to run.")
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap"]), default="all", show_default=True,
+              help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs).")
 @click.option("--dim", default=512, show_default=True, help="Width of the benchmarked network.")
 @click.option("--depth", default=12, show_default=True, help="Residual blocks of the benchmarked network.")
 @click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
@@ -300,6 +301,10 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
         from geopipe.stages.bench_extract import bench_extract
 
         results["extract"] = bench_extract(device=device)
+    if what in ("retrieval", "bayescap"):
+        from geopipe.stages import bench_retrieval as br
+
+        results[what] = br.bench_retrieval(threads=threads) if what == "retrieval" else br.bench_bayescap(threads=threads)
     text = json.dumps(results, indent=2, default=str)
     if out:
         with open(out, "w") as fh:

@@ -1,0 +1,15 @@
+"""Retrieval and BayesCap benchmarks at toy sizes: figures present, blocked = bare neighbours."""
+
+from geopipe.stages.bench_retrieval import bench_bayescap, bench_retrieval, generate_database
+
+
+def test_bench_retrieval_small():
+    r = bench_retrieval(db_rows=3000, dim=16, queries=20, k=5, chunk_rows=700, repeats=1)
+    assert r["top1_agreement_blocked_bare"] == 1.0 and r["blocked_queries_per_s"] > 0 and r["peak_rss_mb_blocked"] > 0
+    db = generate_database(10, 4)
+    assert db.dtype.name == "float16" and abs(float((db.astype("float32") ** 2).sum(1).mean()) - 1) < 1e-2
+
+
+def test_bench_bayescap_small():
+    r = bench_bayescap(n_pairs=200, dim=16, score_records=50, mc_passes=3)
+    assert r["steps"] == 3 and r["train_seconds"] > 0 and r["score_records_per_s"] > 0
