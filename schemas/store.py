@@ -10,7 +10,10 @@ A store is a Zarr v3 group::
       keys         (N,)   string            dims (record,): WebDataset ``__key__``; unique within a store
       shard        (N,)   int32             dims (record,): index into ``attrs["shards"]`` order
       meta/<name>  (N,)   string            dims (record,): extra json fields carried from the
-                                            shards (JSON-encoded scalars; "" when absent)
+                                            shards; attribute ``encoding``: "string" (the
+                                            strings themselves) when the field's first values
+                                            were all strings, else "json" (JSON-encoded
+                                            scalars; stores from before it: always); "" absent
       rejects/     a Zarr group holding Parquet files only (see :mod:`geopipe.schemas.rejects`):
         part-<index>.parquet                rejects of the shard with that record index
         rejects.parquet                     all rejects, consolidated when a writer closes
@@ -51,6 +54,7 @@ __all__ = [
     "REJECTS_GROUP",
     "REJECTS_FILE",
     "LEGACY_REJECTS_FILE",
+    "META_ENCODING_ATTR",
     "REQUIRED_ATTRS",
     "SHARD_RECORD_FIELDS",
     "SHARD_RECORD_OPTIONAL",
@@ -69,6 +73,7 @@ COORD_LABELS = ("lat", "lon")
 REJECTS_GROUP = "rejects"
 REJECTS_FILE = "rejects/rejects.parquet"
 LEGACY_REJECTS_FILE = "rejects.parquet"  # where stores written before the rejects group kept it
+META_ENCODING_ATTR = "encoding"  # of a meta/<name> array: "string" or "json" (absent: "json")
 
 #: ``dimension_names`` of each array (what xarray names the axes).
 DIMENSIONS: dict[str, tuple[str, ...]] = {

@@ -133,6 +133,11 @@ def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str
     for area, field in fields.items():
         if field not in available:
             raise GeopipeError(f"store {store!r} has no meta field {field!r} for {area} labels; available: {available}")
-        decoded = [_decode_meta(str(v)) for v in np.asarray(group["meta"][field][:rows]).tolist()]
+        arr = group["meta"][field]
+        raw = np.asarray(arr[:rows]).tolist()
+        if arr.attrs.get("encoding") == "string":  # the strings themselves (schemas/store.py)
+            decoded = [str(v) if v != "" else None for v in raw]
+        else:
+            decoded = [_decode_meta(str(v)) for v in raw]
         out[area] = [decoded[index[k]] if k in index else None for k in keys]
     return out

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "shard_digest", "chain_fingerprint"]
+__all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
+           "meta_as_json"]
 
 #: Stored embedding dtypes.
 DTYPES = ("float16", "float32")
@@ -52,6 +53,43 @@ def shard_digest(keys: Sequence[str], embeddings: np.ndarray, latlon: np.ndarray
     bytes (stored dtype) and the (n, 2) float64 latlon bytes (C order)."""
     data = "\n".join(keys).encode() + np.ascontiguousarray(embeddings).tobytes()
     return hashlib.sha256(data + np.ascontiguousarray(latlon, dtype=np.float64).tobytes()).hexdigest()
+
+
+def meta_encoding(values: Sequence[str]) -> str:
+    """How a new ``meta/<field>`` array stores its (n,) JSON texts ("" = absent): "string" (the
+    decoded strings, readable as they are by xarray or zarr) when every present value is a JSON
+    string, else "json" (the JSON texts themselves)."""
+    import json
+
+    present = [v for v in values if v not in ("", "null")]
+    try:
+        return "string" if present and all(isinstance(json.loads(v), str) for v in present) else "json"
+    except ValueError:
+        return "json"
+
+
+def encode_meta(values: Sequence[str], encoding: str) -> np.ndarray:
+    """(n,) JSON texts → the (n,) object array stored in a meta array of ``encoding``. In a
+    "string" array null is absent ("") and a later non-string value keeps its JSON text (``3`` →
+    ``"3"``: its type is lost, its text kept)."""
+    if encoding != "string":
+        return np.asarray(list(values), dtype=object)
+    import json
+
+    out = []
+    for v in values:
+        decoded = json.loads(v) if v not in ("", "null") else ""
+        out.append(decoded if isinstance(decoded, str) else v)
+    return np.asarray(out, dtype=object)
+
+
+def meta_as_json(stored: np.ndarray, encoding: str) -> np.ndarray:
+    """Stored meta values → JSON texts ("" = absent), the form :mod:`geopipe.pipeline.store.reader` returns."""
+    if encoding != "string":
+        return stored
+    import json
+
+    return np.asarray([json.dumps(v, ensure_ascii=False) if v != "" else "" for v in stored.tolist()], dtype=object)
 
 
 def chain_fingerprint(fingerprint: str, digests: Sequence[str]) -> str:

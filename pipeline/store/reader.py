@@ -18,6 +18,7 @@ import pyarrow as pa
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, check_chunks, chunk_refs
+from geopipe.pipeline.store.format import meta_as_json
 from geopipe.pipeline.store.rejects import read_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
@@ -25,6 +26,7 @@ from geopipe.schemas.store import (
     ARRAY_KEYS,
     ARRAY_LATLON,
     ARRAY_SHARD,
+    META_ENCODING_ATTR,
     META_GROUP,
     STORE_SCHEMA,
     validate_store_attrs,
@@ -86,6 +88,16 @@ class _Rows:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
+
+
+class _JsonRows(_Rows):
+    """A "string"-encoded meta array read back as JSON texts ("" stays "")."""
+
+    def __getitem__(self, item) -> np.ndarray:
+        out = super().__getitem__(item)
+        if out.ndim == 0:
+            return meta_as_json(out.reshape(1), "string").reshape(())
+        return meta_as_json(out, "string")
 
 
 @dataclass(frozen=True)
@@ -187,8 +199,14 @@ class EmbeddingStore:
 
     @property
     def meta(self) -> dict[str, _Rows]:
-        """Extra json fields: name → (N,) view of JSON-encoded strings ("" when absent)."""
-        return {name: self._array(f"{META_GROUP}/{name}") for name in self.attrs["meta_fields"]}
+        """Extra json fields: name → (N,) view of JSON-encoded strings ("" when absent), whatever
+        the array's stored encoding (schemas/store.py: "string" arrays are encoded on read)."""
+        out = {}
+        for name in self.attrs["meta_fields"]:
+            view = self._array(f"{META_GROUP}/{name}")
+            string = view._array.attrs.get(META_ENCODING_ATTR, "json") == "string"
+            out[name] = _JsonRows(view._array, view._rows, view._guard) if string else view
+        return out
 
     def __len__(self) -> int:
         return self.rows

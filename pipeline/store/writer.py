@@ -33,10 +33,11 @@ from geopipe.pipeline.core.lockfile import DirLock, NullLock
 from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
-from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, prepare_embeddings, shard_digest
+from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, encode_meta, meta_encoding, prepare_embeddings, shard_digest
 from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
+from geopipe.schemas.store import META_ENCODING_ATTR
 from geopipe.schemas.store import (ARRAY_ATTRS, ARRAY_COORD, COORD_LABELS, DIMENSIONS, LEGACY_REJECTS_FILE, META_DIMENSIONS,
                                    REJECTS_GROUP)
 from geopipe.pipeline.core.errors import ConfigError
@@ -49,7 +50,10 @@ class StoreMismatchError(StoreError):
 
 
 _CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP, ARRAY_COORD, REJECTS_GROUP}
-_META_ATTRS = {"long_name": "json field carried from the shards (JSON-encoded; \"\" when absent)", "coordinates": "keys"}
+_META_ATTRS = {  # per meta encoding (schemas/store.py)
+    "json": {"long_name": "json field carried from the shards (JSON-encoded; \"\" when absent)", "coordinates": "keys"},
+    "string": {"long_name": "string field carried from the shards (\"\" when absent)", "coordinates": "keys"},
+}
 
 
 def _is_fresh_dir(path: str) -> bool:
@@ -220,11 +224,14 @@ class StoreWriter:
         self._write(ARRAY_KEYS, start, np.asarray(keys, dtype=object))
         self._write(ARRAY_SHARD, start, np.full(n, index, dtype=np.int32))
         for name in fields:
+            values = meta.get(name, [""] * n)
             if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
+                encoding = meta_encoding(values)
                 _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
                               dtype=str, fill_value="", compressors=ZstdCodec(level=3), dimension_names=META_DIMENSIONS,
-                              attributes=_META_ATTRS)
-            self._write(f"{META_GROUP}/{name}", start, np.asarray(meta.get(name, [""] * n), dtype=object))
+                              attributes={**_META_ATTRS[encoding], META_ENCODING_ATTR: encoding})
+            encoding = self._group[f"{META_GROUP}/{name}"].attrs.get(META_ENCODING_ATTR, "json")
+            self._write(f"{META_GROUP}/{name}", start, encode_meta(values, encoding))
         part = rejects_part_path(self.path, index)
         if rejects:
             write_rejects(part, rejects)

@@ -44,7 +44,29 @@ def test_xarray_opens_the_store_with_dimensions_coordinates_and_units(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(ds["embeddings"].values, axis=1), 1.0, rtol=1e-6)
     assert ds["latlon"].attrs["units"] == "degrees" and ds["latlon"].attrs["coord_units"] == ["degrees_north", "degrees_east"]
     assert ds.attrs["rows"] == 4 and ds.attrs["schema"] == "geopipe.store/1"
-    assert list(meta["country"].values) == ['"fr"', '"au"', "", ""]
+    assert list(meta["country"].values) == ["fr", "au", "", ""]  # string fields are stored as strings
+    assert meta["country"].attrs["encoding"] == "string" and meta["country"].dims == ("record",)
+
+
+def test_string_meta_fields_are_stored_typed_and_read_back_as_json(tmp_path):
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "s.zarr")
+    with StoreWriter.open(path, backbone={"name": "t"}, embed_dim=4, dtype="float32") as w:
+        w.append_shard("a.tar", rng.normal(size=(3, 4)), LATLON[:3], ["a", "b", "c"],
+                       {"city": ['"Zürich"', "", "null"], "year": ["2001", "2002", ""]}, [], ShardStat(1, 0.0))
+        w.append_shard("b.tar", rng.normal(size=(1, 4)), LATLON[3:], ["d"], {"city": ["3"]}, [], ShardStat(1, 0.0))
+    import zarr
+
+    g = zarr.open_group(path, mode="r")
+    assert g["meta/city"].attrs["encoding"] == "string" and g["meta/city"][:].tolist() == ["Zürich", "", "", "3"]
+    assert g["meta/year"].attrs["encoding"] == "json" and g["meta/year"][:].tolist() == ["2001", "2002", "", ""]
+    # geopipe's readers see JSON texts whatever the encoding (a number in a string field keeps its text)
+    s = open_store(path)
+    assert s.meta["city"][:].tolist() == ['"Zürich"', "", "", '"3"'] and s.meta["city"][0] == '"Zürich"'
+    assert s.meta["year"][[1, 3]].tolist() == ["2002", ""] and verify_store(path) == []
+    from geopipe.pipeline.eval.admin import store_admin_labels
+
+    assert store_admin_labels(path, {"city": "city"}, ["a", "b", "c", "d"]) == {"city": ["Zürich", None, None, "3"]}
 
 
 def test_arrays_are_trimmed_to_the_committed_rows(tmp_path):
