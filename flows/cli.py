@@ -40,12 +40,15 @@ def cli(quiet):
 @click.option("--n-test", default=500, show_default=True, help="Test photos to generate.")
 @click.option("--shard-size", default=500, show_default=True, help="Samples per WebDataset tar.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the generated world.")
+@click.option("--views-per-place", default=1, show_default=True,
+              help="Photos per place (> 1: headings and capture ids, so BayesCap finds viewpoint pairs).")
 @user_errors
-def demo_data(out, n_train, n_test, shard_size, seed):
+def demo_data(out, n_train, n_test, shard_size, seed, views_per_place):
     """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
     from geopipe.stages.demo import DemoDataConfig, run_demo_data
 
-    res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed))
+    res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed,
+                                       views_per_place=views_per_place))
     click.echo(f"wrote {res.n_train} train and {res.n_test} test samples in {len(res.shards)} shards to {out}")
 
 

@@ -83,16 +83,22 @@ _CONTINENTS = {
 
 @dataclass(frozen=True)
 class DemoWorldConfig:
-    """Size and seed of the demo world. image_size in pixels (square JPEGs)."""
+    """Size and seed of the demo world. image_size in pixels (square JPEGs). views_per_place > 1
+    makes a multi-view world: each sampled place is photographed that many times (same style,
+    fresh texture noise, the picture panned with the heading), with metadata place_id,
+    capture_id (one per view) and heading_deg, so viewpoint pairs exist; 1 (default) writes the
+    single-view world byte for byte as before."""
 
     n_train: int = 3000
     n_test: int = 500
     shard_size: int = 500
     image_size: int = 64
     seed: int = 0
+    views_per_place: int = 1
 
     def __post_init__(self) -> None:
-        for name, low in (("n_train", 1), ("n_test", 0), ("shard_size", 1), ("image_size", 1), ("seed", 0)):
+        for name, low in (("n_train", 1), ("n_test", 0), ("shard_size", 1), ("image_size", 1), ("seed", 0),
+                          ("views_per_place", 1)):
             check_int(getattr(self, name), name, low, where="DemoWorldConfig")
         if self.image_size < 16:
             raise ConfigError(f"DemoWorldConfig.image_size must be >= 16 pixels, got {self.image_size}")
@@ -156,12 +162,15 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
     counts = {"featureless": 0}
     shards = {}
     for split, n, ss in (("train", cfg.n_train, train_ss), ("test", cfg.n_test, test_ss)):
-        samples = _split_samples(split, n, np.random.default_rng(ss), grid, counts)
+        samples = _split_samples(split, n, np.random.default_rng(ss), grid, counts, cfg.views_per_place)
         shards[split] = tuple(write_shards(out, samples, split, cfg.shard_size))
     manifest = out / "manifest.json"
     regions = [dict(zip(("region", "country", "latitude", "longitude", "spread_km", "weight", "landmark", "twin"), r))
                for r in _REGIONS]
-    manifest.write_text(json.dumps({"config": asdict(cfg), "regions": regions}, indent=1, sort_keys=True))
+    config = asdict(cfg)
+    if cfg.views_per_place == 1:
+        del config["views_per_place"]  # the single-view manifest stays byte-identical to earlier versions
+    manifest.write_text(json.dumps({"config": config, "regions": regions}, indent=1, sort_keys=True))
     return DemoWorldResult(str(out), shards["train"], shards["test"], cfg.n_train, cfg.n_test,
                            counts["featureless"], str(manifest))
 
@@ -210,8 +219,11 @@ def _encode_sample(sample: dict, index: int, prefix: str) -> dict:
     return encoded
 
 
-def _split_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarray, counts: dict):
+def _split_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarray, counts: dict, views: int = 1):
     """Yield n samples; one rng stream per split, consumed in sample order."""
+    if views > 1:
+        yield from _multi_view_samples(split, n, rng, grid, counts, views)
+        return
     weights = np.array([r[5] for r in _REGIONS])
     weights = weights / weights.sum()
     twins = {r[7]: r for r in reversed(_REGIONS) if r[7]}  # twin key -> first member (style source)
@@ -238,6 +250,51 @@ def _split_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarra
         meta = {"latitude": round(float(lat), 6), "longitude": round(float(lon), 6), "country": country,
                 "region": name, "biome": biome, "split": split}
         yield {"__key__": f"{split}_{i:08d}", "jpg": _jpeg(img), "json": meta}
+
+
+def _place(rng: np.random.Generator, weights: np.ndarray, twins: dict) -> tuple:
+    """One place of the world: (lat, lon, country, region, biome, style or None, landmark)."""
+    u = rng.random()
+    if u < _P_REGION:
+        name, country, lat0, lon0, spread, _, landmark, twin = _REGIONS[rng.choice(len(_REGIONS), p=weights)]
+        east, north = rng.normal(size=2)
+        lat, lon = _destination(lat0, lon0, math.atan2(east, north), spread * math.hypot(east, north))
+        src = twins[twin] if twin else (None, None, lat0, lon0)
+        style = _style(src[2], src[3], jitter=(float(np.clip(east, -2, 2)), float(np.clip(north, -2, 2))))
+        return lat, lon, country, name, _biome(lat0), style, landmark if rng.random() < 0.7 else None
+    if u < _P_REGION + _P_DIFFUSE:
+        la0, la1, lo0, lo1, country = _LAND_BOXES[rng.integers(len(_LAND_BOXES))]
+        lat, lon = rng.uniform(la0, la1), rng.uniform(lo0, lo1)
+        return lat, lon, country, "diffuse_" + _continent(lat, lon), _biome(lat), _style(lat, lon, jitter=(0.0, 0.0)), None
+    lat, lon = math.degrees(math.asin(rng.uniform(-1, 1))), rng.uniform(-180, 180)
+    return lat, lon, "Nullland", "featureless", "unknown", None, None
+
+
+def _multi_view_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarray, counts: dict, views: int):
+    """n samples in groups of ``views`` photos of one place: positions within ~3 m, headings
+    ~30° apart from a random start, each view its own capture."""
+    weights = np.array([r[5] for r in _REGIONS])
+    weights = weights / weights.sum()
+    twins = {r[7]: r for r in reversed(_REGIONS) if r[7]}
+    size = grid.shape[1]
+    i = place = 0
+    while i < n:
+        lat, lon, country, name, biome, style, landmark = _place(rng, weights, twins)
+        h0 = float(rng.uniform(0, 360))
+        for v in range(min(views, n - i)):
+            heading = (h0 + 30.0 * v + float(rng.uniform(-5, 5))) % 360.0
+            vlat, vlon = _destination(lat, lon, float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 0.003)))
+            if style is None:
+                img = _featureless(rng, size)
+                counts["featureless"] += 1
+            else:
+                img = np.roll(_render(style, rng, grid, landmark), int(round(heading / 360.0 * size)), axis=1)
+            meta = {"latitude": round(vlat, 7), "longitude": round(vlon, 7), "country": country, "region": name,
+                    "biome": biome, "split": split, "place_id": f"{split}_p{place:07d}", "capture_id": f"{split}_{i:08d}",
+                    "heading_deg": round(heading, 2)}
+            yield {"__key__": f"{split}_{i:08d}", "jpg": _jpeg(img), "json": meta}
+            i += 1
+        place += 1
 
 
 def _destination(lat: float, lon: float, bearing: float, dist_km: float) -> tuple[float, float]:
