@@ -9,6 +9,7 @@ also sees through deleted or changed outputs. Runs on Prefect's ephemeral local 
 
 from __future__ import annotations
 
+import logging
 import os
 
 # geopipe runs offline: Prefect's local server must not try to phone home.
@@ -28,6 +29,20 @@ from geopipe.stages.train import run_train
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
 __all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A GeopipeError (a missing shard, a bad option) is logged by Prefect as one line: the CLI
+    prints it once more as ``geopipe: error: ...``; tracebacks stay for everything else (bugs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], GeopipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_UserErrorsWithoutTraceback())
 
 
 def _run_name(verb: str, field: str):

@@ -72,3 +72,22 @@ def test_a_missing_shard_fails_the_flow_once_without_retries(tmp_path):
 
     (run,) = asyncio.run(_extract_runs())
     assert run.name == "extract t.zarr" and run.run_count == 1 and run.state.is_failed()
+
+
+def test_prefect_logs_user_errors_without_traceback():
+    import logging
+    import sys
+
+    import geopipe.flows.pipeline_flow  # noqa: F401  (installs the filter on Prefect's run loggers)
+    from geopipe.pipeline.ingest.shards import ShardNotFoundError
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+
+    logger = logging.getLogger("prefect.flow_runs")
+    user, bug = record(ShardNotFoundError("shard not found: x.tar")), record(RuntimeError("bug"))
+    assert logger.filter(user) and logger.filter(bug)
+    assert user.exc_info is None and bug.exc_info is not None  # bugs keep their traceback
