@@ -38,7 +38,7 @@ NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
 
 @dataclass(frozen=True)
 class BayesCapStageConfig:
-    """Options of ``geopipe train --method bayescap|bayescap-cycle`` (defaults: docs/methods.md;
+    """Options of ``geopipe train --method bayescap|bayescap-cycle`` (defaults: docs/retrieval_uncertainty.md;
     lr 1e-4 and batch 96 as the thesis, steps scaled down for CPU)."""
 
     store: str

@@ -1,6 +1,6 @@
 """Adaptive binning of an uncertainty score and the rank statistics of the binned curve
-(Spearman S, R²), numpy float64. Procedure and its documented deviations: docs/methods.md
-(uncertainty evaluation).
+(Spearman S, R²), numpy float64. Procedure and its documented deviations:
+docs/retrieval_uncertainty.md (failure prediction).
 
 Bins follow numpy-histogram semantics: half-open ``[e_k, e_{k+1})`` with the last bin closed.
 The merge loop joins an under-filled bin with its right neighbour (the last bin with its left

@@ -4,7 +4,7 @@ A database item is a *positive* of a query when their great-circle distance is `
 (inclusive, metres, R = 6371.0088 km). Recall@K is the fraction of queries whose top-K
 retrieved items contain a positive. Queries with no positive in the whole database are
 *unanswerable*: the benchmark convention counts them as misses, ours drops them by default
-and reports how many were dropped plus the benchmark-style number (docs/methods.md).
+and reports how many were dropped plus the benchmark-style number (docs/retrieval_uncertainty.md).
 Fractions in [0, 1]; format as percent only for display.
 """
 

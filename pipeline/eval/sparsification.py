@@ -3,7 +3,7 @@ AUROC / AUPRC of failure detection (numpy, float64).
 
 Inputs are per-query ``correct`` (1 = the answer is right, e.g. top-1 within 25 m) and a score
 ``u`` where **higher means more uncertain** (``log_u`` works as well as ``u``: only the order
-matters). Conventions are documented in docs/methods.md (uncertainty evaluation):
+matters). Conventions are documented in docs/retrieval_uncertainty.md (failure prediction):
 
 * queries are removed in descending ``u`` with a stable sort, so tied scores keep ascending
   query index; step i of F removes ``(N·i)//F`` queries and the curve is the accuracy of the

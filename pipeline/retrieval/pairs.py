@@ -1,5 +1,5 @@
 """Viewpoint pairs from (embedding, lat, lon[, heading, capture id]): records showing the same
-scene from different viewpoints, the training data of BayesCap (docs/methods.md).
+scene from different viewpoints, the training data of BayesCap (docs/retrieval_uncertainty.md).
 
 Candidate pairs (i, j), i < j: within ``pair_radius_m`` (haversine, inclusive); of different
 captures (without capture ids: not closer than 0.5 m); with headings, ``|Δheading| <=
@@ -28,7 +28,7 @@ VISUAL_FILTERS = ("negatives_calibrated", "none")
 
 @dataclass(frozen=True)
 class PairConfig:
-    """Pair-mining settings (defaults of docs/methods.md)."""
+    """Pair-mining settings (defaults of docs/retrieval_uncertainty.md)."""
 
     pair_radius_m: float = 25.0
     max_dheading_deg: float = 45.0

@@ -8,8 +8,8 @@ The heads output ``h_a`` (read as **1/α**) and ``h_b`` (β), both ≥ 0 (ReLU);
     loss = term − log inv_α − log β + lgamma(1/β),   inv_α = h_a + eps_a, β = h_b + eps_b
 
 with r = |μ − t|, mean-reduced. The official BayesCap/ProbVLM code uses the linear form; it
-drives β to the constant 0.6842 whatever the residuals (docs/methods.md), so the power form
-of the paper's equations is our default. In the power form ``g = exp(β (log r + log inv_α))``
+drives β to the constant 0.6842 whatever the residuals (docs/retrieval_uncertainty.md), so
+the power form of the paper's equations is our default. In the power form ``g = exp(β (log r + log inv_α))``
 for r > 0 and 0 for r = 0 (no 0^β gradient NaNs). A non-finite loss raises instead of
 returning None as the official code does.
 """
