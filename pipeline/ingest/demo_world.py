@@ -179,18 +179,14 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
 
 
 def _write_tar(path: Path, encoded: list[dict]) -> str:
-    """A WebDataset shard: members ``<key>.<ext>`` per sample, extensions sorted, mtime 0, mode
-    0444, owner "bigdata" (byte-identical to ``webdataset.TarWriter(encoder=False, mtime=0)``)."""
-    import tarfile
+    """A WebDataset shard written by webdataset's own ``TarWriter`` (members ``<key>.<ext>``,
+    mtime 0, so the demo world is byte-identical from run to run)."""
+    import webdataset as wds
 
     with atomic_path(str(path)) as tmp:
-        with open(tmp, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
+        with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0) as writer:
             for sample in encoded:
-                for ext in sorted(k for k in sample if not k.startswith("_")):
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size, info.mtime, info.mode = len(sample[ext]), 0.0, 0o444
-                    info.uname = info.gname = "bigdata"
-                    tar.addfile(info, io.BytesIO(sample[ext]))
+                writer.write(sample)
     return str(path)
 
 
