@@ -11,6 +11,7 @@ AUSE, AURG, AUSC_norm), adaptive bins with Spearman S and R², AUROC/AUPRC of fa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,7 +47,9 @@ class FailureOptions:
 def read_optional_columns(path: str, names) -> dict:
     """Columns of ``names`` present in a predictions file: floats as float64 arrays (NaN for
     null), ``answerable`` as a float array (NaN unknown), list columns as (N, K) float arrays
-    padded with NaN."""
+    padded with NaN. Empty for a dataset directory."""
+    if not os.path.isfile(path):  # a predictions dataset directory (geopipe predict --dask) has none of them
+        return {}
     schema = pq.read_schema(path)
     present = [n for n in names if n in schema.names]
     if not present:
