@@ -135,7 +135,9 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @cli.command()
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint directory (the --out of geopipe train).")
 @click.option("--store", required=True, help="Embedding store of the records to predict.")
-@click.option("--out", "-o", required=True, help="Predictions Parquet file.")
+@click.option("--out", "-o", required=True,
+              help="Predictions: one Parquet file when it ends in .parquet and --dask is not given, otherwise a Parquet "
+                   "dataset directory of part files written by the workers (rerun to resume).")
 @click.option("--steps", default=16, show_default=True, help="Sampler steps per prediction.")
 @click.option("--guidance", default=2.0, show_default=True, help="Classifier-free guidance scale of the point prediction (0 = unguided).")
 @click.option("--sampler", default=None, type=click.Choice(SAMPLER_NAMES), help="Sampler (default: the method's own).")
@@ -147,7 +149,9 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance of the likelihood ODE solver.")
 @click.option("--batch-size", default=4096, show_default=True, help="Records per sampling batch.")
 @click.option("--seed", default=3407, show_default=True, help="Random seed of the sampling noise (per batch).")
-@click.option("--dask", "dask_address", default=None, help="'local:N' for a LocalCluster with N workers, or a scheduler address.")
+@click.option("--dask", "dask_address", default=None,
+              help="'local:N' for a LocalCluster with N workers, or a scheduler address (tcp://host:8786); workers need "
+                   "the checkpoint, the store and -o on shared storage or fsspec urls.")
 @_device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, batch_size, seed, dask_address, device):

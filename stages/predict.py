@@ -1,34 +1,59 @@
-"""Predict stage: checkpoint + store → predictions Parquet (geopipe.schemas.predictions).
+"""Predict stage: checkpoint + store → predictions (geopipe.schemas.predictions).
 
-Records are split into partitions of whole batches; each partition is scored independently
-(in process, or as Dask tasks on a ``LocalCluster`` / remote scheduler) and the Arrow tables
-are concatenated in row order. Noise is seeded per batch from (seed, first row), so the
-output does not depend on how many workers ran it.
+Records are split into partitions of the store's rows (whole stored chunks once the store is
+large; a fixed minimum count of partitions for small stores, so every worker gets work);
+the partition boundaries depend on the store and the options only, never on where they run.
+Noise is seeded per batch from (seed, first row), so the numbers do not depend on how many
+workers ran them.
+
+Output: with ``--dask``, or an ``-o`` not ending in ``.parquet``, a Parquet *dataset
+directory*: each partition is scored and written as ``part-<start>-<stop>.parquet`` by the
+process that scored it (a Dask worker loads the model once: ``cached_predictor``), the client
+receives only each part's row range and name, reads the part's footer (a few kB) and writes
+``_metadata``/``_common_metadata`` last.
+A rerun skips the parts already written. Otherwise (``-o x.parquet`` in process, the default)
+one file, written partition by partition and renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import sys
+import io
+import math
+import pickle
 import time
 from dataclasses import asdict, dataclass
 
-import pyarrow as pa
+import pyarrow.parquet as pq
 
-from geopipe.pipeline.artifacts.predictions import predictions_metadata, write_predictions
+from geopipe.pipeline.artifacts.predictions import (
+    finish_dataset,
+    list_parts,
+    part_name,
+    predictions_metadata,
+    read_part_footer,
+    write_part,
+)
+from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.parallel import map_partitions
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.infer.predictor import PredictOptions, cached_predictor, predict_rows
 from geopipe.pipeline.store.reader import open_store
-from geopipe.schemas.predictions import PREDICTIONS_SCHEMA
+from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA
 
-__all__ = ["PredictConfig", "PredictResult", "run_predict"]
+__all__ = ["PredictConfig", "PredictResult", "PartDone", "run_predict", "partition_bounds", "writes_dataset"]
+
+#: Config fields that do not change the numbers (a rerun with other values resumes the dataset).
+_VOLATILE = ("out", "dask", "device", "progress")
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Options of ``geopipe predict``; sampling defaults as in docs/methods.md#samplers."""
+    """Options of ``geopipe predict``; sampling defaults as in docs/methods.md#samplers
+    (16 steps, guidance 2). ``min_partitions``: split small stores into at least this many
+    partitions (at least one row each)."""
 
     checkpoint: str
     store: str
@@ -44,6 +69,7 @@ class PredictConfig:
     atol: float = 1e-5
     batch_size: int = 4096
     partition_batches: int = 8
+    min_partitions: int = 16
     seed: int = 3407
     dask: str | None = None  # None: in process; "local:N": LocalCluster(N); else a scheduler address
     device: str = "auto"
@@ -56,22 +82,54 @@ class PredictConfig:
 
 @dataclass(frozen=True)
 class PredictResult:
+    """``largest_reply_bytes``: the largest result one partition sent back to this process."""
+
     out: str
     n_records: int
     seconds: float
     records_per_s: float
+    parts_written: int = 0
+    parts_skipped: int = 0
+    largest_reply_bytes: int = 0
 
 
-def _predict_partition(cfg: PredictConfig, start: int, stop: int):
-    """Score rows [start, stop) of the store; runs in the caller or in a Dask worker (which
-    keeps the loaded model between partitions: ``cached_predictor``)."""
+@dataclass(frozen=True)
+class PartDone:
+    """What a partition sends back: its row range and file name, never its rows."""
+
+    start: int
+    stop: int
+    name: str
+
+
+def writes_dataset(cfg: PredictConfig) -> bool:
+    """True when ``cfg.out`` is a dataset directory (``--dask``, or ``-o`` not ending in .parquet)."""
+    return bool(cfg.dask) or not str(cfg.out).endswith(".parquet")
+
+
+def partition_bounds(n: int, chunk_rows: int, batch_size: int, partition_batches: int, min_partitions: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering [0, n): ``batch_size × partition_batches`` rows, fewer
+    when that leaves under ``min_partitions`` ranges, rounded up to whole chunks of
+    ``chunk_rows`` when at least one chunk (a partition then reads only its own chunks)."""
+    rows = min(batch_size * partition_batches, math.ceil(n / max(1, min_partitions)))
+    if rows >= chunk_rows:
+        rows = math.ceil(rows / chunk_rows) * chunk_rows
+    rows = max(1, rows)
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
+def _predict_table(cfg: PredictConfig, start: int, stop: int):
+    """Score rows [start, stop) of the store (the model stays loaded between partitions)."""
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))
     return predict_rows(p, store, start, stop, cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
 
 
-def _partitions(n: int, rows: int):
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+def _predict_part(cfg: PredictConfig, start: int, stop: int, metadata: dict) -> PartDone:
+    """Score rows [start, stop) and write them as one part of the dataset ``cfg.out``; runs in a
+    Dask worker (or this process) and returns only where the part is."""
+    write_part(_predict_table(cfg, start, stop), cfg.out, start, stop, metadata)
+    return PartDone(start, stop, part_name(start, stop))
 
 
 def _model_identity(cfg: PredictConfig, config: dict) -> dict:
@@ -81,20 +139,79 @@ def _model_identity(cfg: PredictConfig, config: dict) -> dict:
     return model
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    def core(meta):
+        return ({k: v for k, v in meta.get("config", {}).items() if k not in _VOLATILE}, meta.get("model"))
+
+    return core(a) == core(b)
+
+
+def _existing_parts(cfg: PredictConfig, bounds, metadata: dict) -> dict:
+    """Parts a previous run of the same predictions already wrote; GeopipeError when ``cfg.out``
+    holds parts of other predictions (another checkpoint, store or option)."""
+    import json
+
+    existing = list_parts(cfg.out)
+    if not existing:
+        return {}
+    name = next(iter(existing.values()))
+    with fsio.open_read(fsio.join(cfg.out, name)) as fh:
+        theirs = json.loads(pq.read_schema(fh).metadata[METADATA_KEY])
+    stray = sorted(set(existing) - set(bounds))
+    if stray or not _same_run(theirs, json.loads(metadata[METADATA_KEY])):
+        raise GeopipeError(f"{cfg.out} holds parts of other predictions (another checkpoint, store or option); "
+                           "remove it or choose another -o")
+    return existing
+
+
+def _run_dataset(cfg: PredictConfig, bounds, metadata: dict, existing: dict, bar: Progress) -> tuple[int, int, int]:
+    todo = [b for b in bounds if b not in existing]
+    footers = {b: read_part_footer(cfg.out, existing[b]) for b in bounds if b in existing}
+    largest = 0
+
+    def done(_i, part: PartDone) -> None:
+        nonlocal largest
+        largest = max(largest, len(pickle.dumps(part)))
+        footers[(part.start, part.stop)] = read_part_footer(cfg.out, part.name)  # a few kB, read here
+        bar.update(part.stop - part.start)
+
+    fsio.makedirs(cfg.out)
+    map_partitions(_predict_part, [(cfg, s, e, metadata) for s, e in todo], cfg.dask, on_done=done, keep_results=False)
+    finish_dataset(cfg.out, [footers[b] for b in bounds], metadata)
+    return len(todo), len(existing), largest
+
+
+def _run_file(cfg: PredictConfig, bounds, metadata: dict, bar: Progress) -> None:
+    """One file, written partition by partition (at most one partition's table in memory)."""
+    if fsio.is_local(cfg.out) and fsio.exists(cfg.out) and not fsio.isfile(cfg.out):
+        raise GeopipeError(f"output {cfg.out!r} is a directory; give a file path ending in .parquet, or drop .parquet for a dataset")
+    schema = PREDICTIONS_SCHEMA.with_metadata(dict(metadata))
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, schema) as writer:
+        for s, e in bounds:
+            writer.write_table(_predict_table(cfg, s, e).replace_schema_metadata(dict(metadata)))
+            bar.update(e - s)
+        if not bounds:
+            writer.write_table(PREDICTIONS_SCHEMA.empty_table().replace_schema_metadata(dict(metadata)))
+    fsio.write_atomic(cfg.out, buf.getvalue())
+
+
 def run_predict(cfg: PredictConfig) -> PredictResult:
-    """Predict every record of ``cfg.store`` and write ``cfg.out``."""
+    """Predict every record of ``cfg.store`` and write ``cfg.out`` (file or dataset directory)."""
     t0 = time.perf_counter()
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise GeopipeError("--steps and --batch-size must be positive")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.partition_batches < 1 or cfg.min_partitions < 1:
+        raise GeopipeError("--steps, --batch-size, partition_batches and min_partitions must be positive")
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))  # fail fast on mismatch
-    n = len(store.keys)
-    parts = [(cfg, s, e) for s, e in _partitions(n, cfg.batch_size * cfg.partition_batches)]
-    from tqdm import tqdm
-
-    with tqdm(total=n, desc="predict", unit="rec", file=sys.stderr, disable=not cfg.progress) as bar:
-        tables = map_partitions(_predict_partition, parts, cfg.dask, on_done=lambda i, t: bar.update(t.num_rows))
-    table = pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table()
-    write_predictions(table, cfg.out, predictions_metadata(asdict(cfg), _model_identity(cfg, p.config), provenance()))
+    n = len(store)
+    bounds = partition_bounds(n, store.chunk_rows, cfg.batch_size, cfg.partition_batches, cfg.min_partitions)
+    metadata = predictions_metadata(asdict(cfg), _model_identity(cfg, p.config), provenance())
+    written, skipped, largest = len(bounds), 0, 0
+    existing = _existing_parts(cfg, bounds, metadata) if writes_dataset(cfg) else {}
+    with Progress(total=n, desc="predict", unit="rec", initial=sum(e - s for s, e in existing), enabled=cfg.progress) as bar:
+        if writes_dataset(cfg):
+            written, skipped, largest = _run_dataset(cfg, bounds, metadata, existing, bar)
+        else:
+            _run_file(cfg, bounds, metadata, bar)
     dt = time.perf_counter() - t0
-    return PredictResult(cfg.out, n, dt, n / dt if dt > 0 else float("inf"))
+    return PredictResult(cfg.out, n, dt, n / dt if dt > 0 else float("inf"), written, skipped, largest)

@@ -3,12 +3,22 @@
 One reader and one writer for every stage that emits or scores predictions (predict,
 evaluate, and later retrieval), so the GeoParquet geometry and the ``geopipe`` key-value
 metadata are encoded in one place.
+
+Predictions are one Parquet file, or a *dataset directory* written part by part (by Dask
+workers): ``part-<start>-<stop>.parquet`` per row range [start, stop) of the store (12-digit
+zero-padded, so name order is row order), each written atomically with the full metadata, then
+``_common_metadata`` (schema and metadata) and ``_metadata`` (also every part's row groups)
+written last by one process. pandas, pyarrow, duckdb (``dir/*.parquet``) and geopandas read the
+directory as one table; :func:`read_predictions` reads exactly the parts ``_metadata`` lists, so
+a dataset without it (a run still going, or interrupted) is refused rather than read half.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,11 +30,15 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
 __all__ = ["wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
-           "NUMERIC_COLUMNS"]
+           "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
+           "finish_dataset", "DATASET_METADATA"]
 
 _REQUIRED = ("key", "lat", "lon")
 #: Float columns :func:`read_predictions` returns when present (as float64 arrays, NaN for null).
 NUMERIC_COLUMNS = ("lat", "lon", "true_lat", "true_lon", "log_likelihood", "neg_entropy_nats", "hdr_rank")
+#: The dataset's summary files, written last (their presence marks a complete dataset).
+DATASET_METADATA = ("_common_metadata", "_metadata")
+_PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
 
 
 def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
@@ -72,18 +86,88 @@ def write_predictions(table: pa.Table, path: str, metadata: Mapping[bytes, bytes
         pq.write_table(table, tmp)
 
 
+def part_name(start: int, stop: int) -> str:
+    """File name of the part holding store rows [start, stop)."""
+    return f"part-{int(start):012d}-{int(stop):012d}.parquet"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    """(start, stop) of a part file name; None for any other name."""
+    m = _PART.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def list_parts(dataset: str) -> dict[tuple[int, int], str]:
+    """(start, stop) → name of every complete part in ``dataset`` (none when it does not exist);
+    temporaries of interrupted writes are hidden names and never listed."""
+    return {rng: name for name in fsio.listdir(dataset) if (rng := parse_part_name(name)) is not None}
+
+
+def _footer_bytes(md) -> bytes:
+    sink = pa.BufferOutputStream()
+    md.write_metadata_file(sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_part(table: pa.Table, dataset: str, start: int, stop: int, metadata: Mapping[bytes, bytes]) -> bytes:
+    """Write rows [start, stop) atomically as ``dataset/part-<start>-<stop>.parquet``; returns its
+    Parquet footer (a few kB, file path set), as :func:`read_part_footer` would."""
+    if table.num_rows != stop - start:
+        raise ValueError(f"part [{start}, {stop}) has {table.num_rows} rows")
+    collector: list = []
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(with_bbox(table, metadata)), buf, metadata_collector=collector)
+    name = part_name(start, stop)
+    fsio.write_atomic(fsio.join(dataset, name), buf.getvalue())
+    collector[0].set_file_path(name)
+    return _footer_bytes(collector[0])
+
+
+def read_part_footer(dataset: str, name: str) -> bytes:
+    """The footer of an existing part (as :func:`write_part` returns it), reading only the footer."""
+    with fsio.open_read(fsio.join(dataset, name)) as fh:
+        md = pq.ParquetFile(fh).metadata
+    md.set_file_path(name)
+    return _footer_bytes(md)
+
+
+def finish_dataset(dataset: str, footers: Sequence[bytes], metadata: Mapping[bytes, bytes]) -> None:
+    """Write ``_common_metadata`` and ``_metadata`` (from the parts' footers, in row order)."""
+    schema = PREDICTIONS_SCHEMA.with_metadata(dict(metadata))
+    mds = [pq.read_metadata(pa.BufferReader(f)) for f in footers]
+    for name, collector in zip(DATASET_METADATA, ([], mds)):
+        buf = io.BytesIO()
+        pq.write_metadata(schema, buf, metadata_collector=collector)
+        fsio.write_atomic(fsio.join(dataset, name), buf.getvalue())
+
+
+def _dataset_parts(path: str) -> list[str]:
+    """Part names listed in a complete dataset's ``_metadata``, in row order."""
+    if not fsio.exists(fsio.join(path, "_metadata")):
+        raise GeopipeError(f"predictions dataset {path!r} is incomplete (no _metadata); rerun `geopipe predict` to finish it")
+    with fsio.open_read(fsio.join(path, "_metadata")) as fh:
+        md = pq.read_metadata(fh)
+    names = [md.row_group(i).column(0).file_path for i in range(md.num_row_groups)]
+    return sorted(dict.fromkeys(names), key=lambda n: parse_part_name(n) or (0, 0))
+
+
 def read_predictions(path: str) -> tuple[dict, dict]:
     """(columns, metadata) of a predictions file: ``key`` as a list of str, the
     :data:`NUMERIC_COLUMNS` present as float64 arrays. Raises GeopipeError for a missing,
     unreadable or foreign file."""
-    if not os.path.isfile(path):
+    is_dir = fsio.exists(fsio.join(path, DATASET_METADATA[0])) or (fsio.is_local(path) and os.path.isdir(path))
+    if not is_dir and not fsio.isfile(path):
         raise GeopipeError(f"predictions file {path!r} does not exist")
+    head = fsio.join(path, DATASET_METADATA[0]) if is_dir else path
+    if is_dir:
+        parts = _dataset_parts(path)
     try:
-        pf = pq.ParquetFile(path)
+        with fsio.open_read(head) as fh:
+            schema = pq.read_schema(fh)
     except (pa.ArrowException, OSError) as exc:
-        raise GeopipeError(f"{path!r} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
-    missing = [c for c in _REQUIRED if c not in pf.schema_arrow.names]
+        raise GeopipeError(f"{head!r} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    missing = [c for c in _REQUIRED if c not in schema.names]
     if raw is None or missing:
         why = f"missing columns {missing}" if missing else f"no {METADATA_KEY.decode()!r} metadata"
         raise GeopipeError(f"{path!r} is not a geopipe predictions file ({why}); write it with `geopipe predict`")
@@ -93,8 +177,13 @@ def read_predictions(path: str) -> tuple[dict, dict]:
         raise GeopipeError(f"{path!r}: the {METADATA_KEY.decode()!r} metadata is not valid JSON") from None
     if meta.get("schema", PREDICTIONS_SCHEMA_ID) != PREDICTIONS_SCHEMA_ID:
         raise GeopipeError(f"{path!r} has predictions schema {meta.get('schema')!r}; this geopipe reads {PREDICTIONS_SCHEMA_ID!r}")
-    names = [c for c in ("key", *NUMERIC_COLUMNS) if c in pf.schema_arrow.names]
-    table = pf.read(columns=names)
+    names = [c for c in ("key", *NUMERIC_COLUMNS) if c in schema.names]
+    files = [fsio.join(path, p) for p in parts] if is_dir else [path]
+    tables = []
+    for f in files:
+        with fsio.open_read(f) as fh:
+            tables.append(pq.read_table(fh, columns=names))
+    table = pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(names)
     cols: dict = {"key": [str(k) for k in table.column("key").to_pylist()]}
     for name in names[1:]:
         try:

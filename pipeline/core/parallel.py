@@ -43,7 +43,9 @@ def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
     cluster = None
     try:
         if kind == "local":
-            cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None)
+            # no dashboard; the scheduler's metrics endpoint on a free port (8787 may be taken)
+            cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
         else:
             try:
@@ -57,18 +59,44 @@ def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
             client.close()
     finally:
         if cluster is not None:
-            cluster.close()
+            _close_local_cluster(cluster)
 
 
-def map_partitions(fn: Callable, parts: Sequence[tuple], spec: str | None, *, on_done: Callable | None = None) -> list:
+#: Seconds a LocalCluster worker gets to exit (a loaded machine takes longer than Dask's 4 s).
+_WORKER_EXIT_S = 60
+
+
+async def _close_workers(cluster, timeout: float) -> None:
+    import asyncio
+
+    await asyncio.gather(*(w.close(timeout=timeout) for w in list(cluster.workers.values())))
+
+
+def _close_local_cluster(cluster) -> None:
+    """Close the workers with a generous timeout, then the cluster: Dask's own close kills a
+    worker still exiting after 4 s and logs a warning, which a busy machine triggers."""
+    try:
+        cluster.sync(_close_workers, cluster, _WORKER_EXIT_S)
+    finally:
+        cluster.close()
+
+
+def map_partitions(fn: Callable, parts: Sequence[tuple], spec: str | None, *, on_done: Callable | None = None,
+                   keep_results: bool = True) -> list:
     """``[fn(*part) for part in parts]``, in process (spec None) or as Dask tasks; ``on_done(i,
-    result)`` is called as each partition finishes (any order); results keep ``parts`` order."""
+    result)`` is called as each partition finishes (any order); results keep ``parts`` order.
+
+    keep_results False: each result is dropped after ``on_done`` (and released on the cluster),
+    so this process holds one at a time; the list returned is then all None. A task whose
+    worker dies is rerun on another worker by Dask (up to its allowed failures).
+    """
     if not spec:
         out = []
         for i, part in enumerate(parts):
-            out.append(fn(*part))
+            result = fn(*part)
             if on_done:
-                on_done(i, out[-1])
+                on_done(i, result)
+            out.append(result if keep_results else None)
         return out
     from dask.distributed import as_completed
 
@@ -78,7 +106,11 @@ def map_partitions(fn: Callable, parts: Sequence[tuple], spec: str | None, *, on
         results: list = [None] * len(futures)
         for fut in as_completed(futures):
             i = index[fut.key]
-            results[i] = fut.result()
+            result = fut.result()
             if on_done:
-                on_done(i, results[i])
+                on_done(i, result)
+            if keep_results:
+                results[i] = result
+            fut.release()
+            futures[i] = None
         return results

@@ -1,9 +1,7 @@
-"""The Prefect flow runs for real on the ephemeral local server; Dask scoring matches in-process."""
+"""The Prefect flow runs for real on the ephemeral local server (Dask scoring: tests/stages/test_predict_dask.py)."""
 
 import json
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from geopipe.pipeline.core.errors import GeopipeError
@@ -76,22 +74,6 @@ def test_config_is_strict(tmp_path, demo_world):
     bad.write_text("[train\n")
     with pytest.raises(GeopipeError, match="not valid TOML"):
         load_pipeline_config(str(bad))
-
-
-def test_dask_local_cluster_matches_in_process(demo_stores, tmp_path):
-    from geopipe.stages.predict import PredictConfig, run_predict
-    from geopipe.stages.train import TrainConfig, run_train
-
-    ckpt = str(tmp_path / "m")
-    run_train(TrainConfig(store=demo_stores["train"], out=ckpt, dim=32, depth=1, steps=5, warmup=1, batch_size=32,
-                          val_every=5, device="cpu", progress=False))
-    base = dict(checkpoint=ckpt, store=demo_stores["test"], steps=3, batch_size=16, partition_batches=1, device="cpu", progress=False)
-    a = run_predict(PredictConfig(out=str(tmp_path / "a.parquet"), **base))
-    b = run_predict(PredictConfig(out=str(tmp_path / "b.parquet"), dask="local:2", **base))
-    ta, tb = pq.read_table(a.out), pq.read_table(b.out)
-    assert ta.column("key").to_pylist() == tb.column("key").to_pylist()
-    np.testing.assert_allclose(ta.column("lat").to_numpy(), tb.column("lat").to_numpy(), atol=1e-5)
-    np.testing.assert_allclose(ta.column("lon").to_numpy(), tb.column("lon").to_numpy(), atol=1e-4)
 
 
 def test_scheduled_deployment(tmp_path, demo_world):
