@@ -14,12 +14,15 @@ bottleneck rather than Python or the store writes. Precomputed embeddings (``.np
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from geopipe.pipeline.core.lifetime import die_with_parent, forkserver_dies_with_owner, terminate_on_sigterm
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.decode import SampleSpec, ShardBatches
@@ -85,15 +88,25 @@ def _rows(parts: list) -> tuple[ShardRows, str | None]:
     return rows, parts[-1][1].get("sha256")
 
 
+def _worker_init(owner: int, worker_id: int) -> None:
+    """DataLoader worker start: die with the forkserver (its parent) and with the extract process."""
+    die_with_parent(owner)
+
+
 def _loader(dataset: ShardBatches, n_shards: int, opts: LoopOptions, device: torch.device):
     workers = min(opts.num_workers, n_shards)
     # forkserver: workers start from a clean process, not a fork of a host that may run threads
     # (an orchestrator's event loop, logging handlers) whose state breaks forked children
-    extra = {"prefetch_factor": opts.prefetch_factor, "multiprocessing_context": "forkserver"} if workers > 0 else {}
+    extra = {}
+    if workers > 0:
+        forkserver_dies_with_owner()  # a killed extract takes its forkserver and decode workers along
+        extra = {"prefetch_factor": opts.prefetch_factor, "multiprocessing_context": "forkserver",
+                 "worker_init_fn": functools.partial(_worker_init, os.getpid())}
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                                        pin_memory=device.type == "cuda", **extra)
 
 
+@terminate_on_sigterm()  # SIGTERM unwinds through the loader, which shuts its workers down
 def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, backbone, spec: SampleSpec,
                  opts: LoopOptions, device: torch.device,
                  on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None) -> None:
