@@ -11,7 +11,7 @@ training-free uncertainty scores, and whether each query has a positive in the d
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -133,6 +133,9 @@ def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDat
         return qs, qs, qd
     db = open_store(cfg.database)
     check_compatible(qs, db)
+    if db.path == qs.path:  # the same store on both sides: every record queries all the others
+        meta = {name: view[:] for name, view in qs.meta.items() if name == cfg.split.capture_field}
+        return qs, qs, split_rows(qs.latlon[:], meta, replace(cfg.split, mode="leave_one_out"), source=qs.path)
     return qs, db, QueryDatabase(np.arange(len(qs), dtype=np.int64), np.arange(len(db), dtype=np.int64), None, None)
 
 

@@ -62,6 +62,9 @@ def test_two_stores_and_degenerate_inputs(store, tmp_path):
     write_synthetic_store(renamed, SyntheticConfig(n_places=10, views_per_place=2, dim=16), label="another-model")
     with pytest.raises(GeopipeError, match="different backbones"):
         run_retrieve(RetrieveConfig(query=path, database=renamed, out=str(tmp_path / "x.parquet")))
+    same = run_retrieve(RetrieveConfig(query=path, database=path, out=str(tmp_path / "same.parquet"), k=2))
+    t = pq.read_table(str(tmp_path / "same.parquet")).to_pydict()
+    assert same.n_queries == same.n_database and all(key not in nbs for key, nbs in zip(t["key"], t["topk_keys"]))
     small = str(tmp_path / "small.zarr")
     write_synthetic_store(small, SyntheticConfig(n_places=10, views_per_place=2, dim=16, seed=5))
     res = run_retrieve(RetrieveConfig(query=small, database=path, out=str(tmp_path / "ok.parquet"), k=3))
