@@ -211,8 +211,9 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
 
 @cli.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--debug", is_flag=True, help="Print the full traceback of a failing stage (otherwise one line naming the flow run).")
 @user_errors
-def run(config):
+def run(config, debug):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect.
 
     CONFIG layout: a section's keys are the fields of that stage's config (mostly the command's
@@ -242,10 +243,10 @@ def run(config):
         predictions = ["data/run/predictions.parquet"]
         baseline_store = "data/run/train.zarr"  # optional: constant-prediction row
     """
-    from geopipe.flows.pipeline_flow import geopipe_flow
+    from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import load_pipeline_config
 
-    result = geopipe_flow(_with_progress(load_pipeline_config(config)))
+    result = run_pipeline(_with_progress(load_pipeline_config(config)), debug=debug)
     click.echo(result["table"])
 
 
@@ -273,10 +274,10 @@ def serve(config, cron, interval, name):
 @user_errors
 def demo(workdir, steps):
     """Generate the offline demo world and run the full flow on it, printing the evaluation table."""
-    from geopipe.flows.pipeline_flow import geopipe_flow
+    from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import demo_pipeline_config
 
-    result = geopipe_flow(_with_progress(demo_pipeline_config(workdir, train_steps=steps)))
+    result = run_pipeline(_with_progress(demo_pipeline_config(workdir, train_steps=steps)))
     click.echo(result["table"])
 
 

@@ -28,7 +28,7 @@ from geopipe.stages.predict import run_predict
 from geopipe.stages.train import run_train
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
-__all__ = ["geopipe_flow", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
+__all__ = ["geopipe_flow", "run_pipeline", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -36,13 +36,36 @@ class _UserErrorsWithoutTraceback(logging.Filter):
     prints it once more as ``geopipe: error: ...``; tracebacks stay for everything else (bugs)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], GeopipeError):
+        if record.exc_info and isinstance(record.exc_info[1], GeopipeError) and not _DEBUG["on"]:
             record.exc_info, record.exc_text = None, None
         return True
 
 
+_DEBUG = {"on": False}  # run_pipeline(debug=True): keep every traceback
+_FLOW_RUN: dict = {}  # the name of the flow run in progress (for one-line errors)
+
 for _name in ("prefect.flow_runs", "prefect.task_runs"):
     logging.getLogger(_name).addFilter(_UserErrorsWithoutTraceback())
+
+
+def run_pipeline(cfg: PipelineConfig, *, debug: bool = False) -> dict:
+    """:func:`geopipe_flow`; a stage's GeopipeError comes back as one line naming the flow run
+    (its full trace is in the Prefect UI, or printed here with ``debug``)."""
+    import traceback
+
+    _FLOW_RUN.clear()
+    _DEBUG["on"] = debug
+    try:
+        return geopipe_flow(cfg)
+    except GeopipeError as exc:
+        if debug:
+            traceback.print_exception(exc)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        name = _FLOW_RUN.get("name")
+        where = f" (flow run {name!r}; full trace with `geopipe run --debug` or in the Prefect UI)" if name else ""
+        raise GeopipeError(text + where) from None
+    finally:
+        _DEBUG["on"] = False
 
 
 def _run_name(verb: str, field: str):
@@ -126,6 +149,9 @@ def evaluate_task(cfg: EvaluateConfig):
 @flow(name="geopipe", validate_parameters=False, log_prints=True)
 def geopipe_flow(cfg: PipelineConfig) -> dict:
     """Run the whole pipeline; returns {"table": str, "report": dict, "results": {...}}."""
+    from prefect.runtime import flow_run
+
+    _FLOW_RUN["name"] = flow_run.name
     results = {}
     if cfg.demo_data is not None:
         results["demo_data"] = demo_data_task(cfg.demo_data)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from geopipe.pipeline.core.device import resolve_device
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.methods.registry import get_method
@@ -38,6 +39,14 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True  # network forward passes done / total on stderr
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "depth", "cond_dim", "batch", "steps", "nll_batch", "repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"--threads must be a whole number >= 1, got {self.threads!r}")
 
 
 def _figures(cfg: BenchConfig) -> dict:

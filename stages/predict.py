@@ -35,8 +35,8 @@ from geopipe.pipeline.artifacts.predictions import (
 )
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.device import resolve_device
-from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.core.parallel import map_partitions
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.parallel import map_partitions, parse_dask_spec
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.infer.predictor import PredictOptions, cached_predictor, predict_rows
@@ -74,6 +74,15 @@ class PredictConfig:
     dask: str | None = None  # None: in process; "local:N": LocalCluster(N); else a scheduler address
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.options()  # sampling options: ConfigError naming the option
+        for name in ("batch_size", "partition_batches", "min_partitions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
+        if self.dask:
+            parse_dask_spec(self.dask)  # local:0, malformed specs: refused before anything loads
 
     def options(self) -> PredictOptions:
         return PredictOptions(self.steps, self.guidance, self.sampler, self.samples, self.ensemble,
@@ -201,6 +210,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     t0 = time.perf_counter()
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.partition_batches < 1 or cfg.min_partitions < 1:
         raise GeopipeError("--steps, --batch-size, partition_batches and min_partitions must be positive")
+    if writes_dataset(cfg) and fsio.is_local(cfg.out) and fsio.isfile(cfg.out):
+        raise GeopipeError(f"output {cfg.out!r} is a file; a dataset output (-o without .parquet, or --dask) is a directory: "
+                           f"give a new path, or one ending in .parquet for a single file")
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))  # fail fast on mismatch
     n = len(store)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,13 @@ class TrainConfig:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
         if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:
             raise ConfigError("cond_drop and val_fraction must lie in [0, 1)")
+        for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
+            v = getattr(self, name)
+            ok = v is None and name in ("lr", "grad_clip") or (
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi and (v > 0 or name != "lr"))
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number in {'(' if name == 'lr' else '['}{lo:g}, {hi:g}], "
+                                  f"got {v!r}")
 
 
 @dataclass(frozen=True)

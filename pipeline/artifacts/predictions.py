@@ -190,4 +190,19 @@ def read_predictions(path: str) -> tuple[dict, dict]:
             cols[name] = table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
         except pa.ArrowException:
             raise GeopipeError(f"{path!r}: column {name!r} is not numeric") from None
+    _check_degrees(path, cols)
     return cols, meta
+
+
+def _check_degrees(path: str, cols: dict) -> None:
+    """Coordinates must be degrees: |lat| ≤ 90, |lon| ≤ 180 where given (NaN = unknown)."""
+    for name, limit in (("lat", 90.0), ("lon", 180.0), ("true_lat", 90.0), ("true_lon", 180.0)):
+        values = cols.get(name)
+        if values is None:
+            continue
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(np.abs(values) > limit)
+        if bad.size:
+            i = int(bad[0])
+            raise GeopipeError(f"{path!r}: column {name!r} holds {values[i]!r} for key {cols['key'][i]!r} "
+                               f"({bad.size} row(s) outside [-{limit:g}, {limit:g}] degrees); not a valid predictions file")

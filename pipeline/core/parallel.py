@@ -31,7 +31,31 @@ def parse_dask_spec(spec: str) -> tuple[str, int | str]:
         return "local", n
     if "://" not in spec and ":" not in spec:
         raise GeopipeError(f"--dask {spec!r} is neither local:N nor a scheduler address such as tcp://host:8786")
+    proto, _, rest = spec.rpartition("://")
+    if proto in ("", "tcp", "tls"):
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise GeopipeError(f"--dask {spec!r}: a scheduler address is host:port with a port number, e.g. tcp://host:8786")
     return "address", spec
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, in one line, when a tcp scheduler address names an unknown host or a port
+    nothing listens on (instead of waiting for the client's connect timeout)."""
+    import socket
+
+    proto, _, rest = address.rpartition("://")
+    if proto not in ("", "tcp"):
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except socket.gaierror:
+        raise GeopipeError(f"--dask {address!r}: unknown host {host!r}; give a scheduler address such as tcp://host:8786 "
+                           f"or use --dask local:N") from None
+    except OSError as exc:
+        raise GeopipeError(f"--dask {address!r}: no Dask scheduler at {host}:{port} ({exc.strerror or type(exc).__name__}); "
+                           f"start one with `dask scheduler` or use --dask local:N") from None
 
 
 @contextlib.contextmanager
@@ -48,6 +72,7 @@ def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
                                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
         else:
+            _check_reachable(value)
             try:
                 client = Client(value, timeout=f"{_CONNECT_TIMEOUT_S}s")
             except (OSError, TimeoutError) as exc:

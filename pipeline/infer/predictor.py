@@ -8,6 +8,7 @@ localizability and the truth's HDR rank, all as numpy columns matching
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights, weight_shapes
 from geopipe.pipeline.artifacts.predictions import predictions_table
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
 from geopipe.pipeline.model.network import NetworkConfig
@@ -39,6 +40,18 @@ class PredictOptions:
     localizability: int = 0  # Monte-Carlo samples for −H (0 = off)
     rtol: float = 1e-5
     atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 1), ("samples", 0), ("ensemble", 0), ("localizability", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"--{name} must be a whole number >= {least}, got {v!r}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance):
+            raise ConfigError(f"--guidance must be a finite number, got {self.guidance!r}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1:
+                raise ConfigError(f"--{name} must lie in (0, 1), got {v!r}")
 
 
 @dataclass
