@@ -1,4 +1,4 @@
-"""Checkpoint directories: safetensors + JSON round trips, bit-identical resume, clear errors (A13)."""
+"""Checkpoint directories: safetensors + JSON round trips, bit-identical resume, clear errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Metrics against the spec's oracles (§16.4, §16.7, §16.15) and invariants, float64."""
+"""Metrics (docs/methods.md#metrics) against reference values (haversine, GeoScore, densities, PRDC) and
+invariants, float64."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _xyz(latlon) -> np.ndarray:
 
 
 def test_haversine_paris_new_york_scaled_oracle():
-    # §16.4 uses R = 6371 km; geopipe uses the mean radius 6371.0088 (A10): distances scale linearly.
+    # the reference values use R = 6371 km; geopipe uses the mean radius 6371.0088: distances scale linearly.
     expected = 5837.240904 * EARTH_RADIUS_KM / 6371.0
     assert haversine_km(*PARIS, *NEW_YORK) == pytest.approx(expected, abs=2e-6)
 
@@ -158,7 +159,7 @@ def test_calibration_flags_an_overconfident_model():
 
 @pytest.mark.parametrize("n_samples", [50, 47])
 def test_calibration_equals_the_a9_quantile_definition(n_samples):
-    # A9: the truth is covered at level p when its log density exceeds the (1 − p) quantile of the
+    # the truth is covered at level p when its log density exceeds the (1 − p) quantile of the
     # sample log densities; inverted-CDF quantile = order statistic ⌈(1 − p)N⌉, in exact integers
     # (np.quantile's float (1 − p)·N can round past an integer, e.g. 0.3·50 → 15.000000000000002).
     rng = np.random.default_rng(n_samples)
@@ -183,7 +184,7 @@ def test_nll_bits_per_dim_of_uniform_sphere():
     assert out["nll_bits_per_dim"] == pytest.approx(1.2171653765, abs=1e-10)
     assert out["nll_nats"] == pytest.approx(2.5310242470, abs=1e-10)
     assert out["space"] == "sphere" and out["n"] == 7
-    r3 = nll_summary([-2.8268155996, np.nan], "r3")  # §16.7 std normal point, NaN skipped
+    r3 = nll_summary([-2.8268155996, np.nan], "r3")  # standard normal density at a reference point, NaN skipped
     assert r3["n"] == 1 and r3["nll_bits_per_dim"] == pytest.approx(1.3594109490, abs=1e-9)
     with pytest.raises(ValueError, match="unknown density space"):
         nll_summary([0.0], "plane")

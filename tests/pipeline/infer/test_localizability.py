@@ -1,4 +1,4 @@
-"""Localizability, entropy, effective area and HDR ranks (spec §8, A8, A9)."""
+"""Localizability, entropy, effective area and HDR ranks (docs/methods.md#localizability, docs/methods.md#calibration)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Methods / training objectives (spec §3, A3, A7; oracle §16.6)."""
+"""Methods / training objectives (docs/methods.md#models; the RFM interpolant against a reference value)."""
 
 import math
 
@@ -17,7 +17,7 @@ NET = NetworkConfig(dim=32, depth=2, cond_dim=6)
 TRAINABLE = [n for n in METHODS if n != "uniform"]
 
 
-def test_rfm_interpolant_oracle():  # §16.6
+def test_rfm_interpolant_oracle():
     g = torch.tensor([0.3], dtype=F64)
     y, u = rfm_interpolant(PARIS, NYC, g)
     torch.testing.assert_close(y, torch.tensor([[0.5672357323, -0.2289310169, 0.7910968421]], dtype=F64), rtol=0, atol=1e-9)
@@ -138,7 +138,7 @@ class _Const(torch.nn.Module):
 def test_huge_output_projected_and_nonfinite_raises(name):
     method = get_method(name)
     cond = torch.zeros(4, 6)
-    if method.space == "r3":  # A3: a huge but finite R³ point (‖x‖² overflows float32) is projected
+    if method.space == "r3":  # projection onto S²: a huge but finite R³ point (‖x‖² overflows float32) is projected
         p = method.predict_point(_Const(None), cond, steps=3)
         torch.testing.assert_close(p.norm(dim=-1), torch.ones(4))
     bad = float("nan") if name == "diffusion" else float("inf")  # DDIM's cube clamp maps ±inf into [−1, 1]
@@ -159,7 +159,7 @@ class _FixedVMF(torch.nn.Module):
         return VMFParams(mu.expand(b, *mu.shape[1:]), k.expand(b, -1), w.expand(b, -1))
 
 
-def test_vmf_methods_closed_forms_and_modes():  # §16.7, A7
+def test_vmf_methods_closed_forms_and_modes():
     one = _FixedVMF(PARIS[None], torch.tensor([[10.0]], dtype=F64), torch.ones(1, 1, dtype=F64))
     cond = torch.zeros(2, 6, dtype=F64)
     vmf = get_method("vmf")

@@ -1,4 +1,4 @@
-"""Exact ODE log-likelihoods (spec §7, A4, A5, §16.8) against closed forms and invariants."""
+"""Exact ODE log-likelihoods (docs/methods.md#likelihood) against closed forms, a sign oracle and invariants."""
 
 import math
 
@@ -26,7 +26,7 @@ def _points(n, seed=0, dtype=F64):
     return project(torch.randn(n, 3, dtype=dtype, generator=torch.Generator().manual_seed(seed)))
 
 
-def test_sign_oracle_gaussian_base():  # §16.8
+def test_sign_oracle_gaussian_base():
     lp = euclidean_log_likelihood(lambda y, g: 0.5 * y, PARIS, SigmoidSchedule(), **TIGHT)
     assert lp.item() == pytest.approx(-4.4407553, abs=1e-7)
     assert (lp / (3 * math.log(2))).item() == pytest.approx(-2.1355519, abs=1e-7)
@@ -55,7 +55,7 @@ def test_euclidean_flow_with_exact_gaussian_field():
 
 
 def test_diffusion_vp_flow_with_exact_gaussian_eps():
-    # exact ε̂ of the VP process x_γ = √γ x + √(1−γ) ε for data N(M, S² I) (A4 field)
+    # exact ε̂ of the VP process x_γ = √γ x + √(1−γ) ε for data N(M, S² I) (the exact VP field)
     def eps(y, g):
         g = g[:, None]
         return (1 - g).sqrt() * (y - g.sqrt() * M) / (g * S**2 + 1 - g)
@@ -64,7 +64,7 @@ def test_diffusion_vp_flow_with_exact_gaussian_eps():
     lp = diffusion_log_likelihood(eps, x, SigmoidSchedule(), rtol=1e-8, atol=1e-8)
     # the VP marginal at γ(1) = 1e-9 is N(√γ M, …), not exactly the N(0, I) base: O(√1e-9) error
     torch.testing.assert_close(lp, _log_normal(x), rtol=0, atol=1e-4)
-    # the reference field (missing 1/√(1−γ), §14.2) would not reproduce it: the factor matters here
+    # the reference field (missing 1/√(1−γ)) would not reproduce it: the factor matters here
     bad = diffusion_log_likelihood(lambda y, g: eps(y, g) * (1 - g[:, None]).sqrt(), x, SigmoidSchedule(), rtol=1e-8, atol=1e-8)
     assert (bad - _log_normal(x)).abs().max() > 0.1
 
@@ -115,7 +115,7 @@ def test_divergence_free_rotation_gives_uniform(schedule):
     torch.testing.assert_close(lp, torch.full_like(lp, LOG_UNIFORM_SPHERE), rtol=0, atol=1e-10)
 
 
-def test_surface_divergence_sanity():  # A5
+def test_surface_divergence_sanity():
     x = _points(10, seed=5)
     a = torch.tensor([0.3, -1.2, 0.7], dtype=F64)
     omega = torch.tensor([1.0, 0.5, -0.2], dtype=F64)
@@ -147,7 +147,7 @@ def test_constant_field_closed_form_on_sphere():
 
 
 def test_reference_ambient_option_uses_ambient_trace():
-    # ψ̃ = c x: Riemannian divergence 0, ambient divergence 3c (§7.4 reproduces the reference)
+    # ψ̃ = c x: Riemannian divergence 0, ambient divergence 3c (reference_ambient reproduces the reference)
     x, c = _points(5), 0.4
     s = SigmoidSchedule()
     riem = sphere_log_likelihood(lambda y, g: c * y, x, s, **TIGHT)
@@ -229,7 +229,7 @@ def _train_rfm(steps=80):
     return method, net
 
 
-def test_trained_sphere_density_integrates_to_one():  # A5 consequence
+def test_trained_sphere_density_integrates_to_one():
     method, net = _train_rfm()
     n = 10000
     pts = fibonacci_sphere(n, dtype=torch.float32)  # equal-area cells of 4π/n sr
@@ -237,6 +237,6 @@ def test_trained_sphere_density_integrates_to_one():  # A5 consequence
     dens = method.log_likelihood(net, pts, cond, rtol=1e-4, atol=1e-4).double().exp()
     assert dens.max() / dens.min() > 20  # far from uniform, so the check has teeth
     assert (dens.mean() * 4 * math.pi).item() == pytest.approx(1.0, abs=0.03)
-    # the reference's ambient divergence (§7.4) is not a density on S²: here it integrates to ~2
+    # the reference's ambient divergence is not a density on S²: here it integrates to ~2
     amb = method.log_likelihood(net, pts, cond, rtol=1e-4, atol=1e-4, reference_ambient=True).double().exp()
     assert abs((amb.mean() * 4 * math.pi).item() - 1.0) > 0.2

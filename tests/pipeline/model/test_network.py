@@ -1,4 +1,5 @@
-"""GeoAdaLNMLP and vMF baseline networks against spec §4 and the oracles §16.12, §16.14."""
+"""GeoAdaLNMLP and vMF baseline networks (docs/methods.md#network) against the reference implementation's
+time features and parameter counts."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_parameter_counts_match_spec(cfg, components, expected):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_time_features_oracle(dtype):
-    """§16.12: d = 512 → C = 128, γ = 0.5, float32 frequencies.
+    """Reference time features: d = 512 → C = 128, γ = 0.5, float32 frequencies.
 
     The oracle's phases τ·f_k (up to 500 rad) are float32 products, whose rounding (ulp 3e-5 rad)
     moves single features by up to 1.6e-5; the float64 path keeps the exact float64 phase of the
@@ -64,7 +65,7 @@ def test_time_features_are_standardised_per_sample():
 
 
 def _reference_forward(net: GeoAdaLNMLP, y, gamma, cond):
-    """Spec §4.2 written out with explicit formulas (own LayerNorm and erf-GELU)."""
+    """The forward pass written out with explicit formulas (own LayerNorm and erf-GELU)."""
     d = net.cfg.dim
 
     def ln(h):

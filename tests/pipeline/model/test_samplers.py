@@ -1,4 +1,5 @@
-"""Samplers (spec §6) and classifier-free guidance (§5): oracles §16.9–16.11, orders of convergence."""
+"""Samplers (docs/methods.md#samplers) and classifier-free guidance (docs/methods.md#guidance): single-step oracle values
+of the reference implementation, orders of convergence."""
 
 import math
 
@@ -14,7 +15,7 @@ F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))
 
 
-def test_ddim_step_oracle():  # §16.9
+def test_ddim_step_oracle():
     s = SigmoidSchedule()
     g_now, g_next = s.gamma(torch.tensor(0.5, dtype=F64)), s.gamma(torch.tensor(0.25, dtype=F64))
     x = torch.tensor([[0.5, -1.2, 0.3]], dtype=F64)
@@ -42,12 +43,12 @@ def test_ddim_with_exact_eps_recovers_point_mass():
     torch.testing.assert_close(ddim_sample(field, x, SigmoidSchedule(), 8), m.expand(5, 3), rtol=0, atol=1e-12)
 
 
-def test_riemann_euler_step_oracle():  # §16.10
+def test_riemann_euler_step_oracle():
     out = riemann_euler_step(PARIS, torch.tensor([[0.3, -0.2, 0.1]], dtype=F64), 0.1)
     torch.testing.assert_close(out, torch.tensor([[0.6692895030, 0.0068190503, 0.7429704313]], dtype=F64), rtol=1e-8, atol=1e-9)
 
 
-def test_cfg_oracle():  # §16.11
+def test_cfg_oracle():
     out = cfg_combine(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 0.5]), 2.0)
     assert out.tolist() == [2.0, 5.0, 8.0]
 

@@ -1,4 +1,5 @@
-"""Schedules against the spec's oracles (§16.1, §16.2) and autograd derivatives."""
+"""Schedules against the reference implementation's oracle values (the skewed sigmoid and its
+sampling grid) and autograd derivatives."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Sphere geometry against the spec's oracles (§16.3, §16.5) and float64 invariants."""
+"""Sphere geometry against reference coordinate and exp/log values and float64 invariants."""
 
 import math
 

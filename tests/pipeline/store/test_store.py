@@ -51,7 +51,7 @@ def test_writer_roundtrip_normalises_wraps_and_records(tmp_path):
     store = tmp_path / "s.zarr"
     emb1, ll1 = _rows(5, 0)
     emb2, ll2 = _rows(3, 1)
-    ll2[0] = (10.0, 180.0)  # wraps to -180 (spec §1.1)
+    ll2[0] = (10.0, 180.0)  # wraps to -180
     with _writer(store) as w:
         r1 = w.append_shard("a.tar", emb1, ll1, [f"a{i}" for i in range(5)], {"city": ['"x"'] * 5}, [], STAT)
         rej = [Reject("b9", "b.tar", "corrupt_image", "bad")]

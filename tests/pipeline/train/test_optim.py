@@ -1,4 +1,5 @@
-"""LR schedule (§10, oracle §16.13), LAMB against a float64 hand computation, real EMA (A2)."""
+"""LR schedule (a reference value), LAMB against a float64 hand computation, real EMA
+(docs/methods.md#training)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_lr_shape_and_validation():
 
 
 def _lamb_reference(thetas, grads_per_step, lrs, wd, b1=0.9, b2=0.999, eps=1e-8):
-    """§10 in float64 NumPy, one tensor at a time."""
+    """LAMB as documented, in float64 NumPy, one tensor at a time."""
     thetas = [t.copy() for t in thetas]
     m = [np.zeros_like(t) for t in thetas]
     v = [np.zeros_like(t) for t in thetas]
@@ -98,7 +99,7 @@ class _Tiny(nn.Module):
 
 
 def test_ema_is_a_real_ema():
-    """A2 / §16.16: ema = 1, θ = 0, decay 0.999 → 0.999 (the reference's inverted update gives 0.001)."""
+    """A real EMA: ema = 1, θ = 0, decay 0.999 → 0.999 (the reference's inverted update gives 0.001)."""
     m = _Tiny()
     ema = EMA(m, decay=0.999)
     with torch.no_grad():
