@@ -257,14 +257,24 @@ def run(config, debug):
 @click.option("--name", default=None, help="Deployment name (default: geopipe-<config stem>).")
 @user_errors
 def serve(config, cron, interval, name):
-    """Serve the pipeline for CONFIG on a schedule (re-runs pick up new shards incrementally)."""
-    from prefect import serve as prefect_serve
-
-    from geopipe.flows.pipeline_flow import scheduled_deployment
+    """Serve the pipeline for CONFIG on a schedule (re-runs pick up new shards incrementally and
+    skip train/predict/evaluate when nothing changed). Uses the Prefect server of PREFECT_API_URL,
+    or starts `prefect server start` (with its scheduler) on a free local port while serving."""
+    from geopipe.flows.serve import scheduling_api
     from geopipe.stages.config import load_pipeline_config
 
     load_pipeline_config(config)  # fail fast on a bad config
-    prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
+    with scheduling_api(lambda line: click.echo(line, err=True)):  # stops a server it started on exit (Ctrl-C, SIGTERM)
+        from prefect import serve as prefect_serve  # after the API url is set: Prefect reads it at import
+
+        from geopipe.flows.pipeline_flow import scheduled_deployment
+
+        try:
+            prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            click.echo("geopipe serve: stopped", err=True)
 
 
 @cli.command()

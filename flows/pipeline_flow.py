@@ -148,16 +148,27 @@ def evaluate_task(cfg: EvaluateConfig):
 
 @flow(name="geopipe", validate_parameters=False, log_prints=True)
 def geopipe_flow(cfg: PipelineConfig) -> dict:
-    """Run the whole pipeline; returns {"table": str, "report": dict, "results": {...}}."""
+    """Run the whole pipeline; returns {"table": str, "reports": list, "results": {...},
+    "skipped": [reasons]}. After extraction, train/predict/evaluate run only when their inputs
+    changed since the last successful run (``geopipe.stages.rerun``; ``[rerun]`` in the config)."""
     from prefect.runtime import flow_run
+
+    from geopipe.stages.rerun import plan_rerun, save_run_state
 
     _FLOW_RUN["name"] = flow_run.name
     results = {}
     if cfg.demo_data is not None:
         results["demo_data"] = demo_data_task(cfg.demo_data)
     results["extract"] = [extract_task(e) for e in cfg.extract]
-    results["train"] = train_task(cfg.train)
-    results["predict"] = predict_task(cfg.predict)
+    plan = plan_rerun(cfg, cfg.rerun, cfg.baseline_store)
+    for reason in plan.reasons:
+        get_run_logger().info(reason)
+    if plan.train is not None:
+        results["train"] = train_task(plan.train)
+    if plan.predict is not None:
+        results["predict"] = predict_task(plan.predict)
+    if not plan.evaluate:
+        return {"table": plan.previous["table"], "reports": plan.previous["reports"], "results": results, "skipped": list(plan.reasons)}
     evaluate_cfg = cfg.evaluate
     if cfg.baseline_store:
         import dataclasses
@@ -165,7 +176,8 @@ def geopipe_flow(cfg: PipelineConfig) -> dict:
         evaluate_cfg = dataclasses.replace(evaluate_cfg, baseline_latlon=store_mean_direction(cfg.baseline_store))
     ev = evaluate_task(evaluate_cfg)
     results["evaluate"] = ev
-    return {"table": ev.table, "reports": ev.reports, "results": results}
+    save_run_state(cfg.workdir, plan, ev.table, ev.reports)
+    return {"table": ev.table, "reports": ev.reports, "results": results, "skipped": list(plan.reasons)}
 
 
 @flow(name="geopipe-scheduled", validate_parameters=True, log_prints=True)

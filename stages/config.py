@@ -20,6 +20,10 @@ Layout (every section but ``[train]``/``[predict]`` optional)::
     [evaluate]
     predictions = ["data/demo/predictions.parquet"]
     baseline_store = "data/demo/train.zarr"
+    [rerun]                # optional: what a rerun (geopipe serve) redoes
+    skip_unchanged = true  # skip train/predict/evaluate when stores and options are unchanged
+    on_new_data = "scratch"  # or "continue": the last checkpoint for continue_steps more steps
+    continue_steps = 1000
 
 Unknown keys and wrong types are errors that list the valid keys.
 """
@@ -38,6 +42,7 @@ from geopipe.stages.demo import DemoDataConfig
 from geopipe.stages.evaluate import EvaluateConfig
 from geopipe.stages.extract import ExtractConfig
 from geopipe.stages.predict import PredictConfig
+from geopipe.stages.rerun import RerunConfig
 from geopipe.stages.train import TrainConfig
 
 __all__ = ["PipelineConfig", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config", "build_config"]
@@ -55,6 +60,7 @@ class PipelineConfig:
     baseline_store: str | None = None
     workdir: str = "."
     extra: dict = field(default_factory=dict)
+    rerun: RerunConfig = field(default_factory=RerunConfig)
 
 
 def _coerce(value, hint, where: str):
@@ -95,7 +101,7 @@ def build_config(cls, section: dict, where: str):
 
 def parse_pipeline_config(doc: dict) -> PipelineConfig:
     """Validate a parsed TOML document into a :class:`PipelineConfig`."""
-    top = {"workdir", "demo_data", "extract", "train", "predict", "evaluate"}
+    top = {"workdir", "demo_data", "extract", "train", "predict", "evaluate", "rerun"}
     unknown = sorted(set(doc) - top)
     if unknown:
         raise GeopipeError(f"unknown section(s) {unknown}; valid: {sorted(top)}")
@@ -117,6 +123,7 @@ def parse_pipeline_config(doc: dict) -> PipelineConfig:
         demo_data=demo,
         baseline_store=baseline,
         workdir=_coerce(doc.get("workdir", "."), str, "workdir"),
+        rerun=build_config(RerunConfig, _table(doc, "rerun"), "rerun") if "rerun" in doc else RerunConfig(),
     )
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from geopipe.pipeline.artifacts.predictions import (
+    DATASET_METADATA,
     finish_dataset,
     list_parts,
     part_name,
@@ -46,7 +47,7 @@ from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA
 __all__ = ["PredictConfig", "PredictResult", "PartDone", "run_predict", "partition_bounds", "writes_dataset"]
 
 #: Config fields that do not change the numbers (a rerun with other values resumes the dataset).
-_VOLATILE = ("out", "dask", "device", "progress")
+_VOLATILE = ("out", "dask", "device", "progress", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class PredictConfig:
     partition_batches: int = 8
     min_partitions: int = 16
     seed: int = 3407
+    overwrite: bool = False  # a dataset of other predictions at ``out`` is replaced instead of refused
     dask: str | None = None  # None: in process; "local:N": LocalCluster(N); else a scheduler address
     device: str = "auto"
     progress: bool = True
@@ -167,6 +169,11 @@ def _existing_parts(cfg: PredictConfig, bounds, metadata: dict) -> dict:
     with fsio.open_read(fsio.join(cfg.out, name)) as fh:
         theirs = json.loads(pq.read_schema(fh).metadata[METADATA_KEY])
     stray = sorted(set(existing) - set(bounds))
+    if (stray or not _same_run(theirs, json.loads(metadata[METADATA_KEY]))) and cfg.overwrite:
+        for name in [*existing.values(), *DATASET_METADATA]:
+            if fsio.exists(fsio.join(cfg.out, name)):
+                fsio.remove(fsio.join(cfg.out, name))
+        return {}
     if stray or not _same_run(theirs, json.loads(metadata[METADATA_KEY])):
         raise GeopipeError(f"{cfg.out} holds parts of other predictions (another checkpoint, store or option); "
                            "remove it or choose another -o")

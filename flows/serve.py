@@ -1,0 +1,106 @@
+"""A Prefect API whose scheduler runs, for ``geopipe serve``.
+
+Prefect's scheduler service (the one that turns a deployment's schedule into flow runs) does
+not run on the ephemeral server Prefect starts on demand, so a served deployment on a fresh
+machine would never run. ``geopipe serve`` therefore either uses the server named by
+``PREFECT_API_URL`` (checked to answer; its scheduler must run, as it does under
+``prefect server start``) or starts ``prefect server start`` itself on a free local port,
+with all its services, for as long as it serves, and stops it on exit.
+
+Call :func:`scheduling_api` before anything imports prefect: Prefect reads its settings at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Callable, Iterator
+
+from geopipe.pipeline.core.errors import GeopipeError
+
+__all__ = ["scheduling_api", "STARTUP_TIMEOUT_S"]
+
+#: Seconds to wait for a started server to answer (a busy 2-core machine needs ~30).
+STARTUP_TIMEOUT_S = 240
+
+
+def _healthy(api_url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: get SIGTERM when geopipe serve dies, even by SIGKILL (Linux)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def scheduling_api(echo: Callable[[str], None]) -> Iterator[str]:
+    """Yield the URL of a Prefect API whose scheduler runs (see the module docstring); raise
+    GeopipeError, saying that no scheduled run would happen, when there is none."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        if not _healthy(url):
+            raise GeopipeError(f"PREFECT_API_URL={url} does not answer: no scheduled run can happen; start that server "
+                               "(prefect server start) or unset PREFECT_API_URL to let geopipe start one")
+        echo(f"geopipe serve: using the Prefect server at {url} (its scheduler service must be running)")
+        yield url
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    home = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
+    os.makedirs(home, exist_ok=True)
+    log = tempfile.NamedTemporaryFile(prefix="geopipe-prefect-server-", suffix=".log", dir=home, delete=False)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(url, timeout=2.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise GeopipeError(f"the Prefect server geopipe started did not come up (log: {log.name}): no scheduled run can "
+                                   "happen; start one with `prefect server start` and set PREFECT_API_URL")
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = url
+        echo(f"geopipe serve: started a Prefect server with its scheduler at {url} (pid {proc.pid}, log {log.name}); "
+             "it stops when serve stops")
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        _stop(proc)
+        log.close()
