@@ -292,8 +292,14 @@ def demo(workdir, steps):
 
 
 @cli.command()
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap"]), default="all", show_default=True,
-              help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs).")
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import"]),
+              default="all", show_default=True,
+              help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
+                   "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
+                   "geopipe import vs np.load + zarr write). stream/dask/import write their inputs under --workdir.")
+@click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
+              help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
+@click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
 @click.option("--dim", default=512, show_default=True, help="Width of the benchmarked network.")
 @click.option("--depth", default=12, show_default=True, help="Residual blocks of the benchmarked network.")
 @click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
@@ -304,7 +310,7 @@ def demo(workdir, steps):
 @click.option("--out", "-o", default=None, help="Write the figures as JSON.")
 @_device_option
 @user_errors
-def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
+def bench(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
     from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
@@ -319,6 +325,14 @@ def bench(what, dim, depth, batch, steps, nll_batch, repeats, threads, out, devi
         from geopipe.stages.bench_extract import bench_extract
 
         results["extract"] = bench_extract(device=device)
+    if what in ("stream", "dask", "import"):
+        import os
+
+        from geopipe.stages import bench_scale as bs
+
+        os.makedirs(workdir, exist_ok=True)
+        scale = bs.ScaleBenchConfig(workdir=workdir, rows=rows)
+        results[what] = {"stream": bs.bench_stream_train, "dask": bs.bench_dask_predict, "import": bs.bench_import}[what](scale)
     if what in ("retrieval", "bayescap"):
         from geopipe.stages import bench_retrieval as br
 

@@ -187,22 +187,57 @@ def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = Non
         raise PairError(f"{pair.metadata}: columns {absent} not found; it has {table.column_names} "
                         f"(choose the key/latitude/longitude columns)")
     names = _meta_columns(table, cols, pair.metadata)
-    keys, lats, lons = (table.column(c).to_pylist() for c in (cols.key_col, cols.lat_col, cols.lon_col))
-    extra = {n: table.column(n).to_pylist() for n in names}
+    keys = ["" if k is None else str(k) for k in table.column(cols.key_col).to_pylist()]
+    lat, lon = _degrees(table, cols.lat_col), _degrees(table, cols.lon_col)
+    with np.errstate(invalid="ignore"):
+        fine = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= LAT_LIMIT) & (np.abs(lon) <= LON_LIMIT)
+    extra = {n: _json_texts(table.column(n)) for n in names}
     rows = ShardRows([], [], [], [], np.zeros((0, emb.shape[1]), np.float32), [])
     for i, key in enumerate(keys):
-        key = "" if key is None else str(key)
-        lon, (lat, why, detail) = None, _coordinate(lats[i], cols.lat_col, LAT_LIMIT)
-        if lat is not None:
-            lon, why, detail = _coordinate(lons[i], cols.lon_col, LON_LIMIT)
-        if not key:
-            rows.rejects.append((i, Reject("", pair.url, "missing_key", f"row {i}: {cols.key_col} is null or empty")))
-        elif lon is None:
-            rows.rejects.append((i, Reject(key, pair.url, why, f"row {i}: {detail}")))
-        else:
+        if key and fine[i]:
             rows.idx.append(i)
             rows.keys.append(key)
-            rows.latlon.append((lat, lon))
-            rows.meta.append({n: json.dumps(v[i], ensure_ascii=False, default=str) for n, v in extra.items() if v[i] is not None})
-    rows.embeddings = np.asarray(emb[rows.idx], dtype=np.float32)
+            rows.latlon.append((float(lat[i]), float(lon[i])))
+            rows.meta.append({n: v[i] for n, v in extra.items() if v[i] is not None})
+            continue
+        # a rejected row (rare): the exact rule and message of every ingest
+        lon_i, (lat_i, why, detail) = None, _coordinate(table.column(cols.lat_col)[i].as_py(), cols.lat_col, LAT_LIMIT)
+        if lat_i is not None:
+            lon_i, why, detail = _coordinate(table.column(cols.lon_col)[i].as_py(), cols.lon_col, LON_LIMIT)
+        if not key:
+            rows.rejects.append((i, Reject("", pair.url, "missing_key", f"row {i}: {cols.key_col} is null or empty")))
+        elif lon_i is None:
+            rows.rejects.append((i, Reject(key, pair.url, why, f"row {i}: {detail}")))
+        else:  # a number type the fast check does not cover (e.g. decimal): the exact rule accepted it
+            rows.idx.append(i)
+            rows.keys.append(key)
+            rows.latlon.append((lat_i, lon_i))
+            rows.meta.append({n: v[i] for n, v in extra.items() if v[i] is not None})
+    idx = np.asarray(rows.idx, dtype=np.int64)
+    contiguous = len(idx) == emb.shape[0]  # every row kept: no gather copy
+    rows.embeddings = np.asarray(emb if contiguous else emb[idx], dtype=np.float32)
     return rows
+
+
+def _degrees(table, name: str) -> np.ndarray:
+    """(n,) float64 of a numeric (not bool) column, NaN for null and for any other type (those
+    rows then go through the exact per-value rule)."""
+    import pyarrow as pa
+    import pyarrow.types as pt
+
+    col = table.column(name)
+    if not (pt.is_integer(col.type) or pt.is_floating(col.type)):
+        return np.full(table.num_rows, np.nan)
+    return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _json_texts(column) -> list:
+    """The JSON text of each value of a metadata column (None for null); plain strings without
+    quotes, backslashes or control characters are quoted directly (what json.dumps would write)."""
+    import pyarrow.types as pt
+
+    values = column.to_pylist()
+    if pt.is_string(column.type) or pt.is_large_string(column.type):
+        return [None if v is None else ('"' + v + '"' if '"' not in v and "\\" not in v and v.isprintable()
+                                        else json.dumps(v, ensure_ascii=False)) for v in values]
+    return [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values]

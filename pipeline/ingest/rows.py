@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geopipe.pipeline.store.rejects import Reject
-from geopipe.pipeline.store.format import ShardStat
-from geopipe.pipeline.store.writer import StoreWriter, prepare_embeddings
+from geopipe.pipeline.store.format import ShardStat, usable_embeddings
+from geopipe.pipeline.store.writer import StoreWriter
 
 __all__ = ["ShardRows", "commit_rows"]
 
@@ -42,7 +42,7 @@ def commit_rows(writer: StoreWriter, url: str, stat: ShardStat, rows: ShardRows)
     Returns (rows kept, this shard's rejects in sample order).
     """
     attrs = writer.attrs
-    _, usable = prepare_embeddings(rows.embeddings, attrs["dtype"], attrs["normalized"])
+    usable = usable_embeddings(rows.embeddings, attrs["dtype"], attrs["normalized"])
     rejects, keep, seen = list(rows.rejects), [], set()
     for row, key in enumerate(rows.keys):
         if not usable[row]:
@@ -58,6 +58,9 @@ def commit_rows(writer: StoreWriter, url: str, stat: ShardStat, rows: ShardRows)
     fields = list(dict.fromkeys(name for row in keep for name in rows.meta[row]))
     columns = {name: [rows.meta[row].get(name, "") for row in keep] for name in fields}
     coords = np.asarray([rows.latlon[r] for r in keep], dtype=np.float64).reshape(-1, 2)
-    emb = np.asarray(rows.embeddings)[keep] if keep else np.zeros((0, attrs["embed_dim"]), np.float32)
+    if len(keep) == len(rows.embeddings):  # every row kept: no gather copy
+        emb = np.asarray(rows.embeddings)
+    else:
+        emb = np.asarray(rows.embeddings)[keep] if keep else np.zeros((0, attrs["embed_dim"]), np.float32)
     writer.append_shard(url, emb, coords, [rows.keys[r] for r in keep], columns, ordered, stat)
     return len(keep), ordered

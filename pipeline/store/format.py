@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
+__all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "usable_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
            "meta_as_json"]
 
 #: Stored embedding dtypes.
@@ -37,15 +37,41 @@ def prepare_embeddings(x: np.ndarray, dtype: str, normalize: bool) -> tuple[np.n
     normalising) or overflow ``dtype`` are not ok.
     """
     x = np.asarray(x, dtype=np.float32)
-    ok = np.isfinite(x).all(axis=1)
+    ok, sumsq = _finite_rows(x)
     if normalize:
-        norm = np.linalg.norm(np.where(ok[:, None], x, 0.0), axis=1, keepdims=True).astype(np.float32)
+        norm = np.sqrt(sumsq).astype(np.float32)[:, None]
         ok &= norm[:, 0] > 0
-        x = x / np.where(norm > 0, norm, np.float32(1.0))
+        x = x / np.where(norm > 0, norm, np.float32(1.0))  # |values| <= 1 now: no float16 overflow
+    elif dtype == "float16":
+        ok &= ~(np.abs(np.where(ok[:, None], x, 0.0)) > _F16_MAX).any(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing rows are flagged above
+        return x.astype(dtype), ok
+
+
+def _finite_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((n,) bool all-finite rows, (n,) squared norms) of (n, D) float32 rows, in one pass; only
+    rows whose float32 sum overflows (non-finite or huge values) are checked again in float64."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sumsq = np.einsum("ij,ij->i", x, x)
+    ok = np.isfinite(sumsq)
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        finite = np.isfinite(x[bad]).all(axis=1)
+        ok[bad] = finite
+        sumsq = sumsq.astype(np.float64)
+        sumsq[bad] = np.where(finite, np.square(np.where(finite[:, None], x[bad], 0.0).astype(np.float64)).sum(axis=1), 0.0)
+    return ok, sumsq
+
+
+def usable_embeddings(x: np.ndarray, dtype: str, normalize: bool) -> np.ndarray:
+    """(n,) bool: the rows :func:`prepare_embeddings` would mark ok, without preparing them."""
+    x = np.asarray(x, dtype=np.float32)
+    ok, sumsq = _finite_rows(x)
+    if normalize:
+        return ok & (sumsq > 0)
     if dtype == "float16":
         ok &= ~(np.abs(np.where(ok[:, None], x, 0.0)) > _F16_MAX).any(axis=1)
-    with np.errstate(over="ignore"):  # overflowing rows are flagged above
-        return x.astype(dtype), ok
+    return ok
 
 
 def shard_digest(keys: Sequence[str], embeddings: np.ndarray, latlon: np.ndarray) -> str:
@@ -63,9 +89,14 @@ def meta_encoding(values: Sequence[str]) -> str:
 
     present = [v for v in values if v not in ("", "null")]
     try:
-        return "string" if present and all(isinstance(json.loads(v), str) for v in present) else "json"
+        return "string" if present and all(_plain_json_string(v) or isinstance(json.loads(v), str) for v in present) else "json"
     except ValueError:
         return "json"
+
+
+def _plain_json_string(v: str) -> bool:
+    """True for a JSON string literal with nothing to unescape ("abc"): its value is v[1:-1]."""
+    return len(v) > 1 and v[0] == '"' and v[-1] == '"' and "\\" not in v and '"' not in v[1:-1] and v.isprintable()
 
 
 def encode_meta(values: Sequence[str], encoding: str) -> np.ndarray:
@@ -78,6 +109,9 @@ def encode_meta(values: Sequence[str], encoding: str) -> np.ndarray:
 
     out = []
     for v in values:
+        if _plain_json_string(v):
+            out.append(v[1:-1])
+            continue
         decoded = json.loads(v) if v not in ("", "null") else ""
         out.append(decoded if isinstance(decoded, str) else v)
     return np.asarray(out, dtype=object)
