@@ -36,6 +36,7 @@ from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.pipeline.core.provenance import provenance
+from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.stream import StoreStream, scan_store
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
@@ -213,6 +214,9 @@ def _load_data(cfg: TrainConfig, device) -> _Data:
 
 def _memory_data(cfg: TrainConfig, device) -> _Data:
     store = read_store(cfg.store)
+    bad = nonfinite_records(store.keys, store.embeddings, store.latlon)
+    if bad:  # found before training: a NaN would only show up as a diverged loss
+        raise GeopipeError(f"store {cfg.store}: {bad}; the store is damaged: run `geopipe store verify {cfg.store}`")
     is_val = split_is_val(store.keys, cfg.val_fraction)
     x_all = latlon_to_xyz(torch.as_tensor(store.latlon, dtype=torch.float64)).float()
     c_all = torch.as_tensor(store.embeddings)  # kept in the store's dtype (float16 halves memory)

@@ -22,6 +22,7 @@ from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
 from geopipe.pipeline.model.network import NetworkConfig
+from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.methods.registry import method_from_dict
 
 __all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows"]
@@ -139,7 +140,11 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
     (optional columns absent when not requested).
     """
     cond = p.condition(cond)
-    has_truth = latlon_true is not None and bool(np.isfinite(latlon_true).all())
+    truth = None  # (B,) rows whose true location is known (finite); a NaN truth blanks only its row
+    if latlon_true is not None:
+        latlon_true = np.asarray(latlon_true, dtype=np.float64)
+        truth = np.isfinite(latlon_true).all(axis=1)
+        truth = truth if truth.any() else None
     cols: dict = {}
     if opts.ensemble > 0:
         ys, lps = _samples_logp(p, cond, opts.ensemble, opts, generator, chunk)
@@ -153,12 +158,19 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
         sl = xyz_to_latlon(ys.double()).cpu().numpy()
         cols["sample_lat"], cols["sample_lon"] = list(sl[..., 0]), list(sl[..., 1])
     true_logp = None
-    if has_truth:
-        cols["true_lat"], cols["true_lon"] = latlon_true[:, 0], latlon_true[:, 1]
-        cols["distance_km"] = haversine_km(ll[:, 0], ll[:, 1], latlon_true[:, 0], latlon_true[:, 1])
+    if truth is not None:
+        known = np.flatnonzero(truth)
+        true_ll = np.where(truth[:, None], latlon_true, np.nan)
+        cols["true_lat"], cols["true_lon"] = true_ll[:, 0], true_ll[:, 1]
+        dist = np.full(len(true_ll), np.nan)
+        dist[known] = haversine_km(ll[known, 0], ll[known, 1], true_ll[known, 0], true_ll[known, 1])
+        cols["distance_km"] = dist
         if opts.nll or opts.localizability > 0:
-            x_true = latlon_to_xyz(torch.as_tensor(latlon_true, dtype=torch.float64)).float().to(p.device)
-            true_logp = _log_likelihood(p, x_true, cond, opts, chunk)
+            x_true = latlon_to_xyz(torch.as_tensor(true_ll[known], dtype=torch.float64)).float().to(p.device)
+            rows = torch.as_tensor(known, device=cond.device)
+            lp = _log_likelihood(p, x_true, cond[rows] if len(known) < len(cond) else cond, opts, chunk)
+            true_logp = torch.full((len(cond),), float("nan"), dtype=lp.dtype, device=lp.device)
+            true_logp[rows] = lp
             cols["log_likelihood"] = true_logp.double().cpu().numpy()
     if opts.localizability > 0:
         loc = localize(p.method, p.model, cond, opts.localizability, steps=opts.steps, sampler=opts.sampler, batch_size=chunk,
@@ -166,7 +178,8 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
         for name in ("neg_entropy_nats", "entropy_bits", "effective_area_km2"):
             cols[name] = getattr(loc, name).double().cpu().numpy()
         if true_logp is not None:
-            cols["hdr_rank"] = hdr_rank(true_logp.double(), loc.sample_logp.double()).cpu().numpy()
+            rank = hdr_rank(true_logp.double(), loc.sample_logp.double()).double().cpu().numpy()
+            cols["hdr_rank"] = np.where(truth, rank, np.nan)
     return cols
 
 
@@ -204,8 +217,11 @@ def predict_rows(p: Predictor, store, start: int, stop: int, opts: PredictOption
     for b0 in range(start, stop, batch_size):
         b1 = min(stop, b0 + batch_size)
         keys = np.asarray(store.keys[b0:b1]).astype(str).tolist()
-        cols = predict_batch(p, np.asarray(store.embeddings[b0:b1]), np.asarray(store.latlon[b0:b1]), keys, opts,
-                             record_generator(seed, b0, p.device))
+        emb = np.asarray(store.embeddings[b0:b1])
+        bad = nonfinite_records(keys, emb)
+        if bad:  # named here: the model would only return NaN for it
+            raise GeopipeError(f"store {store.path}: {bad}; the store is damaged: run `geopipe store verify {store.path}`")
+        cols = predict_batch(p, emb, np.asarray(store.latlon[b0:b1]), keys, opts, record_generator(seed, b0, p.device))
         cols["key"] = keys
         tables.append(predictions_table(cols, b1 - b0))
     if not tables:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "usable_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
-           "meta_as_json"]
+           "meta_as_json", "nonfinite_records"]
 
 #: Stored embedding dtypes.
 DTYPES = ("float16", "float32")
@@ -124,6 +124,23 @@ def meta_as_json(stored: np.ndarray, encoding: str) -> np.ndarray:
     import json
 
     return np.asarray([json.dumps(v, ensure_ascii=False) if v != "" else "" for v in stored.tolist()], dtype=object)
+
+
+def nonfinite_records(keys: Sequence[str], embeddings: np.ndarray | None = None, latlon: np.ndarray | None = None) -> str:
+    """"" when every row is finite; else one line naming the first bad record by key and what is
+    non-finite ("record 'k': embedding has NaN (+3 more records)"). Rows: (n,) keys, (n, D)
+    embeddings, (n, 2) degrees."""
+    for name, values in (("embedding", embeddings), ("coordinates", latlon)):
+        if values is None or not len(values):
+            continue
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(np.asarray(values, dtype=np.float32) if name == "embedding" else np.asarray(values, dtype=np.float64)).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            what = "NaN" if np.isnan(np.asarray(values[i], dtype=np.float64)).any() else "an infinite value"
+            more = f" (+{int(bad.sum()) - 1} more records)" if bad.sum() > 1 else ""
+            return f"record {str(keys[i])!r}: {name} has {what}{more}"
+    return ""
 
 
 def chain_fingerprint(fingerprint: str, digests: Sequence[str]) -> str:

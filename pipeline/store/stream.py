@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
-from geopipe.pipeline.store.reader import open_store
+from geopipe.pipeline.store.format import nonfinite_records
+from geopipe.pipeline.store.reader import StoreError, open_store
 
 __all__ = ["StoreScan", "scan_store", "StoreStream"]
 
@@ -61,6 +62,9 @@ def scan_store(path: str, select: Callable[[np.ndarray], np.ndarray] | None = No
     for a, b in _chunk_bounds(store.rows, store.chunk_rows):
         keep = np.ones(b - a, bool) if select is None else np.asarray(select(store.keys[a:b]), bool)
         emb = store.embeddings[a:b]
+        bad = nonfinite_records(store.keys[a:b], emb, store.latlon[a:b])
+        if bad:
+            raise StoreError(f"store {path}: {bad}; the store is damaged: run `geopipe store verify {path}`")
         block = emb[keep].astype(np.float64)
         s += block.sum(0)
         ss += (block * block).sum(0)

@@ -301,7 +301,7 @@ class StoreWriter:
     def _record_chunk_digests(self, update: dict, start: int, stop: int) -> None:
         """Digests of the chunks rows [start, stop) touch, into ``update`` (committed with it; see
         :mod:`geopipe.pipeline.store.chunks`). Stores created before digests stay without them."""
-        if start > 0 and CHUNK_DIGESTS_ATTR not in self.attrs:
+        if start > 0 and self.attrs.get(CHUNK_DIGESTS_ATTR) is None:
             return
         update[CHUNK_DIGESTS_ATTR] = record_digests(self.path, self._group, stop, start, stop, self.attrs.get(CHUNK_DIGESTS_ATTR))
 
