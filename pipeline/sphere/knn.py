@@ -55,10 +55,15 @@ def _block_topk(s: torch.Tensor, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     """Top-k of a (B, C) score block, best first, with the lower id first among equal scores
     (exactly, also when a tie straddles the k-th place)."""
     kk = min(k, s.shape[1])
-    v, i = torch.topk(s, kk, dim=1)
-    kth = v[:, -1:]
-    ambiguous = ((s >= kth).sum(dim=1) > kk) & torch.isfinite(kth[:, 0])
-    vals, idx = v.numpy(), ids[i.numpy()]
+    # one extra place instead of a pass over the block: the k-th score is tied with a row left
+    # out iff the (k+1)-th equals it
+    v, i = torch.topk(s, min(kk + 1, s.shape[1]), dim=1)
+    if v.shape[1] > kk:
+        ambiguous = (v[:, kk] == v[:, kk - 1]) & torch.isfinite(v[:, kk - 1])
+        v, i = v[:, :kk], i[:, :kk]
+    else:
+        ambiguous = torch.zeros(v.shape[0], dtype=torch.bool)
+    vals, idx = v.numpy().copy(), ids[i.numpy()]
     for r in torch.nonzero(ambiguous).flatten().tolist():  # rare: more rows share the k-th score
         row = s[r].numpy()
         order = np.lexsort((ids, -row))[:kk]
