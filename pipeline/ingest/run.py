@@ -11,6 +11,7 @@ two callables ``prepare`` and ``write``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
-from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, plan_shards
+from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, TooManyRejectsError, plan_shards
 from geopipe.pipeline.ingest.shards import file_sha256, shard_stat
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import META_NAME
@@ -169,8 +170,16 @@ def run_ingest(
     budget = RejectBudget(opts.max_reject_fraction, fsio.join(path, REJECTS_FILE))
 
     def on_commit(url: str, n_ok: int, rejects: Sequence[Reject]) -> None:
+        if n_ok == 0 and not rejects:
+            print(f"geopipe: warning: {url} holds no samples (an empty tar or pair?); recorded as done with 0 rows",
+                  file=sys.stderr)
         budget.add(n_ok, [r.reason for r in rejects])
-        budget.check(final=False)
+        try:
+            budget.check(final=False)
+        except TooManyRejectsError as exc:  # the shard that crossed the limit is not kept: a rerun redoes it
+            writer.truncate(writer.shards[url]["index"])
+            raise TooManyRejectsError(f"{exc}; {url} was not kept (shards before it were): fix or drop the bad data, "
+                                      f"or rerun with a higher --max-reject-fraction") from None
 
     with writer:
         plan = plan_shards(list(urls), writer.shards, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
@@ -191,5 +200,11 @@ def run_ingest(
     result = finish(common, seen / t_loop if t_loop > 0 else 0.0)
     if opts.progress:
         print(result.summary(), file=sys.stderr)
-    budget.check(final=True, rows=writer.rows, store_rejects=writer.attrs["rejects"])
+    try:
+        budget.check(final=True, rows=writer.rows, store_rejects=writer.attrs["rejects"])
+    except TooManyRejectsError as exc:  # every shard is in: rerunning changes nothing, so say what does
+        seen = writer.rows + sum(writer.attrs["rejects"].values())
+        need = math.ceil(100 * sum(writer.attrs["rejects"].values()) / seen) / 100
+        raise TooManyRejectsError(f"{exc}; the store holds every shard: accept it with --max-reject-fraction {need:.2f}, "
+                                  f"or extract the good shards into a new store") from None
     return result
