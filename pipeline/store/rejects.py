@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.rejects import REJECT_REASONS, REJECTS_SCHEMA
 
 __all__ = ["Reject", "rejects_table", "write_rejects", "read_rejects", "count_reasons"]
@@ -52,7 +53,11 @@ def read_rejects(path: str) -> pa.Table:
     """Read a rejects Parquet file; a missing file reads as an empty table."""
     if not fsio.exists(path):
         return REJECTS_SCHEMA.empty_table()
-    return pq.read_table(io.BytesIO(fsio.read_bytes(path)), schema=REJECTS_SCHEMA)
+    try:
+        return pq.read_table(io.BytesIO(fsio.read_bytes(path)), schema=REJECTS_SCHEMA)
+    except (pa.ArrowException, OSError) as exc:  # a damaged file: one line naming it, not a pyarrow traceback
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GeopipeError(f"rejects file {path} cannot be read ({text}); check the store with `geopipe store verify`") from None
 
 
 def count_reasons(rejects: Iterable[Reject] | pa.Table) -> dict[str, int]:
