@@ -146,3 +146,16 @@ def test_predict_refuses_edited_config_and_wrong_weights_in_one_line(tmp_path):
         assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and expect in res.output, res.output
     cfg_path.write_text(json.dumps(good))
     assert CliRunner().invoke(cli, args).exit_code == 0
+
+
+def test_weights_of_another_shape_are_one_line(tmp_path):
+    """model.safetensors replaced by weights of another network (config.json untouched)."""
+    store = small_store(tmp_path / "s.zarr")
+    run_train(_cfg(store, tmp_path / "a", steps=10))
+    run_train(_cfg(store, tmp_path / "b", steps=10, dim=24))
+    target = checkpoint_files(tmp_path / "a")["model"]
+    target.write_bytes(checkpoint_files(tmp_path / "b")["model"].read_bytes())
+    res = CliRunner().invoke(cli, ["predict", "-c", str(tmp_path / "a"), "--store", store, "-o", str(tmp_path / "p.parquet"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "the weights do not match config.json's network" in res.output and "weights (24" in res.output
