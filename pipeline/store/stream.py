@@ -80,6 +80,12 @@ def scan_store(path: str, select: Callable[[np.ndarray], np.ndarray] | None = No
     return StoreScan(np.asarray(counts, np.int64), n, s, ss, held_out)
 
 
+def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
+    """(m, 2) float64 degrees → (m, 3) float32 unit vectors, for a whole window at once (the
+    same float64 maths as :func:`geopipe.pipeline.sphere.geometry.latlon_to_xyz`)."""
+    return latlon_to_xyz(torch.from_numpy(np.ascontiguousarray(latlon, dtype=np.float64))).float().numpy()
+
+
 class StoreStream:
     """Training batches streamed from a store: ``next_batch(generator) -> (x (B, 3) float32 unit
     vectors, cond (B, D) in the store's dtype)`` on ``device`` (the training loop's batch-source
@@ -136,7 +142,7 @@ class StoreStream:
             lls.append(ll)
         emb, ll = np.concatenate(embs), np.concatenate(lls).astype(np.float64)
         perm = np.random.default_rng([self.seed, epoch, w]).permutation(len(emb))
-        return emb[perm], ll[perm]
+        return emb[perm], _unit_vectors(ll[perm])
 
     # -- reader thread ---------------------------------------------------------------------
     def _account(self, delta: int) -> None:
@@ -195,8 +201,8 @@ class StoreStream:
         except BaseException as exc:  # handed to the consumer, which raises it with its traceback
             self._put(exc)
 
-    def _tensors(self, emb: np.ndarray, ll: np.ndarray):
-        x = latlon_to_xyz(torch.from_numpy(np.ascontiguousarray(ll))).float()
+    def _tensors(self, emb: np.ndarray, xyz: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(xyz))
         c = torch.from_numpy(np.ascontiguousarray(emb))
         if self._pin:  # page-locked host memory, so the copy to the GPU can overlap the step
             x, c = x.pin_memory(), c.pin_memory()
