@@ -7,6 +7,13 @@
                               "data_fingerprint", "train": {...}, "step", "version", "git_rev"}
       train_state.safetensors  raw weights + optimiser moments ("model.*", "optim.<i>.<name>")
       train_state.json       {"step", "rng_seed", "best_val", ...} for resume
+
+Saves are versioned: the files are written as ``model-<step>-<token>.safetensors``,
+``train_state-<step>-<token>.safetensors`` and ``train_state-<step>-<token>.json``, named in
+config.json's ``"files"`` (role → file name); replacing config.json commits the save
+(:mod:`geopipe.pipeline.artifacts.checkpoint`). Checkpoints without ``"files"`` use the fixed
+names above. config.json may also carry ``"changes"``: [{"step", "changed": {key: [old, new]}}],
+the settings a resume with ``--allow-changes`` changed, and at which step.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ __all__ = [
     "REQUIRED_ATTRS",
     "SHARD_RECORD_FIELDS",
     "SHARD_RECORD_OPTIONAL",
+    "CHUNK_DIGESTS_ATTR",
     "validate_store_attrs",
 ]
 
@@ -125,7 +126,13 @@ SHARD_RECORD_FIELDS: tuple[str, ...] = (
 SHARD_RECORD_OPTIONAL: tuple[str, ...] = (
     "digest",  # sha256 hex over the shard's keys, stored embedding bytes and latlon bytes
     "sha256",  # sha256 hex of the shard file's bytes (content change detection), or null
+    "rejects_digest",  # 16 hex of sha256 of the shard's rejects part file (when it has rejects)
 )
+
+#: Optional group attribute (stores written before it existed lack it): array path → chunk key
+#: ("c/0/0") → 16 hex of sha256 of the chunk's encoded bytes, committed with each shard
+#: (:mod:`geopipe.pipeline.store.chunks`).
+CHUNK_DIGESTS_ATTR = "chunk_digests"
 
 
 def validate_store_attrs(attrs: dict) -> list[str]:

@@ -25,12 +25,11 @@ import warnings
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
+from geopipe.schemas.store import CHUNK_DIGESTS_ATTR
 
 __all__ = ["CHUNK_DIGESTS_ATTR", "DIGEST_CHARS", "MISSING_CHUNK", "ChunkRef", "bytes_digest", "array_paths", "chunk_refs", "record_digests",
            "check_chunks", "decode_chunks_safely"]
 
-#: Group attribute holding the chunk digests.
-CHUNK_DIGESTS_ATTR = "chunk_digests"
 #: Hex digits kept of each sha256 (64 bits: corruption detection, not an adversary).
 DIGEST_CHARS = 16
 #: What :func:`check_chunks` says of a recorded chunk whose file is gone (it would read as fill values).
