@@ -51,7 +51,7 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
                                       radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, seed=seed,
                                       progress=progress_enabled()))
     rec = res.recall
-    cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None)
+    cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None) or "none (no query has one)"
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")
     click.echo(f"Recall at {rec['radius_m']:g} m (answerable queries; {rec['n_unanswerable']} without a positive dropped): {cells}")
     if res.kernel:
