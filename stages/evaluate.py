@@ -136,32 +136,18 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 
 def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:
-    """One sparsification and one reliability PNG per failure definition in ``folder``."""
+    """One sparsification and one reliability PNG per (failure definition, model) in ``folder``:
+    the oracle and random references belong to one model's records."""
     from geopipe.pipeline.viz.failure_plots import render_reliability_plot, render_sparsification_plot
 
     os.makedirs(folder, exist_ok=True)
+    slug = lambda text: "".join(ch if ch.isalnum() else "_" for ch in text.replace("<=", "le").replace("@", "at")).strip("_")  # noqa: E731
     paths = []
-    for label in dict.fromkeys(r["failure"] for r in rows):
-        group = [r for r in rows if r["failure"] == label]
-        slug = "".join(ch if ch.isalnum() else "_" for ch in label.replace("<=", "le").replace("@", "at")).strip("_")
-        paths.append(render_sparsification_plot(os.path.join(folder, f"sparsification_{slug}.png"), group,
-                                                title=f"Sparsification ({label})"))
-        paths.append(render_reliability_plot(os.path.join(folder, f"reliability_{slug}.png"), group,
-                                             title=f"Reliability ({label})"))
+    for label, model in dict.fromkeys((r["failure"], r["model"]) for r in rows):
+        group = [r for r in rows if r["failure"] == label and r["model"] == model]
+        stem = f"{slug(model)}_{slug(label)}"
+        paths.append(render_sparsification_plot(os.path.join(folder, f"sparsification_{stem}.png"), group,
+                                                title=f"Sparsification: {model} ({label})"))
+        paths.append(render_reliability_plot(os.path.join(folder, f"reliability_{stem}.png"), group,
+                                             title=f"Reliability: {model} ({label})"))
     return tuple(paths)
-
-
-def store_mean_direction(store: str) -> tuple[float, float]:
-    """Constant-baseline point: mean direction (lat, lon degrees) of an embedding store's ``latlon``."""
-    import zarr
-
-    try:
-        group = zarr.open_group(store, mode="r")
-        rows = int(group.attrs.get("rows", group["latlon"].shape[0]))
-        latlon = np.asarray(group["latlon"][:rows], dtype=np.float64)
-    except Exception as exc:  # zarr raises several types for a missing / foreign path
-        raise GeopipeError(f"cannot read coordinates of embedding store {store!r} ({type(exc).__name__}: {exc})") from None
-    try:
-        return constant_baseline(latlon)
-    except ValueError as exc:
-        raise GeopipeError(f"store {store!r}: {exc}") from None

@@ -23,14 +23,14 @@ def _save(fig, path: str) -> None:
 
 def render_sparsification_plot(path: str, rows: Sequence[dict], title: str = "Sparsification") -> str:
     """Accuracy of the kept records against the fraction removed (most uncertain first), one
-    curve per row, the oracle of the first row dashed and the random level dotted."""
+    curve per score row of one model's records; their oracle dashed and random level dotted."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     for i, r in enumerate(rows):
         x = np.arange(len(r["curve"])) / len(r["curve"])
-        ax.plot(x, r["curve"], lw=1.6, label=f"{r['model']} · {r['score']} (AUSC {r['ausc']:.3f})")
+        ax.plot(x, r["curve"], lw=1.6, label=f"{r['score']} (AUSC {r['ausc']:.3f})")
         if i == 0:
             ax.plot(x, r["oracle"], "k--", lw=1.0, label=f"oracle (AUSC {r['ausc_oracle']:.3f})")
             ax.axhline(r["accuracy"], color="0.5", ls=":", lw=1.0, label="random")
@@ -52,7 +52,8 @@ def render_reliability_plot(path: str, rows: Sequence[dict], title: str = "Relia
     ax = fig.add_subplot()
     for r in rows:
         levels = np.arange(1, len(r["bin_accuracy"]) + 1)
-        ax.plot(levels, r["bin_accuracy"], "o-", ms=3, lw=1.4, label=f"{r['model']} · {r['score']} (S {r['spearman'] if r['spearman'] is None else round(r['spearman'], 2)})")
+        s = "-" if r["spearman"] is None else f"{r['spearman']:.2f}"
+        ax.plot(levels, r["bin_accuracy"], "o-", ms=3, lw=1.4, label=f"{r['score']} (S {s})")
     ax.set_xlabel("uncertainty level (adaptive bins, low → high)")
     ax.set_ylabel(f"accuracy in the bin ({rows[0]['failure']})" if rows else "accuracy")
     ax.set_ylim(-0.02, 1.02)
