@@ -151,3 +151,19 @@ def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:
         paths.append(render_reliability_plot(os.path.join(folder, f"reliability_{stem}.png"), group,
                                              title=f"Reliability: {model} ({label})"))
     return tuple(paths)
+
+
+def store_mean_direction(store: str) -> tuple[float, float]:
+    """Constant-baseline point: mean direction (lat, lon degrees) of an embedding store's ``latlon``."""
+    import zarr
+
+    try:
+        group = zarr.open_group(store, mode="r")
+        rows = int(group.attrs.get("rows", group["latlon"].shape[0]))
+        latlon = np.asarray(group["latlon"][:rows], dtype=np.float64)
+    except Exception as exc:  # zarr raises several types for a missing / foreign path
+        raise GeopipeError(f"cannot read coordinates of embedding store {store!r} ({type(exc).__name__}: {exc})") from None
+    try:
+        return constant_baseline(latlon)
+    except ValueError as exc:
+        raise GeopipeError(f"store {store!r}: {exc}") from None
