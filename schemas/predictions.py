@@ -3,7 +3,10 @@
 Coordinates are degrees; distances km; log-likelihoods nats per record (per steradian on
 S², per unit volume in R³ — not comparable across the two, see docs/methods.md#units). Optional columns
 are null when the quantity was not requested. ``geometry`` is a WKB point (GeoParquet 1.1,
-lon/lat order, EPSG:4326) so GIS tools open the file directly. Key-value metadata
+lon/lat order, WGS 84) so GIS tools open the file directly: the ``geo`` metadata names no
+``crs``, which GeoParquet defines as OGC:CRS84 (WGS 84 longitude/latitude, what geopandas reads
+as ``OGC:CRS84`` and reprojects with ``to_crs``; an explicit null would mean "unknown CRS"), and
+carries the column's ``bbox`` [min lon, min lat, max lon, max lat] as geopandas writes it. Key-value metadata
 ``geopipe`` holds JSON: {"schema", "config", "model", "version", "git_rev"}.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA"]
+__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA", "geo_metadata"]
 
 PREDICTIONS_SCHEMA_ID = "geopipe.predictions/1"
 METADATA_KEY = b"geopipe"
@@ -49,9 +52,18 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
-#: GeoParquet "geo" metadata value for the ``geometry`` column.
+#: GeoParquet "geo" metadata value for the ``geometry`` column; no "crs" key: OGC:CRS84 (WGS 84 lon/lat).
 GEO_METADATA = {
     "version": "1.1.0",
     "primary_column": "geometry",
-    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"], "crs": None}},
+    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]}},
 }
+
+
+def geo_metadata(bbox: tuple[float, float, float, float] | None = None) -> dict:
+    """The GeoParquet "geo" value, with the geometry column's ``bbox`` (min lon, min lat, max lon,
+    max lat in degrees) when given: readers use it to skip files outside a query window."""
+    column = dict(GEO_METADATA["columns"]["geometry"])
+    if bbox is not None:
+        column["bbox"] = [float(v) for v in bbox]
+    return {**GEO_METADATA, "columns": {"geometry": column}}
