@@ -68,6 +68,7 @@ class PredictConfig:
     localizability: int = 0
     rtol: float = 1e-5
     atol: float = 1e-5
+    likelihood_every: int = 1  # exact NLL / localizability for every k-th store row only (others NaN)
     batch_size: int = 4096
     partition_batches: int = 8
     min_partitions: int = 16
@@ -88,7 +89,7 @@ class PredictConfig:
 
     def options(self) -> PredictOptions:
         return PredictOptions(self.steps, self.guidance, self.sampler, self.samples, self.ensemble,
-                              self.nll, self.localizability, self.rtol, self.atol)
+                              self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ localizability and the truth's HDR rank, all as numpy columns matching
 from __future__ import annotations
 
 import math
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,9 +42,10 @@ class PredictOptions:
     localizability: int = 0  # Monte-Carlo samples for −H (0 = off)
     rtol: float = 1e-5
     atol: float = 1e-5
+    likelihood_every: int = 1  # NLL / localizability only for store rows r with r % likelihood_every == 0
 
     def __post_init__(self) -> None:
-        for name, least in (("steps", 1), ("samples", 0), ("ensemble", 0), ("localizability", 0)):
+        for name, least in (("steps", 1), ("samples", 0), ("ensemble", 0), ("localizability", 0), ("likelihood_every", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ConfigError(f"--{name} must be a whole number >= {least}, got {v!r}")
@@ -209,6 +211,31 @@ def record_generator(seed: int, row: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(row))
 
 
+_LIKELIHOOD_COLUMNS = ("log_likelihood", "neg_entropy_nats", "entropy_bits", "effective_area_km2", "hdr_rank")
+
+
+def _predict_batch_rows(p: Predictor, emb, latlon, keys, opts: PredictOptions, seed: int, b0: int) -> dict:
+    """:func:`predict_batch` for store rows [b0, b0 + len(keys)), honouring ``likelihood_every``:
+    the point predictions of every row come from the batch generator exactly as without the
+    option; the likelihood columns are computed for the selected rows only (NaN elsewhere)."""
+    gen = record_generator(seed, b0, p.device)
+    k = opts.likelihood_every
+    if k == 1 or not (opts.nll or opts.localizability):
+        return predict_batch(p, emb, latlon, keys, opts, gen)
+    cols = predict_batch(p, emb, latlon, keys, dataclasses.replace(opts, nll=False, localizability=0), gen)
+    idx = np.flatnonzero((np.arange(b0, b0 + len(keys)) % k) == 0)
+    if idx.size == 0:
+        return cols
+    sub = predict_batch(p, emb[idx], None if latlon is None else latlon[idx], [keys[i] for i in idx], opts,
+                        record_generator(seed, b0, p.device))
+    for name in _LIKELIHOOD_COLUMNS:
+        if name in sub:
+            full = np.full(len(keys), np.nan)
+            full[idx] = sub[name]
+            cols[name] = full
+    return cols
+
+
 def predict_rows(p: Predictor, store, start: int, stop: int, opts: PredictOptions, *, seed: int, batch_size: int):
     """Score store rows [start, stop) in batches of ``batch_size`` → a predictions Arrow table."""
     import pyarrow as pa
@@ -221,7 +248,7 @@ def predict_rows(p: Predictor, store, start: int, stop: int, opts: PredictOption
         bad = nonfinite_records(keys, emb)
         if bad:  # named here: the model would only return NaN for it
             raise GeopipeError(f"store {store.path}: {bad}; the store is damaged: run `geopipe store verify {store.path}`")
-        cols = predict_batch(p, emb, np.asarray(store.latlon[b0:b1]), keys, opts, record_generator(seed, b0, p.device))
+        cols = _predict_batch_rows(p, emb, np.asarray(store.latlon[b0:b1]), keys, opts, seed, b0)
         cols["key"] = keys
         tables.append(predictions_table(cols, b1 - b0))
     if not tables:
