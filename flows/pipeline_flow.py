@@ -20,15 +20,16 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.stages.config import PipelineConfig
 from geopipe.stages.demo import run_demo_data
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate, store_mean_direction
 from geopipe.stages.extract import run_extract
 from geopipe.stages.predict import run_predict
 from geopipe.stages.train import run_train
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
-__all__ = ["geopipe_flow", "run_pipeline", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task", "predict_task", "evaluate_task"]
+__all__ = ["geopipe_flow", "run_pipeline", "scheduled_flow", "scheduled_deployment", "demo_data_task", "extract_task", "train_task",
+           "predict_task", "evaluate_task"]
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from geopipe.pipeline.core.errors import GeopipeError
 

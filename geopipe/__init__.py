@@ -8,7 +8,8 @@ The folders ``flows/``, ``stages/``, ``pipeline/`` and ``schemas/`` at the top o
 repository are installed as these subpackages (see ``pyproject.toml``).
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("geopipe")

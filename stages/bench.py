@@ -18,8 +18,8 @@ import torch
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.progress import Progress
-from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.methods.registry import get_method
+from geopipe.pipeline.model.network import NetworkConfig
 
 __all__ = ["BenchConfig", "bench_predict", "bench_nll"]
 

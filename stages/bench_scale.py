@@ -74,9 +74,9 @@ def bench_stream_train(cfg: ScaleBenchConfig) -> dict:
 
     from geopipe.pipeline.methods.registry import get_method
     from geopipe.pipeline.model.network import NetworkConfig
+    from geopipe.pipeline.sphere.geometry import latlon_to_xyz
     from geopipe.pipeline.store.reader import read_store
     from geopipe.pipeline.store.stream import StoreStream
-    from geopipe.pipeline.sphere.geometry import latlon_to_xyz
     from geopipe.pipeline.train.loop import TensorBatches
 
     path = _make_store(os.path.join(cfg.workdir, "bench-train.zarr"), cfg.rows, cfg.dim, cfg.chunk_rows, cfg.seed)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 
@@ -154,7 +153,7 @@ def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3
                   "steps": train_steps, "batch_size": 256, "lr": 3e-3, "warmup": min(200, train_steps // 10),
                   "val_every": 500},
         "predict": {"checkpoint": w("model"), "store": w("test.zarr"), "out": w("predictions.parquet"),
-                    "nll": True, "localizability": 16, "rtol": 1e-3, "atol": 1e-3},
+                    "nll": True, "localizability": 16, "rtol": 1e-3, "atol": 1e-3, "likelihood_every": 5},
         "evaluate": {"predictions": [w("predictions.parquet")], "out": w("report.json"), "baseline_store": w("train.zarr")},
     }
     return parse_pipeline_config(doc)

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.ingest.backbones import PRECISIONS
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.ingest.backbones import PRECISIONS
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 from geopipe.pipeline.ingest.shards import resolve_shards
@@ -112,8 +112,8 @@ def _source(cfg: ExtractConfig, urls: list[str], store: str, device, backbone):
     if cfg.embedding_key is None:
         bb = backbone if backbone is not None else _load_backbone(cfg, device)
         return bb, bb.identity, bb.embed_dim
-    from geopipe.pipeline.ingest.pairs import precomputed_identity
     from geopipe.pipeline.ingest.decode import find_embed_dim
+    from geopipe.pipeline.ingest.pairs import precomputed_identity
     from geopipe.pipeline.store.reader import open_store
 
     if fsio.isfile(fsio.join(store, "zarr.json")):

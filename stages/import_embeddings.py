@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.errors import ConfigError
-from geopipe.pipeline.ingest.pairs import (ColumnSpec, discover_pairs, npy_embed_dim, pair_sha256, pair_stat, precomputed_identity,
-                                           read_pair)
+from geopipe.pipeline.core.progress import Progress
+from geopipe.pipeline.ingest.pairs import ColumnSpec, discover_pairs, npy_embed_dim, pair_sha256, pair_stat, precomputed_identity, read_pair
 from geopipe.pipeline.ingest.rows import commit_rows
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 

@@ -8,7 +8,6 @@ the point prediction. ``run_calibration_plot``: an evaluate report JSON → HDR 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,11 +20,11 @@ from geopipe.pipeline.artifacts.report import read_report
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.progress import Progress
+from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
 from geopipe.pipeline.sphere.geometry import xyz_to_latlon
+from geopipe.pipeline.store.reader import open_store
 from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
-from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
-from geopipe.pipeline.store.reader import open_store
 
 __all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
 

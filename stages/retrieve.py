@@ -20,8 +20,7 @@ from geopipe.pipeline.artifacts.predictions import predictions_metadata, predict
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, answerable, haversine_m, recall_summary
-from geopipe.pipeline.retrieval.density import (fit_kernel, kernel_localizability, kernel_mode, kernel_weights,
-                                                neighbour_xyz)
+from geopipe.pipeline.retrieval.density import fit_kernel, kernel_localizability, kernel_mode, kernel_weights, neighbour_xyz
 from geopipe.pipeline.retrieval.index import resolve_backend, search_topk
 from geopipe.pipeline.retrieval.search import TopK
 from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
@@ -187,7 +186,8 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
         from geopipe.stages.uncertainty import score_rows
 
         cols.update(score_rows(cfg.uncertainty_checkpoint, qs, qd.query_rows, passes=cfg.mc_passes, seed=cfg.seed))
-    recall = recall_summary(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), positive, ks=tuple(sorted({k for k in (1, 5, 10, 20) if k <= cfg.k} | {cfg.k})), radius_m=cfg.radius_m)
+    ks = tuple(sorted({k for k in (1, 5, 10, 20) if k <= cfg.k} | {cfg.k}))
+    recall = recall_summary(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), positive, ks=ks, radius_m=cfg.radius_m)
     model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": backend,
              "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,
              "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"]}}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.store.repair import RepairResult, repair_store
 from geopipe.pipeline.store.verify import StoreInfo, check_store, store_info
-from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify",
            "StoreRepairConfig", "run_store_repair"]

@@ -27,18 +27,18 @@ from geopipe.pipeline.artifacts.checkpoint import (
     restore_train_state,
     save_checkpoint,
 )
-from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
-from geopipe.pipeline.sphere.geometry import latlon_to_xyz
-from geopipe.pipeline.model.network import NetworkConfig
-from geopipe.pipeline.methods.registry import get_method
-from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
-from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.pipeline.core.provenance import provenance
+from geopipe.pipeline.methods.registry import get_method
+from geopipe.pipeline.model.conditioning import CondStats
+from geopipe.pipeline.model.network import NetworkConfig
+from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.stream import StoreStream, scan_store
+from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
+from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
 
 __all__ = ["TrainConfig", "TrainResult", "run_train"]

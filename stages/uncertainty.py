@@ -25,8 +25,7 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.pairs import PairConfig, PairSet, mine_pairs
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
-from geopipe.pipeline.uncertainty.bayescap import (METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config,
-                                                   train_bayescap)
+from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 

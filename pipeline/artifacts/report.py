@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["resolve_device"]

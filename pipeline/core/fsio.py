@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 __all__ = [
     "normalize",

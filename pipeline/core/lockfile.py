@@ -47,7 +47,7 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
 
-    def acquire(self) -> "DirLock":
+    def acquire(self) -> DirLock:
         """Take the lock or raise :class:`LockedError` at once (never waits)."""
         import filelock
 
@@ -80,7 +80,7 @@ class DirLock:
             self._lock.release()
             self._lock, self.held = None, False
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -98,14 +98,14 @@ class NullLock:
         self.path = directory
         self.held = False
 
-    def acquire(self) -> "NullLock":
+    def acquire(self) -> NullLock:
         self.held = True
         return self
 
     def release(self) -> None:
         self.held = False
 
-    def __enter__(self) -> "NullLock":
+    def __enter__(self) -> NullLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

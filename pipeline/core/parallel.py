@@ -8,7 +8,7 @@ Results come back in submission order, so the output never depends on how many w
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from geopipe.pipeline.core.errors import GeopipeError
 

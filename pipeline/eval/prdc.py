@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from geopipe.pipeline.core.errors import check_int
 from geopipe.pipeline.sphere.knn import knn
 

@@ -8,23 +8,23 @@ localizability and the truth's HDR rank, all as numpy columns matching
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights, weight_shapes
 from geopipe.pipeline.artifacts.predictions import predictions_table
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
-from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
-from geopipe.pipeline.model.network import NetworkConfig
-from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.methods.registry import method_from_dict
+from geopipe.pipeline.model.conditioning import CondStats
+from geopipe.pipeline.model.network import NetworkConfig
+from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
+from geopipe.pipeline.store.format import nonfinite_records
 
 __all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows"]
 

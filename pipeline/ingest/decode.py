@@ -26,17 +26,18 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
-from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
-from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.shards import CorruptShardError, iter_tar_samples
+from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
 from geopipe.pipeline.store.reader import META_NAME
+from geopipe.pipeline.store.rejects import Reject
 
 __all__ = ["IMAGE_EXTS", "SampleError", "SampleSpec", "ShardPart", "parse_record", "decode_image", "decode_embedding",
            "find_embed_dim", "ShardBatches"]

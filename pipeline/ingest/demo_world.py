@@ -24,15 +24,16 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from geopipe.pipeline.core.fsio import atomic_path
 from geopipe.pipeline.core.errors import ConfigError, check_int
+from geopipe.pipeline.core.fsio import atomic_path
 
 __all__ = ["DemoWorldConfig", "DemoWorldResult", "write_demo_world", "write_shards"]
 

@@ -16,18 +16,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from geopipe.pipeline.core.lifetime import die_with_parent, forkserver_dies_with_owner, terminate_on_sigterm
 from geopipe.pipeline.core.progress import Progress
-from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.decode import SampleSpec, ShardBatches
 from geopipe.pipeline.ingest.rows import ShardRows, commit_rows
 from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.writer import StoreWriter
 
 __all__ = ["LoopOptions", "embed_shards"]

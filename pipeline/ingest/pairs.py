@@ -19,19 +19,19 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
-from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
-from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.ingest.rows import ShardRows
 from geopipe.pipeline.ingest.shards import file_sha256, resolve_shards, shard_stat
+from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import META_NAME
+from geopipe.pipeline.store.rejects import Reject
 
 __all__ = ["PairError", "EmbeddingPair", "ColumnSpec", "precomputed_identity", "discover_pairs", "pair_stat",
            "pair_sha256", "npy_embed_dim", "read_pair"]

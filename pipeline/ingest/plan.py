@@ -19,8 +19,8 @@ carry one), so a touched or re-downloaded identical copy counts as unchanged.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.ingest.shards import file_sha256, shard_stat
@@ -75,7 +75,7 @@ def _when(mtime: float | None) -> str:
 
     if mtime is None:
         return "unknown time"
-    return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(mtime, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def plan_shards(urls: Sequence[str], records: Mapping[str, Mapping], *, store: str, on_changed: str = "error",

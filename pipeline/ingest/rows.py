@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.format import ShardStat, usable_embeddings
+from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.writer import StoreWriter
 
 __all__ = ["ShardRows", "commit_rows"]

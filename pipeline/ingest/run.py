@@ -15,8 +15,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError

@@ -14,8 +14,7 @@ import hashlib
 import os
 import re
 import tarfile
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from geopipe.pipeline.sphere.geometry import NonFiniteError, project
-from geopipe.pipeline.model.schedules import Schedule, make_schedule, schedule_from_dict
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.model.schedules import Schedule, make_schedule, schedule_from_dict
+from geopipe.pipeline.sphere.geometry import NonFiniteError, project
 
 __all__ = ["MethodBase", "drop_condition", "finalize_points", "resolve_schedule"]
 

@@ -12,15 +12,15 @@ import math
 
 import torch
 
-from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, uniform_sphere
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.methods.base import MethodBase, drop_condition, finalize_points
+from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, uniform_sphere
 from geopipe.pipeline.sphere.vmf import (
     sample_vmf_mixture,
     vmf_log_density,
     vmf_mixture_log_density,
     vmf_mixture_mode,
 )
-from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["VMFMethod", "VMFMixtureMethod", "UniformMethod", "UniformModel"]
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from geopipe.pipeline.sphere.geometry import sphere_exp, sphere_log, uniform_sphere
+from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.methods.base import MethodBase, drop_condition, finalize_points, resolve_schedule
 from geopipe.pipeline.model.guidance import guided_field
 from geopipe.pipeline.model.likelihood import (
     as_autograd_tensor,
@@ -21,10 +22,9 @@ from geopipe.pipeline.model.likelihood import (
     euclidean_log_likelihood,
     sphere_log_likelihood,
 )
-from geopipe.pipeline.methods.base import MethodBase, drop_condition, finalize_points, resolve_schedule
 from geopipe.pipeline.model.samplers import get_sampler
 from geopipe.pipeline.model.schedules import schedule_to_dict
-from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.sphere.geometry import sphere_exp, sphere_log, uniform_sphere
 
 __all__ = ["rfm_interpolant", "RFMMethod", "FlowMethod", "DiffusionMethod"]
 

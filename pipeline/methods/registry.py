@@ -18,10 +18,10 @@ Outputs are unit vectors; a non-finite output raises :class:`geopipe.pipeline.sp
 
 from __future__ import annotations
 
-from geopipe.pipeline.methods.base import MethodBase
-from geopipe.pipeline.methods.field import DiffusionMethod, FlowMethod, RFMMethod, rfm_interpolant
-from geopipe.pipeline.methods.closed_form import UniformMethod, VMFMethod, VMFMixtureMethod
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.methods.base import MethodBase
+from geopipe.pipeline.methods.closed_form import UniformMethod, VMFMethod, VMFMixtureMethod
+from geopipe.pipeline.methods.field import DiffusionMethod, FlowMethod, RFMMethod, rfm_interpolant
 
 __all__ = [
     "METHODS",

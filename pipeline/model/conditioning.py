@@ -26,11 +26,11 @@ class CondStats:
     std: np.ndarray
 
     @classmethod
-    def identity(cls, dim: int) -> "CondStats":
+    def identity(cls, dim: int) -> CondStats:
         return cls(np.zeros(dim), np.ones(dim))
 
     @classmethod
-    def from_embeddings(cls, embeddings, chunk: int = 65536, min_std: float = 1e-6) -> "CondStats":
+    def from_embeddings(cls, embeddings, chunk: int = 65536, min_std: float = 1e-6) -> CondStats:
         """Streaming float64 statistics over (N, D) rows (array-like, sliceable; float16 fine)."""
         n, d = embeddings.shape
         s, ss = np.zeros(d), np.zeros(d)
@@ -41,7 +41,7 @@ class CondStats:
         return cls.from_moments(n, s, ss, min_std=min_std)
 
     @classmethod
-    def from_moments(cls, n: int, s: np.ndarray, ss: np.ndarray, min_std: float = 1e-6) -> "CondStats":
+    def from_moments(cls, n: int, s: np.ndarray, ss: np.ndarray, min_std: float = 1e-6) -> CondStats:
         """Statistics from the row count and (D,) float64 sum and sum of squares of the rows."""
         mean = np.asarray(s, dtype=np.float64) / max(n, 1)
         std = np.sqrt(np.maximum(np.asarray(ss, dtype=np.float64) / max(n, 1) - mean * mean, 0.0))
@@ -57,7 +57,7 @@ class CondStats:
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
     @classmethod
-    def from_dict(cls, d: dict | None, dim: int) -> "CondStats":
+    def from_dict(cls, d: dict | None, dim: int) -> CondStats:
         """Inverse of :meth:`to_dict`; ``None`` (older checkpoints) is the identity map."""
         if d is None:
             return cls.identity(dim)

@@ -7,7 +7,7 @@ ODE. The unconditional branch uses the all-zero embedding (the training-time dro
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import jvp, vmap
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, project
 from geopipe.pipeline.model.guidance import Field
 from geopipe.pipeline.model.schedules import Schedule
+from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, project
 
 # torch's forward-mode AD (jvp) scripts its JVP decompositions on first use and warns that
 # torch.jit.script is deprecated: torch's own internals, nothing a user can act on.

@@ -8,12 +8,14 @@ the noise level ``γ(t) ∈ [0, 1]``. Parameter counts match the reference imple
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from geopipe.pipeline.core.errors import ConfigError, check_int
 
 __all__ = [
@@ -56,7 +58,7 @@ class NetworkConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NetworkConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> NetworkConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"network config must be a mapping, got {type(d).__name__}")

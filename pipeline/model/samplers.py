@@ -12,15 +12,15 @@ scored by the exact likelihood, which needs autograd).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from geopipe.pipeline.sphere.geometry import project, sphere_exp, tangent_project
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.model.guidance import Field
 from geopipe.pipeline.model.schedules import Schedule, time_grid
-from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.sphere.geometry import project, sphere_exp, tangent_project
 
 __all__ = [
     "SamplerSpec",

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import torch
+
 from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [

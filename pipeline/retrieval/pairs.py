@@ -13,7 +13,6 @@ of the records pairable) gives status ``insufficient_pairs``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

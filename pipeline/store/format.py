@@ -7,8 +7,8 @@ Pure functions shared by the writer (:mod:`geopipe.pipeline.store.writer`) and t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

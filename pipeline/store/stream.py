@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -229,7 +229,7 @@ class StoreStream:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> "StoreStream":
+    def __enter__(self) -> StoreStream:
         return self
 
     def __exit__(self, *exc) -> None:

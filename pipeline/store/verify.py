@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.store.rejects import count_reasons, read_rejects
-from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
-from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
 from geopipe.pipeline.store.chunks import MISSING_CHUNK, bytes_digest, check_chunks, chunk_refs, decode_chunks_safely
+from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
+from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.rejects import count_reasons, read_rejects
 from geopipe.schemas.store import LEGACY_REJECTS_FILE, REJECTS_FILE
 
 __all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "StoreCheck", "check_store", "verify_store"]

@@ -22,25 +22,37 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from zarr.codecs import ZstdCodec
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.sphere.geometry import wrap_latlon
-from geopipe.pipeline.core.lockfile import DirLock, NullLock
-from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
-from geopipe.pipeline.store.format import ShardStat
-from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
-from geopipe.pipeline.store.format import DTYPES, chain_fingerprint, encode_meta, meta_encoding, prepare_embeddings, shard_digest
-from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
-from geopipe.schemas.rejects import REJECTS_SCHEMA
-from geopipe.schemas.store import ARRAY_EMBEDDINGS, ARRAY_KEYS, ARRAY_LATLON, ARRAY_SHARD, META_GROUP, REJECTS_FILE, STORE_SCHEMA
-from geopipe.schemas.store import META_ENCODING_ATTR
-from geopipe.schemas.store import (ARRAY_ATTRS, ARRAY_COORD, COORD_LABELS, DIMENSIONS, LEGACY_REJECTS_FILE, META_DIMENSIONS,
-                                   REJECTS_GROUP)
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.core.lockfile import DirLock, NullLock
+from geopipe.pipeline.sphere.geometry import wrap_latlon
+from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
+from geopipe.pipeline.store.format import DTYPES, ShardStat, chain_fingerprint, encode_meta, meta_encoding, prepare_embeddings, shard_digest
+from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
+from geopipe.schemas.rejects import REJECTS_SCHEMA
+from geopipe.schemas.store import (
+    ARRAY_ATTRS,
+    ARRAY_COORD,
+    ARRAY_EMBEDDINGS,
+    ARRAY_KEYS,
+    ARRAY_LATLON,
+    ARRAY_SHARD,
+    COORD_LABELS,
+    DIMENSIONS,
+    LEGACY_REJECTS_FILE,
+    META_DIMENSIONS,
+    META_ENCODING_ATTR,
+    META_GROUP,
+    REJECTS_FILE,
+    REJECTS_GROUP,
+    STORE_SCHEMA,
+)
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
 
@@ -90,7 +102,7 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str, *, backbone: dict, embed_dim: int, dtype: str = "float16", normalize: bool = True,
              created_by: dict | None = None, chunk_rows: int = 4096,
-             lock: DirLock | NullLock | None = None) -> "StoreWriter":
+             lock: DirLock | NullLock | None = None) -> StoreWriter:
         """Create ``path`` or open it for appending.
 
         backbone: the backbone identity dict (``Backbone.identity``); created_by: provenance
@@ -321,7 +333,7 @@ class StoreWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:

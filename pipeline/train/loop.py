@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

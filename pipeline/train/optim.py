@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
 from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = ["OPTIMIZERS", "lr_at", "make_optimizer", "set_lr", "EMA"]

@@ -42,7 +42,7 @@ class BayesCapConfig:
     head_activation: str = "relu"
     head_bias_init: float = 1.0
 
-    def resolved(self) -> "BayesCapConfig":
+    def resolved(self) -> BayesCapConfig:
         if self.head_activation not in ("relu", "softplus"):
             raise ValueError(f"unknown head_activation {self.head_activation!r}; choose relu or softplus")
         return BayesCapConfig(self.dim, self.hidden or max(self.dim // 2, 1),

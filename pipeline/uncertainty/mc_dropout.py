@@ -18,6 +18,7 @@ Record score: ``log_u`` = mean over features of log σ²_tot (the log of the geo
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 from torch import nn

@@ -17,14 +17,15 @@ regional grid gives the probability inside its extent. :func:`hdr_extent` picks 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, latlon_to_xyz
 from geopipe.pipeline.sphere.knn import knn
-from geopipe.pipeline.core.errors import ConfigError
 
 __all__ = [
     "DensityGrid",

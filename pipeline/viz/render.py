@@ -21,9 +21,8 @@ __all__ = ["render_density_map", "render_calibration_plot"]
 
 
 def _draw_outline(ax) -> None:
-    from matplotlib.collections import LineCollection
-
     from matplotlib import patheffects
+    from matplotlib.collections import LineCollection
 
     outline = load_outline()
     ax.add_collection(LineCollection(outline["borders"], colors="0.55", linewidths=0.35, zorder=3))

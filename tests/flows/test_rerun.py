@@ -29,7 +29,6 @@ def _doc(shards_dir, demo_world, t, **rerun):
 
 def _task_kinds(flow_run_id) -> set:
     from prefect.client.orchestration import get_client
-
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.sphere.geometry import haversine_km
 from geopipe.pipeline.eval.metrics import distance_metrics
+from geopipe.pipeline.sphere.geometry import haversine_km
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID
 from geopipe.schemas.report import COMPARISON_COLUMNS, REPORT_SCHEMA_ID, validate_report
 from geopipe.stages.evaluate import EvaluateConfig, format_table, run_evaluate, store_mean_direction

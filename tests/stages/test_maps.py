@@ -12,10 +12,10 @@ import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, LOG_UNIFORM_SPHERE, latlon_to_xyz
-from geopipe.pipeline.viz.land_outline import load_outline, outline_from_shapefile
-from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
-from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 from geopipe.pipeline.sphere.vmf import sample_vmf_mixture, vmf_log_density, vmf_mixture_log_density
+from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from geopipe.pipeline.viz.land_outline import load_outline, outline_from_shapefile
+from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 from geopipe.schemas.report import REPORT_SCHEMA_ID
 
 LEVELS = [i / 10 for i in range(1, 10)]
@@ -271,8 +271,8 @@ def _tiny_store(path, n: int = 5):
 
 def _untrained_checkpoint(path, name: str) -> str:
     from geopipe.pipeline.artifacts.checkpoint import save_checkpoint
-    from geopipe.pipeline.model.network import NetworkConfig
     from geopipe.pipeline.methods.registry import get_method
+    from geopipe.pipeline.model.network import NetworkConfig
 
     method = get_method(name)
     net = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)
@@ -302,8 +302,8 @@ def test_run_maps_end_to_end(tmp_path, name, mode, res, keys):
 
 
 def _stub_predictor(method):
-    from geopipe.pipeline.model.conditioning import CondStats
     from geopipe.pipeline.infer.predictor import Predictor
+    from geopipe.pipeline.model.conditioning import CondStats
 
     return Predictor(method, torch.nn.Linear(1, 1).double(), {}, torch.device("cpu"), cond_stats=CondStats.identity(4))
 

@@ -45,9 +45,10 @@ def test_map_counts_grid_points_and_quiet_silences_it(tmp_path):
 
 
 def test_bench_counts_forward_passes(tmp_path):
-    from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
-    import io
     import contextlib
+    import io
+
+    from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
     err = io.StringIO()
     cfg = BenchConfig(dim=16, depth=2, cond_dim=8, batch=8, steps=2, nll_batch=4, repeats=1, device="cpu")

@@ -21,9 +21,9 @@ from geopipe.pipeline.artifacts.checkpoint import (
     restore_train_state,
     save_checkpoint,
 )
+from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig
 from geopipe.pipeline.train.optim import EMA, lr_at, make_optimizer, set_lr
-from geopipe.pipeline.core.provenance import provenance
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, MODEL_FILE, REQUIRED_CONFIG_KEYS
 
 NET = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)

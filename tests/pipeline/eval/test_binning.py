@@ -6,8 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from geopipe.pipeline.eval.binning import (BinningConfig, adaptive_bin_edges, bin_counts, binned_rank_stats,
-                                           r2_on_ranks, rankdata, spearman)
+from geopipe.pipeline.eval.binning import BinningConfig, adaptive_bin_edges, bin_counts, binned_rank_stats, r2_on_ranks, rankdata, spearman
 
 ORACLES = json.loads((pathlib.Path(__file__).parent / "uncertainty_oracles.json").read_text())
 

@@ -13,12 +13,12 @@ import torch
 
 import geopipe.pipeline.eval.metrics as metrics
 import geopipe.pipeline.eval.prdc as prdc_mod
+from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.eval.admin import admin_accuracy, is_missing_label, reverse_geocode_labels
 from geopipe.pipeline.eval.calibration import CALIBRATION_LEVELS, calibration_table, hdr_rank
-from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz
 from geopipe.pipeline.eval.metrics import constant_baseline, distance_metrics, geoscore, localizability_summary, nll_summary
 from geopipe.pipeline.eval.prdc import prdc
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz
 
 PARIS, NEW_YORK = (48.8566, 2.3522), (40.7128, -74.0060)
 

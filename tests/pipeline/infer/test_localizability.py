@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, LOG_UNIFORM_SPHERE, latlon_to_xyz
 from geopipe.pipeline.infer.localizability import (
     effective_area_km2,
     entropy_bits,
@@ -14,8 +13,9 @@ from geopipe.pipeline.infer.localizability import (
     localize,
     neg_entropy_nats,
 )
-from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig, VMFParams
 from geopipe.pipeline.methods.registry import get_method
+from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig, VMFParams
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, LOG_UNIFORM_SPHERE, latlon_to_xyz
 
 F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, NonFiniteError, latlon_to_xyz, project, sphere_exp, sphere_log, xyz_to_latlon
-from geopipe.pipeline.model.network import NetworkConfig, VMFParams
-from geopipe.pipeline.methods.registry import METHODS, get_method, method_from_dict, rfm_interpolant
 from geopipe.pipeline.methods.base import drop_condition
+from geopipe.pipeline.methods.registry import METHODS, get_method, method_from_dict, rfm_interpolant
+from geopipe.pipeline.model.network import NetworkConfig, VMFParams
+from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, NonFiniteError, latlon_to_xyz, project, sphere_exp, sphere_log, xyz_to_latlon
 
 F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))

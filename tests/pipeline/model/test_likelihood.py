@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, fibonacci_sphere, latlon_to_xyz, project
+from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.model.likelihood import (
     diffusion_log_likelihood,
     euclidean_log_likelihood,
@@ -14,8 +14,8 @@ from geopipe.pipeline.model.likelihood import (
     sphere_log_likelihood,
 )
 from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig
-from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.model.schedules import LinearSchedule, SigmoidSchedule
+from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, fibonacci_sphere, latlon_to_xyz, project
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-9)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from geopipe.pipeline.sphere.geometry import latlon_to_xyz, project
 from geopipe.pipeline.model.guidance import cfg_combine, guided_field
 from geopipe.pipeline.model.samplers import SAMPLERS, ddim_sample, ddim_step, get_sampler, riemann_euler_step
 from geopipe.pipeline.model.schedules import LinearSchedule, SigmoidSchedule
+from geopipe.pipeline.sphere.geometry import latlon_to_xyz, project
 
 F64 = torch.float64
 PARIS = latlon_to_xyz(torch.tensor([[48.8566, 2.3522]], dtype=F64))

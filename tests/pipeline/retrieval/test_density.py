@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.retrieval.density import (fit_kernel, kernel_localizability, kernel_mode, kernel_weights,
-                                                log_density, neighbour_xyz)
+from geopipe.pipeline.retrieval.density import fit_kernel, kernel_localizability, kernel_mode, kernel_weights, log_density, neighbour_xyz
 from geopipe.pipeline.sphere.geometry import fibonacci_sphere, latlon_to_xyz
 
 

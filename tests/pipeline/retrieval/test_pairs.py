@@ -3,8 +3,8 @@ and the insufficient_pairs status."""
 
 import numpy as np
 
-from geopipe.pipeline.retrieval.pairs import PairConfig, candidate_pairs, mine_pairs
 from geopipe.pipeline.eval.recall import haversine_m
+from geopipe.pipeline.retrieval.pairs import PairConfig, candidate_pairs, mine_pairs
 
 
 def test_candidates_match_brute_force():

@@ -12,10 +12,10 @@ import pytest
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.lockfile import DirLock, LockedError
-from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.pipeline.ingest.shards import CorruptShardError, ShardNotFoundError, iter_tar_samples, resolve_shards
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, open_store, read_store
+from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.pipeline.store.writer import StoreMismatchError, StoreWriter, prepare_embeddings
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import REQUIRED_ATTRS, validate_store_attrs

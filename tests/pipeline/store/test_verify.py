@@ -8,8 +8,8 @@ import zarr
 from click.testing import CliRunner
 
 from geopipe.flows.cli import cli
-from geopipe.pipeline.store.rejects import Reject, write_rejects
 from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.rejects import Reject, write_rejects
 from geopipe.pipeline.store.verify import store_info, verify_store
 from geopipe.pipeline.store.writer import StoreWriter
 from geopipe.stages.store_tools import StoreVerifyConfig, run_store_verify

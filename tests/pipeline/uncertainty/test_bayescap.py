@@ -11,8 +11,7 @@ import torch
 
 from geopipe.pipeline.uncertainty.bayescap import BayesCapConfig, BayesCapMLP, TrainConfig, count_parameters, train_bayescap
 from geopipe.pipeline.uncertainty.losses import log_ggd_variance, sample_ggd
-from geopipe.pipeline.uncertainty.mc_dropout import (aggregate_log, heads_to_alpha_beta, mc_passes, population_variance,
-                                                     score_embeddings)
+from geopipe.pipeline.uncertainty.mc_dropout import aggregate_log, heads_to_alpha_beta, mc_passes, population_variance, score_embeddings
 
 ORACLES = json.loads((pathlib.Path(__file__).parents[1] / "eval" / "uncertainty_oracles.json").read_text())
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from geopipe.pipeline.uncertainty.losses import (GGDLossConfig, bc_loss, bcc_loss, ggd_elementwise, ggd_loss, ggd_nll,
-                                                 log_ggd_variance, temp_comb_loss)
+from geopipe.pipeline.uncertainty.losses import GGDLossConfig, bc_loss, bcc_loss, ggd_elementwise, ggd_loss, ggd_nll, log_ggd_variance, temp_comb_loss
 
 ORACLES = json.loads((pathlib.Path(__file__).parents[1] / "eval" / "uncertainty_oracles.json").read_text())
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
