@@ -110,16 +110,21 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
 @click.option("--stream/--in-memory", "stream", default=None,
               help="Stream shuffled chunks from the store through a bounded buffer, or load it whole "
                    "(default: in memory when the store fits comfortably).")
+@click.option("--min-pairs", default=None, type=int,
+              help="bayescap methods: fewest viewpoint pairs to train on (default 2000; see docs/retrieval_uncertainty.md).")
+@click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),
+              help="bayescap methods: what to do with too few pairs (default skip: train nothing and say why).")
 @_device_option
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
-          stream, device, allow_changes=False):
+          stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
     """Train a generative geolocation model on a store's cached embeddings (or, with --method
     bayescap|bayescap-cycle, uncertainty heads on its frozen embeddings)."""
     if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty: its own stage and defaults
         from geopipe.flows.cli_retrieval import train_bayescap_command
 
-        return train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed)
+        return train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed,
+                                      min_pairs=min_pairs, no_pairs_policy=no_pairs_policy)
     from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(

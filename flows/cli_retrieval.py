@@ -59,7 +59,8 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
                    f"validation NLL {res.kernel['val_nll']:.3f} nats/sr on {res.kernel['n_val']} records")
 
 
-def train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed) -> None:
+def train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed, *, min_pairs=None,
+                           no_pairs_policy=None) -> None:
     """``geopipe train --method bayescap|bayescap-cycle``: options left at the generative
     defaults take the BayesCap stage's defaults instead (2000 steps, batch 96, lr 1e-4)."""
     from click.core import ParameterSource
@@ -70,6 +71,14 @@ def train_bayescap_command(store, out, method, steps, batch_size, lr, val_every,
     given = lambda name: ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)  # noqa: E731
     chosen = {k: v for k, v in (("steps", steps), ("batch", batch_size), ("lr", lr), ("val_every", val_every), ("seed", seed))
               if given({"batch": "batch_size"}.get(k, k))}
+    if min_pairs is not None:
+        import dataclasses
+
+        from geopipe.pipeline.retrieval.pairs import PairConfig
+
+        chosen["pairs"] = dataclasses.replace(PairConfig(), min_pairs=min_pairs)
+    if no_pairs_policy is not None:
+        chosen["no_pairs_policy"] = no_pairs_policy
     res = run_train_bayescap(BayesCapStageConfig(store=store, out=out, method=method, progress=progress_enabled(), **chosen))
     p = res.pairs
     click.echo(f"pairs: {p['n_pairs']} ({p['kind']}; {p['n_train']} train, {p['n_val']} validation), "

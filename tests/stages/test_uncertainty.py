@@ -75,6 +75,14 @@ def test_insufficient_pairs_policies(world, tmp_path):
     r = CliRunner().invoke(cli, ["train", "--method", "bayescap", "--store", store, "-o", str(tmp_path / "cli"), "--steps", "5"])
     assert r.exit_code == 0, r.output
     assert "insufficient_pairs" in r.output and not (tmp_path / "cli").exists()
+    # The same store trains from the command line once --min-pairs admits its pairs.
+    r = CliRunner().invoke(cli, ["train", "--method", "bayescap", "--store", store, "-o", str(tmp_path / "cli2"), "--steps", "5",
+                                 "--val-every", "5", "--min-pairs", "200"])
+    assert r.exit_code == 0, r.output
+    assert "trained bayescap" in r.output and (tmp_path / "cli2" / "config.json").exists()
+    r = CliRunner().invoke(cli, ["train", "--method", "bayescap", "--store", store, "-o", str(tmp_path / "cli3"), "--steps", "5",
+                                 "--val-every", "5", "--no-pairs-policy", "identity"])
+    assert r.exit_code == 0 and "trained bayescap" in r.output, r.output
 
 
 def test_checkpoint_from_another_backbone_is_refused(world, trained, tmp_path):
