@@ -225,25 +225,12 @@ def _split_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarra
     weights = weights / weights.sum()
     twins = {r[7]: r for r in reversed(_REGIONS) if r[7]}  # twin key -> first member (style source)
     for i in range(n):
-        u = rng.random()
-        if u < _P_REGION:
-            name, country, lat0, lon0, spread, _, landmark, twin = _REGIONS[rng.choice(len(_REGIONS), p=weights)]
-            east, north = rng.normal(size=2)
-            lat, lon = _destination(lat0, lon0, math.atan2(east, north), spread * math.hypot(east, north))
-            src = twins[twin] if twin else (None, None, lat0, lon0)
-            style = _style(src[2], src[3], jitter=(float(np.clip(east, -2, 2)), float(np.clip(north, -2, 2))))
-            img = _render(style, rng, grid, landmark if rng.random() < 0.7 else None)
-            biome = _biome(lat0)
-        elif u < _P_REGION + _P_DIFFUSE:
-            la0, la1, lo0, lo1, country = _LAND_BOXES[rng.integers(len(_LAND_BOXES))]
-            lat, lon = rng.uniform(la0, la1), rng.uniform(lo0, lo1)
-            name, biome = "diffuse_" + _continent(lat, lon), _biome(lat)
-            img = _render(_style(lat, lon, jitter=(0.0, 0.0)), rng, grid, None)
-        else:
-            lat, lon = math.degrees(math.asin(rng.uniform(-1, 1))), rng.uniform(-180, 180)
-            name, country, biome = "featureless", "Nullland", "unknown"
+        lat, lon, country, name, biome, style, landmark = _place(rng, weights, twins)
+        if style is None:
             img = _featureless(rng, grid.shape[1])
             counts["featureless"] += 1
+        else:
+            img = _render(style, rng, grid, landmark)
         meta = {"latitude": round(float(lat), 6), "longitude": round(float(lon), 6), "country": country,
                 "region": name, "biome": biome, "split": split}
         yield {"__key__": f"{split}_{i:08d}", "jpg": _jpeg(img), "json": meta}
