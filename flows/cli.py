@@ -7,19 +7,15 @@ Every command builds a frozen stage config from its options and runs the stage (
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from geopipe.flows.cli_common import progress_enabled, user_errors
+from geopipe.flows.cli_common import device_option, progress_enabled, user_errors
 from geopipe.pipeline.methods.names import METHOD_NAMES
 from geopipe.pipeline.model.names import SAMPLER_NAMES, SCHEDULE_NAMES
 
 __all__ = ["main", "cli"]
 
 
-def _device_option(fn):
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,7 +65,7 @@ def demo_data(out, n_train, n_test, shard_size, seed, views_per_place):
               help="What to do with shards changed since they were extracted.")
 @click.option("--verify-hash", is_flag=True, help="Detect changed shards by sha256 instead of size/mtime.")
 @click.option("--embedding-key", default=None, help="Read precomputed embeddings from this entry (e.g. street_clip.npy); no backbone runs.")
-@_device_option
+@device_option
 @user_errors
 def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
             precision, on_changed, verify_hash, embedding_key, device):
@@ -114,7 +110,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
               help="bayescap methods: fewest viewpoint pairs to train on (default 2000; see docs/retrieval_uncertainty.md).")
 @click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),
               help="bayescap methods: what to do with too few pairs (default skip: train nothing and say why).")
-@_device_option
+@device_option
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
           stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
@@ -160,7 +156,7 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @click.option("--dask", "dask_address", default=None,
               help="'local:N' for a LocalCluster with N workers, or a scheduler address (tcp://host:8786); workers need "
                    "the checkpoint, the store and -o on shared storage or fsspec urls.")
-@_device_option
+@device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
             batch_size, seed, dask_address, device):
@@ -305,59 +301,6 @@ def demo(workdir, steps):
     click.echo(result["table"])
 
 
-@cli.command()
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import"]),
-              default="all", show_default=True,
-              help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
-                   "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
-                   "geopipe import vs np.load + zarr write). stream/dask/import write their inputs under --workdir.")
-@click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
-              help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
-@click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
-@click.option("--dim", default=512, show_default=True, help="Width of the benchmarked network.")
-@click.option("--depth", default=12, show_default=True, help="Residual blocks of the benchmarked network.")
-@click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
-@click.option("--steps", default=16, show_default=True, help="Sampling steps per record.")
-@click.option("--nll-batch", default=512, show_default=True, help="Records per exact-likelihood batch.")
-@click.option("--repeats", default=2, show_default=True, help="Timed repeats (the fastest counts).")
-@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
-@click.option("--out", "-o", default=None, help="Write the figures as JSON.")
-@_device_option
-@user_errors
-def bench(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
-    """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
-    from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
-
-    cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device,
-                      progress=progress_enabled())
-    results = {}
-    if what in ("predict", "all"):
-        results["predict"] = bench_predict(cfg)
-    if what in ("nll", "all"):
-        results["nll"] = bench_nll(cfg)
-    if what in ("extract", "all"):
-        from geopipe.stages.bench_extract import bench_extract
-
-        results["extract"] = bench_extract(device=device)
-    if what in ("stream", "dask", "import"):
-        import os
-
-        from geopipe.stages import bench_scale as bs
-
-        os.makedirs(workdir, exist_ok=True)
-        scale = bs.ScaleBenchConfig(workdir=workdir, rows=rows)
-        results[what] = {"stream": bs.bench_stream_train, "dask": bs.bench_dask_predict, "import": bs.bench_import}[what](scale)
-    if what in ("retrieval", "bayescap"):
-        from geopipe.stages import bench_retrieval as br
-
-        results[what] = br.bench_retrieval(threads=threads) if what == "retrieval" else br.bench_bayescap(threads=threads)
-    text = json.dumps(results, indent=2, default=str)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text)
-    click.echo(text)
-
-
 def _with_progress(cfg):
     """The pipeline config with each stage's progress switched off under ``--quiet``."""
     if progress_enabled():
@@ -370,11 +313,12 @@ def _with_progress(cfg):
 
 def _register_subcommands() -> None:
     # defined in sibling modules that import user_errors from here, hence registered last
+    from geopipe.flows.cli_bench import bench_command
     from geopipe.flows.cli_maps import calibration_plot_command, map_command
     from geopipe.flows.cli_retrieval import retrieve_command
     from geopipe.flows.cli_store import import_command, store_group
 
-    for command in (store_group, import_command, map_command, calibration_plot_command, retrieve_command):
+    for command in (store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command):
         cli.add_command(command)
 
 

@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-__all__ = ["user_errors", "report_hint", "progress_enabled"]
+__all__ = ["user_errors", "report_hint", "progress_enabled", "device_option"]
 
 
 def progress_enabled() -> bool:
@@ -52,3 +52,8 @@ def user_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def device_option(fn):
+    """The ``--device`` option shared by every command that runs a model."""
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)

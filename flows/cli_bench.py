@@ -1,0 +1,68 @@
+"""``geopipe bench``: throughput against bare baselines measured in the same run.
+
+Registered on the main group in :mod:`geopipe.flows.cli`; the benchmarks themselves live in
+``geopipe.stages.bench*`` and load torch only when a benchmark runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from geopipe.flows.cli_common import device_option, progress_enabled, user_errors
+
+__all__ = ["bench_command"]
+
+
+@click.command("bench")
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import"]),
+              default="all", show_default=True,
+              help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
+                   "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
+                   "geopipe import vs np.load + zarr write). stream/dask/import write their inputs under --workdir.")
+@click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
+              help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
+@click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
+@click.option("--dim", default=512, show_default=True, help="Width of the benchmarked network.")
+@click.option("--depth", default=12, show_default=True, help="Residual blocks of the benchmarked network.")
+@click.option("--batch", default=4096, show_default=True, help="Records per sampling batch.")
+@click.option("--steps", default=16, show_default=True, help="Sampling steps per record.")
+@click.option("--nll-batch", default=512, show_default=True, help="Records per exact-likelihood batch.")
+@click.option("--repeats", default=2, show_default=True, help="Timed repeats (the fastest counts).")
+@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--out", "-o", default=None, help="Write the figures as JSON.")
+@device_option
+@user_errors
+def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, device):
+    """Measure throughput against bare baselines in the same run (ratios, records/s, images/s)."""
+    from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
+
+    cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device,
+                      progress=progress_enabled())
+    results = {}
+    if what in ("predict", "all"):
+        results["predict"] = bench_predict(cfg)
+    if what in ("nll", "all"):
+        results["nll"] = bench_nll(cfg)
+    if what in ("extract", "all"):
+        from geopipe.stages.bench_extract import bench_extract
+
+        results["extract"] = bench_extract(device=device)
+    if what in ("stream", "dask", "import"):
+        import os
+
+        from geopipe.stages import bench_scale as bs
+
+        os.makedirs(workdir, exist_ok=True)
+        scale = bs.ScaleBenchConfig(workdir=workdir, rows=rows)
+        results[what] = {"stream": bs.bench_stream_train, "dask": bs.bench_dask_predict, "import": bs.bench_import}[what](scale)
+    if what in ("retrieval", "bayescap"):
+        from geopipe.stages import bench_retrieval as br
+
+        results[what] = br.bench_retrieval(threads=threads) if what == "retrieval" else br.bench_bayescap(threads=threads)
+    text = json.dumps(results, indent=2, default=str)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    click.echo(text)
