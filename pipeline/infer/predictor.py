@@ -120,13 +120,15 @@ def _log_likelihood(p: Predictor, x: torch.Tensor, cond: torch.Tensor, opts: Pre
     return torch.cat(out)
 
 
-def _samples_logp(p: Predictor, cond: torch.Tensor, n: int, opts: PredictOptions, g, chunk: int):
+def _samples_logp(p: Predictor, cond: torch.Tensor, n: int, opts: PredictOptions, g, chunk: int, keys=None):
     """(B, n, 3) unguided samples (unit vectors) and their (B, n) log densities there, in record
-    chunks of ≈ ``chunk`` points: the candidates of ``--ensemble``, ranked as locations."""
+    chunks of ≈ ``chunk`` points: the candidates of ``--ensemble``, ranked as locations. ``keys``
+    (one per record) name a record whose samples are non-finite."""
     xs, lps = [], []
     per = max(1, chunk // n)
     for s in _chunks(len(cond), per):
-        y = p.method.sample(p.model, cond[s], n, steps=opts.steps, guidance=0.0, sampler=opts.sampler, generator=g)
+        y = p.method.sample(p.model, cond[s], n, steps=opts.steps, guidance=0.0, sampler=opts.sampler, generator=g,
+                            keys=None if keys is None else keys[s])
         flat_c = cond[s].repeat_interleave(n, dim=0)
         lp = p.method.log_likelihood(p.model, y.reshape(-1, 3), flat_c, rtol=opts.rtol, atol=opts.atol)
         xs.append(y)
@@ -149,14 +151,16 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
         truth = truth if truth.any() else None
     cols: dict = {}
     if opts.ensemble > 0:
-        ys, lps = _samples_logp(p, cond, opts.ensemble, opts, generator, chunk)
+        ys, lps = _samples_logp(p, cond, opts.ensemble, opts, generator, chunk, keys)
         point = ys[torch.arange(len(ys)), lps.argmax(dim=1)]
     else:
-        point = p.method.predict_point(p.model, cond, steps=opts.steps, guidance=opts.guidance, sampler=opts.sampler, generator=generator)
+        point = p.method.predict_point(p.model, cond, steps=opts.steps, guidance=opts.guidance, sampler=opts.sampler, generator=generator,
+                                       keys=keys)
     ll = xyz_to_latlon(point.double(), keys=keys).cpu().numpy()
     cols["lat"], cols["lon"] = ll[:, 0], ll[:, 1]
     if opts.samples > 0:
-        ys = p.method.sample(p.model, cond, opts.samples, steps=opts.steps, guidance=0.0, sampler=opts.sampler, generator=generator)
+        ys = p.method.sample(p.model, cond, opts.samples, steps=opts.steps, guidance=0.0, sampler=opts.sampler, generator=generator,
+                             keys=keys)
         sl = xyz_to_latlon(ys.double()).cpu().numpy()
         cols["sample_lat"], cols["sample_lon"] = list(sl[..., 0]), list(sl[..., 1])
     true_logp = None

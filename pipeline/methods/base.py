@@ -9,7 +9,7 @@ import torch
 
 from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.model.schedules import Schedule, make_schedule, schedule_from_dict
-from geopipe.pipeline.sphere.geometry import NonFiniteError, project
+from geopipe.pipeline.sphere.geometry import NON_FINITE_ADVICE, NonFiniteError, project
 
 __all__ = ["MethodBase", "drop_condition", "finalize_points", "resolve_schedule"]
 
@@ -36,7 +36,7 @@ def finalize_points(x: torch.Tensor, keys=None, *, per_record: int = 1) -> torch
         rec, j = divmod(idx, per_record)
         name = repr(keys[rec]) if keys is not None else f"#{rec}"
         extra = f" (sample {j})" if per_record > 1 else ""
-        raise NonFiniteError(f"non-finite or zero model output for record {name}{extra}: {x[idx].tolist()}")
+        raise NonFiniteError(f"non-finite or zero model output for record {name}{extra}: {x[idx].tolist()}" + NON_FINITE_ADVICE)
     return project(x / scale)
 
 

@@ -13,10 +13,13 @@ import math
 import numpy as np
 import torch
 
+from geopipe.pipeline.core.errors import GeopipeError
+
 __all__ = [
     "EARTH_RADIUS_KM",
     "LOG_UNIFORM_SPHERE",
     "NonFiniteError",
+    "NON_FINITE_ADVICE",
     "LAT_LIMIT",
     "LON_LIMIT",
     "coordinate_problem",
@@ -39,8 +42,12 @@ EARTH_RADIUS_KM = 6371.0088
 LOG_UNIFORM_SPHERE = -math.log(4.0 * math.pi)
 
 
-class NonFiniteError(ValueError):
-    """A model produced a non-finite coordinate; the message names the offending record."""
+class NonFiniteError(GeopipeError, ValueError):
+    """A model produced a non-finite coordinate; the one-line message names the offending record and
+    what to do (a diverged checkpoint: retrain with a lower learning rate)."""
+
+#: What a user does about a non-finite model output (appended to every NonFiniteError).
+NON_FINITE_ADVICE = "; the model has probably diverged: retrain it with a lower --lr (or check that record's embedding)"
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -102,7 +109,8 @@ def xyz_to_latlon(xyz: torch.Tensor, keys=None) -> torch.Tensor:
     if bad.any():
         idx = int(bad.reshape(-1).nonzero()[0])
         name = repr(keys[idx]) if keys is not None else f"#{idx}"
-        raise NonFiniteError(f"non-finite or zero model output for record {name}: {xyz.reshape(-1, 3)[idx].tolist()}")
+        raise NonFiniteError(f"non-finite or zero model output for record {name}: {xyz.reshape(-1, 3)[idx].tolist()}"
+                             + NON_FINITE_ADVICE)
     unit = xyz / norm
     lat = torch.asin(unit[..., 2].clamp(-1.0, 1.0))
     lon = torch.atan2(unit[..., 1], unit[..., 0])

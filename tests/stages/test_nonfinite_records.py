@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.core.errors import GeopipeError
@@ -91,3 +93,28 @@ def test_a_nan_truth_blanks_only_its_own_row(tmp_path, model):
     rep = CliRunner().invoke(cli, ["evaluate", str(out), "-o", str(tmp_path / "r.json")])
     assert rep.exit_code == 0, rep.output
     assert json.loads((tmp_path / "r.json").read_text())["reports"][0]["distance"]["n"] == N - len(bad)
+
+
+@pytest.mark.parametrize("extra", [[], ["--ensemble", "2"]], ids=["point", "ensemble"])
+def test_a_diverged_model_is_one_line_naming_the_record_and_what_to_do(tmp_path, model, extra):
+    """NaN weights (a diverged training run) make every output non-finite: predict names the first
+    record and says to retrain, in one line, rather than printing a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from geopipe.pipeline.artifacts.checkpoint import checkpoint_files
+
+    bad = tmp_path / "diverged"
+    shutil.copytree(model, bad)
+    path = checkpoint_files(bad)["model"]
+    tensors = load_file(path)
+    tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, path, metadata=meta)
+    res = CliRunner().invoke(cli, ["predict", "-c", str(bad), "--store", _store(tmp_path / "s.zarr"), "-o", str(tmp_path / "p.parquet"),
+                                   "--device", "cpu", *extra])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert re.match(r"geopipe: error: non-finite or zero model output for record 'k00'(?: \(sample 0\))?: \[nan, nan, nan\]; .*retrain it with a lower --lr", lines[0]), lines[0]
