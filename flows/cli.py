@@ -156,10 +156,13 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @click.option("--dask", "dask_address", default=None,
               help="'local:N' for a LocalCluster with N workers, or a scheduler address (tcp://host:8786); workers need "
                    "the checkpoint, the store and -o on shared storage or fsspec urls.")
+@click.option("--bayescap", default=None, help="BayesCap checkpoint (geopipe train --method bayescap…) trained on embeddings "
+              "of the store's backbone: also write log_u, log_u_alea, log_u_epi of each record.")
+@click.option("--mc-passes", default=15, show_default=True, help="MC-dropout passes of the --bayescap scores.")
 @device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
-            batch_size, seed, dask_address, device):
+            batch_size, seed, dask_address, bayescap, mc_passes, device):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
@@ -167,6 +170,7 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
         checkpoint=checkpoint, store=store, out=out, steps=steps, guidance=guidance, sampler=sampler,
         samples=samples, ensemble=ensemble, nll=nll, localizability=localizability, rtol=rtol, atol=atol,
         likelihood_every=likelihood_every, batch_size=batch_size, seed=seed, dask=dask_address, device=device, progress=progress_enabled(),
+        uncertainty_checkpoint=bayescap, mc_passes=mc_passes,
     )
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")

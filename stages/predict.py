@@ -77,10 +77,12 @@ class PredictConfig:
     dask: str | None = None  # None: in process; "local:N": LocalCluster(N); else a scheduler address
     device: str = "auto"
     progress: bool = True
+    uncertainty_checkpoint: str | None = None  # BayesCap checkpoint: adds log_u, log_u_alea, log_u_epi
+    mc_passes: int = 15  # MC-dropout passes of those scores
 
     def __post_init__(self) -> None:
         self.options()  # sampling options: ConfigError naming the option
-        for name in ("batch_size", "partition_batches", "min_partitions"):
+        for name in ("batch_size", "partition_batches", "min_partitions", "mc_passes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a whole number >= 1, got {v!r}")
@@ -134,7 +136,17 @@ def _predict_table(cfg: PredictConfig, start: int, stop: int):
     """Score rows [start, stop) of the store (the model stays loaded between partitions)."""
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))
-    return predict_rows(p, store, start, stop, cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
+    table = predict_rows(p, store, start, stop, cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
+    if cfg.uncertainty_checkpoint:  # MC-dropout noise seeded from (seed, first row) like the sampling noise
+        import numpy as np
+        import pyarrow as pa
+
+        from geopipe.stages.uncertainty import score_rows
+
+        scores = score_rows(cfg.uncertainty_checkpoint, store, np.arange(start, stop), passes=cfg.mc_passes, seed=cfg.seed + start)
+        for name, values in scores.items():
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=pa.float64()))
+    return table
 
 
 def _predict_part(cfg: PredictConfig, start: int, stop: int, metadata: dict) -> PartDone:
@@ -223,6 +235,10 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
                            f"give a new path, or one ending in .parquet for a single file")
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))  # fail fast on mismatch
+    if cfg.uncertainty_checkpoint:
+        from geopipe.stages.uncertainty import check_bayescap
+
+        check_bayescap(cfg.uncertainty_checkpoint, store)  # another backbone or dimension: refused before any work
     n = len(store)
     bounds = partition_bounds(n, store.chunk_rows, cfg.batch_size, cfg.partition_batches, cfg.min_partitions)
     metadata = predictions_metadata(asdict(cfg), _model_identity(cfg, p.config), provenance())

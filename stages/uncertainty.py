@@ -30,7 +30,7 @@ from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 
 __all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
-           "score_rows"]
+           "check_bayescap", "score_rows"]
 
 NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
 
@@ -166,16 +166,23 @@ def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
     return model, cfg
 
 
-def score_rows(checkpoint: str, store: EmbeddingStore, rows: np.ndarray, passes: int = 15, seed: int = 0,
-               batch: int = 4096) -> dict[str, np.ndarray]:
-    """log_u, log_u_alea, log_u_epi (len(rows),) float64 of a store's rows; the checkpoint's
-    backbone must match the store's."""
+def check_bayescap(checkpoint: str, store: EmbeddingStore) -> tuple[BayesCapMLP, dict]:
+    """:func:`load_bayescap`, refusing (one line) a checkpoint trained on another backbone or
+    embedding dimension than ``store``'s."""
     model, cfg = load_bayescap(checkpoint)
     ident = lambda b: (b or {}).get("fingerprint") or (b or {}).get("name")  # noqa: E731
     if ident(cfg.get("backbone")) != ident(store.attrs.get("backbone")) or cfg["embed_dim"] != store.embed_dim:
         raise GeopipeError(f"{checkpoint}: BayesCap was trained on {cfg['embed_dim']}-d embeddings of backbone "
                            f"{(cfg.get('backbone') or {}).get('name')!r}, store {store.path} holds {store.embed_dim}-d "
-                           f"of {(store.attrs.get('backbone') or {}).get('name')!r}")
+                           f"of {(store.attrs.get('backbone') or {}).get('name')!r}; train it on a store of this backbone")
+    return model, cfg
+
+
+def score_rows(checkpoint: str, store: EmbeddingStore, rows: np.ndarray, passes: int = 15, seed: int = 0,
+               batch: int = 4096) -> dict[str, np.ndarray]:
+    """log_u, log_u_alea, log_u_epi (len(rows),) float64 of a store's rows; the checkpoint's
+    backbone must match the store's."""
+    model, _ = check_bayescap(checkpoint, store)
     out = {k: [] for k in ("log_u", "log_u_alea", "log_u_epi")}
     with torch.inference_mode():
         for s in range(0, rows.size, batch * 4):

@@ -31,7 +31,7 @@ from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDIC
 
 __all__ = ["wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
            "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
-           "finish_dataset", "DATASET_METADATA"]
+           "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
 
 _REQUIRED = ("key", "lat", "lon")
 #: Float columns :func:`read_predictions` returns when present (as float64 arrays, NaN for null).
@@ -149,6 +149,51 @@ def _dataset_parts(path: str) -> list[str]:
         md = pq.read_metadata(fh)
     names = [md.row_group(i).column(0).file_path for i in range(md.num_row_groups)]
     return sorted(dict.fromkeys(names), key=lambda n: parse_part_name(n) or (0, 0))
+
+
+def _files(path: str) -> list[str]:
+    """The Parquet files of a predictions file or complete dataset directory, in row order."""
+    is_dir = fsio.exists(fsio.join(path, DATASET_METADATA[0])) or (fsio.is_local(path) and os.path.isdir(path))
+    if is_dir:
+        return [fsio.join(path, p) for p in _dataset_parts(path)]
+    if not fsio.isfile(path):
+        raise GeopipeError(f"predictions file {path!r} does not exist")
+    return [path]
+
+
+def read_columns(path: str, names: Sequence[str]) -> pa.Table:
+    """The columns of ``names`` that a predictions file or complete dataset directory has (in
+    its row order, as :func:`read_predictions`); a table without columns when it has none."""
+    files = _files(path)
+    with fsio.open_read(files[0] if files else fsio.join(path, DATASET_METADATA[0])) as fh:
+        present = [n for n in names if n in pq.read_schema(fh).names]
+    if not present:
+        return pa.table({})
+    tables = []
+    for f in files:
+        with fsio.open_read(f) as fh:
+            tables.append(pq.read_table(fh, columns=present))
+    return pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(present)
+
+
+def replace_columns(path: str, columns: Mapping[str, np.ndarray | None], model_extra: Mapping | None = None) -> None:
+    """Rewrite the predictions *file* ``path`` (atomically) with ``columns`` set (None: null),
+    and ``model_extra`` merged into the ``model`` entry of its metadata."""
+    if not fsio.isfile(path):
+        raise GeopipeError(f"predictions file {path!r} does not exist (only a single .parquet file can be re-scored)")
+    with fsio.open_read(path) as fh:
+        table = pq.read_table(fh)
+    meta = dict(table.schema.metadata or {})
+    for name, values in columns.items():
+        i = table.schema.get_field_index(name)
+        typ = PREDICTIONS_SCHEMA.field(name).type
+        arr = pa.nulls(table.num_rows, typ) if values is None else pa.array(np.asarray(values), type=typ)
+        table = table.set_column(i, name, arr) if i >= 0 else table.append_column(PREDICTIONS_SCHEMA.field(name), arr)
+    if model_extra:
+        doc = json.loads(meta[METADATA_KEY])
+        doc["model"] = {**(doc.get("model") or {}), **model_extra}
+        meta[METADATA_KEY] = json.dumps(doc, default=str).encode()
+    write_predictions(table, path, meta)
 
 
 def read_predictions(path: str) -> tuple[dict, dict]:

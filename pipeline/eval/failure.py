@@ -11,13 +11,12 @@ AUSE, AURG, AUSC_norm), adaptive bins with Spearman S and R², AUROC/AUPRC of fa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from geopipe.pipeline.artifacts.predictions import read_columns
 from geopipe.pipeline.eval.binning import BinningConfig, binned_rank_stats
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, haversine_m, recall_at_k, recall_summary
 from geopipe.pipeline.eval.sparsification import SPARSIFICATION_STEPS, failure_detection, sparsification
@@ -45,18 +44,12 @@ class FailureOptions:
 
 
 def read_optional_columns(path: str, names) -> dict:
-    """Columns of ``names`` present in a predictions file: floats as float64 arrays (NaN for
-    null), ``answerable`` as a float array (NaN unknown), list columns as (N, K) float arrays
-    padded with NaN. Empty for a dataset directory."""
-    if not os.path.isfile(path):  # a predictions dataset directory (geopipe predict --dask) has none of them
-        return {}
-    schema = pq.read_schema(path)
-    present = [n for n in names if n in schema.names]
-    if not present:
-        return {}
-    table = pq.read_table(path, columns=present)
+    """Columns of ``names`` present in a predictions file or dataset directory: floats as
+    float64 arrays (NaN for null), ``answerable`` as a float array (NaN unknown), list columns
+    as (N, K) float arrays padded with NaN."""
+    table = read_columns(path, list(names))
     out = {}
-    for name in present:
+    for name in table.column_names:
         col = table.column(name)
         if name in _LIST_COLUMNS:
             rows = col.to_pylist()
