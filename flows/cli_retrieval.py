@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from geopipe.flows.cli_common import progress_enabled, user_errors
+from geopipe.flows.cli_common import device_option, progress_enabled, user_errors
 
 __all__ = ["retrieve_command", "train_bayescap_command"]
 
@@ -31,15 +31,17 @@ __all__ = ["retrieve_command", "train_bayescap_command"]
 @click.option("--capture-field", default="capture_id", show_default=True,
               help="Metadata field with capture ids: a query never retrieves its own capture.")
 @click.option("--backend", type=click.Choice(["auto", "blocked", "faiss"]), default="auto", show_default=True,
-              help="Search backend: faiss when installed (pip install 'geopipe[faiss]'), else the blocked matmul.")
+              help="Search backend: faiss when installed (pip install 'geopipe[faiss]'; its GPU index when faiss has GPU "
+                   "support and --device resolves to CUDA), else the blocked matmul.")
 @click.option("--radius-m", default=25.0, show_default=True, help="Positive radius of Recall@K in metres.")
 @click.option("--bayescap", "bayescap", default=None, help="BayesCap checkpoint (geopipe train --method bayescap…): "
               "write log_u, log_u_alea, log_u_epi of each query.")
 @click.option("--mc-passes", default=15, show_default=True, help="MC-dropout passes of the --bayescap scores.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the split and the sampled predictions.")
+@device_option
 @user_errors
 def retrieve_command(query, database, out, k, mode, split_mode, split_column, query_value, block_m, query_fraction,
-                     capture_field, backend, radius_m, bayescap, mc_passes, seed):
+                     capture_field, backend, radius_m, bayescap, mc_passes, seed, device):
     """Retrieve the top-K database records of each query and write a predictions table that
     `geopipe evaluate` scores like any model (plus Recall@K)."""
     from geopipe.pipeline.retrieval.split import SplitConfig
@@ -49,7 +51,7 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
                         query_fraction=query_fraction, seed=seed, capture_field=capture_field)
     res = run_retrieve(RetrieveConfig(query=query, database=database, out=out, k=k, mode=mode, split=split, backend=backend,
                                       radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, seed=seed,
-                                      progress=progress_enabled()))
+                                      progress=progress_enabled(), device=device))
     rec = res.recall
     cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None) or "none (no query has one)"
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")

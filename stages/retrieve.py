@@ -21,7 +21,7 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, answerable, haversine_m, recall_summary
 from geopipe.pipeline.retrieval.density import fit_kernel, kernel_localizability, kernel_mode, kernel_weights, neighbour_xyz
-from geopipe.pipeline.retrieval.index import resolve_backend, search_topk
+from geopipe.pipeline.retrieval.index import faiss_on_gpu, resolve_backend, search_topk
 from geopipe.pipeline.retrieval.search import TopK
 from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz
@@ -38,7 +38,8 @@ class RetrieveConfig:
     """query: store of the queries; database: store of the geotagged database, or None to split
     ``query`` by ``split`` (see :class:`geopipe.pipeline.retrieval.split.SplitConfig`); k
     neighbours; mode top1|kernel; backend auto|blocked|faiss; radius_m: positive radius of
-    Recall@K; kernel_val: database records used to fit the kernel (mode kernel);
+    Recall@K; kernel_val: database records used to fit the kernel (mode kernel); device: where
+    a faiss index lives (auto: the GPUs when faiss was built with GPU support and CUDA is there);
     uncertainty_checkpoint: a BayesCap checkpoint whose MC-dropout scores (mc_passes passes)
     become the log_u columns."""
 
@@ -57,6 +58,7 @@ class RetrieveConfig:
     chunk_rows: int = 65536
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # a faiss index goes to the GPU(s) when faiss has GPU support and this resolves to CUDA
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def _fit_kernel(db: EmbeddingStore, qd: QueryDatabase, db_latlon: np.ndarray, me
     val = np.sort(rng.choice(qd.db_rows, size=min(cfg.kernel_val, qd.db_rows.size), replace=False))
     groups = qd.db_groups if qd.db_groups is not None else np.arange(len(db), dtype=np.int64)
     top = search_topk(_select(db, val).astype(np.float32), store_chunks(db, qd.db_rows, cfg.chunk_rows), cfg.k, metric,
-                      cfg.backend, query_groups=groups[val], db_groups=groups)
+                      cfg.backend, query_groups=groups[val], db_groups=groups, device=cfg.device)
     ok = (top.indices >= 0).any(axis=1)
     return fit_kernel(db_latlon[val][ok], _neighbour_latlon(db_latlon, top.indices[ok]), top.distances[ok], top.indices[ok])
 
@@ -152,7 +154,9 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
     queries = _select(qs, qd.query_rows).astype(np.float32)
     top: TopK = search_topk(queries, store_chunks(db, qd.db_rows, cfg.chunk_rows), cfg.k, metric, backend,
-                            query_groups=qd.query_groups, db_groups=qd.db_groups)
+                            query_groups=qd.query_groups, db_groups=qd.db_groups, device=cfg.device)
+    if backend == "faiss" and faiss_on_gpu(cfg.device):
+        backend = "faiss-gpu"
     db_latlon = db.latlon[:].astype(np.float64)
     nb = _neighbour_latlon(db_latlon, top.indices)
     true_ll = qs.latlon[qd.query_rows].astype(np.float64)

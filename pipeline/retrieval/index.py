@@ -3,7 +3,10 @@ flat indexes when ``import faiss`` works (``pip install 'geopipe[faiss]'``).
 
 Both return the same neighbours: the faiss path over-fetches, then re-orders candidates by
 (score, lower database row) and removes excluded groups exactly as the blocked path does.
-faiss holds the whole database in memory (N·D·4 bytes); the blocked path streams it.
+faiss holds the whole database in memory (N·D·4 bytes); the blocked path streams it. With a
+faiss built with GPU support (``faiss.get_num_gpus() > 0``) and a device that resolves to CUDA,
+the flat index is moved to every visible GPU (``faiss.index_cpu_to_all_gpus``; still exact,
+the same re-ordering applies); otherwise it stays on the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.search import METRICS, TopK, blocked_topk, scores_to_distances
 
-__all__ = ["BACKENDS", "faiss_available", "resolve_backend", "faiss_topk", "search_topk"]
+__all__ = ["BACKENDS", "faiss_available", "faiss_gpus", "faiss_on_gpu", "resolve_backend", "faiss_topk", "search_topk"]
 
 BACKENDS = ("auto", "blocked", "faiss")
 
@@ -27,6 +30,33 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def faiss_gpus() -> int:
+    """GPUs the installed faiss can use: 0 without faiss or with a CPU-only build."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return int(getattr(faiss, "get_num_gpus", lambda: 0)())
+
+
+def faiss_on_gpu(device: str = "auto") -> bool:
+    """True when the faiss index goes to the GPU(s): faiss has GPU support and ``device``
+    resolves to CUDA (``auto``: when torch sees one)."""
+    if device == "cpu" or faiss_gpus() == 0:
+        return False
+    from geopipe.pipeline.core.device import resolve_device
+
+    return resolve_device(device).type == "cuda"
+
+
+def _flat_index(dim: int, metric: str, device: str):
+    """An empty exact flat index (inner product or L2), on every GPU when :func:`faiss_on_gpu`."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    return faiss.index_cpu_to_all_gpus(index) if faiss_on_gpu(device) else index
 
 
 def resolve_backend(backend: str) -> str:
@@ -41,15 +71,13 @@ def resolve_backend(backend: str) -> str:
 
 
 def faiss_topk(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str = "ip",
-               query_groups: np.ndarray | None = None, db_groups: np.ndarray | None = None) -> TopK:
-    """Exact top-``k`` with a faiss ``IndexFlatIP`` / ``IndexFlatL2`` (same contract as
-    :func:`geopipe.pipeline.retrieval.search.blocked_topk`)."""
-    import faiss
-
+               query_groups: np.ndarray | None = None, db_groups: np.ndarray | None = None, device: str = "auto") -> TopK:
+    """Exact top-``k`` with a faiss ``IndexFlatIP`` / ``IndexFlatL2``, on the GPU(s) when
+    :func:`faiss_on_gpu` (same contract as :func:`geopipe.pipeline.retrieval.search.blocked_topk`)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    index = faiss.IndexFlatIP(q.shape[1]) if metric == "ip" else faiss.IndexFlatL2(q.shape[1])
+    index = _flat_index(q.shape[1], metric, device)
     row_ids = []
     for ids, emb in chunks:
         index.add(np.ascontiguousarray(emb, dtype=np.float32))
@@ -80,8 +108,10 @@ def faiss_topk(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarra
 
 
 def search_topk(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int, metric: str = "ip",
-                backend: str = "auto", query_groups: np.ndarray | None = None, db_groups: np.ndarray | None = None) -> TopK:
-    """Exact top-``k`` with the chosen backend (see :data:`BACKENDS`)."""
+                backend: str = "auto", query_groups: np.ndarray | None = None, db_groups: np.ndarray | None = None,
+                device: str = "auto") -> TopK:
+    """Exact top-``k`` with the chosen backend (see :data:`BACKENDS`); ``device`` places a faiss
+    index (GPU when faiss has GPU support and it resolves to CUDA)."""
     if resolve_backend(backend) == "faiss":
-        return faiss_topk(queries, chunks, k, metric, query_groups, db_groups)
+        return faiss_topk(queries, chunks, k, metric, query_groups, db_groups, device)
     return blocked_topk(queries, chunks, k, metric, query_groups, db_groups)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.retrieval.index import faiss_available, faiss_topk, resolve_backend, search_topk
+from geopipe.pipeline.retrieval.index import faiss_available, faiss_gpus, faiss_on_gpu, faiss_topk, resolve_backend, search_topk
 from geopipe.pipeline.retrieval.search import array_chunks, blocked_topk
 
 
@@ -92,3 +92,27 @@ def test_faiss_and_blocked_agree(metric):
     np.testing.assert_allclose(a.distances, b.distances, atol=1e-4)
     c = search_topk(q, array_chunks(db, 64), 10, metric, backend="auto", query_groups=qg, db_groups=groups)
     np.testing.assert_array_equal(a.indices, c.indices)
+
+
+def test_faiss_stays_on_the_cpu_without_gpu_support():
+    assert not faiss_on_gpu("cpu")
+    if faiss_gpus() == 0:  # no faiss, or a CPU-only build: never the GPU branch, whatever the device
+        assert not faiss_on_gpu("auto")
+
+
+@pytest.mark.skipif(faiss_gpus() == 0, reason="faiss without GPU support (pip install faiss-gpu-cu12 on a CUDA machine)")
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_faiss_gpu_and_blocked_agree(metric):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    assert faiss_on_gpu("cuda")
+    rng = np.random.default_rng(3)
+    db, q = _unit(rng, 2000, 64), _unit(rng, 100, 64)
+    groups = np.arange(2000) // 4
+    qg = rng.integers(0, 500, size=100)
+    a = blocked_topk(q, array_chunks(db, 256), 10, metric, qg, groups)
+    b = faiss_topk(q, array_chunks(db, 256), 10, metric, qg, groups, device="cuda")
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.distances, b.distances, atol=1e-4)
