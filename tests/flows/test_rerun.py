@@ -78,6 +78,31 @@ def test_rerun_skips_unchanged_work_and_extracts_only_new_shards(demo_world, tmp
     assert "train" not in kinds and {"predict", "evaluate"} <= kinds
 
 
+def test_rerun_continue_trains_the_last_checkpoint_on_for_continue_steps(demo_world, tmp_path):
+    """on_new_data = "continue": a new train shard is the only shard extracted, and training
+    resumes the last checkpoint for continue_steps more steps (not from scratch)."""
+    from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(os.path.join(demo_world["dir"], "train-000000.tar"), shards)
+    t = str(tmp_path / "work")
+    _run(_doc(shards, demo_world, t, on_new_data="continue", continue_steps=3))
+    before = load_checkpoint_config(os.path.join(t, "model"))
+    assert before["step"] == 6
+
+    shutil.copy(os.path.join(demo_world["dir"], "train-000001.tar"), shards)  # new data arrives
+    second, kinds = _run(_doc(shards, demo_world, t, on_new_data="continue", continue_steps=3))
+    train_ex, test_ex = second["results"]["extract"]
+    assert (train_ex.shards_done, train_ex.shards_skipped, test_ex.shards_done) == (1, 1, 0)  # only the new shard
+    assert {"train", "predict", "evaluate"} <= kinds
+    after = load_checkpoint_config(os.path.join(t, "model"))
+    assert after["step"] == before["step"] + 3
+    assert after["data_fingerprint"] != before["data_fingerprint"]  # trained on the grown store
+    assert any("train continues" in r and "step 9" in r for r in second["skipped"])
+    assert second["results"]["train"].n_train + second["results"]["train"].n_val == 400
+
+
 def test_rerun_options_are_checked():
     with pytest.raises(ValueError, match="on_new_data"):
         RerunConfig(on_new_data="sometimes")
