@@ -318,11 +318,12 @@ def _with_progress(cfg):
 def _register_subcommands() -> None:
     # defined in sibling modules that import user_errors from here, hence registered last
     from geopipe.flows.cli_bench import bench_command
+    from geopipe.flows.cli_inspect import inspect_command
     from geopipe.flows.cli_maps import calibration_plot_command, map_command
     from geopipe.flows.cli_retrieval import retrieve_command
     from geopipe.flows.cli_store import import_command, store_group
 
-    for command in (store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command):
+    for command in (store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command, inspect_command):
         cli.add_command(command)
 
 
