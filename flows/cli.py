@@ -65,10 +65,13 @@ def demo_data(out, n_train, n_test, shard_size, seed, views_per_place):
               help="What to do with shards changed since they were extracted.")
 @click.option("--verify-hash", is_flag=True, help="Detect changed shards by sha256 instead of size/mtime.")
 @click.option("--embedding-key", default=None, help="Read precomputed embeddings from this entry (e.g. street_clip.npy); no backbone runs.")
+@click.option("--dask", "dask_address", default=None,
+              help="'local:N' (N worker processes; one GPU each on a multi-GPU machine) or a scheduler address (tcp://host:8786): "
+                   "workers embed whole shards, this process commits them in order; a cluster needs shards and store on shared storage.")
 @device_option
 @user_errors
 def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
-            precision, on_changed, verify_hash, embedding_key, device):
+            precision, on_changed, verify_hash, embedding_key, device, dask_address=None):
     """Embed WebDataset SHARDS (paths, globs or brace patterns) with a frozen backbone into a Zarr store."""
     from geopipe.stages.extract import ExtractConfig, run_extract
 
@@ -77,6 +80,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
         dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
         precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=progress_enabled(),
+        dask=dask_address,
     )
     run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
 
@@ -226,8 +230,10 @@ def run(config, debug):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect.
 
     CONFIG layout: a section's keys are the fields of that stage's config (mostly the command's
-    options, with underscores); unknown keys and wrong types are one-line errors; [train],
-    [predict] and [evaluate] are required:
+    options, with underscores); unknown keys and wrong types are one-line errors. [train],
+    [predict] and [evaluate] come together; the optional [uncertainty.*] tables add (or, alone,
+    are) the branch retrieve → BayesCap → score → evaluate --uncertainty on the same stores; steps
+    whose stores and options are unchanged since the last successful run are skipped:
 
     \b
         workdir = "data/run"                # optional
@@ -251,12 +257,31 @@ def run(config, debug):
         [evaluate]
         predictions = ["data/run/predictions.parquet"]
         baseline_store = "data/run/train.zarr"  # optional: constant-prediction row
+        [uncertainty.retrieve]              # optional: geopipe retrieve options
+        query = "data/run/test.zarr"
+        database = "data/run/train.zarr"
+        out = "data/run/retrieval.parquet"
+        mode = "kernel"
+        [uncertainty.bayescap]              # optional: pairs + BayesCap on the database
+        store = "data/run/train.zarr"
+        out = "data/run/bayescap"
+        pairs = { min_pairs = 500 }
+        no_pairs_policy = "skip"            # too few pairs: training-free scores only
+        [uncertainty.evaluate]              # optional: evaluate --uncertainty options
+        failure_km = 200
+        plots_dir = "data/run/plots"
     """
     from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import load_pipeline_config
 
     result = run_pipeline(_with_progress(load_pipeline_config(config)), debug=debug)
-    click.echo(result["table"])
+    if result["table"] is not None:
+        click.echo(result["table"])
+    unc = result.get("uncertainty")
+    if unc is not None:
+        if (unc.get("bayescap") or {}).get("status", "trained") != "trained":
+            click.echo(f"bayescap: {unc['bayescap']['message']}")
+        click.echo(unc["table"] + "\n\n" + unc["uncertainty_table"])
 
 
 @cli.command()
@@ -311,8 +336,12 @@ def _with_progress(cfg):
         return cfg
     import dataclasses
 
-    off = lambda c: dataclasses.replace(c, progress=False)  # noqa: E731
-    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict))
+    off = lambda c: c if c is None else dataclasses.replace(c, progress=False)  # noqa: E731
+    unc = cfg.uncertainty
+    if unc is not None:
+        unc = dataclasses.replace(unc, retrieve=off(unc.retrieve), bayescap=off(unc.bayescap))
+    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict),
+                               uncertainty=unc)
 
 
 def _register_subcommands() -> None:

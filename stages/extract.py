@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.parallel import parse_dask_spec
 from geopipe.pipeline.ingest.backbones import PRECISIONS
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
@@ -40,7 +41,11 @@ class ExtractConfig:
     "reextract": truncate the store at the first changed shard and extract from there again).
     verify_hash: compare the sha256 of already-written shards' bytes (reads them in full)
     instead of their mtime. embedding_key: sample extension holding a precomputed embedding
-    (e.g. "street_clip.npy") to store instead of running a backbone.
+    (e.g. "street_clip.npy") to store instead of running a backbone. dask: None (this process),
+    "local:N" (a LocalCluster of N workers; with several GPUs worker i uses GPU i mod count) or a
+    scheduler address: workers embed whole shards into fragments under ``STORE/.staging`` and
+    this process commits them in order (:mod:`geopipe.pipeline.ingest.distributed`); the store
+    equals a single-process run's.
     """
 
     shards: tuple[str, ...]
@@ -61,6 +66,7 @@ class ExtractConfig:
     verify_hash: bool = False
     embedding_key: str | None = None
     progress: bool = True
+    dask: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", (self.shards,) if isinstance(self.shards, str) else tuple(self.shards))
@@ -77,6 +83,8 @@ class ExtractConfig:
             raise ConfigError("embedding_key stores precomputed embeddings: give a sample extension such as "
                              "'street_clip.npy', a backbone label and no pretrained weights")
         object.__setattr__(self, "meta_fields", meta_names(self.meta_fields, reserved=(self.lat_key, self.lon_key)))
+        if self.dask:
+            parse_dask_spec(self.dask)  # local:0, malformed addresses: refused before anything starts
 
 
 @dataclass(frozen=True)
@@ -127,18 +135,20 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     """Extract ``cfg.shards`` into ``cfg.store`` (created, or appended to / resumed).
 
     backbone: an already loaded :class:`geopipe.pipeline.ingest.backbones.Backbone` to use instead of
-    loading ``cfg.backbone`` (tests, notebooks extracting several stores). Raises
+    loading ``cfg.backbone`` (tests, notebooks extracting several stores; with ``cfg.dask`` the
+    workers load their own). Raises
     GeopipeError subclasses for user errors (missing shard, locked store, backbone
     mismatch, changed shard, too many rejects).
     """
     from geopipe.pipeline.core.device import resolve_device
-    from geopipe.pipeline.core.provenance import provenance
     from geopipe.pipeline.ingest.decode import SampleSpec
     from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
 
     t0 = time.perf_counter()
     urls = resolve_shards(cfg.shards)
     store = fsio.normalize(cfg.store)
+    if cfg.dask:
+        return _run_distributed(cfg, urls, store, t0)
 
     def prepare():
         device = resolve_device(cfg.device)
@@ -151,7 +161,57 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
         opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
         embed_shards(todo, writer, bb, spec, opts, device, on_commit)
 
-    opts = IngestOptions(cfg.dtype, cfg.normalize, cfg.max_reject_fraction, cfg.on_changed, cfg.verify_hash, cfg.progress,
+    res = run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                     finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+    _clean_staging(store)
+    return res
+
+
+def _ingest_options(cfg: ExtractConfig) -> IngestOptions:
+    from geopipe.pipeline.core.provenance import provenance
+
+    return IngestOptions(cfg.dtype, cfg.normalize, cfg.max_reject_fraction, cfg.on_changed, cfg.verify_hash, cfg.progress,
                          created_by={**provenance(), "config": dataclasses.asdict(cfg)})
-    return run_ingest(urls, cfg.store, opts, prepare=prepare, write=write, t0=t0,
-                      finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+
+
+def _clean_staging(store: str) -> None:
+    """After a run that committed every shard: fragments a killed ``--dask`` run left are stale."""
+    from geopipe.pipeline.ingest.distributed import remove_staging
+
+    remove_staging(store)
+
+
+def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float) -> ExtractResult:
+    """:func:`run_extract` with Dask workers embedding the shards (``cfg.dask``)."""
+    import contextlib
+    import os
+
+    from geopipe.pipeline.core.parallel import dask_client
+    from geopipe.pipeline.ingest.decode import SampleSpec
+    from geopipe.pipeline.ingest.distributed import StageJob, embed_distributed, worker_identity
+
+    kind, n_local = parse_dask_spec(cfg.dask)
+    job = StageJob(cfg.backbone, cfg.pretrained, SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key),
+                   cfg.batch_size, cfg.precision, cfg.device,
+                   torch_threads=max(1, (os.cpu_count() or 1) // n_local) if kind == "local" else None)
+    with contextlib.ExitStack() as stack:
+        def prepare():  # the store is locked: start the cluster, ask a worker for the backbone's identity
+            client = stack.enter_context(dask_client(cfg.dask))
+            if cfg.embedding_key is not None:
+                _, identity, dim = _source(cfg, urls, store, None, None)
+                return identity, dim, client
+            from geopipe.pipeline.ingest.backbones import BackboneLoadError, UnknownBackboneError
+
+            try:
+                identity, dim = client.submit(worker_identity, job, pure=False).result()
+            except (UnknownBackboneError, BackboneLoadError) as exc:
+                raise GeopipeError(str(exc)) from exc
+            return identity, dim, client
+
+        def write(writer, todo, client, on_commit):
+            embed_distributed(todo, writer, job, client, on_commit, progress=cfg.progress)
+
+        res = run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                         finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+    _clean_staging(store)
+    return res

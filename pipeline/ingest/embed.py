@@ -30,7 +30,7 @@ from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.writer import StoreWriter
 
-__all__ = ["LoopOptions", "embed_shards"]
+__all__ = ["LoopOptions", "embed_shards", "shard_rows"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,26 @@ def _rows(parts: list) -> tuple[ShardRows, str | None]:
         rejects=[r for _, p, _ in parts for r in p["rejects"]],
     )
     return rows, parts[-1][1].get("sha256")
+
+
+def shard_rows(url: str, backbone, spec: SampleSpec, batch_size: int, precision: str,
+               embed_dim: int) -> tuple[ShardRows, str | None, int]:
+    """Decode and embed one whole shard in this process → (its rows in tar order, sha256 hex of
+    the shard file or None, samples read = rows + rejects).
+
+    The same parts (``batch_size`` rows, never spanning shards) and forward passes as
+    :func:`embed_shards`, so the rows equal what that loop commits for ``url``: a Dask worker
+    (:mod:`geopipe.pipeline.ingest.distributed`) stages them and the client commits them.
+    backbone None reads ``spec.embedding_key`` entries of width ``embed_dim`` instead.
+    """
+    preprocess = backbone.preprocess if backbone is not None else None
+    parts, n_samples = [], 0
+    for part in ShardBatches([url], preprocess, spec, batch_size, embed_dim=embed_dim):
+        images = part.pop("images")
+        parts.append((part["seq"], part, _collect(_launch(backbone, images, precision, embed_dim))))
+        n_samples += part["n_samples"]
+    rows, sha256 = _rows(parts)
+    return rows, sha256, n_samples
 
 
 def _worker_init(owner: int, worker_id: int) -> None:

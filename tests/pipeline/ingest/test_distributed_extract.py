@@ -1,0 +1,180 @@
+"""geopipe extract --dask: workers stage whole shards, the client commits them in order (real
+LocalCluster with 2 worker processes, real SIGKILL of the client)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.ingest.decode import SampleSpec
+from geopipe.pipeline.ingest.demo_world import write_shards
+from geopipe.pipeline.ingest.distributed import STAGING_DIR, fragment_complete, read_fragment, write_fragment
+from geopipe.pipeline.ingest.embed import shard_rows
+from geopipe.pipeline.ingest.shards import shard_stat
+from geopipe.pipeline.store.reader import open_store, read_store
+from geopipe.stages.extract import ExtractConfig, run_extract
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _jpeg(i: int, size: int = 24) -> bytes:
+    rng = np.random.default_rng(i)
+    img = (rng.uniform(0, 1, (size, size, 3)) * 60 + rng.uniform(0, 190, 3)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _good(key: str, i: int) -> dict:
+    return {"__key__": key, "jpg": _jpeg(i), "json": {"latitude": (i * 37.0) % 170 - 85, "longitude": (i * 71.0) % 350 - 175,
+                                                      "city": f"c{i}", "n": i}}
+
+
+def _world(root, n_shards: int, per_shard: int) -> list[str]:
+    """Shards of good samples with bad ones mixed in: a corrupt image, a missing json, a key
+    repeated across shards, an extra meta field appearing late."""
+    samples = [_good(f"k{i:05d}", i) for i in range(n_shards * per_shard)]
+    samples[2] = {"__key__": "trunc", "jpg": _jpeg(2)[:100], "json": {"latitude": 1.0, "longitude": 2.0}}
+    samples[per_shard + 1] = {"__key__": "nojson", "jpg": _jpeg(3)}
+    samples[2 * per_shard + 3] = _good("k00000", 5)  # duplicate of the first shard's first key
+    samples[-1]["json"]["late"] = "x"
+    return write_shards(root / "shards", samples, "d", per_shard)
+
+
+def _cfg(shards, store, **kw) -> ExtractConfig:
+    return ExtractConfig(shards=tuple(shards), store=str(store), **{"batch_size": 3, "num_workers": 0, "progress": False, **kw})
+
+
+def _assert_same_store(a, b) -> None:
+    da, db = read_store(str(a)), read_store(str(b))
+    assert da.keys.tolist() == db.keys.tolist()
+    assert np.array_equal(da.embeddings.view(np.uint16), db.embeddings.view(np.uint16))  # bit-identical
+    assert np.array_equal(da.latlon, db.latlon) and np.array_equal(da.shard, db.shard)
+    assert {k: v.tolist() for k, v in da.meta.items()} == {k: v.tolist() for k, v in db.meta.items()}
+    for name in ("rows", "rejects", "meta_fields", "fingerprint", "backbone", "dtype", "normalized", "shards"):
+        assert da.attrs[name] == db.attrs[name], name  # shard records: index, rows, counts, size, mtime, digests
+    assert pq.read_table(os.path.join(a, "rejects", "rejects.parquet")).equals(pq.read_table(os.path.join(b, "rejects", "rejects.parquet")))
+    assert open_store(str(a)).rejects().equals(open_store(str(b)).rejects())
+    assert not os.path.exists(os.path.join(b, STAGING_DIR))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_extract")
+    shards = _world(root, n_shards=4, per_shard=7)
+    run_extract(_cfg(shards, root / "ref.zarr"))
+    return {"root": root, "shards": shards, "ref": str(root / "ref.zarr")}
+
+
+def test_fragments_round_trip_exactly_and_partial_ones_are_not_complete(world, tmp_path):
+    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+
+    url = world["shards"][0]
+    stat = shard_stat(url)
+    bb = load_backbone(BackboneSpec("tiny"))
+    rows, sha, n = shard_rows(url, bb, SampleSpec(), 3, "auto", bb.embed_dim)
+    assert n == 7 and len(rows.keys) == 6 and [r.reason for _, r in rows.rejects] == ["corrupt_image"]
+    frag = str(tmp_path / "f")
+    assert not fragment_complete(frag, url, stat)
+    write_fragment(frag, url, stat, rows, sha, n)
+    assert fragment_complete(frag, url, stat)
+    back, sha2, n2 = read_fragment(frag)
+    assert (sha2, n2, back.keys, back.idx, back.meta, back.rejects) == (sha, n, rows.keys, rows.idx, rows.meta, rows.rejects)
+    assert np.array_equal(back.embeddings, rows.embeddings) and back.embeddings.dtype == rows.embeddings.dtype
+    assert [tuple(x) for x in back.latlon] == [tuple(x) for x in rows.latlon]
+    assert not fragment_complete(frag, url, type(stat)(stat.size, (stat.mtime or 0) + 1))  # the shard changed since
+    with open(os.path.join(frag, "embeddings.npy"), "r+b") as fh:  # a torn file
+        fh.truncate(50)
+    assert not fragment_complete(frag, url, stat)
+
+
+def test_two_workers_give_the_single_process_store(world, tmp_path):
+    store = tmp_path / "dask.zarr"
+    res = run_extract(_cfg(world["shards"], store, dask="local:2"))
+    ref = read_store(world["ref"])
+    assert (res.n_ok, res.shards_done) == (ref.attrs["rows"], 4) and res.rejects_by_reason == ref.attrs["rejects"]
+    _assert_same_store(world["ref"], str(store))
+    again = run_extract(_cfg(world["shards"], store, dask="local:2"))  # resume: nothing to do
+    assert (again.shards_done, again.shards_skipped) == (0, 4)
+
+
+def test_bad_dask_option_is_one_line():
+    with pytest.raises(GeopipeError, match="local:N needs a whole number"):
+        _cfg(["x.tar"], "s.zarr", dask="local:0")
+    out = subprocess.run([sys.executable, "-m", "geopipe", "extract", "x.tar", "--store", "s.zarr", "--dask", "local:zero"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "local:N" in out.stderr
+
+
+def _session(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``, from /proc."""
+    pids = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(name))
+    return pids
+
+
+def _rows(store) -> int:
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["rows"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_client_resumes_to_the_same_store(tmp_path):
+    shards = _world(tmp_path, n_shards=16, per_shard=24)
+    ref = tmp_path / "ref.zarr"
+    run_extract(_cfg(shards, ref, batch_size=8))
+    total = read_store(str(ref)).attrs["rows"]
+    store = tmp_path / "k.zarr"
+    cmd = [sys.executable, "-m", "geopipe", "extract", *shards, "--store", str(store), "--batch-size", "8", "--dask", "local:2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while _rows(store) <= 0:  # poll for the first committed shard
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the distributed extract never committed a shard"
+            time.sleep(0.005)
+        session = _session(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        at_kill = _rows(store)
+        at_kill_shards = len(json.loads((store / "zarr.json").read_text())["attributes"]["shards"])
+        assert 0 < at_kill < total, "killed too late to test a resume"
+        assert len(session) >= 3  # the client and its two Dask worker processes
+        deadline = time.monotonic() + 20
+        while _session(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _session(proc.pid) == [], "Dask workers of the killed client survived it"
+    finally:
+        for pid in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    staged = os.listdir(store / STAGING_DIR) if os.path.isdir(store / STAGING_DIR) else []
+    stale = store / STAGING_DIR / "000000-0123456789abcdef"  # a fragment of other options, half written
+    stale.mkdir(parents=True)
+    (stale / "embeddings.npy").write_bytes(b"junk")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{len(shards) - at_kill_shards} shards extracted, {at_kill_shards} already done" in out.stderr, (staged, out.stderr)
+    _assert_same_store(str(ref), str(store))
