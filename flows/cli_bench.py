@@ -16,11 +16,13 @@ __all__ = ["bench_command"]
 
 
 @click.command("bench")
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import"]),
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import",
+                                           "extract-dask"]),
               default="all", show_default=True,
               help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
                    "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
-                   "geopipe import vs np.load + zarr write). stream/dask/import write their inputs under --workdir.")
+                   "geopipe import vs np.load + zarr write; extract-dask: extract on local:2 vs one process). stream/dask/import write "
+                   "their inputs under --workdir.")
 @click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
               help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
 @click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
@@ -49,6 +51,10 @@ def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repe
         from geopipe.stages.bench_extract import bench_extract
 
         results["extract"] = bench_extract(device=device)
+    if what == "extract-dask":
+        from geopipe.stages.bench_extract import bench_extract_dask
+
+        results[what] = bench_extract_dask(device=device)
     if what in ("stream", "dask", "import"):
         import os
 

@@ -10,6 +10,10 @@ backbone measures
   the same model, batch size, precision and torch threads;
 * ``ratio`` = extract / mean(bare): 1.0 means decoding and writing are fully hidden.
 
+:func:`bench_extract_dask` times ``geopipe extract`` of the same shards in one process and on a
+``local:N`` LocalCluster (workers embed whole shards, the client commits them in order) and
+checks the two stores are identical.
+
 Peak RSS of extract is measured in child processes for a few shard counts (each shard the
 same size): the main process's high-water mark (``VmHWM``: ``ru_maxrss`` would inherit the
 parent's across exec), the largest DataLoader worker's ``ru_maxrss`` (it counts pages still
@@ -28,7 +32,7 @@ import time
 
 import numpy as np
 
-__all__ = ["bench_extract"]
+__all__ = ["bench_extract", "bench_extract_dask"]
 
 _RSS_CHILD = """
 import json, sys, threading
@@ -151,5 +155,45 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
         "extract_images_per_s": res.images_per_s, "bare_images_per_s": bare,
         "bare_before_after": [bare_before, bare_after], "ratio": res.images_per_s / bare,
         "rss_backbone": rss_backbone, "rss_images_per_shard": rss_images_per_shard, "peak_rss": rss,
+        "cpu_count": os.cpu_count(), "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+    }
+
+
+def bench_extract_dask(*, backbone: str = "ViT-B-32", pretrained: str | None = "random", device: str = "cpu",
+                       batch_size: int = 32, num_workers: int = 2, workers: int = 2, n_images: int = 192, n_shards: int = 8,
+                       image_px: int = 128, workdir: str | None = None) -> dict:
+    """Images/s of extract in one process (``num_workers`` decode workers) vs ``--dask local:<workers>``.
+
+    images_per_s: samples per second of the decode/embed/commit loop (cluster start and model
+    loads excluded); wall_s: the whole stage, cluster start and backbone loads included.
+    ratio = dask / single-process (loop and wall). identical: the two stores hold the same
+    bytes (embeddings, keys, coordinates, shard records).
+    """
+    import torch
+
+    from geopipe.pipeline.store.reader import read_store
+    from geopipe.stages.extract import ExtractConfig, run_extract
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        shards = _write_shards(os.path.join(tmp, "shards"), n_shards, -(-n_images // n_shards), image_px)
+        runs = {}
+        for name, dask in (("single", None), ("dask", f"local:{workers}")):
+            cfg = ExtractConfig(shards=tuple(shards), store=os.path.join(tmp, f"{name}.zarr"), backbone=backbone,
+                                pretrained=pretrained, batch_size=batch_size, num_workers=num_workers, device=device,
+                                progress=False, dask=dask)
+            t0 = time.perf_counter()
+            res = run_extract(cfg)
+            runs[name] = {"images_per_s": res.images_per_s, "wall_s": time.perf_counter() - t0, "n_images": res.n_ok + res.n_rejected}
+        a, b = read_store(os.path.join(tmp, "single.zarr")), read_store(os.path.join(tmp, "dask.zarr"))
+        identical = (a.keys.tolist() == b.keys.tolist() and np.array_equal(a.embeddings, b.embeddings)
+                     and np.array_equal(a.latlon, b.latlon) and a.attrs["shards"] == b.attrs["shards"])
+    single, dask = runs["single"], runs["dask"]
+    return {
+        "backbone": backbone, "pretrained": pretrained, "device": device, "batch_size": batch_size, "image_px": image_px,
+        "n_images": single["n_images"], "n_shards": n_shards, "single_process": {**single, "decode_workers": num_workers,
+                                                                                   "torch_threads": torch.get_num_threads()},
+        "dask": {**dask, "workers": workers}, "ratio_loop": dask["images_per_s"] / single["images_per_s"],
+        "ratio_wall": single["wall_s"] / dask["wall_s"], "identical": bool(identical),
         "cpu_count": os.cpu_count(), "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
     }

@@ -178,3 +178,12 @@ def test_killed_client_resumes_to_the_same_store(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{len(shards) - at_kill_shards} shards extracted, {at_kill_shards} already done" in out.stderr, (staged, out.stderr)
     _assert_same_store(str(ref), str(store))
+
+
+@pytest.mark.e2e
+def test_bench_extract_dask_runs_and_stores_agree(tmp_path):
+    from geopipe.stages.bench_extract import bench_extract_dask
+
+    got = bench_extract_dask(backbone="tiny", pretrained=None, batch_size=4, num_workers=0, n_images=12, n_shards=3,
+                             image_px=32, workdir=str(tmp_path))
+    assert got["identical"] and got["n_images"] == 12 and got["dask"]["images_per_s"] > 0 and got["ratio_loop"] > 0
