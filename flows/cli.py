@@ -230,8 +230,10 @@ def run(config, debug):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect.
 
     CONFIG layout: a section's keys are the fields of that stage's config (mostly the command's
-    options, with underscores); unknown keys and wrong types are one-line errors; [train],
-    [predict] and [evaluate] are required:
+    options, with underscores); unknown keys and wrong types are one-line errors. [train],
+    [predict] and [evaluate] come together; the optional [uncertainty.*] tables add (or, alone,
+    are) the branch retrieve → BayesCap → score → evaluate --uncertainty on the same stores; steps
+    whose stores and options are unchanged since the last successful run are skipped:
 
     \b
         workdir = "data/run"                # optional
@@ -255,12 +257,31 @@ def run(config, debug):
         [evaluate]
         predictions = ["data/run/predictions.parquet"]
         baseline_store = "data/run/train.zarr"  # optional: constant-prediction row
+        [uncertainty.retrieve]              # optional: geopipe retrieve options
+        query = "data/run/test.zarr"
+        database = "data/run/train.zarr"
+        out = "data/run/retrieval.parquet"
+        mode = "kernel"
+        [uncertainty.bayescap]              # optional: pairs + BayesCap on the database
+        store = "data/run/train.zarr"
+        out = "data/run/bayescap"
+        pairs = { min_pairs = 500 }
+        no_pairs_policy = "skip"            # too few pairs: training-free scores only
+        [uncertainty.evaluate]              # optional: evaluate --uncertainty options
+        failure_km = 200
+        plots_dir = "data/run/plots"
     """
     from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import load_pipeline_config
 
     result = run_pipeline(_with_progress(load_pipeline_config(config)), debug=debug)
-    click.echo(result["table"])
+    if result["table"] is not None:
+        click.echo(result["table"])
+    unc = result.get("uncertainty")
+    if unc is not None:
+        if (unc.get("bayescap") or {}).get("status", "trained") != "trained":
+            click.echo(f"bayescap: {unc['bayescap']['message']}")
+        click.echo(unc["table"] + "\n\n" + unc["uncertainty_table"])
 
 
 @cli.command()
@@ -315,8 +336,12 @@ def _with_progress(cfg):
         return cfg
     import dataclasses
 
-    off = lambda c: dataclasses.replace(c, progress=False)  # noqa: E731
-    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict))
+    off = lambda c: c if c is None else dataclasses.replace(c, progress=False)  # noqa: E731
+    unc = cfg.uncertainty
+    if unc is not None:
+        unc = dataclasses.replace(unc, retrieve=off(unc.retrieve), bayescap=off(unc.bayescap))
+    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict),
+                               uncertainty=unc)
 
 
 def _register_subcommands() -> None:

@@ -1,4 +1,5 @@
-"""Prefect flow chaining the stages: (demo data) → extract → train → predict → evaluate.
+"""Prefect flow chaining the stages: (demo data) → extract → train → predict → evaluate, and
+the uncertainty branch (retrieve → BayesCap → score → evaluate, :mod:`geopipe.flows.uncertainty_flow`).
 
 Tasks are thin wrappers around the stage functions. Extraction is resumable at shard level
 by the stage itself (completion records in the store), so a retried or re-run flow only
@@ -149,18 +150,31 @@ def evaluate_task(cfg: EvaluateConfig):
 
 @flow(name="geopipe", validate_parameters=False, log_prints=True)
 def geopipe_flow(cfg: PipelineConfig) -> dict:
-    """Run the whole pipeline; returns {"table": str, "reports": list, "results": {...},
-    "skipped": [reasons]}. After extraction, train/predict/evaluate run only when their inputs
-    changed since the last successful run (``geopipe.stages.rerun``; ``[rerun]`` in the config)."""
+    """Run the whole pipeline; returns {"table": str | None, "reports": list, "results": {...},
+    "skipped": [reasons], "uncertainty": dict | None}. After extraction, train/predict/evaluate
+    (and the uncertainty branch's steps) run only when their inputs changed since the last
+    successful run (``geopipe.stages.rerun``; ``[rerun]`` in the config)."""
     from prefect.runtime import flow_run
-
-    from geopipe.stages.rerun import plan_rerun, save_run_state
 
     _FLOW_RUN["name"] = flow_run.name
     results = {}
     if cfg.demo_data is not None:
         results["demo_data"] = demo_data_task(cfg.demo_data)
     results["extract"] = [extract_task(e) for e in cfg.extract]
+    out = {"table": None, "reports": [], "results": results, "skipped": [], "uncertainty": None}
+    if cfg.train is not None:
+        out.update(_generative_branch(cfg, results))
+    if cfg.uncertainty is not None:
+        from geopipe.flows.uncertainty_flow import run_uncertainty_branch
+
+        out["uncertainty"] = run_uncertainty_branch(cfg)
+    return out
+
+
+def _generative_branch(cfg: PipelineConfig, results: dict) -> dict:
+    """train → predict → evaluate, each skipped when unchanged; {"table", "reports", "skipped"}."""
+    from geopipe.stages.rerun import plan_rerun, save_run_state
+
     plan = plan_rerun(cfg, cfg.rerun, cfg.baseline_store)
     for reason in plan.reasons:
         get_run_logger().info(reason)
@@ -169,7 +183,7 @@ def geopipe_flow(cfg: PipelineConfig) -> dict:
     if plan.predict is not None:
         results["predict"] = predict_task(plan.predict)
     if not plan.evaluate:
-        return {"table": plan.previous["table"], "reports": plan.previous["reports"], "results": results, "skipped": list(plan.reasons)}
+        return {"table": plan.previous["table"], "reports": plan.previous["reports"], "skipped": list(plan.reasons)}
     evaluate_cfg = cfg.evaluate
     if cfg.baseline_store:
         import dataclasses
@@ -178,7 +192,7 @@ def geopipe_flow(cfg: PipelineConfig) -> dict:
     ev = evaluate_task(evaluate_cfg)
     results["evaluate"] = ev
     save_run_state(cfg.workdir, plan, ev.table, ev.reports)
-    return {"table": ev.table, "reports": ev.reports, "results": results, "skipped": list(plan.reasons)}
+    return {"table": ev.table, "reports": ev.reports, "skipped": list(plan.reasons)}
 
 
 @flow(name="geopipe-scheduled", validate_parameters=True, log_prints=True)

@@ -1,6 +1,8 @@
 """Pipeline configuration: a strict TOML file → frozen stage configs.
 
-Layout (every section but ``[train]``/``[predict]`` optional)::
+Two branches share one flow, the stores and the run-state file: the generative branch
+(``[train]``, ``[predict]``, ``[evaluate]``: all three or none) and the retrieval + uncertainty
+branch (``[uncertainty.*]``); a config has at least one of them. Layout::
 
     workdir = "data/demo"
     [demo_data]            # optional: generate the offline demo world first
@@ -20,12 +22,31 @@ Layout (every section but ``[train]``/``[predict]`` optional)::
     [evaluate]
     predictions = ["data/demo/predictions.parquet"]
     baseline_store = "data/demo/train.zarr"
+    [uncertainty.retrieve]   # optional branch: place recognition on the same stores (geopipe retrieve)
+    query = "data/demo/test.zarr"
+    database = "data/demo/train.zarr"
+    out = "data/demo/retrieval.parquet"
+    mode = "kernel"
+    [uncertainty.bayescap]   # optional: pairs mined on `store`, BayesCap trained there (geopipe train --method bayescap-cycle)
+    store = "data/demo/train.zarr"
+    out = "data/demo/bayescap"
+    pairs = { min_pairs = 500 }
+    no_pairs_policy = "skip"  # too few pairs: go on with the training-free scores (logged)
+    [uncertainty.evaluate]   # optional: evaluate --uncertainty options (failure table, plots)
+    out = "data/demo/uncertainty.json"
+    failure_km = 200
     [rerun]                # optional: what a rerun (geopipe serve) redoes
-    skip_unchanged = true  # skip train/predict/evaluate when stores and options are unchanged
+    skip_unchanged = true  # skip steps whose stores and options are unchanged since the last successful run
     on_new_data = "scratch"  # or "continue": the last checkpoint for continue_steps more steps
     continue_steps = 1000
 
-Unknown keys and wrong types are errors that list the valid keys.
+The uncertainty branch runs retrieve → BayesCap → score → evaluate: ``retrieve`` searches
+(``uncertainty_checkpoint``/``mc_passes`` there score with an existing BayesCap checkpoint
+when ``[uncertainty.bayescap]`` is absent), ``bayescap`` mines pairs and trains, ``score`` writes
+the log_u columns into the retrieval table, ``evaluate`` prints the evaluation and
+failure-prediction tables (``predictions`` there: more files scored next to the retrieval, e.g.
+the generative predictions). Nested options are tables (``pairs``, ``split``). Unknown keys and
+wrong types are errors that list the valid keys.
 """
 
 from __future__ import annotations
@@ -42,24 +63,39 @@ from geopipe.stages.evaluate import EvaluateConfig
 from geopipe.stages.extract import ExtractConfig
 from geopipe.stages.predict import PredictConfig
 from geopipe.stages.rerun import RerunConfig
+from geopipe.stages.retrieve import RetrieveConfig
 from geopipe.stages.train import TrainConfig
+from geopipe.stages.uncertainty import BayesCapStageConfig
 
-__all__ = ["PipelineConfig", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config", "build_config"]
+__all__ = ["PipelineConfig", "UncertaintyBranch", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config",
+           "build_config"]
+
+
+@dataclass(frozen=True)
+class UncertaintyBranch:
+    """The ``[uncertainty.*]`` tables: retrieve, then (optionally) train BayesCap, score the
+    retrieval table with it, evaluate with ``uncertainty=True`` (the retrieval table first)."""
+
+    retrieve: RetrieveConfig
+    evaluate: EvaluateConfig
+    bayescap: BayesCapStageConfig | None = None
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The chained pipeline: optional demo data, extract per store, train, predict, evaluate."""
+    """The chained pipeline: optional demo data, extract per store, then the generative branch
+    (train, predict, evaluate; all or none) and/or the uncertainty branch."""
 
-    train: TrainConfig
-    predict: PredictConfig
-    evaluate: EvaluateConfig
+    train: TrainConfig | None = None
+    predict: PredictConfig | None = None
+    evaluate: EvaluateConfig | None = None
     extract: tuple[ExtractConfig, ...] = ()
     demo_data: DemoDataConfig | None = None
     baseline_store: str | None = None
     workdir: str = "."
     extra: dict = field(default_factory=dict)
     rerun: RerunConfig = field(default_factory=RerunConfig)
+    uncertainty: UncertaintyBranch | None = None
 
 
 def _coerce(value, hint, where: str):
@@ -95,29 +131,63 @@ def build_config(cls, section: dict, where: str):
     missing = [k for k in required if k not in section]
     if missing:
         raise GeopipeError(f"missing key(s) {missing} in [{where}]")
-    return cls(**{k: _coerce(v, hints[k], f"[{where}] {k}") for k, v in section.items()})
+    values = {}
+    for k, v in section.items():
+        if dataclasses.is_dataclass(hints[k]):  # a nested options table (``pairs = { min_pairs = 500 }``)
+            values[k] = build_config(hints[k], _table(section, k, f"{where}.{k}"), f"{where}.{k}")
+        else:
+            values[k] = _coerce(v, hints[k], f"[{where}] {k}")
+    return cls(**values)
+
+
+def _uncertainty_branch(doc: dict) -> UncertaintyBranch:
+    """The ``[uncertainty]`` tables (see the module docstring)."""
+    unknown = sorted(set(doc) - {"retrieve", "bayescap", "evaluate"})
+    if unknown:
+        raise GeopipeError(f"unknown table(s) {unknown} in [uncertainty]; valid: ['bayescap', 'evaluate', 'retrieve']")
+    if "retrieve" not in doc:
+        raise GeopipeError("[uncertainty] lacks its [uncertainty.retrieve] table (query, out and the search options)")
+    retrieve = build_config(RetrieveConfig, _table(doc, "retrieve", "uncertainty.retrieve"), "uncertainty.retrieve")
+    bayescap = None
+    if "bayescap" in doc:
+        bayescap = build_config(BayesCapStageConfig, _table(doc, "bayescap", "uncertainty.bayescap"), "uncertainty.bayescap")
+        if retrieve.uncertainty_checkpoint:
+            raise GeopipeError("[uncertainty.retrieve] uncertainty_checkpoint and [uncertainty.bayescap] both give the BayesCap "
+                               "checkpoint; keep one (the trained one is [uncertainty.bayescap] out)")
+    evaluate = dict(_table(doc, "evaluate", "uncertainty.evaluate")) if "evaluate" in doc else {}
+    if "uncertainty" in evaluate:
+        raise GeopipeError("[uncertainty.evaluate] uncertainty: always on in this branch; remove the key")
+    more = _coerce(evaluate.pop("predictions", ()), tuple[str, ...], "[uncertainty.evaluate] predictions")
+    evaluate = build_config(EvaluateConfig, {**evaluate, "predictions": (retrieve.out, *more), "uncertainty": True},
+                            "uncertainty.evaluate")
+    return UncertaintyBranch(retrieve=retrieve, evaluate=evaluate, bayescap=bayescap)
 
 
 def parse_pipeline_config(doc: dict) -> PipelineConfig:
     """Validate a parsed TOML document into a :class:`PipelineConfig`."""
-    top = {"workdir", "demo_data", "extract", "train", "predict", "evaluate", "rerun"}
+    top = {"workdir", "demo_data", "extract", "train", "predict", "evaluate", "rerun", "uncertainty"}
     unknown = sorted(set(doc) - top)
     if unknown:
         raise GeopipeError(f"unknown section(s) {unknown}; valid: {sorted(top)}")
-    for name in ("train", "predict", "evaluate"):
-        if name not in doc:
-            raise GeopipeError(f"config lacks the [{name}] section")
+    generative = [name for name in ("train", "predict", "evaluate") if name in doc]
+    if generative or "uncertainty" not in doc:
+        for name in ("train", "predict", "evaluate"):
+            if name not in doc:
+                raise GeopipeError(f"config lacks the [{name}] section ([train], [predict] and [evaluate] come together; "
+                                   "a config without them needs [uncertainty.retrieve])")
+    uncertainty = _uncertainty_branch(_table(doc, "uncertainty")) if "uncertainty" in doc else None
     stores = _table(doc, "extract") if "extract" in doc else {}
     extract = tuple(build_config(ExtractConfig, _table(stores, name, f"extract.{name}"), f"extract.{name}") for name in stores)
     demo = build_config(DemoDataConfig, _table(doc, "demo_data"), "demo_data") if "demo_data" in doc else None
-    evaluate = dict(_table(doc, "evaluate"))
+    evaluate = dict(_table(doc, "evaluate")) if generative else {}
     if "baseline_store" in evaluate:
         _coerce(evaluate["baseline_store"], str, "[evaluate] baseline_store")
     baseline = evaluate.pop("baseline_store", None)
     return PipelineConfig(
-        train=build_config(TrainConfig, _table(doc, "train"), "train"),
-        predict=build_config(PredictConfig, _table(doc, "predict"), "predict"),
-        evaluate=build_config(EvaluateConfig, evaluate, "evaluate"),
+        train=build_config(TrainConfig, _table(doc, "train"), "train") if generative else None,
+        predict=build_config(PredictConfig, _table(doc, "predict"), "predict") if generative else None,
+        evaluate=build_config(EvaluateConfig, evaluate, "evaluate") if generative else None,
+        uncertainty=uncertainty,
         extract=extract,
         demo_data=demo,
         baseline_store=baseline,

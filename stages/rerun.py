@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
 
-__all__ = ["RerunConfig", "RerunPlan", "STATE_FILE", "plan_rerun", "save_run_state", "load_run_state", "store_fingerprint"]
+__all__ = ["RerunConfig", "RerunPlan", "UncertaintyPlan", "STATE_FILE", "plan_rerun", "plan_uncertainty", "save_run_state",
+           "save_uncertainty_state", "load_run_state", "store_fingerprint"]
 
 #: The state file of the last successful run, in the pipeline's workdir.
 STATE_FILE = "geopipe-run-state.json"
@@ -91,9 +92,25 @@ def load_run_state(workdir: str) -> dict | None:
         return None
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
 def save_run_state(workdir: str, plan: RerunPlan, table: str, reports: list) -> None:
-    """Record a successful run (atomically): its step keys and evaluation table."""
-    state = {"keys": plan.keys, "table": table, "reports": reports, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    """Record a successful run of the generative branch (atomically): its step keys and
+    evaluation table (the uncertainty branch's entry is kept)."""
+    state = {"keys": plan.keys, "table": table, "reports": reports, "finished": _now()}
+    kept = (load_run_state(workdir) or {}).get("uncertainty")
+    if kept is not None:
+        state["uncertainty"] = kept
+    fsio.write_atomic(os.path.join(workdir, STATE_FILE), json.dumps(state, default=str).encode())
+
+
+def save_uncertainty_state(workdir: str, plan: UncertaintyPlan, entry: dict) -> None:
+    """Record a successful run of the uncertainty branch (atomically): its step keys and
+    ``entry`` (the BayesCap status, the tables); the generative branch's state is kept."""
+    state = load_run_state(workdir) or {}
+    state["uncertainty"] = {**entry, "keys": plan.keys, "finished": _now()}
     fsio.write_atomic(os.path.join(workdir, STATE_FILE), json.dumps(state, default=str).encode())
 
 
@@ -140,3 +157,69 @@ def plan_rerun(cfg, rerun: RerunConfig, baseline_store: str | None = None) -> Re
     if not evaluate:
         reasons.append("evaluate skipped: predictions and options unchanged (table of the last run)")
     return RerunPlan(train, predict, evaluate, keys, tuple(reasons), prev)
+
+
+@dataclass(frozen=True)
+class UncertaintyPlan:
+    """What the uncertainty branch redoes: ``retrieve``/``bayescap`` the configs to run or None
+    (skip); ``score``/``evaluate`` whether to run them; ``previous`` the last successful run's
+    entry (its BayesCap status and tables)."""
+
+    retrieve: object | None
+    bayescap: object | None
+    score: bool
+    evaluate: bool
+    keys: dict
+    reasons: tuple[str, ...]
+    previous: dict | None
+
+
+def _checkpoint_key(path: str | None) -> str | None:
+    if not path:
+        return None
+    from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity
+    from geopipe.pipeline.core.errors import GeopipeError
+
+    try:
+        return checkpoint_identity(path)
+    except GeopipeError:
+        return "missing"
+
+
+def _file_key(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def plan_uncertainty(branch, rerun: RerunConfig, workdir: str) -> UncertaintyPlan:
+    """Decide what the uncertainty branch ``branch`` (a :class:`geopipe.stages.config.UncertaintyBranch`)
+    must redo, after extraction (and the generative branch) ran."""
+    r, bc, ev = branch.retrieve, branch.bayescap, branch.evaluate
+    search = {k: v for k, v in _options(r).items() if k not in ("uncertainty_checkpoint", "mc_passes")}
+    keys = {"retrieve": _key(store_fingerprint(r.query), store_fingerprint(r.database), search)}
+    keys["bayescap"] = _key(store_fingerprint(bc.store), _options(bc)) if bc else None
+    keys["score"] = _key(keys["retrieve"], keys["bayescap"] or _checkpoint_key(r.uncertainty_checkpoint), r.mc_passes, r.seed)
+    keys["evaluate"] = _key(keys["score"], _options(ev), [_file_key(p) for p in ev.predictions[1:]])
+    prev = (load_run_state(workdir) or {}).get("uncertainty") if rerun.skip_unchanged else None
+    old = (prev or {}).get("keys", {})
+    reasons = []
+    retrieve = r
+    if old.get("retrieve") == keys["retrieve"] and fsio.exists(r.out):
+        retrieve = None
+        reasons.append(f"retrieve skipped: stores {r.query}, {r.database or r.query} and search options unchanged")
+    bayescap = bc
+    was_trained = ((prev or {}).get("bayescap") or {}).get("status") == "trained"
+    if bc is not None and old.get("bayescap") == keys["bayescap"] and (not was_trained or fsio.exists(os.path.join(bc.out, "config.json"))):
+        bayescap = None
+        reasons.append(f"bayescap skipped: store {bc.store} and options unchanged ({prev['bayescap']['status']})")
+    score = retrieve is not None or old.get("score") != keys["score"]
+    if not score:
+        reasons.append("score skipped: retrieval table and BayesCap checkpoint unchanged")
+    outs_there = ev.out is None or fsio.exists(ev.out)
+    evaluate = score or old.get("evaluate") != keys["evaluate"] or not outs_there or "table" not in (prev or {})
+    if not evaluate:
+        reasons.append("evaluate --uncertainty skipped: predictions and options unchanged (tables of the last run)")
+    return UncertaintyPlan(retrieve, bayescap, score, evaluate, keys, tuple(reasons), prev)

@@ -30,7 +30,7 @@ from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 
 __all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
-           "check_bayescap", "score_rows"]
+           "check_bayescap", "score_rows", "ScoreFileConfig", "ScoreFileResult", "run_score_file"]
 
 NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
 
@@ -191,3 +191,47 @@ def score_rows(checkpoint: str, store: EmbeddingStore, rows: np.ndarray, passes:
             for k in out:
                 out[k].append(part[k])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class ScoreFileConfig:
+    """Score the records of a predictions *file* (keys of ``store``, e.g. a retrieval table of
+    its queries) with the BayesCap ``checkpoint`` and write log_u, log_u_alea, log_u_epi into
+    it; ``checkpoint`` None clears those columns (no checkpoint trained). Same rows and seed as
+    ``geopipe retrieve --bayescap``: the same numbers."""
+
+    predictions: str
+    store: str
+    checkpoint: str | None
+    mc_passes: int = 15
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScoreFileResult:
+    out: str
+    n_records: int
+    checkpoint: str | None
+    seconds: float
+
+
+def run_score_file(cfg: ScoreFileConfig) -> ScoreFileResult:
+    """Write (or clear) the BayesCap columns of ``cfg.predictions`` (see :class:`ScoreFileConfig`)."""
+    from geopipe.pipeline.artifacts.predictions import read_columns, replace_columns
+
+    t0 = time.perf_counter()
+    keys = [str(k) for k in read_columns(cfg.predictions, ["key"]).column("key").to_pylist()]
+    names = ("log_u", "log_u_alea", "log_u_epi")
+    if cfg.checkpoint is None:
+        replace_columns(cfg.predictions, dict.fromkeys(names), {"bayescap": None})
+        return ScoreFileResult(cfg.predictions, len(keys), None, time.perf_counter() - t0)
+    store = open_store(cfg.store)
+    row_of = {str(k): i for i, k in enumerate(np.asarray(store.keys[:]).astype(str).tolist())}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise GeopipeError(f"{cfg.predictions}: {len(missing)} keys (first {missing[0]!r}) are not records of store "
+                           f"{store.path}; score it with the store its predictions were made from")
+    scores = score_rows(cfg.checkpoint, store, np.array([row_of[k] for k in keys], dtype=np.int64), passes=cfg.mc_passes,
+                        seed=cfg.seed)
+    replace_columns(cfg.predictions, scores, {"bayescap": {"checkpoint": cfg.checkpoint, "mc_passes": cfg.mc_passes}})
+    return ScoreFileResult(cfg.predictions, len(keys), cfg.checkpoint, time.perf_counter() - t0)
