@@ -1,8 +1,10 @@
 """Linear probes: what store metadata is linearly decodable from the embeddings.
 
 Closed-form ridge regression with an intercept, ŷ = (e − ē)·W + ȳ, W = (XᵀX + λI)⁻¹ XᵀY on
-centred rows (float64; one eigendecomposition of the (D, D) Gram matrix serves every λ and
-every target that shares rows, O(N·D² + D³)). Targets by kind:
+centred rows: the (D, D) Gram matrix is summed in float32 blocks of centred rows into float64
+(train and validation separately, so train + validation is one addition), and one
+eigendecomposition serves every λ and every target on the same rows, O(N·D² + D³). Targets by
+kind:
 
 * ``numeric`` (a field whose values are numbers): R²;
 * ``categorical`` (strings or booleans with 2 … ``max_classes`` classes): one-vs-rest ridge on
@@ -34,7 +36,7 @@ import numpy as np
 from geopipe.pipeline.retrieval.split import spatial_blocks
 from geopipe.pipeline.sphere.geometry import haversine_km
 
-__all__ = ["PROBE_TARGET_KINDS", "ProbeConfig", "ProbeResult", "split_parts", "target_kind", "Ridge", "run_probes"]
+__all__ = ["PROBE_TARGET_KINDS", "ProbeConfig", "ProbeResult", "split_parts", "target_kind", "Gram", "Ridge", "run_probes"]
 
 PROBE_TARGET_KINDS = ("numeric", "categorical", "circular", "location")
 
@@ -103,23 +105,51 @@ def target_kind(name: str, values: list, cfg: ProbeConfig) -> tuple[str | None, 
     return None, "mixed or nested values"
 
 
+@dataclass(frozen=True)
+class Gram:
+    """Sums over a set of rows of z = x − c (a fixed centre c): g = Σ zzᵀ (D, D), s = Σ z (D,),
+    n rows; float64. Sets of disjoint rows add up."""
+
+    g: np.ndarray
+    s: np.ndarray
+    n: int
+
+    def __add__(self, other: Gram) -> Gram:
+        return Gram(self.g + other.g, self.s + other.s, self.n + other.n)
+
+    @classmethod
+    def of(cls, z: np.ndarray, rows: np.ndarray, block: int = 16384) -> Gram:
+        """Sums over ``rows`` of the (N, D) float32 centred rows ``z`` (float32 blocks, float64 totals)."""
+        d = z.shape[1]
+        g, s = np.zeros((d, d)), np.zeros(d)
+        for a in range(0, rows.size, block):
+            blk = z[rows[a:a + block]]
+            g += (blk.T @ blk).astype(np.float64)
+            s += blk.sum(axis=0, dtype=np.float64)
+        return cls(g, s, int(rows.size))
+
+
 class Ridge:
-    """Ridge fits on the rows ``mask`` of (N, D) embeddings ``x``, every λ from one eigendecomposition."""
+    """Ridge fits on the rows summed in a :class:`Gram`, every λ from one eigendecomposition of
+    the centred Gram matrix Σ(z − z̄)(z − z̄)ᵀ."""
 
-    def __init__(self, x: np.ndarray, mask: np.ndarray):
-        xs = np.asarray(x, dtype=np.float64)[mask]
-        self.mean = xs.mean(axis=0)
-        self.xc = xs - self.mean
-        self.eig, self.vec = np.linalg.eigh(self.xc.T @ self.xc)
+    def __init__(self, gram: Gram):
+        self.mean = gram.s / max(gram.n, 1)
+        self.eig, self.vec = np.linalg.eigh(gram.g - gram.n * np.outer(self.mean, self.mean))
         self.eig = np.maximum(self.eig, 0.0)
-        self.scale = max(float(self.eig.mean()), 1e-12)
+        self.scale = max(float(self.eig.mean()), 1e-30)
 
-    def fit(self, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """(W (D, T), intercept (T,)) for targets (n, T) on this ridge's rows, relative λ."""
+    def fit(self, z: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """(W (D, T), intercept (T,)) with ŷ = z·W + intercept, for the ridge's own rows ``z``
+        (n, D) and targets (n, T), at relative strength ``lam``."""
         my = y.mean(axis=0)
-        b = self.vec.T @ (self.xc.T @ (y - my))
-        w = self.vec @ (b / (self.eig + lam * self.scale)[:, None])
+        zty = (z.T @ (y - my).astype(np.float32)).astype(np.float64)  # Σ(z − z̄)(y − ȳ) = Σ z (y − ȳ)
+        w = self.vec @ ((self.vec.T @ zty) / (self.eig + lam * self.scale)[:, None])
         return w, my - self.mean @ w
+
+
+def _predict(z: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (z @ w.astype(np.float32)).astype(np.float64) + b
 
 
 def _r2(y: np.ndarray, p: np.ndarray) -> float:
@@ -172,7 +202,7 @@ def _baseline(kind: str, y_fit: np.ndarray, truth_fit, truth_test) -> float:
     return float(np.median(_errors(kind, _decode(kind, np.repeat(mean, len(truth_test), axis=0)), truth_test)))
 
 
-def _probe(name: str, kind: str, x, values, latlon, parts, cfg: ProbeConfig, cache: dict) -> ProbeResult | str:
+def _probe(name: str, kind: str, z: np.ndarray, values, latlon, parts, cfg: ProbeConfig, cache: dict) -> ProbeResult | str:
     ok = np.ones(len(parts), dtype=bool) if kind == "location" else np.array([v is not None for v in values])
     fit_rows, val_rows = np.flatnonzero(ok & (parts == 0)), np.flatnonzero(ok & (parts == 1))
     test_rows = np.flatnonzero(ok & (parts == 2))
@@ -184,22 +214,27 @@ def _probe(name: str, kind: str, x, values, latlon, parts, cfg: ProbeConfig, cac
     truth_all = np.zeros((len(parts), *truth.shape[1:]), dtype=truth.dtype)
     truth_all[ok] = truth
 
-    def ridge(rows):
-        key = rows.tobytes()
+    def gram(rows):
+        key = ("gram", rows.tobytes())
         if key not in cache:
-            cache.clear()  # one Gram matrix at a time: (D, D) float64 each
-            cache[key] = Ridge(x, rows)
+            cache[key] = Gram.of(z, rows)
+        return cache[key]
+
+    def ridge(*row_sets):
+        key = ("ridge", *(rows.tobytes() for rows in row_sets))
+        if key not in cache:
+            cache[key] = Ridge(sum((gram(rows) for rows in row_sets[1:]), gram(row_sets[0])))
         return cache[key]
 
     r = ridge(fit_rows)
     scores = []
     for lam in cfg.lambdas:
-        w, b = r.fit(y_all[fit_rows], lam)
-        scores.append(_score(kind, y_all[val_rows], np.asarray(x[val_rows], dtype=np.float64) @ w + b, truth_all[val_rows]))
+        w, b = r.fit(z[fit_rows], y_all[fit_rows], lam)
+        scores.append(_score(kind, y_all[val_rows], _predict(z[val_rows], w, b), truth_all[val_rows]))
     lam = cfg.lambdas[int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))]
     both = np.sort(np.concatenate([fit_rows, val_rows]))
-    w, b = ridge(both).fit(y_all[both], lam)
-    pred = {part: np.asarray(x[rows], dtype=np.float64) @ w + b for part, rows in (("train", both), ("test", test_rows))}
+    w, b = ridge(fit_rows, val_rows).fit(z[both], y_all[both], lam)
+    pred = {part: _predict(z[rows], w, b) for part, rows in (("train", both), ("test", test_rows))}
     rows_of = {"train": both, "test": test_rows}
     metrics: dict = {}
     if kind == "categorical":
@@ -231,7 +266,9 @@ def run_probes(embeddings: np.ndarray, latlon: np.ndarray, meta: dict[str, list]
     cfg = cfg or ProbeConfig()
     latlon = np.asarray(latlon, dtype=np.float64)
     parts = split_parts(latlon, cfg)
-    cache: dict = {}
+    x = np.asarray(embeddings, dtype=np.float32)
+    z = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)  # centred once: float32 Gram blocks keep their precision
+    cache: dict = {}  # row sets → Gram sums and their eigendecompositions, shared by fields without gaps
     results, skipped = [], {}
     todo = ([("location", "location", None)] if location else [])
     for name, values in meta.items():
@@ -241,7 +278,7 @@ def run_probes(embeddings: np.ndarray, latlon: np.ndarray, meta: dict[str, list]
         else:
             todo.append((name, kind, values))
     for name, kind, values in todo:
-        out = _probe(name, kind, embeddings, values, latlon, parts, cfg, cache)
+        out = _probe(name, kind, z, values, latlon, parts, cfg, cache)
         if isinstance(out, str):
             skipped[name] = out
         else:

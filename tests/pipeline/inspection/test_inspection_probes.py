@@ -4,7 +4,7 @@ category beats the majority class, headings and locations decode with their own 
 import numpy as np
 import pytest
 
-from geopipe.pipeline.inspection.probes import ProbeConfig, Ridge, run_probes, split_parts, target_kind
+from geopipe.pipeline.inspection.probes import Gram, ProbeConfig, Ridge, run_probes, split_parts, target_kind
 
 N, D = 1500, 24
 
@@ -57,10 +57,13 @@ def test_spatial_blocks_keep_a_place_on_one_side():
 
 def test_ridge_matches_lstsq_at_tiny_lambda_and_kinds():
     rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(50, 5)), rng.normal(size=(50, 2))
-    w, b = Ridge(x, np.arange(50)).fit(y, 1e-12)
+    x, y = rng.normal(size=(50, 5)).astype(np.float32), rng.normal(size=(50, 2))
+    rows = np.arange(50)
+    both = Gram.of(x, rows[:20], block=7) + Gram.of(x, rows[20:])
+    assert np.allclose(both.g, x.astype(np.float64).T @ x, rtol=1e-5) and both.n == 50
+    w, b = Ridge(both).fit(x, y, 1e-12)
     ref = np.linalg.lstsq(np.c_[x, np.ones(50)], y, rcond=None)[0]
-    assert np.allclose(w, ref[:5], atol=1e-8) and np.allclose(b, ref[5], atol=1e-8)
+    assert np.allclose(w, ref[:5], atol=1e-5) and np.allclose(b, ref[5], atol=1e-5)
     cfg = ProbeConfig()
     assert target_kind("x", [1, 2, None], cfg) == ("numeric", "") and target_kind("x", [True, False], cfg)[0] == "categorical"
     assert target_kind("x", [1, "a"], cfg)[0] is None and target_kind("heading", [1.0, 2.0], cfg)[0] == "circular"
