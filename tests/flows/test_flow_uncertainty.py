@@ -108,6 +108,23 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     state = json.load(open(f"{t}/{STATE_FILE}"))
     assert set(state["keys"]) == {"train", "predict", "evaluate"} and state["uncertainty"]["bayescap"]["status"] == "insufficient_pairs"
 
+    # `geopipe run` on the same config as a TOML file: nothing to redo, both tables and why BayesCap did not train
+    from click.testing import CliRunner
+
+    from geopipe.flows.cli import cli
+
+    (tmp_path / "run.toml").write_text(_toml(doc))
+    r = CliRunner().invoke(cli, ["-q", "run", str(tmp_path / "run.toml")])
+    assert r.exit_code == 0, r.output
+    assert "GeoScore" in r.output and "AUSC" in r.output and "bayescap: insufficient_pairs" in r.output
+
+
+def _toml(doc: dict, prefix: str = "") -> str:
+    """A TOML document of ``doc`` (tables of strings, numbers, booleans and arrays)."""
+    plain = "".join(f"{k} = {json.dumps(v)}\n" for k, v in doc.items() if not isinstance(v, dict))
+    tables = "".join(_toml(v, f"{prefix}{k}.") for k, v in doc.items() if isinstance(v, dict))
+    return (f"[{prefix[:-1]}]\n" if prefix and plain else "") + plain + tables
+
 
 BASE = {"uncertainty": {"retrieve": {"query": "q.zarr", "out": "r.parquet"}}}
 
