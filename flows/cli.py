@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from geopipe.flows.cli_common import device_option, progress_enabled, user_errors
+from geopipe.flows.cli_common import device_option, pipeline_progress, progress_enabled, user_errors
 from geopipe.pipeline.methods.names import METHOD_NAMES
 from geopipe.pipeline.model.names import SAMPLER_NAMES, SCHEDULE_NAMES
 
@@ -274,7 +274,7 @@ def run(config, debug):
     from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import load_pipeline_config
 
-    result = run_pipeline(_with_progress(load_pipeline_config(config)), debug=debug)
+    result = run_pipeline(pipeline_progress(load_pipeline_config(config)), debug=debug)
     if result["table"] is not None:
         click.echo(result["table"])
     unc = result.get("uncertainty")
@@ -326,22 +326,8 @@ def demo(workdir, steps):
     # The demo's networks are tiny: one intra-op thread is as fast as two on an idle 2-core
     # machine and ~5× faster on a loaded one (OpenMP threads spin-wait for busy cores).
     torch.set_num_threads(1)
-    result = run_pipeline(_with_progress(demo_pipeline_config(workdir, train_steps=steps)))
+    result = run_pipeline(pipeline_progress(demo_pipeline_config(workdir, train_steps=steps)))
     click.echo(result["table"])
-
-
-def _with_progress(cfg):
-    """The pipeline config with each stage's progress switched off under ``--quiet``."""
-    if progress_enabled():
-        return cfg
-    import dataclasses
-
-    off = lambda c: c if c is None else dataclasses.replace(c, progress=False)  # noqa: E731
-    unc = cfg.uncertainty
-    if unc is not None:
-        unc = dataclasses.replace(unc, retrieve=off(unc.retrieve), bayescap=off(unc.bayescap))
-    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict),
-                               uncertainty=unc)
 
 
 def _register_subcommands() -> None:

@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-__all__ = ["user_errors", "report_hint", "progress_enabled", "device_option"]
+__all__ = ["user_errors", "report_hint", "progress_enabled", "device_option", "pipeline_progress"]
 
 
 def progress_enabled() -> bool:
@@ -57,3 +57,17 @@ def user_errors(fn):
 def device_option(fn):
     """The ``--device`` option shared by every command that runs a model."""
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+def pipeline_progress(cfg):
+    """The pipeline config with each stage's progress switched off under ``--quiet``."""
+    if progress_enabled():
+        return cfg
+    import dataclasses
+
+    off = lambda c: c if c is None else dataclasses.replace(c, progress=False)  # noqa: E731
+    unc = cfg.uncertainty
+    if unc is not None:
+        unc = dataclasses.replace(unc, retrieve=off(unc.retrieve), bayescap=off(unc.bayescap))
+    return dataclasses.replace(cfg, extract=tuple(off(e) for e in cfg.extract), train=off(cfg.train), predict=off(cfg.predict),
+                               uncertainty=unc)
