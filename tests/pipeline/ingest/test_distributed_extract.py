@@ -109,6 +109,33 @@ def test_two_workers_give_the_single_process_store(world, tmp_path):
     assert (again.shards_done, again.shards_skipped) == (0, 4)
 
 
+def test_complete_fragments_are_reused_and_partial_ones_redone(world, tmp_path):
+    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.ingest.distributed import StageJob, fragment_name
+
+    shards, store = world["shards"], tmp_path / "r.zarr"
+    run_extract(_cfg(shards[:1], store))  # a store a killed run left with its first shard committed
+    bb = load_backbone(BackboneSpec("tiny"))
+    job = StageJob("tiny", None, SampleSpec(), 3, "auto", "auto", embed_dim=bb.embed_dim)
+    staging = store / STAGING_DIR
+    rows, sha, n = shard_rows(shards[1], bb, SampleSpec(), 3, "auto", bb.embed_dim)
+    rows.embeddings = rows.embeddings + np.float32(0.5)  # marked, so that the store shows whether it was reused
+    write_fragment(str(staging / fragment_name(1, shards[1], shard_stat(shards[1]), job)), shards[1], shard_stat(shards[1]), rows, sha, n)
+    partial = staging / fragment_name(2, shards[2], shard_stat(shards[2]), job)
+    partial.mkdir()
+    (partial / "embeddings.npy").write_bytes(b"torn")  # no marker: redone
+    res = run_extract(_cfg(shards, store, dask="local:2"))
+    assert (res.shards_done, res.shards_skipped) == (3, 1) and not staging.exists()
+    got, ref = read_store(str(store)), read_store(world["ref"])
+    assert got.keys.tolist() == ref.keys.tolist()
+    one = got.shard == 1
+    from geopipe.pipeline.store.format import prepare_embeddings
+
+    marked, _ = prepare_embeddings(rows.embeddings, "float16", True)
+    assert np.array_equal(got.embeddings[one], marked) and not np.array_equal(got.embeddings[one], ref.embeddings[one])
+    assert np.array_equal(got.embeddings[~one], ref.embeddings[~one])  # the torn fragment was redone
+
+
 def test_bad_dask_option_is_one_line():
     with pytest.raises(GeopipeError, match="local:N needs a whole number"):
         _cfg(["x.tar"], "s.zarr", dask="local:0")
@@ -139,23 +166,34 @@ def _rows(store) -> int:
         return -1
 
 
-@pytest.mark.e2e
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_killed_client_resumes_to_the_same_store(tmp_path):
+def _start_and_wait_for_a_commit(tmp_path):
+    """A reference store, then `geopipe extract --dask local:2` in its own session, returned once
+    it committed its first shard: (process, command, env, shards, reference, store, total rows)."""
     shards = _world(tmp_path, n_shards=16, per_shard=24)
     ref = tmp_path / "ref.zarr"
     run_extract(_cfg(shards, ref, batch_size=8))
-    total = read_store(str(ref)).attrs["rows"]
     store = tmp_path / "k.zarr"
     cmd = [sys.executable, "-m", "geopipe", "extract", *shards, "--store", str(store), "--batch-size", "8", "--dask", "local:2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while _rows(store) <= 0:  # poll for the first committed shard
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the distributed extract never committed a shard"
+        time.sleep(0.005)
+    return proc, cmd, env, shards, ref, store, read_store(str(ref)).attrs["rows"]
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session(sid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_client_resumes_to_the_same_store(tmp_path):
+    proc, cmd, env, shards, ref, store, total = _start_and_wait_for_a_commit(tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while _rows(store) <= 0:  # poll for the first committed shard
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the distributed extract never committed a shard"
-            time.sleep(0.005)
         session = _session(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -168,15 +206,33 @@ def test_killed_client_resumes_to_the_same_store(tmp_path):
             time.sleep(0.1)
         assert _session(proc.pid) == [], "Dask workers of the killed client survived it"
     finally:
-        for pid in _session(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-    staged = os.listdir(store / STAGING_DIR) if os.path.isdir(store / STAGING_DIR) else []
+        _kill_session(proc.pid)
     stale = store / STAGING_DIR / "000000-0123456789abcdef"  # a fragment of other options, half written
-    stale.mkdir(parents=True)
+    stale.mkdir(parents=True, exist_ok=True)
     (stale / "embeddings.npy").write_bytes(b"junk")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"{len(shards) - at_kill_shards} shards extracted, {at_kill_shards} already done" in out.stderr, (staged, out.stderr)
+    assert f"{len(shards) - at_kill_shards} shards extracted, {at_kill_shards} already done" in out.stderr, out.stderr[-3000:]
+    _assert_same_store(str(ref), str(store))
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_worker_has_its_shard_redone(tmp_path):
+    proc, cmd, env, shards, ref, store, total = _start_and_wait_for_a_commit(tmp_path)
+    try:
+        workers = []
+        for pid in _session(proc.pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"spawn_main" in fh.read():  # a Dask worker process (not the client, not the resource tracker)
+                    workers.append(pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert _rows(store) < total, "killed too late to test a redo"
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    finally:
+        _kill_session(proc.pid)
     _assert_same_store(str(ref), str(store))
 
 
