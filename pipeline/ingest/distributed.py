@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,9 +145,17 @@ def fragment_complete(frag: str, url: str, stat: ShardStat) -> bool:
         done = json.loads(fsio.read_bytes(fsio.join(frag, _DONE)))
         if (done["url"], done["size"], done["mtime"]) != (url, stat.size, stat.mtime):
             return False
-        return all(len(fsio.read_bytes(fsio.join(frag, name))) == n for name, n in done["bytes"].items())
+        return all(_size(fsio.join(frag, name)) == n for name, n in done["bytes"].items())
     except (OSError, ValueError, KeyError):
         return False
+
+
+def _size(url: str) -> int:
+    url = fsio.normalize(url)
+    if fsio.is_local(url):
+        return os.path.getsize(url)
+    fs, path = fsio.url_to_fs(url)
+    return int(fs.size(path))
 
 
 def read_fragment(frag: str) -> tuple[ShardRows, str | None, int]:
@@ -203,12 +212,12 @@ def embed_distributed(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter
     staging, base = fsio.join(writer.path, STAGING_DIR), len(writer.shards)
     names = [fragment_name(base + i, url, stat, job) for i, (url, stat) in enumerate(todo)]
     frags = [fsio.join(staging, name) for name in names]
-    wanted = set(names)
-    for name in fsio.listdir(staging):  # fragments of other options or shard versions, or of committed shards
+    wanted, present = set(names), fsio.listdir(staging)
+    for name in present:  # fragments of other options or shard versions, or of committed shards
         if name not in wanted:
             _remove_tree(fsio.join(staging, name))
     window = window or max(4, 2 * len(client.scheduler_info().get("workers", {})))
-    ready = {i for i, f in enumerate(frags) if fragment_complete(f, *todo[i])}
+    ready = {i for i, f in enumerate(frags) if names[i] in present and fragment_complete(f, *todo[i])}
     pending, queue = {}, as_completed()  # future key → (todo position, future)
     total_bytes, bytes_done, nxt, submitted = sum(s.size for _, s in todo), 0, 0, 0
     bar = Progress(None, "extract", "img", enabled=progress)
