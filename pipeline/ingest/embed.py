@@ -96,16 +96,62 @@ def shard_rows(url: str, backbone, spec: SampleSpec, batch_size: int, precision:
     The same parts (``batch_size`` rows, never spanning shards) and forward passes as
     :func:`embed_shards`, so the rows equal what that loop commits for ``url``: a Dask worker
     (:mod:`geopipe.pipeline.ingest.distributed`) stages them and the client commits them.
-    backbone None reads ``spec.embedding_key`` entries of width ``embed_dim`` instead.
+    backbone None reads ``spec.embedding_key`` entries of width ``embed_dim`` instead. A thread
+    decodes the next parts while the backbone runs (a Dask worker may not start processes), and
+    on CUDA one batch stays in flight as in :func:`embed_shards`.
     """
     preprocess = backbone.preprocess if backbone is not None else None
-    parts, n_samples = [], 0
-    for part in ShardBatches([url], preprocess, spec, batch_size, embed_dim=embed_dim):
-        images = part.pop("images")
-        parts.append((part["seq"], part, _collect(_launch(backbone, images, precision, embed_dim))))
+    parts, n_samples, in_flight = [], 0, None
+    for part in _decoded_ahead(ShardBatches([url], preprocess, spec, batch_size, embed_dim=embed_dim)):
+        handle = _launch(backbone, part.pop("images"), precision, embed_dim)
+        if in_flight is not None:
+            parts.append((in_flight[0]["seq"], in_flight[0], _collect(in_flight[1])))
+        in_flight = (part, handle)
         n_samples += part["n_samples"]
+    if in_flight is not None:
+        parts.append((in_flight[0]["seq"], in_flight[0], _collect(in_flight[1])))
     rows, sha256 = _rows(parts)
     return rows, sha256, n_samples
+
+
+def _decoded_ahead(parts, depth: int = 2):
+    """Iterate ``parts`` (decoded in a daemon thread, at most ``depth`` ahead), in order; an
+    exception in the thread is raised here; leaving early stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry) -> bool:  # False once the consumer has left
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in parts:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, which raises it with its traceback
+            put((end, exc))
+
+    threading.Thread(target=produce, name="geopipe-decode-ahead", daemon=True).start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _worker_init(owner: int, worker_id: int) -> None:
