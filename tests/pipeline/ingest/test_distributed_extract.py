@@ -99,6 +99,23 @@ def test_fragments_round_trip_exactly_and_partial_ones_are_not_complete(world, t
     assert not fragment_complete(frag, url, stat)
 
 
+def test_fragments_live_on_fsspec_urls_too():
+    from geopipe.pipeline.ingest.distributed import remove_staging
+    from geopipe.pipeline.ingest.rows import ShardRows
+    from geopipe.pipeline.store.format import ShardStat
+    from geopipe.pipeline.store.rejects import Reject
+
+    rows = ShardRows(idx=[0, 2], keys=["a", "b"], latlon=[(1.5, -2.25), (0.1, 0.2)], meta=[{"c": '"x"'}, {}],
+                     embeddings=np.arange(8, dtype=np.float32).reshape(2, 4), rejects=[(1, Reject("z", "m.tar", "corrupt_image", "bad"))])
+    stat, frag = ShardStat(10, 5.0), f"memory://dist-{os.getpid()}/s.zarr/{STAGING_DIR}/000000-abc"
+    write_fragment(frag, "m.tar", stat, rows, "f00d", 3)
+    assert fragment_complete(frag, "m.tar", stat)
+    back, sha, n = read_fragment(frag)
+    assert (back.keys, back.latlon, back.rejects, sha, n) == (rows.keys, rows.latlon, rows.rejects, "f00d", 3)
+    remove_staging(f"memory://dist-{os.getpid()}/s.zarr")
+    assert not fragment_complete(frag, "m.tar", stat)
+
+
 def test_two_workers_give_the_single_process_store(world, tmp_path):
     store = tmp_path / "dask.zarr"
     res = run_extract(_cfg(world["shards"], store, dask="local:2"))
