@@ -45,7 +45,8 @@ class ExtractConfig:
     "local:N" (a LocalCluster of N workers; with several GPUs worker i uses GPU i mod count) or a
     scheduler address: workers embed whole shards into fragments under ``STORE/.staging`` and
     this process commits them in order (:mod:`geopipe.pipeline.ingest.distributed`); the store
-    equals a single-process run's.
+    equals a single-process run's. Workers decode in a thread beside the backbone (a Dask worker
+    starts no processes), so ``num_workers`` applies to the single-process run only.
     """
 
     shards: tuple[str, ...]
