@@ -3,16 +3,25 @@
 ``spec`` names where partitions run: None (in process), ``"local:N"`` (a ``LocalCluster`` of
 N single-threaded worker processes, N ≥ 1) or a scheduler address (``tcp://host:8786``).
 Results come back in submission order, so the output never depends on how many workers ran.
+
+Worker processes are tuned for torch: Dask's nanny starts workers with
+``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap threshold at 128 kB, so every
+tensor buffer is mmap'ed and unmapped again and the page faults cost ~50 % more CPU per
+scored record (measured: 2.2 s vs 1.45 s for one 1,250-record partition). A LocalCluster here
+starts its workers without it and with ``cores // N`` BLAS/OpenMP threads each (a variable
+the user set wins); a task on any other worker restores glibc's defaults once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from geopipe.pipeline.core.errors import GeopipeError
 
-__all__ = ["parse_dask_spec", "dask_client", "map_partitions"]
+__all__ = ["parse_dask_spec", "dask_client", "map_partitions", "local_worker_environ", "tune_worker_process"]
 
 _CONNECT_TIMEOUT_S = 20
 
@@ -58,9 +67,60 @@ def _check_reachable(address: str) -> None:
                            f"start one with `dask scheduler` or use --dask local:N") from None
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_worker_environ(n_workers: int) -> dict:
+    """Variables each of ``n_workers`` LocalCluster worker processes starts with (Dask's
+    ``distributed.nanny.pre-spawn-environ``): ``cores // n_workers`` (≥ 1) OpenMP/MKL/OpenBLAS
+    threads, and no ``MALLOC_TRIM_THRESHOLD_`` (None unsets Dask's default). A variable already
+    set in this process's environment is passed on instead (Dask's rule)."""
+    threads = max(1, _cpu_count() // max(1, int(n_workers)))
+    return {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+
+
+_TUNED: list = []  # [applied?] once this process has been tuned
+
+#: glibc mallopt parameters and the values its dynamic thresholds reach at most on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_MAX, _TRIM_MAX = 32 * 2**20, 64 * 2**20
+
+
+def tune_worker_process() -> bool:
+    """Once per process: when ``MALLOC_TRIM_THRESHOLD_`` is below 1 MiB (Dask's nanny default
+    on workers not started by :func:`dask_client`), set glibc's mmap/trim thresholds to the
+    values its dynamic tuning would reach, so torch's buffers are reused instead of mapped and
+    unmapped for every operation. Returns True when it changed them (glibc Linux only)."""
+    if _TUNED:
+        return _TUNED[0]
+    applied = False
+    raw = os.environ.get("MALLOC_TRIM_THRESHOLD_", "")
+    if sys.platform.startswith("linux") and raw.strip().isdigit() and int(raw) < 2**20:
+        import ctypes
+
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+            applied = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_MAX))
+        except (OSError, AttributeError):  # not glibc: nothing to undo
+            applied = False
+    _TUNED.append(applied)
+    return applied
+
+
+def _tuned_call(fn: Callable, *args):
+    """``fn(*args)`` in a worker process tuned by :func:`tune_worker_process`."""
+    tune_worker_process()
+    return fn(*args)
+
+
 @contextlib.contextmanager
 def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
     """A ``distributed.Client`` for ``spec``, closed (with its LocalCluster) on exit."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     kind, value = parse_dask_spec(spec)
@@ -68,8 +128,10 @@ def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
     try:
         if kind == "local":
             # no dashboard; the scheduler's metrics endpoint on a free port (8787 may be taken)
-            cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
-                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+            environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in local_worker_environ(value).items()}
+            with dask.config.set(environ):  # read by each nanny as it starts (and reused on restarts)
+                cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
+                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
         else:
             _check_reachable(value)
@@ -126,7 +188,7 @@ def map_partitions(fn: Callable, parts: Sequence[tuple], spec: str | None, *, on
     from dask.distributed import as_completed
 
     with dask_client(spec) as client:
-        futures = [client.submit(fn, *part, pure=False) for part in parts]
+        futures = [client.submit(_tuned_call, fn, *part, pure=False) for part in parts]
         index = {f.key: i for i, f in enumerate(futures)}
         results: list = [None] * len(futures)
         for fut in as_completed(futures):
