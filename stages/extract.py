@@ -185,16 +185,13 @@ def _clean_staging(store: str) -> None:
 def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float) -> ExtractResult:
     """:func:`run_extract` with Dask workers embedding the shards (``cfg.dask``)."""
     import contextlib
-    import os
 
     from geopipe.pipeline.core.parallel import dask_client
     from geopipe.pipeline.ingest.decode import SampleSpec
     from geopipe.pipeline.ingest.distributed import StageJob, embed_distributed, worker_identity
 
-    kind, n_local = parse_dask_spec(cfg.dask)
     job = StageJob(cfg.backbone, cfg.pretrained, SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key),
-                   cfg.batch_size, cfg.precision, cfg.device,
-                   torch_threads=max(1, (os.cpu_count() or 1) // n_local) if kind == "local" else None)
+                   cfg.batch_size, cfg.precision, cfg.device)
     with contextlib.ExitStack() as stack:
         def prepare():  # the store is locked: start the cluster, ask a worker for the backbone's identity
             client = stack.enter_context(dask_client(cfg.dask))

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.parallel import tune_worker_process
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.ingest.decode import SampleSpec
 from geopipe.pipeline.ingest.rows import ShardRows, commit_rows
@@ -61,8 +62,8 @@ class StageJob:
     backbone, pretrained: the backbone to load (ignored when ``spec.embedding_key`` is set);
     device: "auto", "cpu", "cuda" or "cuda:N" as resolved on the worker ("auto"/"cuda" on a
     worker of a LocalCluster that sees several GPUs: worker i uses GPU i mod count);
-    embed_dim: D of the store (set once the store is open); torch_threads: CPU threads per
-    worker (None: leave torch's setting).
+    embed_dim: D of the store (set once the store is open). CPU threads per worker: a
+    LocalCluster's workers start with cores // N (:func:`geopipe.pipeline.core.parallel.dask_client`).
     """
 
     backbone: str
@@ -72,12 +73,10 @@ class StageJob:
     precision: str
     device: str = "auto"
     embed_dim: int | None = None
-    torch_threads: int | None = None
 
     def signature(self) -> str:
         """Hex digest of every option the embeddings depend on."""
         fields = dataclasses.asdict(self)
-        fields.pop("torch_threads")
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -105,13 +104,9 @@ def _worker_device(name: str):
 
 
 def _backbone(job: StageJob):
-    """This process's backbone for ``job`` (loaded on first use), with its torch threads set."""
-    import torch
-
+    """This process's backbone for ``job`` (loaded on first use)."""
     from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
 
-    if job.torch_threads and torch.get_num_threads() != job.torch_threads:
-        torch.set_num_threads(job.torch_threads)
     device = _worker_device(job.device)
     key = (job.backbone, job.pretrained, str(device))
     if key not in _BACKBONES:
@@ -121,6 +116,7 @@ def _backbone(job: StageJob):
 
 def worker_identity(job: StageJob) -> tuple[dict, int]:
     """(backbone identity, embedding width D), on a worker (which keeps the backbone loaded)."""
+    tune_worker_process()
     bb = _backbone(job)
     return bb.identity, bb.embed_dim
 
@@ -172,6 +168,7 @@ def stage_shard(job: StageJob, url: str, stat: ShardStat, frag: str) -> str:
     finds it complete); returns ``frag`` (the client reads the rows from there, not the reply)."""
     from geopipe.pipeline.ingest.embed import shard_rows
 
+    tune_worker_process()  # glibc's malloc thresholds on workers a Dask nanny started (once per process)
     if not fragment_complete(frag, url, stat):
         bb = _backbone(job) if job.spec.embedding_key is None else None
         rows, sha256, n = shard_rows(url, bb, job.spec, job.batch_size, job.precision, int(job.embed_dim))
