@@ -10,6 +10,7 @@ training-free uncertainty scores, and whether each query has a positive in the d
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.artifacts.predictions import predictions_metadata, predictions_table, write_predictions
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, answerable, haversine_m, recall_summary
 from geopipe.pipeline.retrieval.density import fit_kernel, kernel_localizability, kernel_mode, kernel_weights, neighbour_xyz
@@ -60,6 +61,18 @@ class RetrieveConfig:
     progress: bool = True
     device: str = "auto"  # a faiss index goes to the GPU(s) when faiss has GPU support and this resolves to CUDA
 
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown retrieval mode {self.mode!r}; choose one of {list(MODES)}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"-k must be at least 1, got {self.k!r}")
+        for name in ("mc_passes", "kernel_val", "kernel_samples", "chunk_rows"):
+            check_int(getattr(self, name), "--mc-passes" if name == "mc_passes" else name, 1, where="retrieve")
+        if not (isinstance(self.radius_m, (int, float)) and math.isfinite(self.radius_m) and self.radius_m > 0):
+            raise ConfigError(f"retrieve: --radius-m must be a finite number of metres > 0, got {self.radius_m!r}")
+        if not isinstance(self.split, SplitConfig):
+            raise ConfigError(f"retrieve: split must be a SplitConfig, got {type(self.split).__name__}")
+
 
 @dataclass(frozen=True)
 class RetrieveResult:
@@ -78,15 +91,18 @@ def _identity(store: EmbeddingStore) -> tuple:
 
 
 def check_compatible(query: EmbeddingStore, database: EmbeddingStore) -> None:
-    """One GeopipeError for an empty database, a dimension mismatch or different backbones."""
+    """One GeopipeError for an empty query or database store, a dimension mismatch or different backbones."""
+    if len(query) == 0:
+        raise GeopipeError(f"query store {query.path} has no records; extract or import some first")
     if len(database) == 0:
         raise GeopipeError(f"database store {database.path} has no records; extract or import some first")
     if query.embed_dim != database.embed_dim:
         raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
                            f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")
     if _identity(query) != _identity(database):
-        raise GeopipeError(f"query store {query.path} (backbone {_identity(query)[0]!r}) and database store {database.path} "
-                           f"(backbone {_identity(database)[0]!r}) were embedded by different backbones; re-extract one of them")
+        name = lambda s: f"{_identity(s)[0]!r}" + (f", fingerprint {_identity(s)[2]}" if _identity(query)[0] == _identity(database)[0] else "")  # noqa: E731
+        raise GeopipeError(f"query store {query.path} (backbone {name(query)}) and database store {database.path} "
+                           f"(backbone {name(database)}) were embedded by different backbones; re-extract one of them")
 
 
 def store_chunks(store: EmbeddingStore, rows: np.ndarray, chunk_rows: int):
@@ -128,9 +144,13 @@ def _fit_kernel(db: EmbeddingStore, qd: QueryDatabase, db_latlon: np.ndarray, me
 def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDatabase]:
     qs = open_store(cfg.query)
     if cfg.database is None:
+        check_compatible(qs, qs)
+        need = {"column": cfg.split.column, "capture": cfg.split.capture_field}.get(cfg.split.mode)
+        if need is not None and len(qs) and need not in qs.meta:
+            raise GeopipeError(f"{qs.path}: no metadata field {need!r} to split on (--split {cfg.split.mode}); fields are "
+                               f"{sorted(qs.meta)} (or use --split blocks)")
         meta = {name: view[:] for name, view in qs.meta.items() if name in (cfg.split.column, cfg.split.capture_field)}
         qd = split_rows(qs.latlon[:], meta, cfg.split, source=qs.path)
-        check_compatible(qs, qs)
         return qs, qs, qd
     db = open_store(cfg.database)
     check_compatible(qs, db)
@@ -143,14 +163,16 @@ def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDat
 def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     """Search, predict, score and write the predictions table (see the module docstring)."""
     t0 = time.perf_counter()
-    if cfg.mode not in MODES:
-        raise GeopipeError(f"unknown retrieval mode {cfg.mode!r}; choose one of {list(MODES)}")
-    if cfg.k < 1:
-        raise GeopipeError(f"-k must be at least 1, got {cfg.k}")
     backend = resolve_backend(cfg.backend)
     qs, db, qd = _plan(cfg)
     if qd.query_rows.size == 0:
         raise GeopipeError(f"query store {qs.path} has no records")
+    if cfg.uncertainty_checkpoint:  # a wrong checkpoint fails before the search, not after it
+        from geopipe.stages.uncertainty import check_bayescap
+
+        check_bayescap(cfg.uncertainty_checkpoint, qs)
+    if cfg.k > qd.db_rows.size:  # no more neighbours than database records (a huge -k must not allocate)
+        cfg = replace(cfg, k=int(qd.db_rows.size))
     metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
     queries = _select(qs, qd.query_rows).astype(np.float32)
     top: TopK = search_topk(queries, store_chunks(db, qd.db_rows, cfg.chunk_rows), cfg.k, metric, backend,

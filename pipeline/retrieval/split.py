@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
 __all__ = ["SPLIT_MODES", "SplitConfig", "QueryDatabase", "decode_meta", "group_ids", "spatial_blocks", "split_rows"]
 
@@ -37,6 +37,14 @@ class SplitConfig:
     query_fraction: float = 0.2
     seed: int = 0
     capture_field: str = "capture_id"
+
+    def __post_init__(self):
+        if self.mode not in SPLIT_MODES:
+            raise ConfigError(f"unknown split mode {self.mode!r}; choose one of {list(SPLIT_MODES)}")
+        if not (isinstance(self.block_m, (int, float)) and math.isfinite(self.block_m) and self.block_m > 0):
+            raise ConfigError(f"split block_m (--block-m) must be a finite number of metres > 0, got {self.block_m!r}")
+        if not (isinstance(self.query_fraction, (int, float)) and 0 < self.query_fraction < 1):
+            raise ConfigError(f"split query_fraction (--query-fraction) must lie strictly between 0 and 1, got {self.query_fraction!r}")
 
 
 @dataclass(frozen=True)
