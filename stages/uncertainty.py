@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, load_model_weights, save_checkpoint
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.retrieval.pairs import PairConfig, PairSet, mine_pairs
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
@@ -62,6 +62,19 @@ class BayesCapStageConfig:
     capture_field: str = "capture_id"
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown uncertainty method {self.method!r}; choose one of {list(METHODS)}")
+        if self.no_pairs_policy not in NO_PAIRS_POLICIES:
+            raise ConfigError(f"unknown no_pairs_policy {self.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
+        for name, option in (("steps", "--steps"), ("batch", "--batch-size"), ("val_every", "--val-every")):
+            check_int(getattr(self, name), option, 1, where=self.method)
+        check_int(self.pairs.min_pairs, "--min-pairs", 1, where=self.method)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{self.method}: --lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"{self.method}: dropout must lie in [0, 1), got {self.dropout!r}")
 
 
 @dataclass(frozen=True)
@@ -115,10 +128,6 @@ def _identity_pairs(emb: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray,
 def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     """Mine pairs, apply the no-pairs policy, train, save the checkpoint (see the module docstring)."""
     t0 = time.perf_counter()
-    if cfg.method not in METHODS:
-        raise GeopipeError(f"unknown uncertainty method {cfg.method!r}; choose one of {list(METHODS)}")
-    if cfg.no_pairs_policy not in NO_PAIRS_POLICIES:
-        raise GeopipeError(f"unknown no_pairs_policy {cfg.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
     store = open_store(cfg.store)
     if len(store) == 0:
         raise GeopipeError(f"store {store.path} has no records to train BayesCap on")
@@ -158,7 +167,10 @@ def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
     """A trained BayesCap network (eval mode) and its checkpoint config."""
     cfg = load_checkpoint_config(checkpoint)
     if cfg.get("method") not in METHODS:
-        raise GeopipeError(f"{checkpoint}: checkpoint method {cfg.get('method')!r} is not a BayesCap method {list(METHODS)}")
+        method = cfg.get("method")
+        name = method.get("name") if isinstance(method, dict) else method
+        raise GeopipeError(f"{checkpoint} is a checkpoint of method {name!r}, not a BayesCap one; give --bayescap a checkpoint of "
+                           f"`geopipe train --method bayescap` or `--method bayescap-cycle`")
     net = {k: v for k, v in cfg["network"].items() if k != "kind"}
     model = BayesCapMLP(BayesCapConfig(**net))
     model.load_state_dict(load_model_weights(checkpoint))

@@ -78,6 +78,10 @@ def load_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int 
     Raises GeopipeError when the checkpoint's embedding dimension differs from the store's.
     """
     config = load_checkpoint_config(checkpoint)
+    if isinstance(config["method"], str):  # uncertainty heads (BayesCap) store their method by name only
+        raise GeopipeError(f"checkpoint {checkpoint} holds {config['method']!r} uncertainty heads, not a generative model; "
+                           "use it as --bayescap of predict or retrieve, and give --checkpoint a model of `geopipe train --method rfm` "
+                           "(or flow, diffusion, ...)")
     if expect_embed_dim is not None and int(config["embed_dim"]) != int(expect_embed_dim):
         raise GeopipeError(
             f"checkpoint {checkpoint} expects {config['embed_dim']}-d embeddings but the store has "
