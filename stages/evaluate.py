@@ -13,6 +13,7 @@ reliability plots (PNG).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,11 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate: {len(self.names)} names for {len(self.predictions)} predictions files; give one name per file")
         for name in ("prdc_k", "prdc_chunks"):
             check_int(getattr(self, name), name, 1, where="evaluate")
+        fk = self.failure_km
+        if isinstance(fk, bool) or not isinstance(fk, (int, float)) or not (math.isfinite(fk) and fk > 0):
+            raise ConfigError(f"evaluate: --failure-km must be a finite distance in km > 0, got {fk!r}")
+        if self.plots_dir is not None and os.path.exists(self.plots_dir) and not os.path.isdir(self.plots_dir):
+            raise ConfigError(f"evaluate: --plots {self.plots_dir!r} is a file; give a folder for the PNGs")
         if self.baseline_latlon is not None and len(self.baseline_latlon) != 2:
             raise ConfigError(f"evaluate: baseline_latlon must be (lat, lon) in degrees, got {self.baseline_latlon!r}")
 
