@@ -78,10 +78,17 @@ def with_bbox(table: pa.Table, metadata: Mapping[bytes, bytes]) -> dict[bytes, b
 
 
 def write_predictions(table: pa.Table, path: str, metadata: Mapping[bytes, bytes]) -> None:
-    """Write ``table`` with ``metadata`` to ``path`` atomically (old file or new, never half)."""
-    if os.path.isdir(path):
+    """Write ``table`` with ``metadata`` to ``path`` (a local path or an fsspec url) atomically
+    (old file or new, never half)."""
+    path = fsio.normalize(path)
+    if fsio.is_local(path) and os.path.isdir(path):
         raise GeopipeError(f"output {path!r} is a directory; give a file path such as {os.path.join(path, 'predictions.parquet')!r}")
     table = table.replace_schema_metadata(with_bbox(table, metadata))
+    if not fsio.is_local(path):  # one PUT: all-or-nothing on an object store
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        fsio.write_atomic(path, buf.getvalue())
+        return
     with fsio.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
