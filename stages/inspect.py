@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -158,7 +158,10 @@ def _write_parquet(table, path: str, meta: dict) -> None:
 def _directions(cfg: InspectConfig, found: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     for name in cfg.directions:
         if name not in found:
-            raise GeopipeError(f"no probe direction {name!r}; probes gave {sorted(found) or 'none'} (probe its field with --probe-fields)")
+            head = name.split("=", 1)[0].split(".", 1)[0]
+            same = sorted(n for n in found if n.split("=", 1)[0].split(".", 1)[0] == head) or sorted(found)
+            shown = same[:12] + ([f"... {len(same) - 12} more"] if len(same) > 12 else [])
+            raise GeopipeError(f"no probe direction {name!r}; probes gave {shown or 'none'} (probe its field with --probe-fields)")
     return [(n, found[n]) for n in cfg.directions]
 
 
@@ -183,6 +186,17 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     check_compatible(st, db)
     if cfg.k < 1:
         raise GeopipeError(f"-k must be at least 1, got {cfg.k}")
+    if cfg.k > len(db):  # no more neighbours than database records (a huge -k must not allocate)
+        cfg = replace(cfg, k=len(db))
+    for name in cfg.directions:  # before the k-means passes, not after them
+        head = name.split("=", 1)[0].split(".", 1)[0]
+        if head != "location" and head not in st.meta:
+            raise GeopipeError(f"no probe direction {name!r} (--direction): store {st.path} has no metadata field {head!r}; use FIELD=VALUE, "
+                               f"FIELD.sin/.cos or location.x/.y/.z with one of {sorted(st.meta)}")
+    rows = _probe_rows(st, cfg)  # unknown --keys and --probe-fields fail before the k-means passes
+    unknown = [f for f in (cfg.probe_fields or ()) if f not in st.meta]
+    if unknown:
+        raise GeopipeError(f"store {st.path} has no metadata field {unknown[0]!r} (--probe-fields); fields are {sorted(st.meta)}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     meta_out = {"config": {**asdict(cfg), "probe_split": asdict(cfg.probe_split)}, "store": st.path, "database": db.path,
                 "backbone": st.attrs.get("backbone"), **provenance()}
@@ -207,7 +221,6 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     fsio.write_atomic(paths["probes"], json.dumps({**meta_out, "probes": probes_out, "skipped": skipped}, indent=1, default=str).encode())
     with fsio.atomic_path(paths["directions"]) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **found)
-    rows = _probe_rows(st, cfg)
     uniq, back = np.unique(rows, return_inverse=True)
     base = record_probes(st.embeddings[uniq][back.reshape(-1)], rows, keys[rows], latlon[rows])
     parts = [base, centroid_probes(km.centroids, proto.mean_latlon)]
