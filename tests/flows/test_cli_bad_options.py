@@ -28,6 +28,10 @@ def inputs(tmp_path_factory):
     res = CliRunner().invoke(cli, ["train", "--store", str(store), "-o", str(model), "--dim", "16", "--depth", "1", "--steps", "4",
                                    "--warmup", "1", "--batch-size", "16", "--val-every", "4", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    bayescap = root / "bc"  # too few pairs in a 64-record store: identity pairs (trains in a second)
+    res = CliRunner().invoke(cli, ["train", "--store", str(store), "-o", str(bayescap), "--method", "bayescap", "--steps", "2",
+                                   "--batch-size", "8", "--val-every", "2", "--no-pairs-policy", "identity"])
+    assert res.exit_code == 0, res.output
     preds = root / "p.parquet"
     res = CliRunner().invoke(cli, ["predict", "-c", str(model), "--store", str(store), "-o", str(preds), "--steps", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
@@ -37,7 +41,7 @@ def inputs(tmp_path_factory):
     (root / "file").write_text("x")
     (root / "dir").mkdir()
     (root / "dir.parquet").mkdir()
-    return {"store": str(store), "model": str(model), "preds": str(preds), "bad_lat": str(root / "bad_lat.parquet"),
+    return {"store": str(store), "model": str(model), "bayescap": str(bayescap), "preds": str(preds), "bad_lat": str(root / "bad_lat.parquet"),
             "file": str(root / "file"), "dir": str(root / "dir"), "missing": str(root / "missing"), "root": root}
 
 
@@ -54,9 +58,16 @@ CASES = {
         ["--guidance", "nan"], ["--guidance", "inf"], ["--steps", "0"], ["--batch-size", "0"], ["--device", "bogus"],
         ["--dask", "local:0"], ["--dask", "bogus:1"], ["--dask", "host:abc"], ["--dask", "nonsense"], ["-o", "{dir}.parquet"], ["-o", "{file}"],
         ["--checkpoint", "{missing}"], ["--checkpoint", "{file}"], ["--store", "{missing}"],
+        ["--checkpoint", "{bayescap}"], ["--bayescap", "{model}"], ["--bayescap", "{bayescap}", "--mc-passes", "0"],
+    ],
+    "train-bayescap": [
+        ["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--val-every", "0"], ["--min-pairs", "-1"],
+        ["--out", "{file}"], ["--store", "{missing}"],
     ],
     "evaluate": [["{bad_lat}"], ["{missing}"], ["{preds}", "--prdc-k", "0"], ["{preds}", "--prdc-chunks", "0"],
-                 ["{preds}", "-o", "{dir}"], ["{preds}", "--name", "a", "--name", "b"], ["{file}"]],
+                 ["{preds}", "-o", "{dir}"], ["{preds}", "--name", "a", "--name", "b"], ["{file}"],
+                 ["{preds}", "--uncertainty", "--failure-km", "nan"], ["{preds}", "--uncertainty", "--failure-km", "0"],
+                 ["{preds}", "--uncertainty", "--plots", "{file}"]],
     "store": [["info", "{missing}"], ["repair", "{missing}"], ["info", "{file}"]],
     "extract": [["{missing}.tar", "--store", "{root}/e.zarr"], ["{missing}.tar", "--store", "{file}"]],
     "demo-data": [["{root}/d", "--n-train", "-1"], ["{root}/d", "--shard-size", "0"]],
@@ -65,10 +76,21 @@ CASES = {
     "map": [["-c", "{model}", "--store", "{store}", "-o", "{root}/maps", "--resolution", "7"],
             ["-c", "{model}", "--store", "{store}", "-o", "{root}/maps", "--n", "0"],
             ["-c", "{model}", "--store", "{store}", "-o", "{root}/maps", "--key", "nope"],
-            ["-c", "{missing}", "--store", "{store}", "-o", "{root}/maps"]],
+            ["-c", "{missing}", "--store", "{store}", "-o", "{root}/maps"],
+            ["-c", "{bayescap}", "--store", "{store}", "-o", "{root}/maps"]],
     "calibration-plot": [["{missing}", "-o", "{root}/c.png"], ["{file}", "-o", "{root}/c.png"]],
     "retrieve": [["--query", "{store}", "--database", "{missing}", "-o", "{root}/r.parquet"],
-                 ["--query", "{store}", "--database", "{store}", "-o", "{root}/r.parquet", "-k", "0"]],
+                 ["--query", "{store}", "--database", "{store}", "-o", "{root}/r.parquet", "-k", "0"],
+                 *[["--query", "{store}", "-o", "{root}/r.parquet", *bad] for bad in (
+                     ["--split", "blocks", "--block-m", "0"], ["--split", "blocks", "--block-m", "nan"],
+                     ["--split", "blocks", "--query-fraction", "2"], ["--split", "capture", "--query-fraction", "0"],
+                     ["--split", "column", "--split-column", "nope"], ["--split", "leave_one_out", "--radius-m", "nan"],
+                     ["--split", "leave_one_out", "--radius-m", "-1"], ["--split", "leave_one_out", "--bayescap", "{model}"],
+                     ["--split", "leave_one_out", "--bayescap", "{bayescap}", "--mc-passes", "0"],
+                     ["--database", "{file}"], ["--split", "leave_one_out", "-o", "{dir}"])]],
+    "inspect": [["--store", "{store}", "-o", "{root}/insp", "--clusters", "2", "--iterations", "1", *bad] for bad in (
+        ["--keys", "nope"], ["--direction", "nope=x"], ["-k", "0"], ["--clusters", "0"], ["--probe-fields", "nope"],
+        ["--store", "{missing}"], ["--database", "{missing}"])],
     "bench": [["--what", "predict", "--dim", "12"], ["--what", "predict", "--batch", "0"], ["--device", "bogus"]],
     "run": [["{file}"]],
 }
@@ -79,6 +101,9 @@ def _base(command: str, x: dict) -> list[str]:
         return ["train", "--store", x["store"], "--out", str(x["root"] / "fuzz_model"), *TRAIN]
     if command == "predict":
         return ["predict", "-c", x["model"], "--store", x["store"], "-o", str(x["root"] / "fuzz.parquet"), "--steps", "2", "--device", "cpu"]
+    if command == "train-bayescap":
+        return ["train", "--store", x["store"], "--out", str(x["root"] / "fuzz_bc"), "--method", "bayescap", "--steps", "2",
+                "--batch-size", "8", "--no-pairs-policy", "identity"]
     return [command]
 
 
