@@ -137,7 +137,10 @@ def build_config(cls, section: dict, where: str):
             values[k] = build_config(hints[k], _table(section, k, f"{where}.{k}"), f"{where}.{k}")
         else:
             values[k] = _coerce(v, hints[k], f"[{where}] {k}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a value out of range: say which table of the TOML holds it
+        raise ConfigError(f"[{where}] {exc}") from None
 
 
 def _uncertainty_branch(doc: dict) -> UncertaintyBranch:

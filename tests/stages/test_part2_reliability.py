@@ -58,3 +58,30 @@ def test_empty_query_store_is_named_as_empty(stores):
     """Before: an empty query store was reported as 'embedded by different backbones'."""
     with pytest.raises(GeopipeError, match="query store .* has no records"):
         run_retrieve(RetrieveConfig(query=stores["empty"], database=stores["db"], out=str(stores["root"] / "x.parquet"), progress=False))
+
+
+@pytest.mark.parametrize("table,key,value,message", [
+    ("retrieve", "k", 0, r"^\[uncertainty\.retrieve\] -k must be at least 1"),
+    ("retrieve", "radius_m", -1.0, r"^\[uncertainty\.retrieve\] retrieve: --radius-m must be"),
+    ("bayescap", "steps", 0, r"^\[uncertainty\.bayescap\] bayescap-cycle: --steps must be an integer >= 1, got 0$"),
+    ("bayescap", "lr", float("nan"), r"^\[uncertainty\.bayescap\] bayescap-cycle: --lr must be"),
+    ("evaluate", "failure_km", -3.0, r"^\[uncertainty\.evaluate\] evaluate: --failure-km must be"),
+])
+def test_uncertainty_tables_out_of_range_name_their_table(table, key, value, message):
+    """Before: BayesCap values out of range passed the config (steps = 0 trained nothing and saved it) and the
+    retrieve/evaluate ones did not say which TOML table held them. After: one line naming the table."""
+    from geopipe.stages.config import parse_pipeline_config
+
+    doc = {"uncertainty": {"retrieve": {"query": "q.zarr", "out": "r.parquet"}, "bayescap": {"store": "q.zarr", "out": "bc"},
+                           "evaluate": {}}}
+    doc["uncertainty"][table][key] = value
+    with pytest.raises(GeopipeError, match=message):
+        parse_pipeline_config(doc)
+
+
+def test_split_table_out_of_range():
+    from geopipe.stages.config import parse_pipeline_config
+
+    doc = {"uncertainty": {"retrieve": {"query": "q.zarr", "out": "r.parquet", "split": {"mode": "blocks", "block_m": 0.0}}}}
+    with pytest.raises(GeopipeError, match=r"^\[uncertainty\.retrieve\.split\] split block_m \(--block-m\) must be"):
+        parse_pipeline_config(doc)
