@@ -15,6 +15,7 @@ recorded as the store's backbone identity. Shards and store may be fsspec urls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -162,10 +163,23 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
         opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
         embed_shards(todo, writer, bb, spec, opts, device, on_commit)
 
-    res = run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
-                     finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
-    _clean_staging(store)
-    return res
+    return run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                      same_source=_same_source(cfg, backbone),
+                      on_done=functools.partial(_clean_staging, store),
+                      finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+
+
+def _same_source(cfg: ExtractConfig, backbone=None):
+    """Whether a store's recorded backbone identity is ``cfg``'s source (``backbone``'s identity
+    when one is given), by name and tag alone (a rerun with nothing new then loads no backbone;
+    any doubt takes the full path, which says what differs)."""
+    def same(recorded: dict) -> bool:
+        if backbone is not None:
+            return recorded == backbone.identity
+        imported = (recorded.get("preprocess") or {}).get("source") == "import"
+        return (recorded.get("name") == cfg.backbone and recorded.get("pretrained") == cfg.pretrained
+                and imported == (cfg.embedding_key is not None))
+    return same
 
 
 def _ingest_options(cfg: ExtractConfig) -> IngestOptions:
@@ -176,7 +190,7 @@ def _ingest_options(cfg: ExtractConfig) -> IngestOptions:
 
 
 def _clean_staging(store: str) -> None:
-    """After a run that committed every shard: fragments a killed ``--dask`` run left are stale."""
+    """Once every shard is committed (store still locked): fragments a killed ``--dask`` run left are stale."""
     from geopipe.pipeline.ingest.distributed import remove_staging
 
     remove_staging(store)
@@ -209,7 +223,7 @@ def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float)
         def write(writer, todo, client, on_commit):
             embed_distributed(todo, writer, job, client, on_commit, progress=cfg.progress)
 
-        res = run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
-                         finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
-    _clean_staging(store)
-    return res
+        return run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                          same_source=_same_source(cfg),
+                          on_done=functools.partial(_clean_staging, store),
+                          finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))

@@ -138,6 +138,25 @@ def _open_writer(path: str, opts: IngestOptions, prepare: Callable[[], tuple[dic
     return writer, ctx
 
 
+def _nothing_to_do(path: str, urls: Sequence[str], store: str, opts: IngestOptions, same_source: Callable[[dict], bool] | None,
+                   stat_fn, hash_fn):
+    """(plan, store attributes) when the existing store at ``path`` already holds every shard of
+    ``urls`` unchanged and ``same_source(recorded backbone identity)`` says the run's source is the
+    one recorded (with the same dtype and normalisation); None when there is work, doubt or no store.
+    Lets a rerun with nothing new skip ``prepare`` (loading a backbone, starting a cluster)."""
+    if same_source is None or not fsio.isfile(fsio.join(path, "zarr.json")):
+        return None
+    import zarr
+
+    attrs = dict(zarr.open_group(path, mode="r").attrs)
+    if (not isinstance(attrs.get("backbone"), dict) or not same_source(attrs["backbone"]) or attrs.get("dtype") != opts.dtype
+            or attrs.get("normalized") != opts.normalize):
+        return None  # the full path loads the source and says precisely what differs
+    plan = plan_shards(list(urls), attrs.get("shards", {}), store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
+                       stat_fn=stat_fn, hash_fn=hash_fn)
+    return (plan, attrs) if not plan.todo and plan.truncate_at is None else None
+
+
 def run_ingest(
     urls: Sequence[str],
     store: str,
@@ -149,6 +168,8 @@ def run_ingest(
     stat_fn: Callable[[str], ShardStat] = shard_stat,
     hash_fn: Callable[[str], str] = file_sha256,
     t0: float | None = None,
+    same_source: Callable[[dict], bool] | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> IngestResult:
     """Ingest ``urls`` (shards or pairs, in order) into the store at ``store`` (path or url).
 
@@ -161,14 +182,29 @@ def run_ingest(
         fields, ``per_s`` samples (kept + rejected) per second of ``write``.
     stat_fn, hash_fn: a url's (size, mtime) and content sha256, for planning.
     t0: the stage's start (``time.perf_counter()``) for ``seconds``; default: now.
+    same_source(recorded backbone identity) → True when this run's source is that one, judged
+        without loading it (names and tags); then a rerun with every shard already in the store
+        skips ``prepare`` altogether (no backbone load, no cluster start). None: always prepare.
+    on_done(): runs with the store still locked once every given shard is in (e.g. removing
+        staged fragments a killed distributed run left).
 
     The summary line is printed (``opts.progress``) before the final reject check over the
     whole store, which raises TooManyRejectsError when a resumed store holds too many.
     """
     t0 = time.perf_counter() if t0 is None else t0
     path = fsio.normalize(store)
-    writer, ctx = _open_writer(path, opts, prepare)
     budget = RejectBudget(opts.max_reject_fraction, fsio.join(path, REJECTS_FILE))
+    if same_source is not None and fsio.isfile(fsio.join(path, "zarr.json")):
+        lock = StoreWriter.lock(path)
+        try:
+            done = _nothing_to_do(path, urls, store, opts, same_source, stat_fn, hash_fn)
+            if done is not None:
+                if on_done is not None:
+                    on_done()
+                return _report(done[0], done[1], budget, store, opts, finish, t0)
+        finally:
+            lock.release()
+    writer, ctx = _open_writer(path, opts, prepare)
 
     def on_commit(url: str, n_ok: int, rejects: Sequence[Reject]) -> None:
         if n_ok == 0 and not rejects:
@@ -191,6 +227,14 @@ def run_ingest(
         if plan.todo:
             write(writer, plan.todo, ctx, on_commit)
         t_loop = time.perf_counter() - t_loop
+        if on_done is not None:  # every planned shard is in (write raises otherwise)
+            on_done()
+    return _report(plan, writer.attrs, budget, store, opts, finish, t0, t_loop)
+
+
+def _report(plan, attrs: dict, budget: RejectBudget, store: str, opts: IngestOptions, finish, t0: float,
+            t_loop: float = 0.0) -> IngestResult:
+    """The run's result (summary on stderr), after the final reject check over the whole store."""
     seen = budget.ok + budget.rejected
     common = {
         "store": store, "n_ok": budget.ok, "n_rejected": budget.rejected,
@@ -201,11 +245,11 @@ def run_ingest(
     result = finish(common, seen / t_loop if t_loop > 0 else 0.0)
     if opts.progress:
         print(result.summary(), file=sys.stderr)
+    rows, rejects = int(attrs["rows"]), attrs["rejects"]
     try:
-        budget.check(final=True, rows=writer.rows, store_rejects=writer.attrs["rejects"])
+        budget.check(final=True, rows=rows, store_rejects=rejects)
     except TooManyRejectsError as exc:  # every shard is in: rerunning changes nothing, so say what does
-        seen = writer.rows + sum(writer.attrs["rejects"].values())
-        need = math.ceil(100 * sum(writer.attrs["rejects"].values()) / seen) / 100
+        need = math.ceil(100 * sum(rejects.values()) / (rows + sum(rejects.values()))) / 100
         raise TooManyRejectsError(f"{exc}; the store holds every shard: accept it with --max-reject-fraction {need:.2f}, "
                                   f"or extract the good shards into a new store") from None
     return result

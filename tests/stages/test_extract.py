@@ -374,6 +374,27 @@ def test_mismatch_and_lock_are_refused(tmp_path, tiny, monkeypatch):
         run_extract(_cfg(shards, store))
 
 
+def test_a_rerun_with_nothing_new_loads_no_backbone_and_starts_no_cluster(tmp_path, tiny, monkeypatch):
+    shards = _world(tmp_path, n_shards=2, per_shard=3)
+    store = tmp_path / "s.zarr"
+    run_extract(_cfg(shards, store), backbone=tiny)
+    # doubt takes the full path, which says what differs
+    other = dataclasses.replace(tiny, identity={**tiny.identity, "fingerprint": "0" * 64})
+    with pytest.raises(StoreMismatchError, match="refusing to append"):
+        run_extract(_cfg(shards, store), backbone=other)
+    with pytest.raises(StoreMismatchError, match="float32"):
+        run_extract(_cfg(shards, store, dtype="float32"), backbone=tiny)
+    os.makedirs(store / ".staging" / "0-stale")  # what a killed --dask run leaves behind
+    monkeypatch.setattr("geopipe.stages.extract._load_backbone", lambda *a: pytest.fail("loaded a backbone"))
+    monkeypatch.setattr("geopipe.pipeline.core.parallel.dask_client", lambda *a, **k: pytest.fail("started a cluster"))
+    for extra in ({}, {"dask": "local:2"}):
+        r = run_extract(_cfg(shards, store, **extra))
+        assert (r.shards_done, r.shards_skipped, r.n_ok) == (0, 2, 0)
+        assert not (store / ".staging").exists()
+    with pytest.raises(pytest.fail.Exception, match="loaded a backbone"):  # something new: the backbone is needed again
+        run_extract(_cfg(_world(tmp_path / "more", n_shards=1, per_shard=2, prefix="m") + shards, store))
+
+
 def _flip_byte(path):
     """Change one byte inside the first image, keeping size and mtime (only a content hash sees it)."""
     st = os.stat(path)
