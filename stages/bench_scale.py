@@ -9,7 +9,7 @@
   by the run and for one already running with warm workers).
 * ``bench_import``: ``geopipe import`` of a clip-retrieval folder (N × D float32) vs a bare
   ``np.load`` + normalise + zarr write of the same arrays (rows/s; ratio = bare time / import time)
-  and the peak RSS growth of each.
+  and the peak RSS of each, each run in a fresh process.
 
 Each writes its synthetic inputs under ``workdir`` (sizes in the config) and reports a dict.
 """
@@ -49,6 +49,16 @@ class ScaleBenchConfig:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _hwm_mb() -> float:
+    """This process's own peak RSS (MB): VmHWM, which an exec resets (ru_maxrss keeps the
+    forking parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return _peak_rss_mb()
 
 
 def _make_store(path: str, rows: int, dim: int, chunk_rows: int, seed: int) -> str:
@@ -198,21 +208,49 @@ def _bare_import(folder: str, out: str, chunk_rows: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_import(cfg: ScaleBenchConfig) -> dict:
-    """Rows/s of geopipe import vs the bare np.load + normalise + zarr write, same arrays."""
-    import shutil
+def _child_bare(folder: str, out: str, chunk_rows: int) -> tuple[float, float, float]:
+    """In a fresh process: (seconds, peak RSS MB after imports, peak RSS MB at the end) of the bare import."""
+    import pyarrow.parquet  # noqa: F401  (imports before the RSS baseline)
+    import zarr  # noqa: F401
+
+    rss0 = _hwm_mb()
+    return _bare_import(folder, out, chunk_rows), rss0, _hwm_mb()
+
+
+def _child_import(folder: str, store: str) -> tuple[float, float, float]:
+    """In a fresh process: (seconds, peak RSS MB after imports, peak RSS MB at the end) of ``geopipe import``."""
+    import pyarrow.parquet  # noqa: F401
+    import zarr  # noqa: F401
 
     from geopipe.stages.import_embeddings import ImportConfig, run_import
 
-    folder = _clip_retrieval_folder(cfg.workdir, cfg.import_rows, cfg.import_dim, cfg.seed)
-    bare = _bare_import(folder, os.path.join(cfg.workdir, "bench-bare.zarr"), cfg.chunk_rows)
-    rss_bare = _peak_rss_mb()
-    store = os.path.join(cfg.workdir, "bench-import.zarr")
-    shutil.rmtree(store, ignore_errors=True)
+    rss0 = _hwm_mb()
     t0 = time.perf_counter()
     run_import(ImportConfig(sources=(folder,), store=store, backbone_name="bench", key_col="key", progress=False))
-    stage = time.perf_counter() - t0
+    return time.perf_counter() - t0, rss0, _hwm_mb()
+
+
+def _in_child(fn, *args):
+    """``fn(*args)`` in a fresh spawned process (its own peak RSS, untouched by this one's)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def bench_import(cfg: ScaleBenchConfig) -> dict:
+    """Rows/s of geopipe import vs the bare np.load + normalise + zarr write, same arrays, each in
+    a fresh process so that each peak RSS is its own (growth = peak at the end − peak after imports)."""
+    import shutil
+
+    folder = _clip_retrieval_folder(cfg.workdir, cfg.import_rows, cfg.import_dim, cfg.seed)
+    bare, bare_rss0, bare_rss = _in_child(_child_bare, folder, os.path.join(cfg.workdir, "bench-bare.zarr"), cfg.chunk_rows)
+    store = os.path.join(cfg.workdir, "bench-import.zarr")
+    shutil.rmtree(store, ignore_errors=True)
+    stage, imp_rss0, imp_rss = _in_child(_child_import, folder, store)
     return {"rows": cfg.import_rows, "dim": cfg.import_dim, "input_mb": round(cfg.import_rows * cfg.import_dim * 4 / 2**20, 1),
             "bare_s": round(bare, 2), "import_s": round(stage, 2), "ratio": round(bare / stage, 3),
-            "import_rows_per_s": round(cfg.import_rows / stage), "peak_rss_mb_after_bare": round(rss_bare, 1),
-            "peak_rss_mb_after_import": round(_peak_rss_mb(), 1)}
+            "import_rows_per_s": round(cfg.import_rows / stage), "bare_peak_rss_mb": round(bare_rss, 1),
+            "bare_rss_growth_mb": round(bare_rss - bare_rss0, 1), "import_peak_rss_mb": round(imp_rss, 1),
+            "import_rss_growth_mb": round(imp_rss - imp_rss0, 1)}

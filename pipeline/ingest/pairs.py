@@ -33,7 +33,7 @@ from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import META_NAME
 from geopipe.pipeline.store.rejects import Reject
 
-__all__ = ["PairError", "EmbeddingPair", "ColumnSpec", "precomputed_identity", "discover_pairs", "pair_stat",
+__all__ = ["PairError", "EmbeddingPair", "ColumnSpec", "NpyRows", "precomputed_identity", "discover_pairs", "pair_stat",
            "pair_sha256", "npy_embed_dim", "read_pair"]
 
 _EMB = re.compile(r"^img_emb_(\d+)\.npy$")
@@ -123,18 +123,72 @@ def pair_sha256(pair: EmbeddingPair) -> str:
     return hashlib.sha256((file_sha256(pair.embeddings) + file_sha256(pair.metadata)).encode()).hexdigest()
 
 
-def _load_npy(url: str) -> np.ndarray:
-    try:
-        if fsio.is_local(url):
-            return np.load(url, mmap_mode="r", allow_pickle=False)
-        return np.load(io.BytesIO(fsio.read_bytes(url)), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise PairError(f"{url}: not a readable .npy array ({' '.join(str(exc).split())[:200]})") from None
+class NpyRows:
+    """The rows of an (N, D) ``.npy`` file (local or fsspec url), read from the file a slice at a
+    time: ``x[a:b]`` reads rows [a, b) (of ``index`` when given: the kept rows) and returns them
+    as numpy in the file's dtype; the array is never loaded whole. ``peak_rows``: the most rows
+    one read returned (shared by :meth:`select` views), so a caller can check its reads stay
+    bounded by a few store chunks."""
+
+    def __init__(self, url: str, index: np.ndarray | None = None, _header: tuple | None = None, _stats: list | None = None):
+        self.url = url
+        if _header is None:
+            try:
+                with fsio.open_read(url) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f".npy format version {version} (1.0 and 2.0 are read)")
+                    shape, fortran, dtype = read_header(fh)
+                    _header = (tuple(shape), fortran, np.dtype(dtype), fh.tell())
+            except (ValueError, OSError, EOFError) as exc:
+                raise PairError(f"{url}: not a readable .npy array ({' '.join(str(exc).split())[:200]})") from None
+        self._header, self._stats, self.index = _header, _stats if _stats is not None else [0], index
+        shape, fortran, self.dtype, _ = _header
+        if len(shape) == 2 and (fortran or self.dtype.hasobject):
+            raise PairError(f"{url}: a Fortran-ordered or object .npy cannot be imported; save it with np.save(path, np.ascontiguousarray(x))")
+        self.shape = shape if index is None else (len(index), *shape[1:])
+        self.ndim = len(shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def peak_rows(self) -> int:
+        return self._stats[0]
+
+    def select(self, index) -> NpyRows:
+        """A view of the rows ``index`` (ascending row numbers of this view)."""
+        index = np.asarray(index, dtype=np.int64)
+        return NpyRows(self.url, index if self.index is None else self.index[index], self._header, self._stats)
+
+    def _file_rows(self, start: int, stop: int) -> np.ndarray:
+        _, _, dtype, offset = self._header
+        per = int(np.prod(self._header[0][1:], dtype=np.int64))
+        with fsio.open_read(self.url) as fh:
+            fh.seek(offset + start * per * dtype.itemsize)
+            data = fh.read((stop - start) * per * dtype.itemsize)
+        if len(data) != (stop - start) * per * dtype.itemsize:
+            raise PairError(f"{self.url}: the file is shorter than its .npy header says ({self.shape}); re-create it")
+        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *self._header[0][1:])
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("NpyRows reads contiguous slices only")
+        a, b, _ = item.indices(len(self))
+        b = max(a, b)
+        if self.index is None:
+            out = self._file_rows(a, b)
+        else:
+            rows = self.index[a:b]
+            out = self._file_rows(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]] if len(rows) else self._file_rows(0, 0)
+        self._stats[0] = max(self._stats[0], len(out))
+        return out
 
 
 def npy_embed_dim(url: str) -> int:
-    """Width D of an (N, D) ``.npy`` (reads the header only for local files)."""
-    arr = _load_npy(url)
+    """Width D of an (N, D) ``.npy`` (reads the header only)."""
+    arr = NpyRows(url)
     if arr.ndim != 2 or arr.dtype.kind not in "fiu":
         raise PairError(f"{url}: expected an (N, D) numeric array of embeddings, got {arr.shape} {arr.dtype}")
     return int(arr.shape[1])
@@ -175,7 +229,7 @@ def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = Non
     """Load a pair into :class:`~geopipe.pipeline.ingest.rows.ShardRows` (rows with a usable key and
     coordinates; rejects for the others). Raises PairError — before anything is written — for
     misaligned row counts, a missing column, or embeddings that are not (N, ``embed_dim``)."""
-    emb, table = _load_npy(pair.embeddings), _read_table(pair.metadata)
+    emb, table = NpyRows(pair.embeddings), _read_table(pair.metadata)
     if emb.ndim != 2 or emb.dtype.kind not in "fiu" or (embed_dim is not None and emb.shape[1] != embed_dim):
         want = f"(N, {embed_dim})" if embed_dim is not None else "(N, D)"
         raise PairError(f"{pair.embeddings}: expected {want} numeric embeddings, got {emb.shape} {emb.dtype}")
@@ -214,8 +268,7 @@ def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = Non
             rows.latlon.append((lat_i, lon_i))
             rows.meta.append({n: v[i] for n, v in extra.items() if v[i] is not None})
     idx = np.asarray(rows.idx, dtype=np.int64)
-    contiguous = len(idx) == emb.shape[0]  # every row kept: no gather copy
-    rows.embeddings = np.asarray(emb if contiguous else emb[idx], dtype=np.float32)
+    rows.embeddings = emb if len(idx) == emb.shape[0] else emb.select(idx)  # read a few chunks at a time by the writer
     return rows
 
 

@@ -24,7 +24,8 @@ class ShardRows:
     """Candidate rows of one shard, in shard order.
 
     idx: (n,) sample index of each row within the shard; keys: (n,) str; latlon: (n, 2)
-    degrees; meta: (n,) dicts field → JSON string; embeddings: (n, D) float raw embeddings;
+    degrees; meta: (n,) dicts field → JSON string; embeddings: (n, D) float raw embeddings (an
+    array, or a row source with ``[a:b]`` slices and ``select(rows)``, read a few chunks at a time);
     rejects: [(sample index, Reject)] found while decoding.
     """
 
@@ -32,7 +33,7 @@ class ShardRows:
     keys: list[str]
     latlon: list
     meta: list[dict]
-    embeddings: np.ndarray
+    embeddings: np.ndarray  # or a row source read in slices (ingest.pairs.NpyRows)
     rejects: list[tuple[int, Reject]] = field(default_factory=list)
 
 
@@ -41,8 +42,9 @@ def commit_rows(writer: StoreWriter, url: str, stat: ShardStat, rows: ShardRows)
 
     Returns (rows kept, this shard's rejects in sample order).
     """
-    attrs = writer.attrs
-    usable = usable_embeddings(rows.embeddings, attrs["dtype"], attrs["normalized"])
+    attrs, per, n = writer.attrs, writer.block_rows, len(rows.keys)
+    usable = np.concatenate([usable_embeddings(np.asarray(rows.embeddings[a:a + per]), attrs["dtype"], attrs["normalized"])
+                             for a in range(0, n, per)] or [np.zeros(0, bool)])
     rejects, keep, seen = list(rows.rejects), [], set()
     for row, key in enumerate(rows.keys):
         if not usable[row]:
@@ -59,8 +61,10 @@ def commit_rows(writer: StoreWriter, url: str, stat: ShardStat, rows: ShardRows)
     columns = {name: [rows.meta[row].get(name, "") for row in keep] for name in fields}
     coords = np.asarray([rows.latlon[r] for r in keep], dtype=np.float64).reshape(-1, 2)
     if len(keep) == len(rows.embeddings):  # every row kept: no gather copy
-        emb = np.asarray(rows.embeddings)
+        emb = rows.embeddings
+    elif not keep:
+        emb = np.zeros((0, attrs["embed_dim"]), np.float32)
     else:
-        emb = np.asarray(rows.embeddings)[keep] if keep else np.zeros((0, attrs["embed_dim"]), np.float32)
+        emb = rows.embeddings.select(keep) if hasattr(rows.embeddings, "select") else np.asarray(rows.embeddings)[keep]
     writer.append_shard(url, emb, coords, [rows.keys[r] for r in keep], columns, ordered, stat)
     return len(keep), ordered

@@ -20,6 +20,7 @@ single-writer lock is then skipped with a warning (object stores have no exclusi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,16 @@ from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.lockfile import DirLock, NullLock
 from geopipe.pipeline.sphere.geometry import wrap_latlon
 from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
-from geopipe.pipeline.store.format import DTYPES, ShardStat, chain_fingerprint, encode_meta, meta_encoding, prepare_embeddings, shard_digest
+from geopipe.pipeline.store.format import (
+    DTYPES,
+    ShardStat,
+    chain_fingerprint,
+    encode_meta,
+    meta_encoding,
+    prepare_embeddings,
+    shard_digest,
+    usable_embeddings,
+)
 from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
@@ -55,6 +65,9 @@ from geopipe.schemas.store import (
 )
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
+
+#: Store chunks of embeddings per block of :meth:`StoreWriter.append_shard` (memory: this many chunks).
+_BLOCK_CHUNKS = 2
 
 
 class StoreMismatchError(StoreError):
@@ -144,6 +157,12 @@ class StoreWriter:
         return int(self.attrs["rows"])
 
     @property
+    def block_rows(self) -> int:
+        """Rows of embeddings validated, prepared and written at a time: a few store chunks (one
+        Zarr write compresses its chunks in parallel)."""
+        return _BLOCK_CHUNKS * self._chunk_rows()
+
+    @property
     def shards(self) -> dict:
         """url → completion record of every committed shard."""
         return self.attrs["shards"]
@@ -218,20 +237,23 @@ class StoreWriter:
                      meta: Mapping[str, Sequence[str]], rejects: Sequence[Reject], stat: ShardStat) -> dict:
         """Append one shard's rows and commit its completion record (see the module docstring).
 
-        embeddings: (n, D) raw float embeddings (normalised and cast here); latlon: (n, 2)
+        embeddings: (n, D) raw float embeddings (normalised and cast here), an array or any row
+        source whose ``[a:b]`` slices are arrays (e.g. ``ingest.pairs.NpyRows``): they are read a
+        few store chunks at a time (``block_rows``), so memory holds a block of them, not the shard; latlon: (n, 2)
         degrees (wrapped here, docs/methods.md#conventions); keys: (n,) new unique keys; meta: field → (n,) JSON
         strings (absent fields are ""); rejects: this shard's rejects. Returns the record.
         """
         keys, n = [str(k) for k in keys], len(keys)
-        raw, ll = np.asarray(embeddings), np.asarray(latlon, dtype=np.float64)
+        raw = embeddings if hasattr(embeddings, "shape") else np.asarray(embeddings)
+        ll = np.asarray(latlon, dtype=np.float64)
         if n == 0:  # a shard whose samples were all rejected
-            raw, ll = raw.reshape(0, self.attrs["embed_dim"]), ll.reshape(0, 2)
-        emb = self._check_shard(url, raw, ll, keys, meta)
+            raw, ll = np.asarray(raw[0:0]).reshape(0, self.attrs["embed_dim"]), ll.reshape(0, 2)
+        self._check_shard(url, raw, ll, keys, meta)
         lat, lon = wrap_latlon(ll[:, 0], ll[:, 1])
         coords = np.stack([lat, lon], axis=1)
         start, index = self.rows, len(self.shards)
         fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
-        self._write(ARRAY_EMBEDDINGS, start, emb)
+        digest = self._write_embeddings(start, raw, hashlib.sha256("\n".join(keys).encode()))
         self._write(ARRAY_LATLON, start, coords)
         self._write(ARRAY_KEYS, start, np.asarray(keys, dtype=object))
         self._write(ARRAY_SHARD, start, np.full(n, index, dtype=np.int32))
@@ -249,7 +271,8 @@ class StoreWriter:
             write_rejects(part, rejects)
         else:
             fsio.remove(part)
-        digest = shard_digest(keys, emb, coords)
+        digest.update(np.ascontiguousarray(coords, dtype=np.float64).tobytes())
+        digest = digest.hexdigest()  # = shard_digest(keys, stored embeddings, coords), hashed a block at a time
         record = {"index": index, "start": start, "stop": start + n, "n_ok": n, "n_rejected": len(rejects),
                   "size": stat.size, "mtime": stat.mtime, "digest": digest, "sha256": stat.sha256}
         counts = dict(self.attrs["rejects"])
@@ -289,17 +312,39 @@ class StoreWriter:
         self._consolidate()
         return drop
 
-    def _check_shard(self, url: str, raw: np.ndarray, ll: np.ndarray, keys: list[str], meta: Mapping) -> np.ndarray:
-        """Validate one shard's rows; returns the embeddings as stored (normalised, cast)."""
+    def _blocks(self, start: int, n: int):
+        """[a, b) ranges of a shard's n rows (written from store row ``start``) along store chunks,
+        :attr:`block_rows` at most."""
+        per, a = self.block_rows, 0
+        while a < n:
+            b = min(n, a + per - (start + a) % per)
+            yield a, b
+            a = b
+
+    def _write_embeddings(self, start: int, raw, digest):
+        """Write the prepared rows of ``raw`` from store row ``start``, a block at a time, adding
+        their stored bytes to ``digest`` (returned)."""
+        arr = self._group[ARRAY_EMBEDDINGS]
+        if arr.shape[0] != start + len(raw):
+            arr.resize((start + len(raw), *arr.shape[1:]))
+        for a, b in self._blocks(start, len(raw)):
+            emb, _ = prepare_embeddings(np.asarray(raw[a:b]), self.attrs["dtype"], self.attrs["normalized"])
+            arr[start + a:start + b] = emb
+            digest.update(np.ascontiguousarray(emb).tobytes())
+        return digest
+
+    def _check_shard(self, url: str, raw, ll: np.ndarray, keys: list[str], meta: Mapping) -> None:
+        """Validate one shard's rows (embeddings a block at a time) before anything is written."""
         n, d = len(keys), self.attrs["embed_dim"]
         if url in self.shards:
             raise ValueError(f"shard {url} is already in store {self.path}")
         if raw.shape != (n, d) or ll.shape != (n, 2) or any(len(v) != n for v in meta.values()):
             raise ValueError(f"shard {url}: expected ({n}, {d}) embeddings, ({n}, 2) latlon and {n} meta values per field, "
                              f"got {raw.shape}, {ll.shape}")
-        emb, ok = prepare_embeddings(raw, self.attrs["dtype"], self.attrs["normalized"])
-        if not ok.all():
-            raise ValueError(f"shard {url}: {int((~ok).sum())} embeddings are non-finite, zero or overflow {self.attrs['dtype']}")
+        bad = sum(int((~usable_embeddings(np.asarray(raw[a:b]), self.attrs["dtype"], self.attrs["normalized"])).sum())
+                  for a, b in self._blocks(self.rows, n))
+        if bad:
+            raise ValueError(f"shard {url}: {bad} embeddings are non-finite, zero or overflow {self.attrs['dtype']}")
         if not np.isfinite(ll).all():
             raise ValueError(f"shard {url}: non-finite coordinates")
         dup = self.keys_seen.intersection(keys)
@@ -308,7 +353,6 @@ class StoreWriter:
         bad = [m for m in meta if not META_NAME.match(m)]
         if bad:
             raise ValueError(f"shard {url}: invalid meta field names {bad[:5]} (letters, digits, '_', '-', '.')")
-        return emb
 
     def _record_chunk_digests(self, update: dict, start: int, stop: int) -> None:
         """Digests of the chunks rows [start, stop) touch, into ``update`` (committed with it; see
