@@ -152,8 +152,9 @@ def _resume(cfg, model, optimizer, ema, generator, config: dict) -> tuple[int, l
     if not os.path.exists(os.path.join(cfg.out, CONFIG_FILE)):
         return 0, []
     saved = load_checkpoint_config(cfg.out)
-    if saved["method"]["name"] != cfg.method:
-        raise GeopipeError(f"{cfg.out} holds a {saved['method']['name']!r} run; use --no-resume or another --out")
+    name = saved["method"]["name"] if isinstance(saved["method"], dict) else saved["method"]  # BayesCap: by name only
+    if name != cfg.method:
+        raise GeopipeError(f"{cfg.out} holds a {name!r} run; use --no-resume or another --out")
     packed = load_train_state(cfg.out)
     if packed is None:
         return 0, []

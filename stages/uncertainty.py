@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -28,6 +29,7 @@ from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
+from geopipe.schemas.checkpoint import CONFIG_FILE
 
 __all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
            "check_bayescap", "score_rows", "ScoreFileConfig", "ScoreFileResult", "run_score_file"]
@@ -125,9 +127,21 @@ def _identity_pairs(emb: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray,
     return both, np.stack([idx[:cut], idx[:cut] + n], 1), np.stack([idx[cut:], idx[cut:] + n], 1)
 
 
+def _refuse_generative_out(out: str) -> None:
+    """A BayesCap run replaces the checkpoint in ``out`` (it is retrained, not resumed), but never
+    a generative model's."""
+    if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
+        return
+    method = load_checkpoint_config(out).get("method")
+    if isinstance(method, dict):
+        raise GeopipeError(f"{out} holds a generative {method.get('name')!r} model that BayesCap would replace; give --out "
+                           "another directory")
+
+
 def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     """Mine pairs, apply the no-pairs policy, train, save the checkpoint (see the module docstring)."""
     t0 = time.perf_counter()
+    _refuse_generative_out(cfg.out)
     store = open_store(cfg.store)
     if len(store) == 0:
         raise GeopipeError(f"store {store.path} has no records to train BayesCap on")

@@ -51,7 +51,7 @@ CASES = {
     "train": [
         ["--steps", "0"], ["--batch-size", "0"], ["--warmup", "9"], ["--dim", "12"], ["--depth", "0"], ["--lr", "-1"],
         ["--lr", "nan"], ["--ema-decay", "2"], ["--weight-decay", "-1"], ["--val-every", "0"], ["--device", "bogus"],
-        ["--out", "{file}"], ["--store", "{missing}"], ["--store", "{file}"],
+        ["--out", "{file}"], ["--store", "{missing}"], ["--store", "{file}"], ["--out", "{bayescap}"],
     ],
     "predict": [
         ["--samples", "-1"], ["--ensemble", "-2"], ["--localizability", "-1"], ["--rtol", "-1"], ["--atol", "0"],
@@ -62,7 +62,7 @@ CASES = {
     ],
     "train-bayescap": [
         ["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--val-every", "0"], ["--min-pairs", "-1"],
-        ["--out", "{file}"], ["--store", "{missing}"],
+        ["--out", "{file}"], ["--store", "{missing}"], ["--out", "{model}"],
     ],
     "evaluate": [["{bad_lat}"], ["{missing}"], ["{preds}", "--prdc-k", "0"], ["{preds}", "--prdc-chunks", "0"],
                  ["{preds}", "-o", "{dir}"], ["{preds}", "--name", "a", "--name", "b"], ["{file}"],
