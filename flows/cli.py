@@ -37,13 +37,14 @@ def cli(quiet):
 @click.option("--seed", default=0, show_default=True, help="Random seed of the generated world.")
 @click.option("--views-per-place", default=1, show_default=True,
               help="Photos per place (> 1: headings and capture ids, so BayesCap finds viewpoint pairs).")
+@click.option("--test-views-per-place", type=int, default=None, help="The test split's photos per place [default: --views-per-place].")
 @user_errors
-def demo_data(out, n_train, n_test, shard_size, seed, views_per_place):
+def demo_data(out, n_train, n_test, shard_size, seed, views_per_place, test_views_per_place):
     """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
     from geopipe.stages.demo import DemoDataConfig, run_demo_data
 
     res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed,
-                                       views_per_place=views_per_place))
+                                       views_per_place=views_per_place, test_views_per_place=test_views_per_place))
     click.echo(f"wrote {res.n_train} train and {res.n_test} test samples in {len(res.shards)} shards to {out}")
 
 
@@ -326,8 +327,15 @@ def demo(workdir, steps):
     # The demo's networks are tiny: one intra-op thread is as fast as two on an idle 2-core
     # machine and ~5× faster on a loaded one (OpenMP threads spin-wait for busy cores).
     torch.set_num_threads(1)
-    result = run_pipeline(pipeline_progress(demo_pipeline_config(workdir, train_steps=steps)))
+    cfg = demo_pipeline_config(workdir, train_steps=steps)
+    result = run_pipeline(pipeline_progress(cfg))
     click.echo(result["table"])
+    unc = result.get("uncertainty") or {}
+    if unc.get("table"):
+        click.echo(f"\nRetrieval beside the generative model ({workdir}/retrieval.parquet, {workdir}/predictions.parquet):\n{unc['table']}")
+    if unc.get("uncertainty_table"):
+        click.echo(f"\nFailure prediction (error > {cfg.uncertainty.evaluate.failure_km:g} km), one row per score; "
+                   f"plots in {cfg.uncertainty.evaluate.plots_dir}:\n{unc['uncertainty_table']}")
 
 
 def _register_subcommands() -> None:

@@ -209,15 +209,19 @@ def load_pipeline_config(path: str) -> PipelineConfig:
     return parse_pipeline_config(doc)
 
 
-def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3000, n_test: int = 500) -> PipelineConfig:
-    """The ``make demo`` pipeline: demo world → two stores → CPU-sized RFM → predict → evaluate."""
+def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3000, n_test: int = 500,
+                         views_per_place: int = 4, bayescap_steps: int = 2000, min_pairs: int = 500) -> PipelineConfig:
+    """The ``make demo`` pipeline: a multi-view demo world (single-view test queries) → two stores → CPU-sized RFM → predict →
+    evaluate; and the uncertainty branch on the same stores: retrieval (kernel mode) → viewpoint
+    pairs + BayesCapCycle → scores → evaluate --uncertainty with the RFM predictions beside it."""
     w = lambda *p: os.path.join(workdir, *p)  # noqa: E731
     shards = w("shards")
     n_train_shards = -(-n_train // 500)
     n_test_shards = -(-n_test // 500)
     doc = {
         "workdir": workdir,
-        "demo_data": {"out": shards, "n_train": n_train, "n_test": n_test, "shard_size": 500},
+        "demo_data": {"out": shards, "n_train": n_train, "n_test": n_test, "shard_size": 500, "views_per_place": views_per_place,
+                      "test_views_per_place": 1},
         "extract": {
             "train": {"shards": [w("shards", f"train-{{000000..{n_train_shards - 1:06d}}}.tar")], "store": w("train.zarr"), "backbone": "tiny"},
             "test": {"shards": [w("shards", f"test-{{000000..{n_test_shards - 1:06d}}}.tar")], "store": w("test.zarr"), "backbone": "tiny"},
@@ -228,5 +232,13 @@ def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3
         "predict": {"checkpoint": w("model"), "store": w("test.zarr"), "out": w("predictions.parquet"),
                     "nll": True, "localizability": 16, "rtol": 1e-3, "atol": 1e-3, "likelihood_every": 5},
         "evaluate": {"predictions": [w("predictions.parquet")], "out": w("report.json"), "baseline_store": w("train.zarr")},
+        "uncertainty": {
+            "retrieve": {"query": w("test.zarr"), "database": w("train.zarr"), "out": w("retrieval.parquet"), "k": 10, "mode": "kernel"},
+            # the demo world yields fewer viewpoint pairs than the default minimum of 2,000
+            "bayescap": {"store": w("train.zarr"), "out": w("bayescap"), "method": "bayescap-cycle", "steps": bayescap_steps,
+                         "pairs": {"min_pairs": min_pairs}},
+            "evaluate": {"predictions": [w("predictions.parquet")], "names": ["retrieval", "rfm"], "out": w("uncertainty.json"),
+                         "failure_km": 750.0, "plots_dir": w("plots")},
+        },
     }
     return parse_pipeline_config(doc)

@@ -20,6 +20,7 @@ class DemoDataConfig:
     image_size: int = 64
     seed: int = 0
     views_per_place: int = 1  # > 1: a multi-view world (place_id, capture_id, heading_deg per photo)
+    test_views_per_place: int | None = None  # the test split's own (None: views_per_place)
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,12 @@ def run_demo_data(cfg: DemoDataConfig) -> DemoDataResult:
     stamp = os.path.join(cfg.out, "demo_world.json")
     settings = repr(cfg)
     if cfg.views_per_place == 1:  # stamps of single-view worlds read as before the option existed
-        settings = settings.replace(", views_per_place=1)", ")")
+        settings = settings.replace(", views_per_place=1, test_views_per_place=None)", ")")
     if os.path.exists(stamp) and open(stamp).read() == settings:
         return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), True)
     os.makedirs(cfg.out, exist_ok=True)
     world = DemoWorldConfig(n_train=cfg.n_train, n_test=cfg.n_test, shard_size=cfg.shard_size, image_size=cfg.image_size, seed=cfg.seed,
-                            views_per_place=cfg.views_per_place)
+                            views_per_place=cfg.views_per_place, test_views_per_place=cfg.test_views_per_place)
     write_demo_world(cfg.out, world)
     with open(stamp, "w") as fh:  # written last: a crash mid-write regenerates next time
         fh.write(settings)

@@ -88,7 +88,9 @@ class DemoWorldConfig:
     makes a multi-view world: each sampled place is photographed that many times (same style,
     fresh texture noise, the picture panned with the heading), with metadata place_id,
     capture_id (one per view) and heading_deg, so viewpoint pairs exist; 1 (default) writes the
-    single-view world byte for byte as before."""
+    single-view world byte for byte as before. test_views_per_place: the test split's own views
+    per place (None: views_per_place), e.g. 1 for single-view queries against a multi-view
+    database."""
 
     n_train: int = 3000
     n_test: int = 500
@@ -96,11 +98,14 @@ class DemoWorldConfig:
     image_size: int = 64
     seed: int = 0
     views_per_place: int = 1
+    test_views_per_place: int | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("n_train", 1), ("n_test", 0), ("shard_size", 1), ("image_size", 1), ("seed", 0),
                           ("views_per_place", 1)):
             check_int(getattr(self, name), name, low, where="DemoWorldConfig")
+        if self.test_views_per_place is not None:
+            check_int(self.test_views_per_place, "test_views_per_place", 1, where="DemoWorldConfig")
         if self.image_size < 16:
             raise ConfigError(f"DemoWorldConfig.image_size must be >= 16 pixels, got {self.image_size}")
 
@@ -163,7 +168,8 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
     counts = {"featureless": 0}
     shards = {}
     for split, n, ss in (("train", cfg.n_train, train_ss), ("test", cfg.n_test, test_ss)):
-        samples = _split_samples(split, n, np.random.default_rng(ss), grid, counts, cfg.views_per_place)
+        views = cfg.test_views_per_place if split == "test" and cfg.test_views_per_place is not None else cfg.views_per_place
+        samples = _split_samples(split, n, np.random.default_rng(ss), grid, counts, views)
         shards[split] = tuple(write_shards(out, samples, split, cfg.shard_size))
     manifest = out / "manifest.json"
     regions = [dict(zip(("region", "country", "latitude", "longitude", "spread_km", "weight", "landmark", "twin"), r))
@@ -171,6 +177,8 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
     config = asdict(cfg)
     if cfg.views_per_place == 1:
         del config["views_per_place"]  # the single-view manifest stays byte-identical to earlier versions
+    if cfg.test_views_per_place is None:
+        del config["test_views_per_place"]
     manifest.write_text(json.dumps({"config": config, "regions": regions}, indent=1, sort_keys=True))
     return DemoWorldResult(str(out), shards["train"], shards["test"], cfg.n_train, cfg.n_test,
                            counts["featureless"], str(manifest))

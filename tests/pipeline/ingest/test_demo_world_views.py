@@ -54,3 +54,15 @@ def test_extracted_views_give_pairs(tmp_path):
                     cfg=PairConfig(min_pairs=10, val_fraction=0.0))
     place = np.array(decode_meta(data.meta["place_id"]))
     assert ps.status == "ok" and (place[ps.train[:, 0]] == place[ps.train[:, 1]]).all()
+
+
+def test_single_view_test_queries_against_a_multi_view_database(tmp_path):
+    cfg = DemoWorldConfig(n_train=16, n_test=6, shard_size=16, seed=2, views_per_place=4, test_views_per_place=1)
+    res = write_demo_world(str(tmp_path), cfg)
+    train, test = _meta(res.train_shards), _meta(res.test_shards)
+    assert len({m["place_id"] for m in train}) == 4
+    assert len(test) == 6 and not any("place_id" in m for m in test)  # one photo per place, as the single-view world
+    same = write_demo_world(str(tmp_path / "b"), DemoWorldConfig(n_train=16, n_test=6, shard_size=16, seed=2, views_per_place=4))
+    assert _meta(same.train_shards) == train  # the database does not depend on the test split's views
+    assert json.load(open(res.manifest))["config"]["test_views_per_place"] == 1
+    assert "test_views_per_place" not in json.load(open(same.manifest))["config"]
