@@ -129,7 +129,8 @@ def bench_dask_predict(cfg: ScaleBenchConfig) -> dict:
     run starts and stops its own cluster (``--dask local:2``); the warm one scores on a running
     cluster whose workers already imported torch and loaded the model (``--dask ADDRESS``, its
     second run). The in-process run is timed before and after the Dask ones (load drift); their
-    mean is the baseline."""
+    mean is the baseline. CPU seconds (the first in-process run; the workers of the warm run) say
+    what the work cost whatever else ran on the machine."""
     import shutil
 
     from geopipe.pipeline.core.parallel import dask_client
@@ -150,13 +151,17 @@ def bench_dask_predict(cfg: ScaleBenchConfig) -> dict:
         run_predict(PredictConfig(out=target, dask=dask, **base))
         return time.perf_counter() - t0
 
+    c0 = time.process_time()
     first = timed("in_process", None)
+    inp_cpu = time.process_time() - c0
     cold = timed("dask_local_2", "local:2")
     t0 = time.perf_counter()
     with dask_client("local:2") as client:
         start = time.perf_counter() - t0
         timed("dask_warm", client.scheduler.address)  # workers import torch and load the model
+        w0 = sum(client.run(time.process_time).values())
         warm = timed("dask_warm", client.scheduler.address)
+        warm_cpu = sum(client.run(time.process_time).values()) - w0
         t1 = time.perf_counter()
     start_stop = start + time.perf_counter() - t1
     second = timed("in_process", None)
@@ -165,6 +170,7 @@ def bench_dask_predict(cfg: ScaleBenchConfig) -> dict:
     return {"records": n, "in_process_s": [round(first, 2), round(second, 2)], "in_process_records_per_s": round(n / inp, 1),
             "dask_local_2_s": round(cold, 2), "dask_local_2_records_per_s": round(n / cold, 1),
             "dask_running_cluster_s": round(warm, 2), "dask_running_cluster_records_per_s": round(n / warm, 1),
+            "in_process_cpu_s": round(inp_cpu, 1), "dask_running_cluster_worker_cpu_s": round(warm_cpu, 1),
             "cluster_start_stop_s": round(start_stop, 2), "overhead": round(1 - inp / cold, 3),
             "overhead_running_cluster": round(1 - inp / warm, 3), "load_average_1min": round(os.getloadavg()[0], 2)}
 
