@@ -223,8 +223,11 @@ def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3
         "demo_data": {"out": shards, "n_train": n_train, "n_test": n_test, "shard_size": 500, "views_per_place": views_per_place,
                       "test_views_per_place": 1},
         "extract": {
-            "train": {"shards": [w("shards", f"train-{{000000..{n_train_shards - 1:06d}}}.tar")], "store": w("train.zarr"), "backbone": "tiny"},
-            "test": {"shards": [w("shards", f"test-{{000000..{n_test_shards - 1:06d}}}.tar")], "store": w("test.zarr"), "backbone": "tiny"},
+            # the demo world is the flow's own output: a regenerated world (new settings or version) is re-extracted
+            "train": {"shards": [w("shards", f"train-{{000000..{n_train_shards - 1:06d}}}.tar")], "store": w("train.zarr"), "backbone": "tiny",
+                      "on_changed": "reextract"},
+            "test": {"shards": [w("shards", f"test-{{000000..{n_test_shards - 1:06d}}}.tar")], "store": w("test.zarr"), "backbone": "tiny",
+                     "on_changed": "reextract"},
         },
         "train": {"store": w("train.zarr"), "out": w("model"), "method": "rfm", "dim": 128, "depth": 4,
                   "steps": train_steps, "batch_size": 256, "lr": 3e-3, "warmup": min(200, train_steps // 10),
