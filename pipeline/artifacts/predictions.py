@@ -168,18 +168,43 @@ def _files(path: str) -> list[str]:
     return [path]
 
 
+def _open_parquet(url: str):
+    """A file to read Parquet tables from: an Arrow ``OSFile`` for local files (tables read
+    through a Python file object, still alive at interpreter exit with torch loaded, made the
+    process abort there, exit status 134, in about one run of three), else fsspec's."""
+    url = fsio.normalize(url)
+    return pa.OSFile(url) if fsio.is_local(url) else fsio.open_read(url)
+
+
+def _read_file(path: str, f: str, columns: Sequence[str] | None):
+    """``columns`` of one Parquet file ``f`` of the predictions ``path`` (None: its schema only);
+    a missing or damaged part of a dataset directory is a one-line error naming it."""
+    try:
+        with _open_parquet(f) as fh:
+            return pq.read_schema(fh) if columns is None else pq.read_table(fh, columns=list(columns))
+    except FileNotFoundError:
+        raise GeopipeError(f"predictions dataset {path!r}: part {f!r} listed in its _metadata is missing; rerun the same "
+                           "`geopipe predict` to write it again") from None
+    except (pa.ArrowException, OSError) as exc:
+        what = f"predictions dataset {path!r}: part {f!r}" if f != path else f"predictions file {path!r}"
+        raise GeopipeError(f"{what} is not a readable Parquet file ({str(exc).splitlines()[0]}); delete it and rerun "
+                           "`geopipe predict` to write it again") from None
+
+
+def _read_files(path: str, files: Sequence[str], columns: Sequence[str]) -> list[pa.Table]:
+    """:func:`_read_file` of each file, in order."""
+    return [_read_file(path, f, columns) for f in files]
+
+
 def read_columns(path: str, names: Sequence[str]) -> pa.Table:
     """The columns of ``names`` that a predictions file or complete dataset directory has (in
     its row order, as :func:`read_predictions`); a table without columns when it has none."""
     files = _files(path)
-    with fsio.open_read(files[0] if files else fsio.join(path, DATASET_METADATA[0])) as fh:
-        present = [n for n in names if n in pq.read_schema(fh).names]
+    head = files[0] if files else fsio.join(path, DATASET_METADATA[0])
+    present = [n for n in names if n in _read_file(path, head, None).names]
     if not present:
         return pa.table({})
-    tables = []
-    for f in files:
-        with fsio.open_read(f) as fh:
-            tables.append(pq.read_table(fh, columns=present))
+    tables = _read_files(path, files, present)
     return pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(present)
 
 
@@ -188,7 +213,7 @@ def replace_columns(path: str, columns: Mapping[str, np.ndarray | None], model_e
     and ``model_extra`` merged into the ``model`` entry of its metadata."""
     if not fsio.isfile(path):
         raise GeopipeError(f"predictions file {path!r} does not exist (only a single .parquet file can be re-scored)")
-    with fsio.open_read(path) as fh:
+    with _open_parquet(path) as fh:
         table = pq.read_table(fh)
     meta = dict(table.schema.metadata or {})
     for name, values in columns.items():
@@ -231,10 +256,7 @@ def read_predictions(path: str) -> tuple[dict, dict]:
         raise GeopipeError(f"{path!r} has predictions schema {meta.get('schema')!r}; this geopipe reads {PREDICTIONS_SCHEMA_ID!r}")
     names = [c for c in ("key", *NUMERIC_COLUMNS) if c in schema.names]
     files = [fsio.join(path, p) for p in parts] if is_dir else [path]
-    tables = []
-    for f in files:
-        with fsio.open_read(f) as fh:
-            tables.append(pq.read_table(fh, columns=names))
+    tables = _read_files(path, files, names)
     table = pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(names)
     cols: dict = {"key": [str(k) for k in table.column("key").to_pylist()]}
     for name in names[1:]:

@@ -85,3 +85,64 @@ def test_split_table_out_of_range():
     doc = {"uncertainty": {"retrieve": {"query": "q.zarr", "out": "r.parquet", "split": {"mode": "blocks", "block_m": 0.0}}}}
     with pytest.raises(GeopipeError, match=r"^\[uncertainty\.retrieve\.split\] split block_m \(--block-m\) must be"):
         parse_pipeline_config(doc)
+
+
+@pytest.fixture(scope="module")
+def dataset(stores):
+    """A predictions dataset directory of three parts (as `predict --dask` writes them)."""
+    import pyarrow.parquet as pq
+
+    from geopipe.pipeline.artifacts.predictions import finish_dataset, write_part
+
+    single = stores["root"] / "single.parquet"
+    run_retrieve(RetrieveConfig(query=stores["db"], database=stores["q"], out=str(single), k=2, progress=False))
+    table = pq.read_table(single)
+    ds = stores["root"] / "ds"
+    footers = [write_part(table.slice(a, b - a), str(ds), a, b, table.schema.metadata) for a, b in ((0, 7), (7, 14), (14, 20))]
+    finish_dataset(str(ds), footers, table.schema.metadata)
+    return ds
+
+
+def test_a_missing_or_damaged_part_is_one_line(dataset, tmp_path):
+    """Before: FileNotFoundError / ArrowInvalid tracebacks from evaluate (and --uncertainty). After: one line naming the part."""
+    import shutil
+
+    assert len(read_predictions(str(dataset))[0]["key"]) == 20
+    gone, torn = tmp_path / "gone", tmp_path / "torn"
+    shutil.copytree(dataset, gone)
+    shutil.copytree(dataset, torn)
+    part = sorted(p.name for p in dataset.glob("part-*.parquet"))[1]
+    (gone / part).unlink()
+    (torn / part).write_bytes((dataset / part).read_bytes()[:300])
+    with pytest.raises(GeopipeError, match=f"part .*{part}' listed in its _metadata is missing"):
+        read_predictions(str(gone))
+    with pytest.raises(GeopipeError, match=f"part .*{part}' is not a readable Parquet file"):
+        read_predictions(str(torn))
+    from geopipe.pipeline.eval.failure import read_optional_columns
+
+    with pytest.raises(GeopipeError, match="is missing"):
+        read_optional_columns(str(gone), ["u_dist1"])
+
+
+def test_a_failed_read_with_torch_loaded_exits_cleanly(dataset, tmp_path):
+    """Before: Arrow tables read through a Python file object and kept alive by the error (as the CLI
+    keeps it while it exits) made the interpreter abort at exit with torch imported (exit 134,
+    'terminate called without an active exception') in about one run of four."""
+    import shutil
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    shutil.copytree(dataset, gone)
+    sorted(gone.glob("part-*.parquet"))[-1].unlink()
+    code = ("import torch\nfrom geopipe.pipeline.artifacts.predictions import read_predictions\n"
+            f"try:\n    read_predictions({str(gone)!r})\nexcept Exception as exc:\n    err = exc\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    codes = [(p.wait(timeout=120), p.stderr.read().decode()[-200:]) for p in procs]
+    assert all(rc == 0 for rc, _ in codes), codes
+    import pyarrow as pa
+
+    from geopipe.pipeline.artifacts.predictions import _open_parquet
+
+    with _open_parquet(f"file://{gone / '_metadata'}") as fh:  # the deterministic half: local files are Arrow's own
+        assert isinstance(fh, pa.NativeFile)
