@@ -125,7 +125,7 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
         from geopipe.flows.cli_retrieval import train_bayescap_command
 
         return train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed,
-                                      min_pairs=min_pairs, no_pairs_policy=no_pairs_policy)
+                                      min_pairs=min_pairs, no_pairs_policy=no_pairs_policy, device=device)
     from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(

@@ -62,12 +62,17 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
 
 
 def train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed, *, min_pairs=None,
-                           no_pairs_policy=None) -> None:
+                           no_pairs_policy=None, device="auto") -> None:
     """``geopipe train --method bayescap|bayescap-cycle``: options left at the generative
-    defaults take the BayesCap stage's defaults instead (2000 steps, batch 96, lr 1e-4)."""
+    defaults take the BayesCap stage's defaults instead (2000 steps, batch 96, lr 1e-4). The
+    heads train on the CPU: --device is checked, and a CUDA one is said to be unused."""
     from click.core import ParameterSource
 
+    from geopipe.pipeline.core.device import resolve_device
     from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
+
+    if resolve_device(device).type != "cpu" and device != "auto":
+        click.echo(f"note: {method} trains on the CPU; --device {device} is not used", err=True)
 
     ctx = click.get_current_context()
     given = lambda name: ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)  # noqa: E731

@@ -163,6 +163,9 @@ def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDat
 def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     """Search, predict, score and write the predictions table (see the module docstring)."""
     t0 = time.perf_counter()
+    from geopipe.pipeline.core.device import resolve_device
+
+    resolve_device(cfg.device)  # a bad --device is one line before any work (it places a faiss index only)
     backend = resolve_backend(cfg.backend)
     qs, db, qd = _plan(cfg)
     if qd.query_rows.size == 0:

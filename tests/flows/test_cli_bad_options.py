@@ -62,7 +62,7 @@ CASES = {
     ],
     "train-bayescap": [
         ["--steps", "0"], ["--batch-size", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--val-every", "0"], ["--min-pairs", "-1"],
-        ["--out", "{file}"], ["--store", "{missing}"], ["--out", "{model}"],
+        ["--out", "{file}"], ["--store", "{missing}"], ["--out", "{model}"], ["--device", "bogus"],
     ],
     "evaluate": [["{bad_lat}"], ["{missing}"], ["{preds}", "--prdc-k", "0"], ["{preds}", "--prdc-chunks", "0"],
                  ["{preds}", "-o", "{dir}"], ["{preds}", "--name", "a", "--name", "b"], ["{file}"],
@@ -87,7 +87,8 @@ CASES = {
                      ["--split", "column", "--split-column", "nope"], ["--split", "leave_one_out", "--radius-m", "nan"],
                      ["--split", "leave_one_out", "--radius-m", "-1"], ["--split", "leave_one_out", "--bayescap", "{model}"],
                      ["--split", "leave_one_out", "--bayescap", "{bayescap}", "--mc-passes", "0"],
-                     ["--database", "{file}"], ["--split", "leave_one_out", "-o", "{dir}"])]],
+                     ["--database", "{file}"], ["--split", "leave_one_out", "-o", "{dir}"],
+                     ["--split", "leave_one_out", "--device", "bogus"])]],
     "inspect": [["--store", "{store}", "-o", "{root}/insp", "--clusters", "2", "--iterations", "1", *bad] for bad in (
         ["--keys", "nope"], ["--direction", "nope=x"], ["-k", "0"], ["--clusters", "0"], ["--probe-fields", "nope"],
         ["--store", "{missing}"], ["--database", "{missing}"])],
