@@ -1,7 +1,7 @@
 """Import stage: precomputed embeddings (clip-retrieval folders, ``.npy``/Parquet pairs) → store.
 
 The same store format, validation and rejects as ``geopipe extract``
-(:mod:`geopipe.pipeline.ingest.pairs` reads the pairs, :mod:`geopipe.pipeline.ingest.rows` filters and appends):
+(:mod:`geopipe.pipeline.ingest.pairs` reads, filters and appends the pairs a block of rows at a time):
 rows with invalid or missing coordinates, a missing key, an unusable embedding or a repeated
 key are skipped and recorded in ``STORE/rejects/rejects.parquet``. Each pair is one "shard" with a
 completion record, so an interrupted import resumes and a later import with more pairs
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.progress import Progress
-from geopipe.pipeline.ingest.pairs import ColumnSpec, discover_pairs, npy_embed_dim, pair_sha256, pair_stat, precomputed_identity, read_pair
-from geopipe.pipeline.ingest.rows import commit_rows
+from geopipe.pipeline.ingest.pairs import ColumnSpec, commit_pair, discover_pairs, npy_embed_dim, pair_sha256, pair_stat, precomputed_identity
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 
 __all__ = ["ImportConfig", "ImportResult", "run_import"]
@@ -100,9 +99,8 @@ def run_import(cfg: ImportConfig) -> ImportResult:
         rows_ok = rejected = 0
         with Progress(len(todo), "import", "pair", enabled=cfg.progress) as bar:
             for url, stat in todo:
-                rows = read_pair(pairs[url], cols, writer.attrs["embed_dim"])
                 stat = dataclasses.replace(stat, sha256=pair_sha256(pairs[url]))
-                n_ok, rejects = commit_rows(writer, url, stat, rows)
+                n_ok, rejects = commit_pair(writer, pairs[url], cols, stat)  # a block of rows in memory at a time
                 on_commit(url, n_ok, rejects)
                 rows_ok, rejected = rows_ok + n_ok, rejected + len(rejects)
                 bar.set_postfix(rows=rows_ok, rejected=rejected)

@@ -16,7 +16,6 @@ resumable and incremental exactly like extraction. Files may be local or fsspec 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -25,23 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
-from geopipe.pipeline.ingest.rows import ShardRows
+from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.ingest.rows import NpyRows, PairError, ParquetRows
 from geopipe.pipeline.ingest.shards import file_sha256, resolve_shards, shard_stat
 from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
-from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.format import ShardStat, meta_encoding, usable_embeddings
 from geopipe.pipeline.store.reader import META_NAME
 from geopipe.pipeline.store.rejects import Reject
+from geopipe.pipeline.store.writer import StoreWriter
 
 __all__ = ["PairError", "EmbeddingPair", "ColumnSpec", "NpyRows", "precomputed_identity", "discover_pairs", "pair_stat",
-           "pair_sha256", "npy_embed_dim", "read_pair"]
+           "pair_sha256", "npy_embed_dim", "commit_pair"]
 
 _EMB = re.compile(r"^img_emb_(\d+)\.npy$")
 _META = re.compile(r"^metadata_(\d+)\.parquet$")
-
-
-class PairError(GeopipeError):
-    """A pair that cannot be imported at all (missing partner, misaligned rows, missing column)."""
 
 
 @dataclass(frozen=True)
@@ -123,69 +119,6 @@ def pair_sha256(pair: EmbeddingPair) -> str:
     return hashlib.sha256((file_sha256(pair.embeddings) + file_sha256(pair.metadata)).encode()).hexdigest()
 
 
-class NpyRows:
-    """The rows of an (N, D) ``.npy`` file (local or fsspec url), read from the file a slice at a
-    time: ``x[a:b]`` reads rows [a, b) (of ``index`` when given: the kept rows) and returns them
-    as numpy in the file's dtype; the array is never loaded whole. ``peak_rows``: the most rows
-    one read returned (shared by :meth:`select` views), so a caller can check its reads stay
-    bounded by a few store chunks."""
-
-    def __init__(self, url: str, index: np.ndarray | None = None, _header: tuple | None = None, _stats: list | None = None):
-        self.url = url
-        if _header is None:
-            try:
-                with fsio.open_read(url) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                    if read_header is None:
-                        raise ValueError(f".npy format version {version} (1.0 and 2.0 are read)")
-                    shape, fortran, dtype = read_header(fh)
-                    _header = (tuple(shape), fortran, np.dtype(dtype), fh.tell())
-            except (ValueError, OSError, EOFError) as exc:
-                raise PairError(f"{url}: not a readable .npy array ({' '.join(str(exc).split())[:200]})") from None
-        self._header, self._stats, self.index = _header, _stats if _stats is not None else [0], index
-        shape, fortran, self.dtype, _ = _header
-        if len(shape) == 2 and (fortran or self.dtype.hasobject):
-            raise PairError(f"{url}: a Fortran-ordered or object .npy cannot be imported; save it with np.save(path, np.ascontiguousarray(x))")
-        self.shape = shape if index is None else (len(index), *shape[1:])
-        self.ndim = len(shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def peak_rows(self) -> int:
-        return self._stats[0]
-
-    def select(self, index) -> NpyRows:
-        """A view of the rows ``index`` (ascending row numbers of this view)."""
-        index = np.asarray(index, dtype=np.int64)
-        return NpyRows(self.url, index if self.index is None else self.index[index], self._header, self._stats)
-
-    def _file_rows(self, start: int, stop: int) -> np.ndarray:
-        _, _, dtype, offset = self._header
-        per = int(np.prod(self._header[0][1:], dtype=np.int64))
-        with fsio.open_read(self.url) as fh:
-            fh.seek(offset + start * per * dtype.itemsize)
-            data = fh.read((stop - start) * per * dtype.itemsize)
-        if len(data) != (stop - start) * per * dtype.itemsize:
-            raise PairError(f"{self.url}: the file is shorter than its .npy header says ({self.shape}); re-create it")
-        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *self._header[0][1:])
-
-    def __getitem__(self, item: slice) -> np.ndarray:
-        if not isinstance(item, slice) or item.step not in (None, 1):
-            raise TypeError("NpyRows reads contiguous slices only")
-        a, b, _ = item.indices(len(self))
-        b = max(a, b)
-        if self.index is None:
-            out = self._file_rows(a, b)
-        else:
-            rows = self.index[a:b]
-            out = self._file_rows(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]] if len(rows) else self._file_rows(0, 0)
-        self._stats[0] = max(self._stats[0], len(out))
-        return out
-
-
 def npy_embed_dim(url: str) -> int:
     """Width D of an (N, D) ``.npy`` (reads the header only)."""
     arr = NpyRows(url)
@@ -194,28 +127,18 @@ def npy_embed_dim(url: str) -> int:
     return int(arr.shape[1])
 
 
-def _read_table(url: str):
-    import pyarrow.parquet as pq
-
-    try:
-        source = url if fsio.is_local(url) else io.BytesIO(fsio.read_bytes(url))
-        return pq.read_table(source)
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        raise PairError(f"{url}: not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from None
-
-
-def _meta_columns(table, cols: ColumnSpec, url: str) -> list[str]:
+def _meta_columns(schema, cols: ColumnSpec, url: str) -> list[str]:
     import pyarrow.types as pt
 
     skip = {cols.key_col, cols.lat_col, cols.lon_col}
     if cols.meta_fields is not None:
-        absent = [m for m in cols.meta_fields if m not in table.column_names]
+        absent = [m for m in cols.meta_fields if m not in schema.names]
         if absent:
-            raise PairError(f"{url}: columns {absent} not found; it has {table.column_names}")
+            raise PairError(f"{url}: columns {absent} not found; it has {schema.names}")
         return [m for m in cols.meta_fields if m not in skip]
     scalar = (pt.is_string, pt.is_large_string, pt.is_integer, pt.is_floating, pt.is_boolean, pt.is_temporal,
               pt.is_decimal, pt.is_dictionary)
-    return [f.name for f in table.schema if f.name not in skip and META_NAME.match(f.name)
+    return [f.name for f in schema if f.name not in skip and META_NAME.match(f.name)
             and any(check(f.type) for check in scalar)]
 
 
@@ -225,51 +148,99 @@ def _coordinate(value, name: str, limit: float) -> tuple[float | None, str, str]
     return (None, *problem) if problem is not None else (float(value), "", "")
 
 
-def read_pair(pair: EmbeddingPair, cols: ColumnSpec, embed_dim: int | None = None) -> ShardRows:
-    """Load a pair into :class:`~geopipe.pipeline.ingest.rows.ShardRows` (rows with a usable key and
-    coordinates; rejects for the others). Raises PairError — before anything is written — for
-    misaligned row counts, a missing column, or embeddings that are not (N, ``embed_dim``)."""
-    emb, table = NpyRows(pair.embeddings), _read_table(pair.metadata)
-    if emb.ndim != 2 or emb.dtype.kind not in "fiu" or (embed_dim is not None and emb.shape[1] != embed_dim):
-        want = f"(N, {embed_dim})" if embed_dim is not None else "(N, D)"
-        raise PairError(f"{pair.embeddings}: expected {want} numeric embeddings, got {emb.shape} {emb.dtype}")
+def commit_pair(writer: StoreWriter, pair: EmbeddingPair, cols: ColumnSpec, stat: ShardStat) -> tuple[int, list[Reject]]:
+    """Append a pair as shard ``pair.url`` of ``writer``'s store: rows with a usable key, coordinates
+    and embedding whose key is new; rejects for the others. Returns (rows kept, rejects in row order).
+
+    Both files are read a block (``writer.block_rows`` rows) at a time, twice: a first pass
+    decides the kept rows and the meta fields (holding keys and coordinates, not metadata), the
+    writer's pass reads them again. Raises PairError, before anything is written, for misaligned
+    row counts, a missing column, or embeddings that are not (N, the store's width).
+    """
+    emb, table, dim = NpyRows(pair.embeddings), ParquetRows(pair.metadata), writer.attrs["embed_dim"]
+    if emb.ndim != 2 or emb.dtype.kind not in "fiu" or emb.shape[1] != dim:
+        raise PairError(f"{pair.embeddings}: expected (N, {dim}) numeric embeddings, got {emb.shape} {emb.dtype}")
     if emb.shape[0] != table.num_rows:
         raise PairError(f"pair misaligned: {pair.embeddings} has {emb.shape[0]} embeddings but {pair.metadata} has "
                         f"{table.num_rows} rows; row r of both files must describe the same image")
-    absent = [c for c in (cols.key_col, cols.lat_col, cols.lon_col) if c not in table.column_names]
+    absent = [c for c in (cols.key_col, cols.lat_col, cols.lon_col) if c not in table.schema.names]
     if absent:
-        raise PairError(f"{pair.metadata}: columns {absent} not found; it has {table.column_names} "
+        raise PairError(f"{pair.metadata}: columns {absent} not found; it has {table.schema.names} "
                         f"(choose the key/latitude/longitude columns)")
-    names = _meta_columns(table, cols, pair.metadata)
-    keys = ["" if k is None else str(k) for k in table.column(cols.key_col).to_pylist()]
-    lat, lon = _degrees(table, cols.lat_col), _degrees(table, cols.lon_col)
+    names = _meta_columns(table.schema, cols, pair.metadata)
+    kept, keys, latlon, rejects, first, stringy, seen = [], [], [], [], {}, dict.fromkeys(names, True), set()
+    try:
+        for start, batch in table.batches([cols.key_col, cols.lat_col, cols.lon_col, *names], writer.block_rows):
+            usable = usable_embeddings(emb[start:start + batch.num_rows], writer.attrs["dtype"], writer.attrs["normalized"])
+            here, lls = [], []
+            for i, key, ll, reject in _candidates(batch, cols, pair.url, start):
+                if reject is not None:
+                    rejects.append(reject)
+                elif not usable[i - start]:
+                    detail = f"embedding is non-finite, zero or overflows {writer.attrs['dtype']}"
+                    rejects.append(Reject(key, pair.url, "invalid_embedding", detail))
+                elif key in writer.keys_seen or key in seen:
+                    where = "in the store" if key in writer.keys_seen else "earlier in this shard"
+                    rejects.append(Reject(key, pair.url, "duplicate_key", f"key already {where}; first occurrence kept"))
+                else:
+                    seen.add(key)
+                    here.append(i - start)
+                    keys.append(key)
+                    lls.append(ll)
+            here = np.asarray(here, dtype=np.int64)
+            _field_stats(batch, names, here, len(keys) - len(here), first, stringy)
+            kept.append(start + here)  # numpy per batch: 8 + 16 bytes a kept row, not Python objects
+            latlon.append(np.asarray(lls, dtype=np.float64).reshape(-1, 2))
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise PairError(f"{pair.metadata}: not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from None
+    fields = sorted(first, key=lambda n: (first[n], names.index(n)))  # first-appearance order, as rows would list them
+    index, latlon = np.concatenate([np.zeros(0, np.int64), *kept]), np.concatenate([np.zeros((0, 2)), *latlon])
+    meta = table.rows(index, fields, lambda column: ["" if v is None else v for v in _json_texts(column)], writer.block_rows)
+    writer.append_shard(pair.url, emb if len(index) == emb.shape[0] else emb.select(index),
+                        latlon, keys, meta, rejects, stat,
+                        meta_encodings={n: "string" if stringy[n] else "json" for n in fields})
+    return len(keys), rejects
+
+
+def _candidates(batch, cols: ColumnSpec, url: str, start: int):
+    """(row, key, (lat, lon), None) for rows of ``batch`` (file rows from ``start``) with a key and
+    usable coordinates; (row, key, None, Reject) for the others: the exact rule and message of
+    every ingest."""
+    keys = ["" if k is None else str(k) for k in batch.column(cols.key_col).to_pylist()]
+    lat, lon = _degrees(batch, cols.lat_col), _degrees(batch, cols.lon_col)
     with np.errstate(invalid="ignore"):
         fine = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= LAT_LIMIT) & (np.abs(lon) <= LON_LIMIT)
-    extra = {n: _json_texts(table.column(n)) for n in names}
-    rows = ShardRows([], [], [], [], np.zeros((0, emb.shape[1]), np.float32), [])
-    for i, key in enumerate(keys):
-        if key and fine[i]:
-            rows.idx.append(i)
-            rows.keys.append(key)
-            rows.latlon.append((float(lat[i]), float(lon[i])))
-            rows.meta.append({n: v[i] for n, v in extra.items() if v[i] is not None})
+    for j, key in enumerate(keys):
+        i = start + j
+        if key and fine[j]:
+            yield i, key, (float(lat[j]), float(lon[j])), None
             continue
-        # a rejected row (rare): the exact rule and message of every ingest
-        lon_i, (lat_i, why, detail) = None, _coordinate(table.column(cols.lat_col)[i].as_py(), cols.lat_col, LAT_LIMIT)
+        lon_i, (lat_i, why, detail) = None, _coordinate(batch.column(cols.lat_col)[j].as_py(), cols.lat_col, LAT_LIMIT)
         if lat_i is not None:
-            lon_i, why, detail = _coordinate(table.column(cols.lon_col)[i].as_py(), cols.lon_col, LON_LIMIT)
+            lon_i, why, detail = _coordinate(batch.column(cols.lon_col)[j].as_py(), cols.lon_col, LON_LIMIT)
         if not key:
-            rows.rejects.append((i, Reject("", pair.url, "missing_key", f"row {i}: {cols.key_col} is null or empty")))
+            yield i, key, None, Reject("", url, "missing_key", f"row {i}: {cols.key_col} is null or empty")
         elif lon_i is None:
-            rows.rejects.append((i, Reject(key, pair.url, why, f"row {i}: {detail}")))
+            yield i, key, None, Reject(key, url, why, f"row {i}: {detail}")
         else:  # a number type the fast check does not cover (e.g. decimal): the exact rule accepted it
-            rows.idx.append(i)
-            rows.keys.append(key)
-            rows.latlon.append((lat_i, lon_i))
-            rows.meta.append({n: v[i] for n, v in extra.items() if v[i] is not None})
-    idx = np.asarray(rows.idx, dtype=np.int64)
-    rows.embeddings = emb if len(idx) == emb.shape[0] else emb.select(idx)  # read a few chunks at a time by the writer
-    return rows
+            yield i, key, (lat_i, lon_i), None
+
+
+def _field_stats(batch, names: list[str], here: np.ndarray, before: int, first: dict, stringy: dict) -> None:
+    """Per meta column over the kept rows ``here`` of ``batch`` (``before`` rows kept earlier):
+    ``first[name]``, the position of the first kept row with a value; ``stringy[name]``, whether
+    every value so far is a JSON string (the store then keeps the strings themselves)."""
+    import pyarrow as pa
+    import pyarrow.types as pt
+
+    for name in names:
+        column = batch.column(name).take(pa.array(here, type=pa.int64()))
+        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if not valid.any():
+            continue
+        first.setdefault(name, before + int(np.argmax(valid)))
+        if stringy[name] and not (pt.is_string(column.type) or pt.is_large_string(column.type)):
+            stringy[name] = meta_encoding([t for t in _json_texts(column) if t is not None]) == "string"
 
 
 def _degrees(table, name: str) -> np.ndarray:

@@ -225,23 +225,19 @@ class StoreWriter:
         tables = [read_rejects(rejects_part_path(self.path, i)) for i in range(len(self.shards))]
         write_rejects(fsio.join(self.path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
 
-    def _write(self, name: str, start: int, values: np.ndarray) -> None:
-        arr = self._group[name]
-        stop = start + len(values)
-        if arr.shape[0] != stop:
-            arr.resize((stop, *arr.shape[1:]))
-        if len(values):
-            arr[start:stop] = values
-
     def append_shard(self, url: str, embeddings: np.ndarray, latlon: np.ndarray, keys: Sequence[str],
-                     meta: Mapping[str, Sequence[str]], rejects: Sequence[Reject], stat: ShardStat) -> dict:
+                     meta: Mapping[str, Sequence[str]], rejects: Sequence[Reject], stat: ShardStat,
+                     meta_encodings: Mapping[str, str] | None = None) -> dict:
         """Append one shard's rows and commit its completion record (see the module docstring).
 
         embeddings: (n, D) raw float embeddings (normalised and cast here), an array or any row
         source whose ``[a:b]`` slices are arrays (e.g. ``ingest.pairs.NpyRows``): they are read a
         few store chunks at a time (``block_rows``), so memory holds a block of them, not the shard; latlon: (n, 2)
         degrees (wrapped here, docs/methods.md#conventions); keys: (n,) new unique keys; meta: field → (n,) JSON
-        strings (absent fields are ""); rejects: this shard's rejects. Returns the record.
+        strings (absent fields are ""), lists or sources whose ``[a:b]`` slices are lists (read a block
+        at a time, like the embeddings); meta_encodings: the stored encoding of each new field when
+        the caller knows it (else decided from its values, :func:`~geopipe.pipeline.store.format.meta_encoding`);
+        rejects: this shard's rejects. Returns the record.
         """
         keys, n = [str(k) for k in keys], len(keys)
         raw = embeddings if hasattr(embeddings, "shape") else np.asarray(embeddings)
@@ -253,19 +249,29 @@ class StoreWriter:
         coords = np.stack([lat, lon], axis=1)
         start, index = self.rows, len(self.shards)
         fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
-        digest = self._write_embeddings(start, raw, hashlib.sha256("\n".join(keys).encode()))
-        self._write(ARRAY_LATLON, start, coords)
-        self._write(ARRAY_KEYS, start, np.asarray(keys, dtype=object))
-        self._write(ARRAY_SHARD, start, np.full(n, index, dtype=np.int32))
         for name in fields:
-            values = meta.get(name, [""] * n)
             if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
-                encoding = meta_encoding(values)
+                encoding = (meta_encodings or {}).get(name) or meta_encoding(meta[name])
                 _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
                               dtype=str, fill_value="", compressors=ZstdCodec(level=3), dimension_names=META_DIMENSIONS,
                               attributes={**_META_ATTRS[encoding], META_ENCODING_ATTR: encoding})
-            encoding = self._group[f"{META_GROUP}/{name}"].attrs.get(META_ENCODING_ATTR, "json")
-            self._write(f"{META_GROUP}/{name}", start, encode_meta(values, encoding))
+        arrays = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + [f"{META_GROUP}/{name}" for name in fields]
+        arrs = {name: self._group[name] for name in arrays}
+        encodings = {name: arrs[f"{META_GROUP}/{name}"].attrs.get(META_ENCODING_ATTR, "json") for name in fields}
+        digest = hashlib.sha256("\n".join(keys).encode())
+        for arr in arrs.values():
+            if arr.shape[0] != start + n:
+                arr.resize((start + n, *arr.shape[1:]))
+        for a, b in self._blocks(start, n):  # every array a block of rows at a time: memory holds a block, not the shard
+            emb, _ = prepare_embeddings(np.asarray(raw[a:b]), self.attrs["dtype"], self.attrs["normalized"])
+            arrs[ARRAY_EMBEDDINGS][start + a:start + b] = emb
+            digest.update(np.ascontiguousarray(emb).tobytes())
+            arrs[ARRAY_LATLON][start + a:start + b] = coords[a:b]
+            arrs[ARRAY_KEYS][start + a:start + b] = np.asarray(keys[a:b], dtype=object)
+            arrs[ARRAY_SHARD][start + a:start + b] = np.full(b - a, index, dtype=np.int32)
+            for name in fields:
+                values = meta[name][a:b] if name in meta else [""] * (b - a)
+                arrs[f"{META_GROUP}/{name}"][start + a:start + b] = encode_meta(values, encodings[name])
         part = rejects_part_path(self.path, index)
         if rejects:
             write_rejects(part, rejects)
@@ -320,18 +326,6 @@ class StoreWriter:
             b = min(n, a + per - (start + a) % per)
             yield a, b
             a = b
-
-    def _write_embeddings(self, start: int, raw, digest):
-        """Write the prepared rows of ``raw`` from store row ``start``, a block at a time, adding
-        their stored bytes to ``digest`` (returned)."""
-        arr = self._group[ARRAY_EMBEDDINGS]
-        if arr.shape[0] != start + len(raw):
-            arr.resize((start + len(raw), *arr.shape[1:]))
-        for a, b in self._blocks(start, len(raw)):
-            emb, _ = prepare_embeddings(np.asarray(raw[a:b]), self.attrs["dtype"], self.attrs["normalized"])
-            arr[start + a:start + b] = emb
-            digest.update(np.ascontiguousarray(emb).tobytes())
-        return digest
 
     def _check_shard(self, url: str, raw, ll: np.ndarray, keys: list[str], meta: Mapping) -> None:
         """Validate one shard's rows (embeddings a block at a time) before anything is written."""

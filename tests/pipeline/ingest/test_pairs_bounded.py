@@ -1,14 +1,16 @@
-"""geopipe import reads an (N, D) .npy a store chunk at a time: the pair's rows are a lazy
-NpyRows source, and validating, preparing and writing them never reads more than one block of a
-few chunks (plus the rejected rows inside it), whatever N is. Real .npy/Parquet files, a real store."""
+"""geopipe import reads an (N, D) .npy and its Parquet metadata a store chunk at a time: the
+pair's rows come from lazy NpyRows / ParquetRows sources, and validating, preparing and writing
+them never holds more than a block or three of a few chunks (plus the rejected rows inside it),
+whatever N is. Real .npy/Parquet files (several row groups), a real store."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geopipe.pipeline.ingest.pairs import ColumnSpec, EmbeddingPair, NpyRows, PairError, precomputed_identity, read_pair
-from geopipe.pipeline.ingest.rows import commit_rows
+from geopipe.pipeline.ingest import pairs as pairs_mod
+from geopipe.pipeline.ingest.pairs import ColumnSpec, EmbeddingPair, NpyRows, PairError, commit_pair, precomputed_identity
+from geopipe.pipeline.ingest.rows import ParquetRows
 from geopipe.pipeline.store.format import ShardStat, prepare_embeddings, shard_digest
 from geopipe.pipeline.store.reader import read_store
 from geopipe.pipeline.store.verify import verify_store
@@ -26,22 +28,44 @@ def _pair(tmp_path, dtype="float32"):
     np.save(tmp_path / "x.npy", emb)
     keys = [f"k{i}" for i in range(N)]
     keys[1000] = "k999"  # repeated key
-    pq.write_table(pa.table({"key": keys, "latitude": lat, "longitude": rng.uniform(-180, 180, N)}), tmp_path / "x.parquet")
+    city = [None if i % 7 == 0 else f"c{i % 13}" for i in range(N)]  # a string field, absent in some rows
+    pop = [None if i < 900 else i for i in range(N)]  # a number field first present past the first blocks
+    pq.write_table(pa.table({"key": keys, "latitude": lat, "longitude": rng.uniform(-180, 180, N), "pop": pop, "city": city}),
+                   tmp_path / "x.parquet", row_group_size=700)
     return EmbeddingPair(str(tmp_path / "x.npy"), str(tmp_path / "x.parquet")), emb
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_pair_is_validated_prepared_and_written_a_chunk_at_a_time(tmp_path, dtype):
     pair, emb = _pair(tmp_path, dtype)
-    rows = read_pair(pair, ColumnSpec())
-    assert isinstance(rows.embeddings, NpyRows) and rows.embeddings.peak_rows == 0  # nothing read yet
+    sources = []
+
+    class Counted(ParquetRows):  # the real reader, kept to read its accounting afterwards
+        def __init__(self, url):
+            super().__init__(url)
+            sources.append(self)
+
+    class CountedNpy(NpyRows):
+        def __init__(self, url, *args, **kw):
+            super().__init__(url, *args, **kw)
+            if not args and not kw:
+                sources.append(self)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(pairs_mod, "ParquetRows", Counted)
+    monkey.setattr(pairs_mod, "NpyRows", CountedNpy)
     store = str(tmp_path / "s.zarr")
-    with StoreWriter.open(store, backbone=precomputed_identity("t", D), embed_dim=D, chunk_rows=CHUNK) as writer:
-        n_ok, rejects = commit_rows(writer, pair.url, ShardStat(1, None), rows)
-        record, block = writer.shards[pair.url], writer.block_rows
+    try:
+        with StoreWriter.open(store, backbone=precomputed_identity("t", D), embed_dim=D, chunk_rows=CHUNK) as writer:
+            n_ok, rejects = commit_pair(writer, pair, ColumnSpec(), ShardStat(1, None))
+            record, block = writer.shards[pair.url], writer.block_rows
+    finally:
+        monkey.undo()
     assert CHUNK <= block <= 4 * CHUNK < N
     assert n_ok == N - 3 and [r.reason for r in rejects] == ["invalid_embedding", "invalid_coordinates", "duplicate_key"]
-    assert 0 < rows.embeddings.peak_rows <= block + 3  # one block of kept rows, and the rejected ones between them
+    meta_rows, npy_rows = next(s for s in sources if isinstance(s, ParquetRows)), next(s for s in sources if isinstance(s, NpyRows))
+    assert 0 < npy_rows.peak_rows <= block + 3  # one block of kept rows, and the rejected ones between them
+    assert 0 < meta_rows.peak_rows <= 3 * block < N  # the batches around one block of kept rows, never the file
 
     data = read_store(store)
     kept = np.setdiff1d(np.arange(N), [7, 300, 1000])
@@ -49,6 +73,7 @@ def test_a_pair_is_validated_prepared_and_written_a_chunk_at_a_time(tmp_path, dt
     np.testing.assert_array_equal(data.embeddings, expected)
     assert record["digest"] == shard_digest(data.keys.tolist(), data.embeddings, data.latlon)
     assert verify_store(store) == []
+    assert data.meta["pop"][0] == "" and data.meta["pop"][-1] == str(N - 1) and data.meta["city"][1] == '"c1"'
 
 
 def test_npy_rows_reads_slices_and_refuses_what_it_cannot_slice(tmp_path):
