@@ -21,12 +21,9 @@ single-writer lock is then skipped with a warning (object stores have no exclusi
 from __future__ import annotations
 
 import hashlib
-import os
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from zarr.codecs import ZstdCodec
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
@@ -43,47 +40,34 @@ from geopipe.pipeline.store.format import (
     shard_digest,
     usable_embeddings,
 )
+from geopipe.pipeline.store.layout import (
+    StoreMismatchError,
+    check_compatible,
+    create_meta_array,
+    create_rejects_group,
+    create_store,
+    is_fresh_dir,
+    lock_store,
+)
 from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
-    ARRAY_ATTRS,
-    ARRAY_COORD,
     ARRAY_EMBEDDINGS,
     ARRAY_KEYS,
     ARRAY_LATLON,
     ARRAY_SHARD,
-    COORD_LABELS,
-    DIMENSIONS,
     LEGACY_REJECTS_FILE,
-    META_DIMENSIONS,
     META_ENCODING_ATTR,
     META_GROUP,
     REJECTS_FILE,
     REJECTS_GROUP,
-    STORE_SCHEMA,
 )
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
 
 #: Store chunks of embeddings per block of :meth:`StoreWriter.append_shard` (memory: this many chunks).
 _BLOCK_CHUNKS = 2
-
-
-class StoreMismatchError(StoreError):
-    """Appending with a different backbone, preprocessing, dtype or normalisation."""
-
-
-_CREATION_LEFTOVERS = {".lock", ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD, META_GROUP, ARRAY_COORD, REJECTS_GROUP}
-_META_ATTRS = {  # per meta encoding (schemas/store.py)
-    "json": {"long_name": "json field carried from the shards (JSON-encoded; \"\" when absent)", "coordinates": "keys"},
-    "string": {"long_name": "string field carried from the shards (\"\" when absent)", "coordinates": "keys"},
-}
-
-
-def _is_fresh_dir(path: str) -> bool:
-    """Empty, or holding only what an interrupted store creation leaves (no root zarr.json)."""
-    return set(fsio.listdir(path)) <= _CREATION_LEFTOVERS
 
 
 class StoreWriter:
@@ -94,23 +78,7 @@ class StoreWriter:
         self.attrs: dict = dict(group.attrs)
         self._keys_seen: set[str] | None = None  # read on first use (a repair truncates before reading keys)
 
-    @staticmethod
-    def lock(path: str) -> DirLock | NullLock:
-        """Create ``path`` if needed and take ``path/.lock`` at once, before any slow work
-        (loading a backbone); raises :class:`geopipe.pipeline.core.lockfile.LockedError` if it is held.
-
-        Stores behind fsspec urls get a :class:`~geopipe.pipeline.core.lockfile.NullLock` and a warning:
-        the lock is local-only, so concurrent writers of a remote store are not detected.
-        """
-        path = fsio.normalize(path)
-        if not fsio.is_local(path):
-            warnings.warn(f"store {path} is not on a local filesystem: the single-writer lock is local-only and "
-                          f"is skipped; make sure no other process writes this store", stacklevel=2)
-            return NullLock(path).acquire()
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise StoreError(f"{path} exists and is not a directory; choose another store path")
-        os.makedirs(path, exist_ok=True)
-        return DirLock(path).acquire()
+    lock = staticmethod(lock_store)
 
     @classmethod
     def open(cls, path: str, *, backbone: dict, embed_dim: int, dtype: str = "float16", normalize: bool = True,
@@ -133,9 +101,9 @@ class StoreWriter:
             if fsio.isfile(fsio.join(path, "zarr.json")):
                 EmbeddingStore(path)  # raises StoreError if not a valid store
                 group = zarr.open_group(path, mode="r+")
-                _check_compatible(path, dict(group.attrs), backbone, dtype, normalize)
-            elif _is_fresh_dir(path):
-                group = _create(path, backbone, embed_dim, dtype, normalize, created_by or {}, chunk_rows)
+                check_compatible(path, dict(group.attrs), backbone, dtype, normalize)
+            elif is_fresh_dir(path):
+                group = create_store(path, backbone, embed_dim, dtype, normalize, created_by or {}, chunk_rows)
             else:
                 raise StoreError(f"{path} exists, is not empty and is not a geopipe store; choose a new store path")
             writer = cls(path, group, lock)
@@ -177,7 +145,7 @@ class StoreWriter:
         self._trim()
         self._drop_parts(len(self.shards))
         if not fsio.isfile(fsio.join(self.path, REJECTS_GROUP, "zarr.json")):  # a store from before the rejects group
-            _create_rejects_group(self.path)
+            create_rejects_group(self.path)
             fsio.remove(fsio.join(self.path, LEGACY_REJECTS_FILE))
         self._consolidate()
 
@@ -252,9 +220,7 @@ class StoreWriter:
         for name in fields:
             if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
                 encoding = (meta_encodings or {}).get(name) or meta_encoding(meta[name])
-                _create_array(fsio.join(self.path, META_GROUP, name), shape=(start,), chunks=(self._chunk_rows(),),
-                              dtype=str, fill_value="", compressors=ZstdCodec(level=3), dimension_names=META_DIMENSIONS,
-                              attributes={**_META_ATTRS[encoding], META_ENCODING_ATTR: encoding})
+                create_meta_array(self.path, name, start, self._chunk_rows(), encoding)
         arrays = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + [f"{META_GROUP}/{name}" for name in fields]
         arrs = {name: self._group[name] for name in arrays}
         encodings = {name: arrs[f"{META_GROUP}/{name}"].attrs.get(META_ENCODING_ATTR, "json") for name in fields}
@@ -378,63 +344,3 @@ class StoreWriter:
         self.close()
 
 
-def _check_compatible(path: str, attrs: dict, backbone: dict, dtype: str, normalize: bool) -> None:
-    old = attrs["backbone"]
-    if old != backbone:
-        diff = sorted(k for k in set(old) | set(backbone) if old.get(k) != backbone.get(k))
-        raise StoreMismatchError(
-            f"store {path} holds embeddings of backbone {old.get('name')!r} (pretrained={old.get('pretrained')!r}); "
-            f"refusing to append from {backbone.get('name')!r} (pretrained={backbone.get('pretrained')!r}), which differs in "
-            f"{diff}; extract into a new store"
-        )
-    if attrs["dtype"] != dtype or attrs["normalized"] != normalize:
-        raise StoreMismatchError(
-            f"store {path} holds {attrs['dtype']} embeddings with normalized={attrs['normalized']}; refusing to append "
-            f"{dtype} with normalized={normalize}; use the same options or a new store"
-        )
-
-
-def _create_array(url: str, **spec):
-    """Create an array rooted at its own url, touching nothing outside it (``Group.create_array``
-    also writes every parent's zarr.json "if not exists": an extra exists+PUT on object stores)."""
-    import zarr
-
-    return zarr.create_array(store=url, overwrite=True, **spec)
-
-
-def _create_rejects_group(path: str) -> None:
-    """The ``rejects/`` group: a zarr.json that makes the folder of Parquet files a known member."""
-    import zarr
-
-    if fsio.isfile(fsio.join(path, REJECTS_GROUP, "zarr.json")):
-        return
-    zarr.create_group(store=fsio.join(path, REJECTS_GROUP), overwrite=False,  # never delete parts already there
-                      attributes={"content": "Parquet tables, not Zarr arrays: rejects.parquet and part-<shard index>.parquet"})
-
-
-def _create(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bool, created_by: dict, chunk_rows: int):
-    """Arrays first, the group's zarr.json (with the schema attribute) last: an interrupted
-    creation leaves no store, only leftovers that the next creation overwrites."""
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    floats = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-    strings = ZstdCodec(level=3)
-    arrays = {
-        ARRAY_EMBEDDINGS: dict(shape=(0, embed_dim), chunks=(chunk_rows, embed_dim), dtype=dtype, compressors=floats, fill_value=0),
-        ARRAY_LATLON: dict(shape=(0, 2), chunks=(chunk_rows, 2), dtype="float64", compressors=floats, fill_value=0),
-        ARRAY_KEYS: dict(shape=(0,), chunks=(chunk_rows,), dtype=str, compressors=strings, fill_value=""),
-        ARRAY_SHARD: dict(shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=floats, fill_value=-1),
-    }
-    arrays[ARRAY_COORD] = dict(shape=(len(COORD_LABELS),), chunks=(len(COORD_LABELS),), dtype=str, compressors=strings, fill_value="")
-    for name, spec in arrays.items():
-        arr = _create_array(fsio.join(path, name), dimension_names=DIMENSIONS[name], attributes=ARRAY_ATTRS[name], **spec)
-        if name == ARRAY_COORD:
-            arr[:] = np.asarray(COORD_LABELS, dtype=object)
-    zarr.create_group(store=fsio.join(path, META_GROUP), overwrite=True)
-    _create_rejects_group(path)
-    attrs = {
-        "schema": STORE_SCHEMA, "rows": 0, "embed_dim": int(embed_dim), "dtype": dtype, "normalized": bool(normalize),
-        "backbone": backbone, "shards": {}, "rejects": {}, "meta_fields": [], "created_by": created_by, "fingerprint": "",
-    }
-    return zarr.create_group(store=path, attributes=attrs)
