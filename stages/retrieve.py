@@ -100,7 +100,7 @@ def check_compatible(query: EmbeddingStore, database: EmbeddingStore) -> None:
         raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
                            f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")
     if _identity(query) != _identity(database):
-        name = lambda s: f"{_identity(s)[0]!r}" + (f", fingerprint {_identity(s)[2]}" if _identity(query)[0] == _identity(database)[0] else "")  # noqa: E731
+        name = lambda s: f"{_identity(s)[0]!r}" + (f", fingerprint {str(_identity(s)[2])[:12]}" if _identity(query)[0] == _identity(database)[0] else "")  # noqa: E731
         raise GeopipeError(f"query store {query.path} (backbone {name(query)}) and database store {database.path} "
                            f"(backbone {name(database)}) were embedded by different backbones; re-extract one of them")
 
