@@ -28,7 +28,7 @@ from geopipe.pipeline.core import fsio
 from geopipe.schemas.store import CHUNK_DIGESTS_ATTR
 
 __all__ = ["CHUNK_DIGESTS_ATTR", "DIGEST_CHARS", "MISSING_CHUNK", "ChunkRef", "bytes_digest", "array_paths", "chunk_refs", "record_digests",
-           "check_chunks", "decode_chunks_safely"]
+           "restore_last_chunks", "check_chunks", "decode_chunks_safely"]
 
 #: Hex digits kept of each sha256 (64 bits: corruption detection, not an adversary).
 DIGEST_CHARS = 16
@@ -112,6 +112,26 @@ def record_digests(store: str, group, rows: int, start: int, stop: int, previous
         for key in lost:  # chunks past the committed rows (after a truncation)
             del known[key]
     return digests
+
+
+def restore_last_chunks(store: str, group, rows: int, digests: dict | None) -> dict | None:
+    """An interrupted append rewrote the chunk holding the last committed row (of ``rows``) with
+    rows it never committed, so its bytes no longer match the recorded digest: write its committed
+    rows back (dropping the rest) in every array longer than ``rows``. Returns the digests to
+    commit anew, or None when nothing was rewritten (or the store records no digests)."""
+    if digests is None or rows == 0:
+        return None
+    first = None
+    for name in digests:
+        arr = group.get(name)
+        if arr is None or name in ("coord",) or arr.shape[0] <= rows:
+            continue
+        start = (rows - 1) // arr.chunks[0] * arr.chunks[0]
+        values = arr[start:rows]
+        arr.resize((rows, *arr.shape[1:]))
+        arr[start:rows] = values
+        first = start if first is None else min(first, start)
+    return None if first is None else record_digests(store, group, rows, first, rows, digests)
 
 
 def check_chunks(store: str, group, attrs: dict, only: list[ChunkRef] | None = None) -> tuple[list[tuple[ChunkRef, str]], list[str]]:

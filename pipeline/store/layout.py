@@ -1,5 +1,5 @@
 """A store's layout on disk: creating a new store (arrays first, the root group last), its
-meta arrays and rejects group, the single-writer lock, and the checks before appending to one.
+meta arrays, rejects group and rejects parts, the single-writer lock, and the checks before appending to one.
 
 Used by :class:`geopipe.pipeline.store.writer.StoreWriter`; the layout itself is described in
 :mod:`geopipe.schemas.store`.
@@ -15,7 +15,9 @@ from zarr.codecs import ZstdCodec
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.lockfile import DirLock, NullLock
-from geopipe.pipeline.store.reader import StoreError
+from geopipe.pipeline.store.reader import REJECTS_PARTS_DIR, StoreError, rejects_part_path
+from geopipe.pipeline.store.rejects import read_rejects, write_rejects
+from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
     ARRAY_ATTRS,
     ARRAY_COORD,
@@ -28,12 +30,13 @@ from geopipe.schemas.store import (
     META_DIMENSIONS,
     META_ENCODING_ATTR,
     META_GROUP,
+    REJECTS_FILE,
     REJECTS_GROUP,
     STORE_SCHEMA,
 )
 
 __all__ = ["StoreMismatchError", "is_fresh_dir", "lock_store", "check_compatible", "create_array", "create_meta_array",
-           "create_rejects_group", "create_store"]
+           "create_rejects_group", "create_store", "drop_rejects_parts", "consolidate_rejects"]
 
 
 class StoreMismatchError(StoreError):
@@ -111,6 +114,22 @@ def create_rejects_group(path: str) -> None:
         return
     zarr.create_group(store=fsio.join(path, REJECTS_GROUP), overwrite=False,  # never delete parts already there
                       attributes={"content": "Parquet tables, not Zarr arrays: rejects.parquet and part-<shard index>.parquet"})
+
+
+def drop_rejects_parts(path: str, n: int) -> None:
+    """Delete the rejects parts of record indices >= n (left by an interrupted or truncated run)."""
+    parts = fsio.join(path, REJECTS_PARTS_DIR)
+    for name in fsio.listdir(parts):
+        if name.startswith("part-") and name.endswith(".parquet") and int(name[5:11]) >= n:
+            fsio.remove(fsio.join(parts, name))
+
+
+def consolidate_rejects(path: str, n_shards: int) -> None:
+    """Rewrite ``rejects.parquet`` from the parts of the first ``n_shards`` records."""
+    import pyarrow as pa
+
+    tables = [read_rejects(rejects_part_path(path, i)) for i in range(n_shards)]
+    write_rejects(fsio.join(path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
 
 
 def create_store(path: str, backbone: dict, embed_dim: int, dtype: str, normalize: bool, created_by: dict, chunk_rows: int):

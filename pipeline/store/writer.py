@@ -29,7 +29,7 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.lockfile import DirLock, NullLock
 from geopipe.pipeline.sphere.geometry import wrap_latlon
-from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests
+from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, bytes_digest, record_digests, restore_last_chunks
 from geopipe.pipeline.store.format import (
     DTYPES,
     ShardStat,
@@ -43,15 +43,16 @@ from geopipe.pipeline.store.format import (
 from geopipe.pipeline.store.layout import (
     StoreMismatchError,
     check_compatible,
+    consolidate_rejects,
     create_meta_array,
     create_rejects_group,
     create_store,
+    drop_rejects_parts,
     is_fresh_dir,
     lock_store,
 )
-from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.reader import META_NAME, EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
-from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
     ARRAY_EMBEDDINGS,
     ARRAY_KEYS,
@@ -60,7 +61,6 @@ from geopipe.schemas.store import (
     LEGACY_REJECTS_FILE,
     META_ENCODING_ATTR,
     META_GROUP,
-    REJECTS_FILE,
     REJECTS_GROUP,
 )
 
@@ -143,31 +143,18 @@ class StoreWriter:
                 del meta[name]
         self._restore_last_chunks()
         self._trim()
-        self._drop_parts(len(self.shards))
+        drop_rejects_parts(self.path, len(self.shards))
         if not fsio.isfile(fsio.join(self.path, REJECTS_GROUP, "zarr.json")):  # a store from before the rejects group
             create_rejects_group(self.path)
             fsio.remove(fsio.join(self.path, LEGACY_REJECTS_FILE))
-        self._consolidate()
+        consolidate_rejects(self.path, len(self.shards))
 
     def _restore_last_chunks(self) -> None:
-        """An interrupted append rewrote the chunk holding the last committed row with rows it
-        never committed, so its bytes no longer match the recorded digest: write its committed
-        rows back (dropping the rest) and commit the chunk's digest anew."""
-        digests, rows = self.attrs.get(CHUNK_DIGESTS_ATTR), self.rows
-        if digests is None or rows == 0:
-            return
-        first = None
-        for name in digests:
-            arr = self._group.get(name)
-            if arr is None or name in ("coord",) or arr.shape[0] <= rows:
-                continue
-            start = (rows - 1) // arr.chunks[0] * arr.chunks[0]
-            values = arr[start:rows]
-            arr.resize((rows, *arr.shape[1:]))
-            arr[start:rows] = values
-            first = start if first is None else min(first, start)
-        if first is not None:
-            update = {CHUNK_DIGESTS_ATTR: record_digests(self.path, self._group, rows, first, rows, digests)}
+        """Rewrite the chunks an interrupted append left past the committed rows
+        (:func:`~geopipe.pipeline.store.chunks.restore_last_chunks`) and commit their digests anew."""
+        digests = restore_last_chunks(self.path, self._group, self.rows, self.attrs.get(CHUNK_DIGESTS_ATTR))
+        if digests is not None:
+            update = {CHUNK_DIGESTS_ATTR: digests}
             self._commit(update)
             self.attrs.update(update)
 
@@ -179,19 +166,6 @@ class StoreWriter:
             arr = self._group[name]
             if arr.shape[0] > self.rows:
                 arr.resize((self.rows, *arr.shape[1:]))
-
-    def _drop_parts(self, n: int) -> None:
-        """Delete rejects parts of record indices >= n (left by an interrupted or truncated run)."""
-        parts = fsio.join(self.path, REJECTS_PARTS_DIR)
-        for name in fsio.listdir(parts):
-            if name.startswith("part-") and name.endswith(".parquet") and int(name[5:11]) >= n:
-                fsio.remove(fsio.join(parts, name))
-
-    def _consolidate(self) -> None:
-        import pyarrow as pa
-
-        tables = [read_rejects(rejects_part_path(self.path, i)) for i in range(len(self.shards))]
-        write_rejects(fsio.join(self.path, REJECTS_FILE), pa.concat_tables(tables) if tables else REJECTS_SCHEMA.empty_table())
 
     def append_shard(self, url: str, embeddings: np.ndarray, latlon: np.ndarray, keys: Sequence[str],
                      meta: Mapping[str, Sequence[str]], rejects: Sequence[Reject], stat: ShardStat,
@@ -280,8 +254,8 @@ class StoreWriter:
         self.attrs.update(update)
         self._trim()
         self._keys_seen = None
-        self._drop_parts(index)
-        self._consolidate()
+        drop_rejects_parts(self.path, index)
+        consolidate_rejects(self.path, len(self.shards))
         return drop
 
     def _blocks(self, start: int, n: int):
@@ -333,7 +307,7 @@ class StoreWriter:
         """Consolidate ``rejects.parquet`` and release the lock."""
         try:
             if self._lock.held:
-                self._consolidate()
+                consolidate_rejects(self.path, len(self.shards))
         finally:
             self._lock.release()
 
