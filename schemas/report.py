@@ -32,7 +32,8 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
 
 ROW: the keys of :data:`COMPARISON_COLUMNS`, numbers or null. Optional top level
 "uncertainty": failure-prediction rows (model, score, failure, n, ausc, ause, aurg, spearman,
-auroc, auprc, curves) written by ``geopipe evaluate --uncertainty``.
+auroc, auprc, curves) written by ``geopipe evaluate --uncertainty``; "uncertainty_not_scored":
+score columns without enough finite values for a row (model, score, n).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ OPTIONAL_ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "retrieval": (dict, _NULL),  # Recall@K of retrieval files: {radius_m, n, n_unanswerable, ks, recall, recall_all, recall_km}
 }
 #: Top-level keys that may be absent: "uncertainty" = failure-prediction rows of ``evaluate --uncertainty``.
-OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list}
+OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list, "uncertainty_not_scored": list}
 ENTRY_KINDS: tuple[str, ...] = ("model", "baseline")
 
 #: Keys each non-null metric section must hold.

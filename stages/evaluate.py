@@ -114,13 +114,13 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every predictions file of ``cfg``; write the JSON report when ``cfg.out`` is set."""
     opts = ScoreOptions(prdc_k=cfg.prdc_k, prdc_chunks=cfg.prdc_chunks, store=cfg.store, geocode=cfg.geocode,
                         admin_fields=cfg.admin_fields(), admin_optional=cfg.admin_optional())
-    entries, first_truth, failures = [], None, []
+    entries, first_truth, failures, skipped = [], None, [], []
     for name, path in zip(_labels(cfg), cfg.predictions):
         cols, meta = read_predictions(str(path))
         try:
             entries.append(score_predictions(name, str(path), cols, meta, opts))
             if cfg.uncertainty:
-                failures += failure_rows(name, str(path), cols, FailureOptions(failure_km=cfg.failure_km))
+                failures += failure_rows(name, str(path), cols, FailureOptions(failure_km=cfg.failure_km), skipped)
         except ValueError as exc:  # invalid values inside a well-formed file (e.g. NaN predictions)
             raise GeopipeError(f"{path!r}: {exc}") from None
         if first_truth is None and truth_mask(cols) is not None:
@@ -133,12 +133,13 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     plots: tuple[str, ...] = ()
     if cfg.uncertainty:
         doc["uncertainty"] = json_safe(failures)
+        doc["uncertainty_not_scored"] = [{"model": m, "score": sc, "n": n} for m, sc, n in skipped]
         plots = _failure_plots(failures, cfg.plots_dir) if cfg.plots_dir else ()
     if cfg.out:
         write_report(doc, cfg.out)
     return EvaluateResult(reports=doc["reports"], table=format_table(doc["reports"]), out=cfg.out,
                           uncertainty=doc.get("uncertainty"),
-                          uncertainty_table=format_failure_table(failures) if cfg.uncertainty else None, plots=plots)
+                          uncertainty_table=format_failure_table(failures, skipped) if cfg.uncertainty else None, plots=plots)
 
 
 def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:

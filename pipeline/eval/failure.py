@@ -108,9 +108,13 @@ def _definitions(path: str, cols: dict, opts: FailureOptions) -> list[tuple[str,
     return out
 
 
-def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = FailureOptions()) -> list[dict]:
+def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = FailureOptions(),
+                 skipped: list | None = None) -> list[dict]:
     """One row per (score, failure definition) of a predictions file; ``curve``/``oracle`` and
-    the bins are kept for plots. Empty when the file has no truth or no score."""
+    the bins are kept for plots. Empty when the file has no truth or no score. A score column
+    with fewer than 2 finite values on known truths (e.g. the empty ``log_u`` columns of a
+    retrieval without BayesCap) gets no row; ``skipped`` (when given) receives its
+    ``(model, score, n)`` so the table can say so."""
     scores = read_optional_columns(path, SCORE_COLUMNS)
     if "neg_entropy_nats" in cols and np.isfinite(cols["neg_entropy_nats"]).any():
         scores["entropy_nats"] = -cols["neg_entropy_nats"]
@@ -132,6 +136,10 @@ def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = Failur
                          "curve": sp["curve"].tolist(), "oracle": sp["oracle"].tolist(),
                          "bin_mean_u": bins["mean_u"].tolist(), "bin_accuracy": bins["mean_correct"].tolist(),
                          "bin_n": bins["n"].tolist()})
+    if skipped is not None and "true_lat" in cols:
+        known = np.isfinite(cols["true_lat"]) & np.isfinite(cols["true_lon"])
+        scored = {r["score"] for r in rows}
+        skipped += [(name, score, int((known & np.isfinite(v)).sum())) for score, v in scores.items() if score not in scored]
     return rows
 
 
@@ -139,10 +147,17 @@ def _f(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_failure_table(rows: list[dict]) -> str:
-    """Plain-text failure-prediction table: one line per row of :func:`failure_rows`."""
+def _skipped_line(skipped) -> str:
+    names = ", ".join(f"{m} · {s} ({n} values)" for m, s, n in dict.fromkeys(skipped))
+    hint = "; log_u columns are filled by retrieve/predict --bayescap" if any(s.startswith("log_u") for _, s, _ in skipped) else ""
+    return f"not scored (fewer than 2 finite values on records with a known truth): {names}{hint}"
+
+
+def format_failure_table(rows: list[dict], skipped=()) -> str:
+    """Plain-text failure-prediction table: one line per row of :func:`failure_rows`, then a
+    line naming the ``skipped`` (model, score, n) columns, if any."""
     if not rows:
-        return "(no uncertainty scores with known truths)"
+        return "(no uncertainty scores with known truths)" + (f"\n{_skipped_line(skipped)}" if skipped else "")
     header = ["model", "score", "failure", "N", "acc", "AUSC", "oracle", "random", "AUSE", "AURG", "S", "R² ols",
               "bins", "AUROC", "AUPRC"]
     body = [[r["model"], r["score"], r["failure"], str(r["n"]), _f(r["accuracy"]), _f(r["ausc"]), _f(r["ausc_oracle"]),
@@ -154,4 +169,6 @@ def format_failure_table(rows: list[dict]) -> str:
     lines.append("AUSC: area under the sparsification curve (accuracy of the kept records as the most uncertain are "
                  "removed; higher is better); AUSE = oracle − AUSC; AURG = AUSC − random; S: Spearman of binned "
                  "uncertainty vs accuracy (ideal −1); AUROC/AUPRC: the score detecting failures.")
+    if skipped:
+        lines.append(_skipped_line(skipped))
     return "\n".join(lines)

@@ -39,6 +39,11 @@ def test_recall_and_failure_rows(retrieval_file, tmp_path):
     assert "AUSC" in res.uncertainty_table and "u_spread_km" in res.uncertainty_table
     doc = json.load(open(tmp_path / "r.json"))
     assert validate_report(doc) == [] and len(doc["uncertainty"]) == len(res.uncertainty)
+    # retrieved without BayesCap: the empty log_u columns are named, not silently left out
+    assert {r["score"] for r in doc["uncertainty_not_scored"]} == {"log_u", "log_u_alea", "log_u_epi"}
+    assert not any(s.startswith("log_u") for s, _ in rows)
+    assert res.uncertainty_table.splitlines()[-1].startswith("not scored (fewer than 2 finite values on records with a known truth): "
+                                                             "retrieval · log_u (0 values)")
     assert len(res.plots) == 4 and all(os.path.getsize(p) > 1000 for p in res.plots)
 
 
