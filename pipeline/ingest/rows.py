@@ -172,7 +172,7 @@ class ShardRows:
     keys: list[str]
     latlon: list
     meta: list[dict]
-    embeddings: np.ndarray  # or a row source read in slices (ingest.pairs.NpyRows)
+    embeddings: np.ndarray  # or a row source read in slices (ingest.rows.NpyRows)
     rejects: list[tuple[int, Reject]] = field(default_factory=list)
 
 

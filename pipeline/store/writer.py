@@ -173,7 +173,7 @@ class StoreWriter:
         """Append one shard's rows and commit its completion record (see the module docstring).
 
         embeddings: (n, D) raw float embeddings (normalised and cast here), an array or any row
-        source whose ``[a:b]`` slices are arrays (e.g. ``ingest.pairs.NpyRows``): they are read a
+        source whose ``[a:b]`` slices are arrays (e.g. ``ingest.rows.NpyRows``): they are read a
         few store chunks at a time (``block_rows``), so memory holds a block of them, not the shard; latlon: (n, 2)
         degrees (wrapped here, docs/methods.md#conventions); keys: (n,) new unique keys; meta: field → (n,) JSON
         strings (absent fields are ""), lists or sources whose ``[a:b]`` slices are lists (read a block
