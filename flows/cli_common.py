@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback
 
@@ -24,13 +25,19 @@ def report_hint() -> str:
     return f"geopipe: this is a bug in geopipe {__version__}; please report it with the traceback above"
 
 
+#: What to do after an interrupted command (Ctrl-C, SIGTERM).
+RESUME_HINT = ("finished work is kept: rerun the same command (extract, import, train and Dask predict go on "
+               "from where they stopped)")
+
+
 def user_errors(fn):
     """Error policy of every command, exit status 1 either way:
 
     - :class:`~geopipe.pipeline.core.errors.GeopipeError` (a problem the user can fix) prints its
       message as one line, ``geopipe: error: ...``, without a traceback;
     - any other exception is a bug: its full traceback is printed, then one line saying how to
-      report it. Click's own exceptions (usage errors, aborts, exits) pass through untouched.
+      report it. Click's own exceptions (usage errors, aborts, exits) pass through untouched;
+    - Ctrl-C (exit status 130) and SIGTERM (143) print one line saying how to resume.
     """
 
     @functools.wraps(fn)
@@ -45,6 +52,13 @@ def user_errors(fn):
             click.echo(f"geopipe: error: {msg}", err=True)
             sys.exit(1)
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except KeyboardInterrupt:
+            click.echo(f"geopipe: interrupted; {RESUME_HINT}", err=True)
+            sys.exit(130)
+        except SystemExit as exc:
+            if exc.code == 128 + signal.SIGTERM:  # raised by the SIGTERM handler of long stages
+                click.echo(f"geopipe: terminated; {RESUME_HINT}", err=True)
             raise
         except Exception:
             traceback.print_exc(file=sys.stderr)

@@ -56,3 +56,24 @@ def test_unknown_names_are_config_errors():
     for build, name in ((get_method, "rfn"), (get_sampler, "eulr"), (make_schedule, "sigmoyd")):
         with pytest.raises(ConfigError, match=name):
             build(name)
+
+
+@pytest.mark.parametrize("exc, code, word", [(KeyboardInterrupt(), 130, "interrupted"), (SystemExit(143), 143, "terminated")])
+def test_an_interrupted_command_says_how_to_resume(monkeypatch, tmp_path, exc, code, word):
+    def interrupted(cfg):
+        raise exc
+
+    monkeypatch.setattr(geopipe.stages.evaluate, "run_evaluate", interrupted)
+    res = _invoke(["evaluate", str(tmp_path / "p.parquet")])
+    assert res.exit_code == code
+    assert res.output.strip().splitlines() == [f"geopipe: {word}; finished work is kept: rerun the same command (extract, import, "
+                                               "train and Dask predict go on from where they stopped)"]
+
+
+def test_a_plain_exit_passes_through(monkeypatch, tmp_path):
+    def done(cfg):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(geopipe.stages.evaluate, "run_evaluate", done)
+    res = _invoke(["evaluate", str(tmp_path / "p.parquet")])
+    assert res.exit_code == 3 and res.output == ""
