@@ -91,7 +91,9 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     assert {"bayescap", "score", "evaluate-uncertainty"} <= kinds and "retrieve" not in kinds
     assert third["uncertainty"]["bayescap"]["status"] == "insufficient_pairs"
     assert pq.read_table(f"{t}/retrieval.parquet").column("log_u").null_count == 40  # the old checkpoint's scores are gone
-    assert "log_u" not in third["uncertainty"]["uncertainty_table"] and "u_dist1" in third["uncertainty"]["uncertainty_table"]
+    *rows, note = third["uncertainty"]["uncertainty_table"].splitlines()
+    assert "log_u" not in "\n".join(rows) and "u_dist1" in "\n".join(rows)  # no row for the emptied columns, and
+    assert note.startswith("not scored") and "log_u (0 values)" in note  # a line naming them
     state = json.load(open(f"{t}/{STATE_FILE}"))
     assert state["uncertainty"]["bayescap"]["status"] == "insufficient_pairs" and "keys" not in state  # no generative branch ran
 
