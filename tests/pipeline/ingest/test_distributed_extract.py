@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from procs import session_pids, store_rows
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.ingest.decode import SampleSpec
@@ -159,28 +160,6 @@ def test_bad_dask_option_is_one_line():
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "local:N" in out.stderr
 
 
-def _session(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``, from /proc."""
-    pids = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(name))
-    return pids
-
-
-def _rows(store) -> int:
-    try:
-        return json.loads((store / "zarr.json").read_text())["attributes"]["rows"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def _start_and_wait_for_a_commit(tmp_path):
     """A reference store, then `geopipe extract --dask local:2` in its own session, returned once
     it committed its first shard: (process, command, env, shards, reference, store, total rows)."""
@@ -192,7 +171,7 @@ def _start_and_wait_for_a_commit(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
-    while _rows(store) <= 0:  # poll for the first committed shard
+    while store_rows(store) <= 0:  # poll for the first committed shard
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "the distributed extract never committed a shard"
         time.sleep(0.005)
@@ -200,7 +179,7 @@ def _start_and_wait_for_a_commit(tmp_path):
 
 
 def _kill_session(sid: int) -> None:
-    for pid in _session(sid):
+    for pid in session_pids(sid):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -209,17 +188,17 @@ def _kill_session(sid: int) -> None:
 def test_killed_client_resumes_to_the_same_store(tmp_path):
     proc, cmd, env, shards, ref, store, total = _start_and_wait_for_a_commit(tmp_path)
     try:
-        session = _session(proc.pid)
+        session = session_pids(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        at_kill = _rows(store)
+        at_kill = store_rows(store)
         at_kill_shards = len(json.loads((store / "zarr.json").read_text())["attributes"]["shards"])
         assert 0 < at_kill < total, "killed too late to test a resume"
         assert len(session) >= 3  # the client and its two Dask worker processes
         deadline = time.monotonic() + 20
-        while _session(proc.pid) and time.monotonic() < deadline:
+        while session_pids(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _session(proc.pid) == [], "Dask workers of the killed client survived it"
+        assert session_pids(proc.pid) == [], "Dask workers of the killed client survived it"
     finally:
         _kill_session(proc.pid)
     stale = store / STAGING_DIR / "000000-0123456789abcdef"  # a fragment of other options, half written
@@ -237,13 +216,13 @@ def test_killed_worker_has_its_shard_redone(tmp_path):
     proc, cmd, env, shards, ref, store, total = _start_and_wait_for_a_commit(tmp_path)
     try:
         workers = []
-        for pid in _session(proc.pid):
+        for pid in session_pids(proc.pid):
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 if b"spawn_main" in fh.read():  # a Dask worker process (not the client, not the resource tracker)
                     workers.append(pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
-        assert _rows(store) < total, "killed too late to test a redo"
+        assert store_rows(store) < total, "killed too late to test a redo"
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-3000:]
     finally:
