@@ -25,7 +25,8 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
     localizability  {n, mean_neg_entropy_nats, median_neg_entropy_nats, mean_entropy_bits, median_effective_area_km2}
                     −H of S² models per steradian, of R³ models per unit volume (effective area null)
     calibration     {n, levels, coverage, error}  HDR coverage(p) = mean(hdr_rank ≤ p); error = mean |coverage − p|
-    prdc            {precision, recall, density, coverage, k, chunks, n_real, n_fake}  (real = truths, fake = predictions)
+    prdc            {precision, recall, density, coverage, k, chunks, n_real, n_fake}  (real = truths, fake = predictions;
+                    newer reports add collapsed_real: the fraction of truths whose k-th neighbour truth is within 25 m)
     admin           {area: {n, accuracy}}  area ∈ country / region / sub-region / city; n counts known true labels
 
     retrieval       (optional) Recall@K of retrieval files, see OPTIONAL_ENTRY_KEYS

@@ -24,7 +24,7 @@ import numpy as np
 from geopipe.pipeline.core.errors import check_int
 from geopipe.pipeline.sphere.knn import knn
 
-__all__ = ["prdc"]
+__all__ = ["COLLAPSED_RADIUS_M", "prdc", "prdc_collapse_note"]
 
 #: Largest number of pairwise dot products held at once.
 _BLOCK_ELEMS = 1 << 22
@@ -52,6 +52,12 @@ def _kth_neighbour_cos(x: np.ndarray, k: int) -> np.ndarray:
     return cos[:, k - 1]
 
 
+#: A real point whose k-th neighbour lies within 25 m (several photos of one place) has a
+#: collapsed radius: almost no prediction can fall inside it (cosine of 25 m on the Earth).
+COLLAPSED_RADIUS_M = 25.0
+_COS_COLLAPSED = float(np.cos(COLLAPSED_RADIUS_M / 6_371_008.8))
+
+
 def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
     n, m = real.shape[0], fake.shape[0]
     if n <= k or m <= k:
@@ -75,6 +81,7 @@ def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
         "recall": float(recalled.mean()),
         "density": inside / (k * m),
         "coverage": float(covered.mean()),
+        "collapsed_real": float((cos_r > _COS_COLLAPSED).mean()),
     }
 
 
@@ -94,8 +101,11 @@ def prdc(real_xyz, fake_xyz, k: int = 3, chunks: int = 1) -> dict:
     pieces (torch.chunk order; the literature's protocol uses 20) and averages the four numbers over pieces —
     then real and fake must be paired row by row (N == M).
 
-    Returns ``{"precision", "recall", "density", "coverage", "k", "chunks", "n_real", "n_fake"}``
-    (``chunks`` = number of pieces actually used). Density is in [0, N/k]; the others in [0, 1].
+    Returns ``{"precision", "recall", "density", "coverage", "collapsed_real", "k", "chunks",
+    "n_real", "n_fake"}`` (``chunks`` = number of pieces actually used). Density is in [0, N/k];
+    the others in [0, 1]. ``collapsed_real``: the fraction of real points whose k-th real
+    neighbour is within 25 m — several photos of one place — whose radius is then too small for
+    any prediction to fall in, so P, D and C understate the predictions.
     """
     check_int(k, "k", 1, where="prdc")
     check_int(chunks, "chunks", 1, where="prdc")
@@ -106,6 +116,19 @@ def prdc(real_xyz, fake_xyz, k: int = 3, chunks: int = 1) -> dict:
         if real.shape[0] != fake.shape[0]:
             raise ValueError(f"prdc: chunks > 1 pairs real and fake rows, but got {real.shape[0]} real and {fake.shape[0]} fake points")
         pieces = [_prdc_once(real[s:e], fake[s:e], k) for s, e in _chunk_bounds(real.shape[0], chunks)]
-    out: dict = {name: float(np.mean([p[name] for p in pieces])) for name in ("precision", "recall", "density", "coverage")}
+    out: dict = {name: float(np.mean([p[name] for p in pieces]))
+                 for name in ("precision", "recall", "density", "coverage", "collapsed_real")}
     out.update({"k": k, "chunks": len(pieces), "n_real": int(real.shape[0]), "n_fake": int(fake.shape[0])})
     return out
+
+
+def prdc_collapse_note(entries) -> str | None:
+    """One line warning that PRDC understates P, D and C when many true locations of a report
+    entry (dicts with ``name`` and a ``prdc`` section) have collapsed radii; None otherwise."""
+    collapsed = [(e["name"], (e.get("prdc") or {}).get("collapsed_real", 0.0)) for e in entries]
+    name, frac = max(collapsed, key=lambda c: c[1], default=(None, 0.0))
+    if frac <= 0.05:
+        return None
+    return (f"PRDC understates P, D and C: {frac:.0%} of the true locations of {name!r} have their k nearest other truths "
+            f"within {COLLAPSED_RADIUS_M:g} m (several photos per place), so their radii are too small to hold a prediction; "
+            f"score one photo per place for PRDC.")

@@ -19,7 +19,7 @@ from geopipe.pipeline.eval.admin import admin_accuracy, reverse_geocode_labels, 
 from geopipe.pipeline.eval.calibration import calibration_table
 from geopipe.pipeline.eval.failure import retrieval_section
 from geopipe.pipeline.eval.metrics import SPACES, distance_metrics, localizability_summary, nll_summary
-from geopipe.pipeline.eval.prdc import prdc
+from geopipe.pipeline.eval.prdc import prdc, prdc_collapse_note
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 
 __all__ = ["ScoreOptions", "score_predictions", "baseline_entry", "report_notes", "truth_mask"]
@@ -134,4 +134,7 @@ def report_notes(entries: list[dict]) -> list[str]:
         notes.append("S² densities (per steradian) and R³ densities (per unit volume) are not comparable.")
     if any(e["prdc"] for e in entries):
         notes.append("PRDC: real = true locations, fake = predicted points of the same records; great-circle k-NN.")
+    collapsed = prdc_collapse_note(entries)
+    if collapsed:
+        notes.append(collapsed)
     return notes

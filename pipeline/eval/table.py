@@ -7,6 +7,8 @@ bits per ambient dimension tagged with its density space (S² and R³ values are
 
 from __future__ import annotations
 
+from geopipe.pipeline.eval.prdc import prdc_collapse_note
+
 __all__ = ["format_table"]
 
 _SPACE_TAG = {"sphere": "S²", "r3": "R³"}
@@ -105,6 +107,9 @@ def format_table(reports: list[dict]) -> str:
         text = _grid(_HEADER + [f"{a} %" for a in areas], rows, left=2)
     if any(e.get("nll") for e in reports):
         text += "\n" + _NLL_NOTE
+    collapsed = prdc_collapse_note(reports)
+    if collapsed:
+        text += "\n" + collapsed
     for e in reports:
         text += _recall_line(e)
     return text

@@ -119,6 +119,27 @@ def test_prdc_matches_bruteforce_with_small_blocks(monkeypatch, k):
     assert got == pytest.approx(_prdc_bruteforce(real, fake, k), abs=1e-12)
 
 
+def test_prdc_flags_truths_with_collapsed_radii():
+    """Four photos of each place a few metres apart: the k-th neighbour of a truth (k = 3) is
+    another photo of its place, its radius collapses and P, D, C fall to ~0 — said, not hidden."""
+    from geopipe.pipeline.eval.prdc import prdc_collapse_note
+    from geopipe.pipeline.eval.table import format_table
+
+    rng = np.random.default_rng(3)
+    places = np.column_stack([rng.uniform(-60, 60, 40), rng.uniform(-180, 180, 40)])
+    views = np.repeat(places, 4, axis=0) + rng.normal(scale=2e-5, size=(160, 2))  # about 2 m apart
+    fake = views + rng.normal(scale=0.5, size=views.shape)  # predictions ~50 km off
+    multi = prdc(_xyz(views), _xyz(fake), k=3)
+    assert multi["collapsed_real"] == 1.0 and multi["precision"] < 0.05
+    single = prdc(_xyz(places), _xyz(fake[::4]), k=3)
+    assert single["collapsed_real"] == 0.0 and single["precision"] > 0.5
+    entry = lambda name, p: {"name": name, "kind": "model", "method": "rfm", "n": 160, "prdc": p}  # noqa: E731
+    assert prdc_collapse_note([entry("one", single)]) is None
+    note = prdc_collapse_note([entry("one", single), entry("multi", multi)])
+    assert note.startswith("PRDC understates P, D and C: 100% of the true locations of 'multi'")
+    assert format_table([entry("one", single), entry("multi", multi)]).splitlines()[-1] == note
+
+
 def test_prdc_chunks_average_contiguous_pieces():
     rng = np.random.default_rng(7)
     real, fake = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
