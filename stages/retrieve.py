@@ -19,6 +19,7 @@ import torch
 
 from geopipe.pipeline.artifacts.predictions import predictions_metadata, predictions_table, write_predictions
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.lockfile import writer_note
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, answerable, haversine_m, recall_summary
 from geopipe.pipeline.retrieval.density import fit_kernel, kernel_localizability, kernel_mode, kernel_weights, neighbour_xyz
@@ -93,9 +94,10 @@ def _identity(store: EmbeddingStore) -> tuple:
 def check_compatible(query: EmbeddingStore, database: EmbeddingStore) -> None:
     """One GeopipeError for an empty query or database store, a dimension mismatch or different backbones."""
     if len(query) == 0:
-        raise GeopipeError(f"query store {query.path} has no records; extract or import some first")
+        raise GeopipeError(f"query store {query.path} has no records" + (writer_note(query.path) or "; extract or import some first"))
     if len(database) == 0:
-        raise GeopipeError(f"database store {database.path} has no records; extract or import some first")
+        raise GeopipeError(f"database store {database.path} has no records"
+                           + (writer_note(database.path) or "; extract or import some first"))
     if query.embed_dim != database.embed_dim:
         raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
                            f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")

@@ -15,7 +15,7 @@ import socket
 
 from geopipe.pipeline.core.errors import GeopipeError
 
-__all__ = ["LockedError", "DirLock", "NullLock"]
+__all__ = ["LockedError", "DirLock", "NullLock", "writer_note"]
 
 
 class LockedError(GeopipeError):
@@ -30,6 +30,25 @@ def _read_owner(path: str) -> tuple[int | None, str]:
         return None, ""
     pid = int(parts[0]) if parts and parts[0].isdigit() else None
     return pid, parts[1] if len(parts) > 1 else ""
+
+
+def writer_note(directory: str, name: str = ".lock") -> str:
+    """"; being written by process N on HOST right now: wait for it to finish" when a live writer
+    holds ``directory``'s lock (checked by pid on this host, trusted from another), else "" —
+    for messages about a store that looks empty or incomplete because it is still being written."""
+    if "://" in directory:
+        return ""
+    pid, host = _read_owner(os.path.join(directory, name))
+    if pid is None:
+        return ""
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""  # a writer killed before it could remove the file: nobody is writing
+        except PermissionError:
+            pass
+    return f"; it is being written by process {pid} on {host or 'an unknown host'} right now: wait for that run to finish"
 
 
 class DirLock:

@@ -60,6 +60,32 @@ def test_empty_query_store_is_named_as_empty(stores):
         run_retrieve(RetrieveConfig(query=stores["empty"], database=stores["db"], out=str(stores["root"] / "x.parquet"), progress=False))
 
 
+def test_an_empty_store_being_written_names_its_writer(stores, tmp_path):
+    """Before: a store still being created by an extract read as 'has no records; extract or import some first'."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from geopipe.pipeline.core.lockfile import DirLock
+
+    out = str(stores["root"] / "w.parquet")
+    with DirLock(str(stores["empty"])):  # this process is the writer
+        with pytest.raises(GeopipeError, match=f"has no records; it is being written by process {os.getpid()} on "
+                                               f"{socket.gethostname()} right now: wait for that run to finish"):
+            run_retrieve(RetrieveConfig(query=stores["empty"], database=stores["db"], out=out, progress=False))
+    # a lock file left by a writer that is gone (its pid exited) names nobody
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    lock = os.path.join(str(stores["empty"]), ".lock")
+    with open(lock, "w") as fh:
+        fh.write(f"{dead} {socket.gethostname()}\n")
+    try:
+        with pytest.raises(GeopipeError, match="has no records; extract or import some first"):
+            run_retrieve(RetrieveConfig(query=stores["empty"], database=stores["db"], out=out, progress=False))
+    finally:
+        os.remove(lock)
+
+
 @pytest.mark.parametrize("table,key,value,message", [
     ("retrieve", "k", 0, r"^\[uncertainty\.retrieve\] -k must be at least 1"),
     ("retrieve", "radius_m", -1.0, r"^\[uncertainty\.retrieve\] retrieve: --radius-m must be"),
