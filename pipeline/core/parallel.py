@@ -133,6 +133,9 @@ def dask_client(spec: str, *, threads_per_worker: int = 1) -> Iterator[object]:
                 cluster = LocalCluster(n_workers=value, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None,
                                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
+            from geopipe.pipeline.core.dask_quiet import QuietWorkerClose
+
+            client.register_plugin(QuietWorkerClose())  # a worker's own shutdown logs no heartbeat traceback
         else:
             _check_reachable(value)
             try:
