@@ -2,7 +2,6 @@
 multi-view demo world → stores → retrieve → pairs + BayesCap → score → evaluate --uncertainty;
 a rerun skips every step; too few pairs is not a failure; the [uncertainty] tables are strict."""
 
-import asyncio
 import copy
 import json
 import time
@@ -10,6 +9,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from flow_runs import completed_task_kinds
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.stages.config import parse_pipeline_config
@@ -34,27 +34,13 @@ def _doc(t, min_pairs=20):
     }
 
 
-def _task_kinds(flow_run_id) -> set:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    async def names():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                               sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-            return {r.name.split()[0] for r in runs if r.flow_run_id == flow_run_id and r.state and r.state.is_completed()}
-
-    return asyncio.run(names())
-
-
 def _run(doc):
     from geopipe.flows.pipeline_flow import geopipe_flow
 
     t0 = time.perf_counter()
     state = geopipe_flow(parse_pipeline_config(doc), return_state=True)
     assert state.is_completed(), state
-    return state.result(), _task_kinds(state.state_details.flow_run_id), time.perf_counter() - t0
+    return state.result(), completed_task_kinds(state.state_details.flow_run_id), time.perf_counter() - t0
 
 
 def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):

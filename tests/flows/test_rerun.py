@@ -1,11 +1,11 @@
 """Reruns of the Prefect flow do only new work: nothing new → no train/predict task runs; a new
 shard → only that shard is extracted, then the model is retrained and re-scored."""
 
-import asyncio
 import os
 import shutil
 
 import pytest
+from flow_runs import completed_task_kinds
 
 from geopipe.stages.config import parse_pipeline_config
 from geopipe.stages.rerun import STATE_FILE, RerunConfig
@@ -27,26 +27,12 @@ def _doc(shards_dir, demo_world, t, **rerun):
     }
 
 
-def _task_kinds(flow_run_id) -> set:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    async def names():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                               sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
-            return {r.name.split()[0] for r in runs if r.flow_run_id == flow_run_id and r.state and r.state.is_completed()}
-
-    return asyncio.run(names())
-
-
 def _run(doc):
     from geopipe.flows.pipeline_flow import geopipe_flow
 
     state = geopipe_flow(parse_pipeline_config(doc), return_state=True)
     assert state.is_completed(), state
-    return state.result(), _task_kinds(state.state_details.flow_run_id)
+    return state.result(), completed_task_kinds(state.state_details.flow_run_id)
 
 
 def test_rerun_skips_unchanged_work_and_extracts_only_new_shards(demo_world, tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from samples import good_sample, jpeg
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.lockfile import DirLock, LockedError
@@ -35,17 +36,8 @@ def tiny():
     return load_backbone(BackboneSpec("tiny"))
 
 
-def _jpeg(i: int, size: int = 20) -> bytes:
-    rng = np.random.default_rng(i)
-    img = (rng.uniform(0, 1, (size, size, 3)) * 60 + rng.uniform(0, 190, 3)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _good(key: str, i: int) -> dict:
-    lat, lon = (i * 37.0) % 170 - 85, (i * 71.0) % 350 - 175
-    return {"__key__": key, "jpg": _jpeg(i), "json": {"latitude": lat, "longitude": lon, "city": f"c{i}", "n": i, "tags": [1]}}
+    return good_sample(key, i, size=20, tags=[1])
 
 
 def _world(tmp_path, n_shards=4, per_shard=6, prefix="w"):
@@ -91,28 +83,28 @@ def test_extract_matches_schema_and_is_independent_of_workers(tmp_path, tiny):
     np.testing.assert_allclose(d.latlon[7], [(7 * 37.0) % 170 - 85, (7 * 71.0) % 350 - 175])
     # each row is its own image's embedding (independent oracle: encode one image at a time)
     for i in (0, 6, 14):
-        img = Image.open(io.BytesIO(_jpeg(i))).convert("RGB")
+        img = Image.open(io.BytesIO(jpeg(i))).convert("RGB")
         want, _ = prepare_embeddings(tiny.encode(tiny.preprocess(img)[None]).numpy(), "float16", True)
         np.testing.assert_allclose(d.embeddings[i].astype(np.float32), want[0].astype(np.float32), atol=2e-3)
     assert np.abs(np.linalg.norm(d.embeddings.astype(np.float32), axis=1) - 1).max() < 2e-3
 
 
 def _bad_shard(tmp_path):
-    jpg = _jpeg(100)
+    jpg = jpeg(100)
     samples = [
         _good("g0", 0),
         {"__key__": "trunc", "jpg": jpg[: len(jpg) // 2], "json": {"latitude": 1.0, "longitude": 2.0}},
-        {"__key__": "nojson", "jpg": _jpeg(1)},
+        {"__key__": "nojson", "jpg": jpeg(1)},
         _good("g1", 1),
-        {"__key__": "lat123", "jpg": _jpeg(2), "json": {"latitude": 123.0, "longitude": 2.0}},
+        {"__key__": "lat123", "jpg": jpeg(2), "json": {"latitude": 123.0, "longitude": 2.0}},
         {"__key__": "zero", "jpg": b"", "json": {"latitude": 1.0, "longitude": 2.0}},
-        {"__key__": "listjson", "jpg": _jpeg(3), "json": [1, 2]},
+        {"__key__": "listjson", "jpg": jpeg(3), "json": [1, 2]},
         {"__key__": "notimg", "jpg": b"this is not a jpeg", "json": {"latitude": 1.0, "longitude": 2.0}},
         {"__key__": "noimg", "json": {"latitude": 1.0, "longitude": 2.0}},
-        {"__key__": "nanlon", "jpg": _jpeg(4), "json": {"latitude": 1.0, "longitude": float("nan")}},
-        {"__key__": "strlat", "jpg": _jpeg(5), "json": {"latitude": "north", "longitude": 2.0}},
-        {"__key__": "nolat", "jpg": _jpeg(6), "json": {"longitude": 2.0}},
-        {"__key__": "badjson", "jpg": _jpeg(7), "json": b"{not json"},
+        {"__key__": "nanlon", "jpg": jpeg(4), "json": {"latitude": 1.0, "longitude": float("nan")}},
+        {"__key__": "strlat", "jpg": jpeg(5), "json": {"latitude": "north", "longitude": 2.0}},
+        {"__key__": "nolat", "jpg": jpeg(6), "json": {"longitude": 2.0}},
+        {"__key__": "badjson", "jpg": jpeg(7), "json": b"{not json"},
         _good("g2", 2),
         {**_good("g1", 9)},  # duplicate key: the first g1 is kept
         _good("g3", 3),
@@ -179,7 +171,7 @@ def _world_with_rejects(tmp_path):
     samples = [_good(f"r{i:03d}", i) for i in range(16)]
     samples[2] = {"__key__": "r002", "jpg": b"", "json": {"latitude": 0.0, "longitude": 0.0}}
     samples[9] = _good("r001", 9)  # duplicate across shards
-    samples[13] = {"__key__": "r013", "jpg": _jpeg(13)}
+    samples[13] = {"__key__": "r013", "jpg": jpeg(13)}
     return write_shards(tmp_path / "shards", samples, "r", 4)
 
 

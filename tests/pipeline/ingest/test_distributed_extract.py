@@ -3,7 +3,6 @@ LocalCluster with 2 worker processes, real SIGKILL of the client)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -14,8 +13,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from procs import session_pids, store_rows
+from samples import good_sample, jpeg
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.ingest.decode import SampleSpec
@@ -29,25 +28,16 @@ from geopipe.stages.extract import ExtractConfig, run_extract
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def _jpeg(i: int, size: int = 24) -> bytes:
-    rng = np.random.default_rng(i)
-    img = (rng.uniform(0, 1, (size, size, 3)) * 60 + rng.uniform(0, 190, 3)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _good(key: str, i: int) -> dict:
-    return {"__key__": key, "jpg": _jpeg(i), "json": {"latitude": (i * 37.0) % 170 - 85, "longitude": (i * 71.0) % 350 - 175,
-                                                      "city": f"c{i}", "n": i}}
+    return good_sample(key, i, size=24)
 
 
 def _world(root, n_shards: int, per_shard: int) -> list[str]:
     """Shards of good samples with bad ones mixed in: a corrupt image, a missing json, a key
     repeated across shards, an extra meta field appearing late."""
     samples = [_good(f"k{i:05d}", i) for i in range(n_shards * per_shard)]
-    samples[2] = {"__key__": "trunc", "jpg": _jpeg(2)[:100], "json": {"latitude": 1.0, "longitude": 2.0}}
-    samples[per_shard + 1] = {"__key__": "nojson", "jpg": _jpeg(3)}
+    samples[2] = {"__key__": "trunc", "jpg": jpeg(2)[:100], "json": {"latitude": 1.0, "longitude": 2.0}}
+    samples[per_shard + 1] = {"__key__": "nojson", "jpg": jpeg(3)}
     samples[2 * per_shard + 3] = _good("k00000", 5)  # duplicate of the first shard's first key
     samples[-1]["json"]["late"] = "x"
     return write_shards(root / "shards", samples, "d", per_shard)
