@@ -77,7 +77,7 @@ def _image(rng: np.random.Generator, px: int) -> bytes:
 
 
 def _write_shards(out: str, n_shards: int, per_shard: int, px: int, seed: int = 0) -> list[str]:
-    from geopipe.pipeline.ingest.demo_world import write_shards
+    from geopipe.pipeline.ingest.shards import write_shards
 
     rng = np.random.default_rng(seed)
     samples = ({"__key__": f"b{i:07d}", "jpg": _image(rng, px),

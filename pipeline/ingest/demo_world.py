@@ -19,23 +19,20 @@ numpy/Pillow build); train and test use independent random streams. numpy + Pill
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from geopipe.pipeline.core.errors import ConfigError, check_int
-from geopipe.pipeline.core.fsio import atomic_path
+from geopipe.pipeline.ingest.shards import write_shards
 
-__all__ = ["DemoWorldConfig", "DemoWorldResult", "write_demo_world", "write_shards"]
+__all__ = ["DemoWorldConfig", "DemoWorldResult", "write_demo_world"]
 
 _EARTH_RADIUS_KM = 6371.0088  # = geopipe.pipeline.sphere.geometry.EARTH_RADIUS_KM (not imported: keeps torch out)
 _P_REGION, _P_DIFFUSE = 0.65, 0.25  # the remaining 0.10 are featureless
@@ -123,32 +120,6 @@ class DemoWorldResult:
     manifest: str
 
 
-def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], prefix: str, shard_size: int) -> list[str]:
-    """Write samples to WebDataset tars ``{out_dir}/{prefix}-000000.tar``, ``-000001.tar``, …
-
-    samples: dicts like ``{"__key__": str, "jpg": bytes, "json": dict | bytes}``; any entry
-        may be omitted (a missing ``__key__`` becomes ``f"{prefix}_{i:08d}"``) and other
-        extensions (``"npy"``, ``"cls"``, …) are allowed. bytes are written as-is (so corrupt
-        JPEGs or invalid JSON can be written on purpose); str is UTF-8; a dict/list/number
-        under a ``json`` extension is ``json.dumps``-ed (NaN allowed); a numpy array under
-        ``npy`` is ``np.save``-d. Keys must not contain "." (WebDataset splits on it).
-    shard_size: samples per tar (> 0). Tars are byte-reproducible (fixed mtime) and written
-        atomically (temporary name, then rename). Returns the paths written, in order.
-    """
-    check_int(shard_size, "shard_size", 1)
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ConfigError(f"shard prefix must be a non-empty file-name stem, got {prefix!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[str] = []
-    stream, start = iter(samples), 0
-    while chunk := list(itertools.islice(stream, shard_size)):
-        encoded = [_encode_sample(s, start + j, prefix) for j, s in enumerate(chunk)]
-        paths.append(_write_tar(out / f"{prefix}-{len(paths):06d}.tar", encoded))
-        start += len(chunk)
-    return paths
-
-
 def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = None) -> DemoWorldResult:
     """Render the demo world into ``out_dir`` (train-*.tar, test-*.tar, manifest.json).
 
@@ -185,43 +156,6 @@ def write_demo_world(out_dir: str | os.PathLike, cfg: DemoWorldConfig | None = N
 
 
 # --------------------------------------------------------------------------- private
-
-
-def _write_tar(path: Path, encoded: list[dict]) -> str:
-    """A WebDataset shard written by webdataset's own ``TarWriter`` (members ``<key>.<ext>``,
-    mtime 0, so the demo world is byte-identical from run to run)."""
-    import webdataset as wds
-
-    with atomic_path(str(path)) as tmp:
-        with open(tmp, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0) as writer:
-            for sample in encoded:
-                writer.write(sample)
-    return str(path)
-
-
-def _encode_sample(sample: dict, index: int, prefix: str) -> dict:
-    if not isinstance(sample, dict):
-        raise ValueError(f"sample {index} of {prefix!r} must be a dict, got {type(sample).__name__}")
-    key = sample.get("__key__", f"{prefix}_{index:08d}")
-    if not isinstance(key, str) or not key or "." in key:
-        raise ValueError(f"sample {index} of {prefix!r}: __key__ must be a non-empty str without '.', got {key!r}")
-    encoded: dict[str, Any] = {"__key__": key}
-    for ext, value in sample.items():
-        if ext == "__key__":
-            continue
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            encoded[ext] = bytes(value)
-        elif isinstance(value, str):
-            encoded[ext] = value.encode("utf-8")
-        elif ext.endswith("json"):
-            encoded[ext] = json.dumps(value, sort_keys=True).encode("utf-8")
-        elif ext.endswith("npy") and isinstance(value, np.ndarray):
-            buf = io.BytesIO()
-            np.save(buf, value, allow_pickle=False)
-            encoded[ext] = buf.getvalue()
-        else:
-            raise ValueError(f"sample {key!r}: cannot encode {ext!r} of type {type(value).__name__}; pass bytes")
-    return encoded
 
 
 def _split_samples(split: str, n: int, rng: np.random.Generator, grid: np.ndarray, counts: dict, views: int = 1):

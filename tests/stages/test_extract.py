@@ -20,7 +20,7 @@ from samples import good_sample, jpeg
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.lockfile import DirLock, LockedError
-from geopipe.pipeline.ingest.demo_world import write_shards
+from geopipe.pipeline.ingest.shards import write_shards
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.writer import StoreMismatchError, StoreWriter, prepare_embeddings
 from geopipe.schemas.store import validate_store_attrs

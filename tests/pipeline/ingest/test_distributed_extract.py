@@ -18,10 +18,9 @@ from samples import good_sample, jpeg
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.ingest.decode import SampleSpec
-from geopipe.pipeline.ingest.demo_world import write_shards
 from geopipe.pipeline.ingest.distributed import STAGING_DIR, fragment_complete, read_fragment, write_fragment
 from geopipe.pipeline.ingest.embed import shard_rows
-from geopipe.pipeline.ingest.shards import shard_stat
+from geopipe.pipeline.ingest.shards import shard_stat, write_shards
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.stages.extract import ExtractConfig, run_extract
 
