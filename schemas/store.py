@@ -60,6 +60,7 @@ __all__ = [
     "SHARD_RECORD_OPTIONAL",
     "CHUNK_DIGESTS_ATTR",
     "validate_store_attrs",
+    "EMBEDDING_SPACE_FIELDS",
 ]
 
 STORE_SCHEMA = "geopipe.store/1"
@@ -96,6 +97,11 @@ ARRAY_ATTRS: dict[str, dict] = {
     ARRAY_KEYS: {"long_name": "record key (WebDataset __key__), unique in the store"},
     ARRAY_SHARD: {"long_name": "index of the record's shard in the completion records", "units": "1", "coordinates": "keys"},
 }
+
+#: Fields of an embedding-space record (checkpoint config.json "embedding_space"; derived from a store's
+#: "backbone", "embed_dim" and "normalized" attrs): two artefacts hold comparable embeddings only when
+#: these agree (geopipe.pipeline.store.space.check_same_space is the rule).
+EMBEDDING_SPACE_FIELDS: tuple[str, ...] = ("name", "pretrained", "fingerprint", "preprocess", "embed_dim", "normalized")
 
 #: Group attributes every store carries, with their JSON type.
 REQUIRED_ATTRS: dict[str, type] = {
