@@ -23,6 +23,7 @@ from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
 from geopipe.pipeline.sphere.geometry import xyz_to_latlon
 from geopipe.pipeline.store.reader import open_store
+from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 
@@ -157,7 +158,7 @@ def run_maps(cfg: MapConfig) -> MapResult:
     rows = _select_rows(cfg, keys)
     if not rows:
         raise GeopipeError(f"store {cfg.store} has no records to draw")
-    p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), expect_embed_dim=store.embed_dim)
+    p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths, masses = [], []
     n_grid = int(np.prod([len(a) for a in latlon_grid(cfg.resolution_deg)]))

@@ -42,6 +42,7 @@ from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.infer.predictor import PredictOptions, cached_predictor, predict_rows
 from geopipe.pipeline.store.reader import open_store
+from geopipe.pipeline.store.space import store_space
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA
 
 __all__ = ["PredictConfig", "PredictResult", "PartDone", "run_predict", "partition_bounds", "writes_dataset"]
@@ -135,7 +136,7 @@ def partition_bounds(n: int, chunk_rows: int, batch_size: int, partition_batches
 def _predict_table(cfg: PredictConfig, start: int, stop: int):
     """Score rows [start, stop) of the store (the model stays loaded between partitions)."""
     store = open_store(cfg.store)
-    p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))
+    p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")
     table = predict_rows(p, store, start, stop, cfg.options(), seed=cfg.seed, batch_size=cfg.batch_size)
     if cfg.uncertainty_checkpoint:  # MC-dropout noise seeded from (seed, first row) like the sampling noise
         import numpy as np
@@ -234,7 +235,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         raise GeopipeError(f"output {cfg.out!r} is a file; a dataset output (-o without .parquet, or --dask) is a directory: "
                            f"give a new path, or one ending in .parquet for a single file")
     store = open_store(cfg.store)
-    p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), int(store.embeddings.shape[1]))  # fail fast on mismatch
+    p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")  # fail fast on mismatch
     if cfg.uncertainty_checkpoint:
         from geopipe.stages.uncertainty import check_bayescap
 

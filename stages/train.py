@@ -36,6 +36,7 @@ from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
+from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
 from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
@@ -120,6 +121,7 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
         "embed_dim": int(store.embeddings.shape[1]),
         "normalized": bool(store.attrs.get("normalized", True)),
         "backbone": store.attrs.get("backbone", {}),
+        "embedding_space": store_space(store),
         "data_fingerprint": _fingerprint(store),
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device", "buffer_chunks")},
         **provenance(),

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights, weight_shapes
 from geopipe.pipeline.artifacts.predictions import predictions_table
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
+from geopipe.pipeline.infer.model_source import open_model_source
 from geopipe.pipeline.methods.registry import method_from_dict
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geopipe.pipeline.store.format import nonfinite_records
+from geopipe.pipeline.store.space import check_same_space
 
 __all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows"]
 
@@ -66,46 +67,46 @@ class Predictor:
     config: dict
     device: torch.device
     cond_stats: CondStats
+    space: dict | None = None  # the embedding space it expects (geopipe.pipeline.store.space)
 
     def condition(self, embeddings) -> torch.Tensor:
         """(B, D) store embeddings → the network's conditioning input (standardised, float32)."""
         return self.cond_stats.apply(torch.as_tensor(embeddings, device=self.device))
 
 
-def load_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int | None = None) -> Predictor:
-    """Load ``checkpoint`` (safetensors + JSON, never unpickled) onto ``device``.
+def load_predictor(source: str, device: torch.device, expect_space: dict | None = None, what: str = "the store") -> Predictor:
+    """Load the model at ``source`` (checkpoint directory, PLONK directory or ``hf-hub:org/name``;
+    safetensors + JSON, never unpickled) onto ``device``.
 
-    Raises GeopipeError when the checkpoint's embedding dimension differs from the store's.
+    expect_space: the embedding space of the data it will score (e.g. ``store_space(store)``);
+    a model of another space is refused in one line naming both (``what`` names the data).
     """
-    config = load_checkpoint_config(checkpoint)
+    src = open_model_source(source)
+    config = src.config
     if isinstance(config["method"], str):  # uncertainty heads (BayesCap) store their method by name only
-        raise GeopipeError(f"checkpoint {checkpoint} holds {config['method']!r} uncertainty heads, not a generative model; "
+        raise GeopipeError(f"checkpoint {source} holds {config['method']!r} uncertainty heads, not a generative model; "
                            "use it as --bayescap of predict or retrieve, and give --checkpoint a model of `geopipe train --method rfm` "
                            "(or flow, diffusion, ...)")
-    if expect_embed_dim is not None and int(config["embed_dim"]) != int(expect_embed_dim):
-        raise GeopipeError(
-            f"checkpoint {checkpoint} expects {config['embed_dim']}-d embeddings but the store has "
-            f"{expect_embed_dim}-d ones; extract the store with the checkpoint's backbone "
-            f"({config.get('backbone', {}).get('name', '?')})"
-        )
+    if expect_space is not None:
+        check_same_space(f"model {source}", src.space, what, expect_space,
+                         hint=f"extract the images with the model's backbone (geopipe extract --backbone {src.space.get('name')}), "
+                              "or use a model trained on this store")
     method = method_from_dict(config["method"])
     net_cfg = NetworkConfig.from_dict(config["network"])
-    _check_weight_shapes(checkpoint, method, net_cfg)
+    _check_weight_shapes(source, src.weight_shapes(), method, net_cfg)
     model = method.build_model(net_cfg)
-    weights = load_model_weights(checkpoint)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(src.weights(), strict=False)
     if missing or unexpected:
-        raise GeopipeError(f"checkpoint {checkpoint} does not match its network config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise GeopipeError(f"checkpoint {source} does not match its network config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     stats = CondStats.from_dict(config.get("condition"), int(config["embed_dim"]))
-    return Predictor(method, model.to(device).eval(), config, device, stats)
+    return Predictor(method, model.to(device).eval(), config, device, stats, src.space)
 
 
-def _check_weight_shapes(checkpoint: str, method, net_cfg: NetworkConfig) -> None:
+def _check_weight_shapes(checkpoint: str, found: dict, method, net_cfg: NetworkConfig) -> None:
     """Compare the config's network (built on the meta device: no memory) with the weights'
     shapes read from the file header, before anything is allocated."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in method.build_model(net_cfg).state_dict().items()}
-    found = weight_shapes(checkpoint)
     bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if bad:
         k = bad[0]
@@ -198,15 +199,18 @@ _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2
 
 
-def cached_predictor(checkpoint: str, device: torch.device, expect_embed_dim: int | None = None) -> Predictor:
-    """:func:`load_predictor`, reused while the checkpoint's content is unchanged (keyed by
-    :func:`checkpoint_identity`, so a retrain into the same directory is picked up). A Dask
-    worker process thus loads each model once, not once per partition."""
-    key = (str(checkpoint), checkpoint_identity(checkpoint), str(device), expect_embed_dim)
+def cached_predictor(source: str, device: torch.device, expect_space: dict | None = None, what: str = "the store") -> Predictor:
+    """:func:`load_predictor`, reused while the model's content is unchanged (keyed by its
+    identity, so a retrain into the same directory is picked up). A Dask worker process thus
+    loads each model once, not once per partition. The space check runs on every call."""
+    key = (str(source), open_model_source(source).identity, str(device))
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
-    p = load_predictor(checkpoint, device, expect_embed_dim=expect_embed_dim)
+        p = _CACHE[key]
+        if expect_space is not None:
+            check_same_space(f"model {source}", p.space, what, expect_space)
+        return p
+    p = load_predictor(source, device, expect_space=expect_space, what=what)
     _CACHE[key] = p
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
