@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from geopipe.flows.cli_common import device_option, pipeline_progress, progress_enabled, user_errors
+from geopipe.flows.cli_common import config_option, device_option, given, pipeline_progress, progress_enabled, user_errors
 from geopipe.pipeline.methods.names import METHOD_NAMES
 from geopipe.pipeline.model.names import SAMPLER_NAMES, SCHEDULE_NAMES
 
@@ -74,56 +74,81 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
     run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
 
 
+_TRAIN = "geopipe.stages.train:TrainConfig"
+
+
+def _method_default(key: str):
+    """--help text of a training default that depends on the method: the most common value of
+    the methods' TRAIN_DEFAULTS, then the exceptions, e.g. ``12 (vmf, vmf_mixture: 11)``."""
+
+    def describe() -> str:
+        from geopipe.pipeline.methods.registry import METHODS
+
+        values = {name: cls.TRAIN_DEFAULTS[key] for name, cls in METHODS.items()}
+        common = max(values.values(), key=list(values.values()).count)
+        others: dict = {}
+        for name, v in values.items():
+            if v != common:
+                others.setdefault(v, []).append(name)
+        show = lambda v: "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+        exceptions = "; ".join(f"{', '.join(names)}: {show(v)}" for v, names in others.items())
+        return show(common) + (f" ({exceptions})" if exceptions else "")
+
+    return describe
+
+
 @cli.command()
 @click.option("--store", required=True, help="Training embedding store.")
 @click.option("--out", "-o", required=True, help="Checkpoint directory.")
-@click.option("--method", default="rfm", show_default=True, type=click.Choice([*METHOD_NAMES, "bayescap", "bayescap-cycle"]),
-              help="Generative method (rfm, flow, diffusion), baseline (vmf, vmf_mixture, uniform) or uncertainty heads "
-                   "(bayescap, bayescap-cycle); see docs/methods.md.")
-@click.option("--dim", default=512, show_default=True, help="Width of the denoiser network.")
-@click.option("--depth", default=12, show_default=True, help="Residual blocks of the denoiser network.")
-@click.option("--schedule", default="sigmoid", show_default=True, type=click.Choice(SCHEDULE_NAMES),
-              help="Noise schedule of the diffusion-style methods.")
-@click.option("--steps", default=20000, show_default=True, help="Optimiser steps.")
-@click.option("--batch-size", default=1024, show_default=True, help="Records per training step.")
-@click.option("--lr", default=8e-4, show_default=True, help="Peak learning rate (reached after the warm-up).")
-@click.option("--warmup", default=500, show_default=True, help="Steps of linear learning-rate warm-up.")
-@click.option("--weight-decay", default=0.05, show_default=True, help="Decoupled weight decay.")
-@click.option("--optimizer", default="lamb", show_default=True, type=click.Choice(["lamb", "adamw"]), help="Optimiser.")
-@click.option("--ema-decay", default=0.999, show_default=True, help="Decay of the weights' moving average (the averaged model is saved and validated).")
-@click.option("--val-every", default=1000, show_default=True, help="Validate and checkpoint every N steps.")
-@click.option("--seed", default=3407, show_default=True, help="Random seed (initialisation, batches, noise).")
+@config_option("--method", type=click.Choice([*METHOD_NAMES, "bayescap", "bayescap-cycle"]), config=_TRAIN,
+               help="Generative method (rfm, flow, diffusion) or baseline (vmf, vmf_mixture, uniform); see docs/methods.md. "
+                    "bayescap, bayescap-cycle: deprecated, use `geopipe bayescap train`.")
+@config_option("--dim", type=int, config=_TRAIN, help="Width of the denoiser network.")
+@config_option("--depth", type=int, config=_TRAIN, describe=_method_default("depth"), help="Residual blocks of the denoiser network.")
+@config_option("--schedule", type=click.Choice(SCHEDULE_NAMES), config=_TRAIN, help="Noise schedule of the diffusion-style methods.")
+@config_option("--steps", type=int, config=_TRAIN, help="Optimiser steps.")
+@config_option("--batch-size", type=int, config=_TRAIN, help="Records per training step.")
+@config_option("--lr", type=float, config=_TRAIN, describe=_method_default("lr"), help="Peak learning rate (reached after the warm-up).")
+@config_option("--warmup", type=int, config=_TRAIN, help="Steps of linear learning-rate warm-up.")
+@config_option("--weight-decay", type=float, config=_TRAIN, help="Decoupled weight decay.")
+@config_option("--optimizer", type=click.Choice(["lamb", "adamw"]), config=_TRAIN, help="Optimiser.")
+@config_option("--ema-decay", type=float, config=_TRAIN,
+               help="Decay of the weights' moving average (the averaged model is saved and validated).")
+@config_option("--val-every", type=int, config=_TRAIN, help="Validate and checkpoint every N steps.")
+@config_option("--seed", type=int, config=_TRAIN, help="Random seed (initialisation, batches, noise).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds a training state.")
 @click.option("--allow-changes", is_flag=True, help="Resume although the store or training options differ from the "
               "saved run (the differences are recorded in the checkpoint's config.json).")
 @click.option("--stream/--in-memory", "stream", default=None,
               help="Stream shuffled chunks from the store through a bounded buffer, or load it whole "
                    "(default: in memory when the store fits comfortably).")
-@click.option("--min-pairs", default=None, type=int,
-              help="bayescap methods: fewest viewpoint pairs to train on (default 2000; see docs/retrieval_uncertainty.md).")
+@click.option("--min-pairs", default=None, type=int, help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),
-              help="bayescap methods: what to do with too few pairs (default skip: train nothing and say why).")
+              help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @device_option
 @user_errors
 def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
           stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
-    """Train a generative geolocation model on a store's cached embeddings (or, with --method
-    bayescap|bayescap-cycle, uncertainty heads on its frozen embeddings)."""
-    if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty: its own stage and defaults
-        from geopipe.flows.cli_retrieval import train_bayescap_command
+    """Train a generative geolocation model on a store's cached embeddings. Options left out
+    take the method's defaults (docs/methods.md#training)."""
+    if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty heads: their own command and defaults
+        from geopipe.flows.cli_bayescap import train_bayescap
 
-        return train_bayescap_command(store, out, method, steps, batch_size, lr, val_every, seed,
-                                      min_pairs=min_pairs, no_pairs_policy=no_pairs_policy, device=device)
+        click.echo(f"geopipe: `train --method {method}` is deprecated; use `geopipe bayescap train`", err=True)
+        return train_bayescap(store, out, device=device, **given(
+            method=method, steps=steps, batch=batch_size, lr=lr, val_every=val_every, seed=seed, min_pairs=min_pairs,
+            no_pairs_policy=no_pairs_policy))
     from geopipe.stages.train import TrainConfig, run_train
 
-    cfg = TrainConfig(
-        store=store, out=out, method=method, dim=dim, depth=depth, schedule=schedule, steps=steps,
-        batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, optimizer=optimizer,
-        ema_decay=ema_decay, val_every=val_every, seed=seed, resume=not no_resume, device=device, stream=stream,
-        progress=progress_enabled(), allow_changes=allow_changes,
-    )
+    cfg = TrainConfig(store=store, out=out, device=device, stream=stream, progress=progress_enabled(), **given(
+        method=method, dim=dim, depth=depth, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, optimizer=optimizer, ema_decay=ema_decay, val_every=val_every, seed=seed,
+        resume=False if no_resume else None, allow_changes=allow_changes or None))
     res = run_train(cfg)
     click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")
+
+
+_PREDICT = "geopipe.stages.predict:PredictConfig"
 
 
 @cli.command()
@@ -132,26 +157,27 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
 @click.option("--out", "-o", required=True,
               help="Predictions: one Parquet file when it ends in .parquet and --dask is not given, otherwise a Parquet "
                    "dataset directory of part files written by the workers (rerun to resume).")
-@click.option("--steps", default=16, show_default=True, help="Sampler steps per prediction.")
-@click.option("--guidance", default=2.0, show_default=True, help="Classifier-free guidance scale of the point prediction (0 = unguided).")
+@config_option("--steps", type=int, config=_PREDICT, help="Sampler steps per prediction.")
+@config_option("--guidance", type=float, config=_PREDICT, help="Classifier-free guidance scale of the point prediction (0 = unguided).")
 @click.option("--sampler", default=None, type=click.Choice(SAMPLER_NAMES), help="Sampler (default: the method's own).")
-@click.option("--samples", default=0, show_default=True, help="Extra unguided samples per record to store.")
-@click.option("--ensemble", default=0, show_default=True, help="Draw N unguided samples and keep the most likely one (0 = off; see docs/methods.md).")
+@config_option("--samples", type=int, config=_PREDICT, help="Extra unguided samples per record to store.")
+@config_option("--ensemble", type=int, config=_PREDICT,
+               help="Draw N unguided samples and keep the most likely one (0 = off; see docs/methods.md).")
 @click.option("--nll", is_flag=True, help="Exact log-likelihood of the true location.")
-@click.option("--localizability", default=0, show_default=True, help="Monte-Carlo samples for −entropy (0 = off).")
-@click.option("--rtol", default=1e-5, show_default=True, help="Relative tolerance of the likelihood ODE solver.")
-@click.option("--atol", default=1e-5, show_default=True, help="Absolute tolerance of the likelihood ODE solver.")
-@click.option("--likelihood-every", default=1, show_default=True,
-              help="Compute --nll and --localizability for every K-th record only (store rows 0, K, 2K, …; the others "
-                   "get null): a K-times cheaper estimate of the set's NLL, localizability and calibration.")
-@click.option("--batch-size", default=4096, show_default=True, help="Records per sampling batch.")
-@click.option("--seed", default=3407, show_default=True, help="Random seed of the sampling noise (per batch).")
+@config_option("--localizability", type=int, config=_PREDICT, help="Monte-Carlo samples for −entropy (0 = off).")
+@config_option("--rtol", type=float, config=_PREDICT, help="Relative tolerance of the likelihood ODE solver.")
+@config_option("--atol", type=float, config=_PREDICT, help="Absolute tolerance of the likelihood ODE solver.")
+@config_option("--likelihood-every", type=int, config=_PREDICT,
+               help="Compute --nll and --localizability for every K-th record only (store rows 0, K, 2K, …; the others "
+                    "get null): a K-times cheaper estimate of the set's NLL, localizability and calibration.")
+@config_option("--batch-size", type=int, config=_PREDICT, help="Records per sampling batch.")
+@config_option("--seed", type=int, config=_PREDICT, help="Random seed of the sampling noise (per batch).")
 @click.option("--dask", "dask_address", default=None,
               help="'local:N' for a LocalCluster with N workers, or a scheduler address (tcp://host:8786); workers need "
                    "the checkpoint, the store and -o on shared storage or fsspec urls.")
-@click.option("--bayescap", default=None, help="BayesCap checkpoint (geopipe train --method bayescap…) trained on embeddings "
+@click.option("--bayescap", default=None, help="BayesCap checkpoint (geopipe bayescap train) trained on embeddings "
               "of the store's backbone: also write log_u, log_u_alea, log_u_epi of each record.")
-@click.option("--mc-passes", default=15, show_default=True, help="MC-dropout passes of the --bayescap scores.")
+@config_option("--mc-passes", type=int, config=_PREDICT, help="MC-dropout passes of the --bayescap scores.")
 @device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
@@ -159,14 +185,15 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
-    cfg = PredictConfig(
-        checkpoint=checkpoint, store=store, out=out, steps=steps, guidance=guidance, sampler=sampler,
-        samples=samples, ensemble=ensemble, nll=nll, localizability=localizability, rtol=rtol, atol=atol,
-        likelihood_every=likelihood_every, batch_size=batch_size, seed=seed, dask=dask_address, device=device, progress=progress_enabled(),
-        uncertainty_checkpoint=bayescap, mc_passes=mc_passes,
-    )
+    cfg = PredictConfig(checkpoint=checkpoint, store=store, out=out, device=device, progress=progress_enabled(), **given(
+        steps=steps, guidance=guidance, sampler=sampler, samples=samples, ensemble=ensemble, nll=nll or None,
+        localizability=localizability, rtol=rtol, atol=atol, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
+        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes))
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
+
+
+_EVALUATE = "geopipe.stages.evaluate:EvaluateConfig"
 
 
 @cli.command()
@@ -183,10 +210,10 @@ def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble,
               help="Store meta field of the true country [default: unique_country, skipped when the store lacks it].")
 @click.option("--region-field", default=None, help="Store meta field of the true region [default: unique_region, if present].")
 @click.option("--city-field", default=None, help="Store meta field of the true city [default: unique_city, if present].")
-@click.option("--prdc-k", default=3, show_default=True, help="Neighbours for precision/recall/density/coverage.")
-@click.option("--prdc-chunks", default=1, show_default=True, help="Average PRDC over this many contiguous chunks (1 = the whole set).")
+@config_option("--prdc-k", type=int, config=_EVALUATE, help="Neighbours for precision/recall/density/coverage.")
+@config_option("--prdc-chunks", type=int, config=_EVALUATE, help="Average PRDC over this many contiguous chunks (1 = the whole set).")
 @click.option("--uncertainty", is_flag=True, help="Also print the failure-prediction table of every uncertainty score column.")
-@click.option("--failure-km", default=25.0, show_default=True, help="With --uncertainty: a record fails when its error exceeds this.")
+@config_option("--failure-km", type=float, config=_EVALUATE, help="With --uncertainty: a record fails when its error exceeds this.")
 @click.option("--plots", "plots_dir", default=None, help="With --uncertainty: write sparsification and reliability PNGs here.")
 @user_errors
 def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks,
@@ -199,11 +226,10 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
         from geopipe.stages.evaluate import store_mean_direction
 
         baseline = store_mean_direction(baseline_store)
-    res = run_evaluate(EvaluateConfig(
-        predictions=tuple(predictions), out=out, names=tuple(names) or None, baseline_latlon=baseline, store=store,
-        geocode=geocode, country_field=country_field, region_field=region_field, city_field=city_field,
-        prdc_k=prdc_k, prdc_chunks=prdc_chunks, uncertainty=uncertainty, failure_km=failure_km, plots_dir=plots_dir,
-    ))
+    res = run_evaluate(EvaluateConfig(predictions=tuple(predictions), **given(
+        out=out, names=tuple(names) or None, baseline_latlon=baseline, store=store, geocode=geocode or None,
+        country_field=country_field, region_field=region_field, city_field=city_field, prdc_k=prdc_k, prdc_chunks=prdc_chunks,
+        uncertainty=uncertainty or None, failure_km=failure_km, plots_dir=plots_dir)))
     click.echo(res.table)
     if res.uncertainty_table:
         click.echo("\n" + res.uncertainty_table)
@@ -302,15 +328,17 @@ def serve(config, cron, interval, name):
 
 def _register_subcommands() -> None:
     # defined in sibling modules that import user_errors from here, hence registered last
+    from geopipe.flows.cli_bayescap import bayescap_group
     from geopipe.flows.cli_bench import bench_command
     from geopipe.flows.cli_demo import demo_command, demo_data_command
     from geopipe.flows.cli_inspect import inspect_command
+    from geopipe.flows.cli_locate import locate_command
     from geopipe.flows.cli_maps import calibration_plot_command, map_command
     from geopipe.flows.cli_retrieval import retrieve_command
     from geopipe.flows.cli_store import import_command, store_group
 
-    for command in (store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command, inspect_command,
-                    demo_data_command, demo_command):
+    for command in (locate_command, store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command, inspect_command,
+                    demo_data_command, demo_command, bayescap_group):
         cli.add_command(command)
 
 
