@@ -208,7 +208,7 @@ class Geolocator:
         p = self.predictor
         with torch.no_grad():
             cond = p.condition(emb)
-            x = latlon_to_xyz(torch.as_tensor(latlon, dtype=torch.float64)).float().to(p.device)
+            x = latlon_to_xyz(torch.tensor(latlon, dtype=torch.float64)).float().to(p.device)
             return p.method.log_likelihood(p.model, x, cond).double().cpu().numpy()
 
     def _regions(self, pred: GeoPrediction, q: float) -> list:
