@@ -10,7 +10,9 @@ A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
 * any open_clip architecture (``"ViT-L-14"``, ``"ViT-B-32"``, …) with ``pretrained`` = an
   open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, …), a local checkpoint file path, or
   :data:`RANDOM` (``"random"``: seeded random weights, for benchmarks and offline tests);
-* ``"hf-hub:org/repo"`` — an open_clip model published on the Hugging Face Hub.
+* ``"hf-hub:org/repo"`` — an open_clip model published on the Hugging Face Hub;
+* ``"dinov2-vitl14-reg"`` and ``"streetclip"`` — the towers of the published PLONK models
+  (timm / transformers, :mod:`geopipe.pipeline.ingest.vision_towers`).
 
 Embeddings are ``model.encode_image`` outputs (projected, **not** L2-normalised), float32.
 """
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from geopipe.pipeline.ingest.vision_towers import VISION_TOWERS
 
 __all__ = [
     "TINY_SEED",
@@ -316,7 +320,7 @@ def _load_hf_hub(spec: BackboneSpec, device) -> Backbone:
 
 #: Backbones defined by geopipe itself, name → factory(spec, device). Any open_clip
 #: architecture name and any ``hf-hub:org/repo`` id are accepted besides these.
-BACKBONES: dict[str, Callable[[BackboneSpec, Any], Backbone]] = {"tiny": _load_tiny}
+BACKBONES: dict[str, Callable[[BackboneSpec, Any], Backbone]] = {"tiny": _load_tiny, **VISION_TOWERS}
 
 
 def list_backbones() -> list[str]:
