@@ -9,7 +9,8 @@ import traceback
 
 import click
 
-__all__ = ["user_errors", "report_hint", "progress_enabled", "device_option", "pipeline_progress"]
+__all__ = ["user_errors", "report_hint", "progress_enabled", "device_option", "pipeline_progress", "ConfigOption", "config_option",
+           "config_default", "given"]
 
 
 def progress_enabled() -> bool:
@@ -71,6 +72,47 @@ def user_errors(fn):
 def device_option(fn):
     """The ``--device`` option shared by every command that runs a model."""
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+def config_default(config: str, name: str):
+    """The default of field ``name`` of the config dataclass ``config`` ("module:Class"); the
+    module is imported now (call it when the value is needed, never at import)."""
+    import dataclasses
+    import importlib
+
+    module, cls = config.split(":")
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    f = fields[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+class ConfigOption(click.Option):
+    """An option whose default is stated once, in a stage's config dataclass: the command gets
+    None when the option is not given (and passes nothing, so the dataclass decides), and
+    ``--help`` shows the real default, read when the help is rendered (the stage module is
+    imported then, never when ``geopipe`` starts). ``describe`` (a callable → str) replaces the
+    plain field default, e.g. for per-method defaults."""
+
+    def __init__(self, *args, config: str, field: str | None = None, describe=None, **kwargs):
+        super().__init__(*args, default=None, **kwargs)
+        self.config, self.field, self.describe = config, field or self.name, describe
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        value = self.describe() if self.describe is not None else config_default(self.config, self.field)
+        if value is not None and value != "":
+            extra["default"] = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+        return extra
+
+
+def config_option(*decls, config: str, field: str | None = None, describe=None, **kwargs):
+    """``click.option`` of a :class:`ConfigOption` (``type=`` is needed: there is no default to infer it from)."""
+    return click.option(*decls, cls=ConfigOption, config=config, field=field, describe=describe, **kwargs)
+
+
+def given(**options) -> dict:
+    """The options the user gave: those not None (a flag left off counts as not given when passed as ``flag or None``)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def pipeline_progress(cfg):

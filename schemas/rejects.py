@@ -10,9 +10,9 @@ __all__ = ["REJECTS_SCHEMA", "REJECT_REASONS"]
 REJECT_REASONS: tuple[str, ...] = (
     "corrupt_image",  # bytes that PIL cannot decode (truncated, zero-byte, not an image)
     "missing_image",  # no jpg/jpeg/png/webp entry in the sample
-    "missing_json",  # no json entry
+    "missing_json",  # no json entry (no longer a reject: such a sample is an unlabelled record; older stores may list it)
     "invalid_json",  # json that does not parse or is not an object
-    "missing_coordinates",  # latitude/longitude key absent
+    "missing_coordinates",  # one of latitude/longitude absent or null while the other is given (neither: unlabelled record)
     "invalid_coordinates",  # NaN/inf, |lat| > 90 or |lon| > 180, or not a number
     "duplicate_key",  # key already present in the store (first occurrence is kept)
     "corrupt_shard",  # the tar itself ended early; the key is the last good one or ""

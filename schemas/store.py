@@ -5,7 +5,8 @@ A store is a Zarr v3 group::
     STORE/
       embeddings   (N, D) float16|float32   dims (record, dim); chunked by rows, zstd-compressed
       latlon       (N, 2) float64           dims (record, coord): (latitude, longitude) in degrees,
-                                            wrapped to [-90, 90] × [-180, 180)
+                                            wrapped to [-90, 90] × [-180, 180); (NaN, NaN) for an
+                                            unlabelled record (no location known)
       coord        (2,)   string            dims (coord,): the labels "lat", "lon"
       keys         (N,)   string            dims (record,): WebDataset ``__key__``; unique within a store
       shard        (N,)   int32             dims (record,): index into ``attrs["shards"]`` order
@@ -23,6 +24,16 @@ Every array carries ``dimension_names`` and CF-style attributes (:data:`ARRAY_AT
 so ``xarray.open_zarr(STORE)`` opens the store (``group="meta"`` for the meta fields). The
 rejects are inside a group of their own so that Zarr, listing the store's root, meets no
 foreign files. Stores written before these existed lack them and are read as before.
+
+**Unlabelled records.** A record without a location (a sample whose json has neither
+coordinate, or no json; an imported row whose coordinates are both null or absent) is stored
+with ``latlon = (NaN, NaN)``: its embedding is as valid as any other, so ``predict`` can
+geolocate it, while ``train`` and the scores of ``evaluate`` use labelled rows only. Any other
+non-finite ``latlon`` (one NaN, an infinity) is damage. The group attribute ``labelled``
+(:data:`LABELLED_ATTR`) counts the rows with a location, kept by the writer with each shard's
+completion record (whose ``labelled`` field counts that shard's); stores written before it lack
+both and count the rows with finite ``latlon`` (every row of such a store, whose writer refused
+non-finite coordinates).
 
 Rows are appended shard by shard; a shard's rows are contiguous. A shard counts as
 extracted only once its completion record is in ``attrs["shards"]`` (written after the
@@ -59,6 +70,7 @@ __all__ = [
     "SHARD_RECORD_FIELDS",
     "SHARD_RECORD_OPTIONAL",
     "CHUNK_DIGESTS_ATTR",
+    "LABELLED_ATTR",
     "validate_store_attrs",
     "EMBEDDING_SPACE_FIELDS",
 ]
@@ -133,12 +145,17 @@ SHARD_RECORD_OPTIONAL: tuple[str, ...] = (
     "digest",  # sha256 hex over the shard's keys, stored embedding bytes and latlon bytes
     "sha256",  # sha256 hex of the shard file's bytes (content change detection), or null
     "rejects_digest",  # 16 hex of sha256 of the shard's rejects part file (when it has rejects)
+    "labelled",  # int, rows of the shard with a location (the others are unlabelled: latlon NaN)
 )
 
 #: Optional group attribute (stores written before it existed lack it): array path → chunk key
 #: ("c/0/0") → 16 hex of sha256 of the chunk's encoded bytes, committed with each shard
 #: (:mod:`geopipe.pipeline.store.chunks`).
 CHUNK_DIGESTS_ATTR = "chunk_digests"
+
+#: Optional group attribute (stores written before it existed lack it): int, committed rows with a
+#: location (finite latlon); ``rows − labelled`` rows are unlabelled (latlon NaN, NaN).
+LABELLED_ATTR = "labelled"
 
 
 def validate_store_attrs(attrs: dict) -> list[str]:
@@ -153,6 +170,10 @@ def validate_store_attrs(attrs: dict) -> list[str]:
             problems.append(f"attribute {name!r} must be {kind.__name__}, got {type(attrs[name]).__name__}")
     if attrs.get("schema") not in (None, STORE_SCHEMA):
         problems.append(f"unsupported store schema {attrs.get('schema')!r}; expected {STORE_SCHEMA!r}")
+    labelled, rows = attrs.get(LABELLED_ATTR), attrs.get("rows")
+    if labelled is not None and (isinstance(labelled, bool) or not isinstance(labelled, int)
+                                 or (isinstance(rows, int) and not 0 <= labelled <= rows)):
+        problems.append(f"attribute {LABELLED_ATTR!r} must be an int in [0, rows], got {labelled!r}")
     for url, rec in (attrs.get("shards") or {}).items():
         missing = [f for f in SHARD_RECORD_FIELDS if f not in rec]
         if missing:

@@ -27,7 +27,7 @@ branch (``[uncertainty.*]``); a config has at least one of them. Layout::
     database = "data/demo/train.zarr"
     out = "data/demo/retrieval.parquet"
     mode = "kernel"
-    [uncertainty.bayescap]   # optional: pairs mined on `store`, BayesCap trained there (geopipe train --method bayescap-cycle)
+    [uncertainty.bayescap]   # optional: pairs mined on `store`, BayesCap trained there (geopipe bayescap train)
     store = "data/demo/train.zarr"
     out = "data/demo/bayescap"
     pairs = { min_pairs = 500 }

@@ -2,8 +2,10 @@
 
 The same store format, validation and rejects as ``geopipe extract``
 (:mod:`geopipe.pipeline.ingest.pairs` reads, filters and appends the pairs a block of rows at a time):
-rows with invalid or missing coordinates, a missing key, an unusable embedding or a repeated
-key are skipped and recorded in ``STORE/rejects/rejects.parquet``. Each pair is one "shard" with a
+rows with invalid coordinates (or one without the other), a missing key, an unusable embedding
+or a repeated key are skipped and recorded in ``STORE/rejects/rejects.parquet``; rows with
+neither coordinate (both null, or neither column in the file) are kept as unlabelled records
+(latlon NaN, counted in the summary). Each pair is one "shard" with a
 completion record, so an interrupted import resumes and a later import with more pairs
 appends only the new ones (``on_changed`` and ``shards_missing`` as for extract). A pair
 whose files disagree on the row count is an error, and nothing of it is written. The store's
@@ -32,7 +34,8 @@ class ImportConfig:
     sources: clip-retrieval folders (``img_emb/`` + ``metadata/``) or ``.npy`` paths/globs
     with ``.parquet`` partners. backbone_name: label of the model that made the embeddings
     (recorded as the store's backbone identity; appending needs the same label). key_col,
-    lat_col, lon_col: metadata columns (degrees); meta_fields: extra columns to carry (None:
+    lat_col, lon_col: metadata columns (degrees; a file with neither coordinate column holds
+    unlabelled rows); meta_fields: extra columns to carry (None:
     every scalar column). dtype, normalize, max_reject_fraction, on_changed, verify_hash: as
     for extract.
     """

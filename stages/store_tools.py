@@ -62,6 +62,8 @@ class StoreVerifyResult:
     seconds: float
     notes: tuple[str, ...] = ()
     damaged_shards: tuple[int, ...] = ()
+    rows: int = -1
+    labelled: int = -1  # rows with a location (-1: not known)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +73,8 @@ class StoreVerifyResult:
     def text(self) -> str:
         notes = [f"  note: {n}" for n in self.notes]
         if self.ok:
-            return "\n".join([f"{self.store}: OK ({self.seconds:.1f} s)"] + notes)
+            counts = f", {self.rows} rows ({self.labelled} labelled, {self.rows - self.labelled} unlabelled)" if self.labelled >= 0 else ""
+            return "\n".join([f"{self.store}: OK{counts} ({self.seconds:.1f} s)"] + notes)
         hint = [f"  repair: `geopipe store repair {self.store}` drops shard {min(self.damaged_shards)} and every later one; "
                 f"then run the same extract/import again to write them anew"] if self.damaged_shards else []
         return "\n".join([f"{self.store}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems] + notes + hint)
@@ -81,7 +84,8 @@ def run_store_verify(cfg: StoreVerifyConfig) -> StoreVerifyResult:
     """Check a store end to end (never raises for a broken store: problems are the result)."""
     t0 = time.perf_counter()
     check = check_store(cfg.store)
-    return StoreVerifyResult(cfg.store, check.problems, time.perf_counter() - t0, check.notes, check.damaged_shards)
+    return StoreVerifyResult(cfg.store, check.problems, time.perf_counter() - t0, check.notes, check.damaged_shards, check.rows,
+                             check.labelled)
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,16 @@ from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
 from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
-from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
+from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, GENERATIVE, checkpoint_method
 
 __all__ = ["TrainConfig", "TrainResult", "run_train"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training options (defaults: docs/methods.md#training); ``depth=None`` means the method's
-    default (12, or 11 for vMF heads)."""
+    """Training options: every default of ``geopipe train`` is stated here (docs/methods.md#training).
+    ``depth``, ``lr`` and ``grad_clip`` left None take the method's ``TRAIN_DEFAULTS`` (depth 12,
+    lr 8e-4, no clipping; vMF heads 11, 1e-4, 0.05): :func:`run_train` resolves them before
+    anything is recorded, so the checkpoint's config.json holds the values that trained."""
 
     store: str
     out: str
@@ -116,6 +118,7 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
     return {
         "condition": stats.to_dict(),
         "schema": CHECKPOINT_SCHEMA,
+        "kind": GENERATIVE,
         "method": method.to_dict(),
         "network": net_cfg.to_dict(),
         "embed_dim": int(store.embeddings.shape[1]),
@@ -132,20 +135,23 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
 _RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes")
 
 
-def _config_changes(saved: dict, config: dict) -> dict:
+def _config_changes(saved: dict, config: dict, defaults: dict) -> dict:
     """Dotted key → [saved value, new value] for the store fingerprint, method, network and
-    training options that differ between a saved checkpoint config and the one resuming it."""
+    training options that differ between a saved checkpoint config and the one resuming it.
+    A training option saved as None (checkpoints from before the method's defaults were
+    recorded) stands for the method's ``defaults``."""
     def flat(cfg):
         out = {"data_fingerprint": cfg.get("data_fingerprint"), "embed_dim": cfg.get("embed_dim")}
         for section in ("method", "network", "train"):
             out.update({f"{section}.{k}": v for k, v in (cfg.get(section) or {}).items() if not (section == "train" and k in _RESUME_FREE)})
+        out.update({f"train.{k}": v for k, v in defaults.items() if out.get(f"train.{k}", v) is None})
         return out
 
     old, new = flat(saved), flat(json.loads(json.dumps(config, default=str)))  # compare as JSON (tuples → lists)
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def _resume(cfg, model, optimizer, ema, generator, config: dict) -> tuple[int, list]:
+def _resume(cfg, model, optimizer, ema, generator, config: dict, method_defaults: dict) -> tuple[int, list]:
     """Continue from ``cfg.out`` when it holds a training state of the same method, store and
     options; a difference is refused, naming it, unless ``cfg.allow_changes``, which records it
     in ``config["changes"]`` (kept in every later save) so the checkpoint says what trained which steps."""
@@ -154,13 +160,12 @@ def _resume(cfg, model, optimizer, ema, generator, config: dict) -> tuple[int, l
     if not os.path.exists(os.path.join(cfg.out, CONFIG_FILE)):
         return 0, []
     saved = load_checkpoint_config(cfg.out)
-    name = saved["method"]["name"] if isinstance(saved["method"], dict) else saved["method"]  # BayesCap: by name only
-    if name != cfg.method:
-        raise GeopipeError(f"{cfg.out} holds a {name!r} run; use --no-resume or another --out")
+    if saved["kind"] != GENERATIVE or checkpoint_method(saved) != cfg.method:
+        raise GeopipeError(f"{cfg.out} holds a {checkpoint_method(saved)!r} run; use --no-resume or another --out")
     packed = load_train_state(cfg.out)
     if packed is None:
         return 0, []
-    changes = _config_changes(saved, config)
+    changes = _config_changes(saved, config, method_defaults)
     shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in list(changes.items())[:4]))
     if changes and not getattr(cfg, "allow_changes", False):
         what = "a different store" if "data_fingerprint" in changes else "different settings"
@@ -263,19 +268,18 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     store, (x_va, c_va), stats = data.store, data.val, data.stats
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
     defaults = method.TRAIN_DEFAULTS
-    depth = cfg.depth if cfg.depth is not None else defaults["depth"]
-    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=depth, expansion=cfg.expansion, cond_dim=data.cond_dim)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # recorded as resolved
+    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=cfg.depth, expansion=cfg.expansion, cond_dim=data.cond_dim)
     torch.manual_seed(cfg.seed)
     model = method.build_model(net_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr if cfg.lr is not None else defaults["lr"], warmup=cfg.warmup,
-                      grad_clip=cfg.grad_clip if cfg.grad_clip is not None else defaults["grad_clip"],
+    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                       batch_size=cfg.batch_size, val_every=cfg.val_every, val_batches=cfg.val_batches, seed=cfg.seed)
     optimizer = make_optimizer(cfg.optimizer, params, lr=loop.lr, weight_decay=cfg.weight_decay) if params else None
     ema = EMA(model, decay=cfg.ema_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     config = _model_config(cfg, store, method, net_cfg, stats)
-    step, history = _resume(cfg, model, optimizer, ema, generator, config) if cfg.resume and optimizer else (0, [])
+    step, history = _resume(cfg, model, optimizer, ema, generator, config, defaults) if cfg.resume and optimizer else (0, [])
 
     def save(state: LoopState) -> None:
         _save(cfg, model, optimizer, ema, generator, config, state.step, state.history)

@@ -29,7 +29,7 @@ from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
-from geopipe.schemas.checkpoint import CONFIG_FILE
+from geopipe.schemas.checkpoint import CONFIG_FILE, GENERATIVE, UNCERTAINTY, checkpoint_method
 
 __all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
            "check_bayescap", "score_rows", "ScoreFileConfig", "ScoreFileResult", "run_score_file"]
@@ -39,7 +39,7 @@ NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
 
 @dataclass(frozen=True)
 class BayesCapStageConfig:
-    """Options of ``geopipe train --method bayescap|bayescap-cycle`` (defaults: docs/retrieval_uncertainty.md;
+    """Options of ``geopipe bayescap train``; its defaults are stated here only (docs/retrieval_uncertainty.md;
     lr 1e-4 and batch 96 as the thesis, steps scaled down for CPU)."""
 
     store: str
@@ -132,9 +132,9 @@ def _refuse_generative_out(out: str) -> None:
     a generative model's."""
     if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
         return
-    method = load_checkpoint_config(out).get("method")
-    if isinstance(method, dict):
-        raise GeopipeError(f"{out} holds a generative {method.get('name')!r} model that BayesCap would replace; give --out "
+    saved = load_checkpoint_config(out)
+    if saved["kind"] == GENERATIVE:
+        raise GeopipeError(f"{out} holds a generative {checkpoint_method(saved)!r} model that BayesCap would replace; give --out "
                            "another directory")
 
 
@@ -166,7 +166,7 @@ def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     tcfg = TrainConfig(method=cfg.method, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, val_every=cfg.val_every,
                        seed=cfg.seed, loss=loss)
     log = train_bayescap(model, train_emb, train_pairs, val_pairs, tcfg)
-    config = {"method": cfg.method, "network": network_config(model), "embed_dim": int(emb.shape[1]),
+    config = {"kind": UNCERTAINTY, "method": cfg.method, "network": network_config(model), "embed_dim": int(emb.shape[1]),
               "backbone": store.attrs.get("backbone"), "step": int(log.best_step),
               "store": store.path, "store_fingerprint": store.attrs.get("fingerprint"),
               "train": {**asdict(cfg), "pairs": asdict(cfg.pairs)}, "loss": asdict(loss), "pair_stats": stats,
@@ -180,11 +180,9 @@ def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
 def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
     """A trained BayesCap network (eval mode) and its checkpoint config."""
     cfg = load_checkpoint_config(checkpoint)
-    if cfg.get("method") not in METHODS:
-        method = cfg.get("method")
-        name = method.get("name") if isinstance(method, dict) else method
-        raise GeopipeError(f"{checkpoint} is a checkpoint of method {name!r}, not a BayesCap one; give --bayescap a checkpoint of "
-                           f"`geopipe train --method bayescap` or `--method bayescap-cycle`")
+    if cfg["kind"] != UNCERTAINTY or cfg["method"] not in METHODS:
+        raise GeopipeError(f"{checkpoint} is a checkpoint of method {checkpoint_method(cfg)!r}, not a BayesCap one; give --bayescap a "
+                           f"checkpoint of `geopipe bayescap train`")
     net = {k: v for k, v in cfg["network"].items() if k != "kind"}
     model = BayesCapMLP(BayesCapConfig(**net))
     model.load_state_dict(load_model_weights(checkpoint))

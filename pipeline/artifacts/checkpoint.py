@@ -35,12 +35,15 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.schemas.checkpoint import (
+    CHECKPOINT_KINDS,
     CHECKPOINT_SCHEMA,
     CONFIG_FILE,
+    GENERATIVE,
     MODEL_FILE,
     REQUIRED_CONFIG_KEYS,
     TRAIN_STATE_FILE,
     TRAIN_STATE_JSON,
+    checkpoint_kind,
 )
 
 __all__ = [
@@ -172,7 +175,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``config.json`` (schema, required keys); errors name the file."""
+    """Read and validate ``config.json`` (schema, required keys); errors name the file. ``"kind"``
+    is always set in the result (older checkpoints: :func:`geopipe.schemas.checkpoint.checkpoint_kind`)."""
     path = Path(directory) / CONFIG_FILE
     cfg = _read_json(path)
     if cfg.get("schema") != CHECKPOINT_SCHEMA:
@@ -185,6 +189,10 @@ def load_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     if isinstance(cfg["step"], bool) or not isinstance(cfg["step"], int):
         raise CheckpointError(f"{path}: 'step' must be an integer, found {cfg['step']!r}")
     _check_network(path, cfg)
+    cfg["kind"] = checkpoint_kind(cfg)
+    if cfg["kind"] not in CHECKPOINT_KINDS or (cfg["kind"] == GENERATIVE) != isinstance(cfg["method"], dict):
+        raise CheckpointError(f"{path}: kind {cfg['kind']!r} with method {cfg['method']!r}; expected one of {list(CHECKPOINT_KINDS)} "
+                              "(generative: a method object, uncertainty: a method name)")
     return cfg
 
 

@@ -26,6 +26,7 @@ from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz, xyz_to_latlon
 from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.store.space import check_same_space
+from geopipe.schemas.checkpoint import GENERATIVE, checkpoint_kind
 
 __all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows"]
 
@@ -83,7 +84,7 @@ def load_predictor(source: str, device: torch.device, expect_space: dict | None 
     """
     src = open_model_source(source)
     config = src.config
-    if isinstance(config["method"], str):  # uncertainty heads (BayesCap) store their method by name only
+    if checkpoint_kind(config) != GENERATIVE:
         raise GeopipeError(f"checkpoint {source} holds {config['method']!r} uncertainty heads, not a generative model; "
                            "use it as --bayescap of predict or retrieve, and give --checkpoint a model of `geopipe train --method rfm` "
                            "(or flow, diffusion, ...)")

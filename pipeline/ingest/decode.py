@@ -14,7 +14,8 @@ A part is a plain dict (so DataLoader pin-memory handles it)::
     images   Tensor (b, 3, H, W) float preprocessed images — or, when the spec names an
              ``embedding_key``, (b, D) float32 precomputed embeddings — or None when b == 0
     keys     list[str]  (b,)
-    latlon   list[(lat, lon)]  degrees, validated, not yet wrapped
+    latlon   list[(lat, lon)]  degrees, validated, not yet wrapped; (NaN, NaN) for an unlabelled
+             record (no json, or a json with neither coordinate: see :func:`parse_record`)
     meta     list[dict[str, str]]  JSON-encoded extra fields per row
     rejects  list[(int, Reject)]   (sample index, reject); corrupt_shard uses index len(samples)
     n_samples int       samples consumed (rows + rejects) in this part
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ __all__ = ["IMAGE_EXTS", "SampleError", "SampleSpec", "ShardPart", "parse_record
 #: Sample extensions read as the image, in order of preference.
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 _SCALARS = (str, int, float, bool, type(None))
+_UNLABELLED = (math.nan, math.nan)  # the store's latlon of a record without a location
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 ShardPart = dict  # documented in the module docstring
@@ -79,29 +82,42 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _coordinate(rec: dict, name: str, limit: float) -> float:
-    if name not in rec:
-        raise SampleError("missing_coordinates", f"json has no {name!r} field")
-    problem = coordinate_problem(rec[name], name, limit)
+def _coordinate(rec: dict, name: str, other: str, limit: float) -> float:
+    value = rec.get(name)
+    if value is None:
+        how = "is null" if name in rec else "field is absent"
+        raise SampleError("missing_coordinates", f"json {name!r} {how} but {other!r} is given (an unlabelled record has neither)")
+    problem = coordinate_problem(value, name, limit)
     if problem is not None:
         raise SampleError(*problem)
-    return float(rec[name])
+    return float(value)
+
+
+def _coordinates(rec: dict, spec: SampleSpec) -> tuple[float, float]:
+    """(lat, lon) degrees of a json object; (NaN, NaN) when it has neither coordinate (both keys
+    absent or null): an unlabelled record. One without the other is a reject."""
+    if rec.get(spec.lat_key) is None and rec.get(spec.lon_key) is None:
+        return _UNLABELLED
+    return _coordinate(rec, spec.lat_key, spec.lon_key, LAT_LIMIT), _coordinate(rec, spec.lon_key, spec.lat_key, LON_LIMIT)
 
 
 def parse_record(raw: bytes | None, spec: SampleSpec) -> tuple[tuple[float, float], dict[str, str]]:
     """A sample's json bytes → ((lat, lon) degrees, {field: JSON-encoded value}).
 
-    Raises :class:`SampleError` (missing_json, invalid_json, missing/invalid_coordinates).
+    A sample without json, or whose json has neither coordinate (keys absent or null), is an
+    *unlabelled record*: (NaN, NaN) (schemas/store.py). Raises :class:`SampleError`
+    (invalid_json; missing_coordinates: one coordinate without the other; invalid_coordinates:
+    NaN, infinite, out of range or not a number).
     """
     if raw is None:
-        raise SampleError("missing_json", "sample has no json entry")
+        return _UNLABELLED, {}
     try:
         rec = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
         raise SampleError("invalid_json", _one_line(exc)) from None
     if not isinstance(rec, dict):
         raise SampleError("invalid_json", f"json is a {type(rec).__name__}, not an object")
-    latlon = (_coordinate(rec, spec.lat_key, LAT_LIMIT), _coordinate(rec, spec.lon_key, LON_LIMIT))
+    latlon = _coordinates(rec, spec)
     if spec.meta_fields is None:
         skip = (spec.lat_key, spec.lon_key)
         items = [(k, v) for k, v in rec.items() if k not in skip and isinstance(v, _SCALARS) and META_NAME.match(k)]

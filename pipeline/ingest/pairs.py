@@ -9,6 +9,10 @@ Two layouts are discovered by :func:`discover_pairs`:
 
 Row r of the metadata describes row r of the embeddings: a key column, latitude and longitude
 in degrees, and extra columns carried into the store's ``meta/`` (JSON-encoded; null = absent).
+A row whose latitude and longitude are both null — or a file without either column — is an
+*unlabelled record*, stored with latlon (NaN, NaN) (schemas/store.py); one null coordinate
+beside a given one is a ``missing_coordinates`` reject, a file with one of the two columns a
+:class:`PairError` (a misnamed column, not a data problem).
 Each pair becomes one "shard" of a store (its url is the ``.npy`` url), so imports are
 resumable and incremental exactly like extraction. Files may be local or fsspec urls.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,13 +169,14 @@ def commit_pair(writer: StoreWriter, pair: EmbeddingPair, cols: ColumnSpec, stat
         raise PairError(f"pair misaligned: {pair.embeddings} has {emb.shape[0]} embeddings but {pair.metadata} has "
                         f"{table.num_rows} rows; row r of both files must describe the same image")
     absent = [c for c in (cols.key_col, cols.lat_col, cols.lon_col) if c not in table.schema.names]
-    if absent:
+    if absent and absent != [cols.lat_col, cols.lon_col]:  # neither coordinate column: every row is unlabelled
         raise PairError(f"{pair.metadata}: columns {absent} not found; it has {table.schema.names} "
-                        f"(choose the key/latitude/longitude columns)")
+                        f"(choose the key/latitude/longitude columns; a file of unlabelled rows has neither coordinate column)")
     names = _meta_columns(table.schema, cols, pair.metadata)
     kept, keys, latlon, rejects, first, stringy, seen = [], [], [], [], {}, dict.fromkeys(names, True), set()
+    read = [c for c in (cols.key_col, cols.lat_col, cols.lon_col) if c not in absent]
     try:
-        for start, batch in table.batches([cols.key_col, cols.lat_col, cols.lon_col, *names], writer.block_rows):
+        for start, batch in table.batches([*read, *names], writer.block_rows):
             usable = usable_embeddings(emb[start:start + batch.num_rows], writer.attrs["dtype"], writer.attrs["normalized"])
             here, lls = [], []
             for i, key, ll, reject in _candidates(batch, cols, pair.url, start):
@@ -204,9 +210,14 @@ def commit_pair(writer: StoreWriter, pair: EmbeddingPair, cols: ColumnSpec, stat
 
 def _candidates(batch, cols: ColumnSpec, url: str, start: int):
     """(row, key, (lat, lon), None) for rows of ``batch`` (file rows from ``start``) with a key and
-    usable coordinates; (row, key, None, Reject) for the others: the exact rule and message of
-    every ingest."""
+    usable coordinates — (NaN, NaN) for an unlabelled row, both null or both columns absent;
+    (row, key, None, Reject) for the others: the exact rule and message of every ingest."""
     keys = ["" if k is None else str(k) for k in batch.column(cols.key_col).to_pylist()]
+    if cols.lat_col not in batch.column_names:  # neither column (commit_pair refuses one alone)
+        for j, key in enumerate(keys):
+            reject = None if key else Reject("", url, "missing_key", f"row {start + j}: {cols.key_col} is null or empty")
+            yield start + j, key, None if reject else (math.nan, math.nan), reject
+        return
     lat, lon = _degrees(batch, cols.lat_col), _degrees(batch, cols.lon_col)
     with np.errstate(invalid="ignore"):
         fine = np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= LAT_LIMIT) & (np.abs(lon) <= LON_LIMIT)
@@ -215,13 +226,18 @@ def _candidates(batch, cols: ColumnSpec, url: str, start: int):
         if key and fine[j]:
             yield i, key, (float(lat[j]), float(lon[j])), None
             continue
-        lon_i, (lat_i, why, detail) = None, _coordinate(batch.column(cols.lat_col)[j].as_py(), cols.lat_col, LAT_LIMIT)
+        values = batch.column(cols.lat_col)[j].as_py(), batch.column(cols.lon_col)[j].as_py()
+        lon_i, (lat_i, why, detail) = None, _coordinate(values[0], cols.lat_col, LAT_LIMIT)
         if lat_i is not None:
-            lon_i, why, detail = _coordinate(batch.column(cols.lon_col)[j].as_py(), cols.lon_col, LON_LIMIT)
+            lon_i, why, detail = _coordinate(values[1], cols.lon_col, LON_LIMIT)
         if not key:
             yield i, key, None, Reject("", url, "missing_key", f"row {i}: {cols.key_col} is null or empty")
+        elif values == (None, None):
+            yield i, key, (math.nan, math.nan), None
         elif lon_i is None:
-            yield i, key, None, Reject(key, url, why, f"row {i}: {detail}")
+            given = why == "missing_coordinates"  # one null beside a given coordinate
+            yield i, key, None, Reject(key, url, why, f"row {i}: {detail}" + (" but the other is given (an unlabelled row has neither)"
+                                                                                 if given else ""))
         else:  # a number type the fast check does not cover (e.g. decimal): the exact rule accepted it
             yield i, key, (lat_i, lon_i), None
 

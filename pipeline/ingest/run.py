@@ -38,8 +38,9 @@ OnCommit = Callable[[str, int, Sequence[Reject]], None]
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Rows added and rejects (this run); shards/pairs ingested, skipped (already done), whose file
-    changed since the store recorded it, and in the store but not given; wall time of the stage.
+    """Rows added (of them, unlabelled: without a location) and rejects (this run); shards/pairs
+    ingested, skipped (already done), whose file changed since the store recorded it, and in the
+    store but not given; wall time of the stage.
 
     Subclasses name their unit (``UNIT``: "shards", "pairs"), their verb and their throughput.
     """
@@ -53,6 +54,7 @@ class IngestResult:
     seconds: float = 0.0
     shards_changed: tuple[str, ...] = ()
     shards_missing: tuple[str, ...] = ()
+    n_unlabelled: int = 0
 
     VERB = "ingest"
     UNIT = "shards"
@@ -67,7 +69,8 @@ class IngestResult:
     def summary(self) -> str:
         """One line: counts, rejects by reason, changed/missing shards, throughput, wall time."""
         why = ", ".join(f"{r}: {c}" for r, c in self.rejects_by_reason.items())
-        text = (f"{self.VERB} → {self.store}: {self.n_ok} ok, {self.n_rejected} rejected" + (f" ({why})" if why else "")
+        unlabelled = f" ({self.n_ok - self.n_unlabelled} labelled, {self.n_unlabelled} unlabelled)" if self.n_unlabelled else ""
+        text = (f"{self.VERB} → {self.store}: {self.n_ok} ok{unlabelled}, {self.n_rejected} rejected" + (f" ({why})" if why else "")
                 + f"; {self.shards_done} {self.UNIT} {self.VERB}ed, {self.shards_skipped} already done")
         changed, missing = self.shards_changed, self.shards_missing
         if changed:
@@ -205,11 +208,13 @@ def run_ingest(
         finally:
             lock.release()
     writer, ctx = _open_writer(path, opts, prepare)
+    unlabelled = [0]  # rows committed without a location, this run
 
     def on_commit(url: str, n_ok: int, rejects: Sequence[Reject]) -> None:
         if n_ok == 0 and not rejects:
             print(f"geopipe: warning: {url} holds no samples (an empty tar or pair?); recorded as done with 0 rows",
                   file=sys.stderr)
+        unlabelled[0] += n_ok - int(writer.shards[url].get("labelled", n_ok))
         budget.add(n_ok, [r.reason for r in rejects])
         try:
             budget.check(final=False)
@@ -229,15 +234,18 @@ def run_ingest(
         t_loop = time.perf_counter() - t_loop
         if on_done is not None:  # every planned shard is in (write raises otherwise)
             on_done()
-    return _report(plan, writer.attrs, budget, store, opts, finish, t0, t_loop)
+    return _report(plan, writer.attrs, budget, store, opts, finish, t0, t_loop, unlabelled[0])
 
 
 def _report(plan, attrs: dict, budget: RejectBudget, store: str, opts: IngestOptions, finish, t0: float,
-            t_loop: float = 0.0) -> IngestResult:
+            t_loop: float = 0.0, unlabelled: int = 0) -> IngestResult:
     """The run's result (summary on stderr), after the final reject check over the whole store."""
     seen = budget.ok + budget.rejected
+    if budget.ok and unlabelled == budget.ok:  # e.g. coordinates under other names: say so before train finds nothing
+        print(f"geopipe: warning: none of the {budget.ok} records added to {store} has a location (all unlabelled); if the "
+              f"coordinates are named otherwise, pass --lat-key/--lon-key (extract) or --lat-col/--lon-col (import)", file=sys.stderr)
     common = {
-        "store": store, "n_ok": budget.ok, "n_rejected": budget.rejected,
+        "store": store, "n_ok": budget.ok, "n_rejected": budget.rejected, "n_unlabelled": unlabelled,
         "rejects_by_reason": {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
         "shards_done": budget.shards, "shards_skipped": len(plan.skipped), "seconds": time.perf_counter() - t0,
         "shards_changed": plan.changed, "shards_missing": plan.missing,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "usable_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
-           "meta_as_json", "nonfinite_records"]
+           "meta_as_json", "nonfinite_records", "labelled_rows", "unlabelled_rows", "count_labelled"]
 
 #: Stored embedding dtypes.
 DTYPES = ("float16", "float32")
@@ -126,15 +126,37 @@ def meta_as_json(stored: np.ndarray, encoding: str) -> np.ndarray:
     return np.asarray([json.dumps(v, ensure_ascii=False) if v != "" else "" for v in stored.tolist()], dtype=object)
 
 
+def labelled_rows(latlon: np.ndarray) -> np.ndarray:
+    """(n,) bool: the rows of (n, 2) degrees that carry a location (both coordinates finite)."""
+    ll = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    return np.isfinite(ll).all(axis=1)
+
+
+def unlabelled_rows(latlon: np.ndarray) -> np.ndarray:
+    """(n,) bool: the rows of (n, 2) degrees of unlabelled records, (NaN, NaN) (schemas/store.py)."""
+    ll = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    return np.isnan(ll).all(axis=1)
+
+
+def count_labelled(latlon, start: int, stop: int, block: int = 1 << 20) -> int:
+    """Rows of ``latlon[start:stop]`` with a location, read ``block`` rows at a time (an array
+    or a store view whose slices are (m, 2) arrays)."""
+    return sum(int(labelled_rows(latlon[a:min(stop, a + block)]).sum()) for a in range(start, stop, block))
+
+
 def nonfinite_records(keys: Sequence[str], embeddings: np.ndarray | None = None, latlon: np.ndarray | None = None) -> str:
-    """"" when every row is finite; else one line naming the first bad record by key and what is
+    """"" when every row is usable; else one line naming the first bad record by key and what is
     non-finite ("record 'k': embedding has NaN (+3 more records)"). Rows: (n,) keys, (n, D)
-    embeddings, (n, 2) degrees."""
+    embeddings, (n, 2) degrees. An unlabelled record's (NaN, NaN) coordinates are usable; one
+    NaN coordinate or an infinite one is not."""
     for name, values in (("embedding", embeddings), ("coordinates", latlon)):
         if values is None or not len(values):
             continue
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(np.asarray(values, dtype=np.float32) if name == "embedding" else np.asarray(values, dtype=np.float64)).all(axis=1)
+        if name == "embedding":
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(np.asarray(values, dtype=np.float32)).all(axis=1)
+        else:
+            bad = ~(labelled_rows(values) | unlabelled_rows(values))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             what = "NaN" if np.isnan(np.asarray(values[i], dtype=np.float64)).any() else "an infinite value"

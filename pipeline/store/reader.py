@@ -18,7 +18,7 @@ import pyarrow as pa
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.store.chunks import CHUNK_DIGESTS_ATTR, check_chunks, chunk_refs
-from geopipe.pipeline.store.format import meta_as_json
+from geopipe.pipeline.store.format import count_labelled, meta_as_json
 from geopipe.pipeline.store.rejects import read_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
 from geopipe.schemas.store import (
@@ -26,6 +26,7 @@ from geopipe.schemas.store import (
     ARRAY_KEYS,
     ARRAY_LATLON,
     ARRAY_SHARD,
+    LABELLED_ATTR,
     META_ENCODING_ATTR,
     META_GROUP,
     STORE_SCHEMA,
@@ -105,7 +106,7 @@ class StoreData:
     """A whole store in memory.
 
     embeddings: (N, D) in the requested dtype (default: the store's float16/float32).
-    latlon: (N, 2) float64 degrees (latitude, longitude). keys: (N,) object array of str.
+    latlon: (N, 2) float64 degrees (latitude, longitude; NaN, NaN for unlabelled records). keys: (N,) object array of str.
     shard: (N,) int32 completion-record index. meta: name → (N,) object array of JSON strings.
     """
 
@@ -141,6 +142,7 @@ class EmbeddingStore:
         #: Compare chunk bytes with their commit-time digests before decoding (verification, which
         #: has already compared every chunk and decoded the suspects in a child, turns it off).
         self.check_digests = True
+        self._labelled: int | None = None
 
     def _array(self, name: str) -> _Rows:
         try:
@@ -184,8 +186,19 @@ class EmbeddingStore:
 
     @property
     def latlon(self) -> _Rows:
-        """(N, 2) float64 degrees view."""
+        """(N, 2) float64 degrees view; (NaN, NaN) rows are unlabelled records."""
         return self._array(ARRAY_LATLON)
+
+    @property
+    def labelled(self) -> int:
+        """Rows with a location: ``attrs["labelled"]``, or (a store written before it) the rows
+        with finite ``latlon``, counted once per open store."""
+        known = self.attrs.get(LABELLED_ATTR)
+        if isinstance(known, int) and not isinstance(known, bool):
+            return known
+        if self._labelled is None:
+            self._labelled = count_labelled(self.latlon, 0, self.rows)
+        return self._labelled
 
     @property
     def keys(self) -> _Rows:

@@ -1,7 +1,8 @@
 """Streaming training batches from an embedding store, through a bounded buffer.
 
 The store is read in *windows* of ``buffer_chunks`` stored chunks: each epoch visits the
-chunks in a seeded random order, a window's rows (those ``select`` keeps) are shuffled with a
+chunks in a seeded random order, a window's rows (the labelled ones ``select`` keeps: an
+unlabelled record, latlon NaN, has no location to train on) are shuffled with a
 seed of their own, and batches are consecutive runs of ``batch_size`` rows of the endless
 sequence of shuffled windows (a batch may span two windows or two epochs). Batch ``i`` is
 therefore a pure function of (store, seed, i): a resumed run seeks straight to its step and
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
-from geopipe.pipeline.store.format import nonfinite_records
+from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import StoreError, open_store
 
 __all__ = ["StoreScan", "scan_store", "StoreStream"]
@@ -36,9 +37,10 @@ _STOP = object()
 class StoreScan:
     """One pass over a store's chunks (keys and embeddings), nothing kept but small results.
 
-    counts: (n_chunks,) rows of each chunk that ``select`` keeps; n: their total; sum, sumsq:
-    (D,) float64 moments of those rows' embeddings (as stored); held_out: the first ``limit``
-    rows ``select`` rejects, in row order, as (embeddings (m, D) store dtype, latlon (m, 2) degrees).
+    counts: (n_chunks,) labelled rows of each chunk that ``select`` keeps; n: their total; sum,
+    sumsq: (D,) float64 moments of those rows' embeddings (as stored); held_out: the first
+    ``limit`` labelled rows ``select`` rejects, in row order, as (embeddings (m, D) store dtype,
+    latlon (m, 2) degrees); unlabelled: rows without a location (latlon NaN), in neither.
     """
 
     counts: np.ndarray
@@ -46,6 +48,7 @@ class StoreScan:
     sum: np.ndarray
     sumsq: np.ndarray
     held_out: tuple[np.ndarray, np.ndarray]
+    unlabelled: int = 0
 
 
 def _chunk_bounds(rows: int, chunk: int) -> list[tuple[int, int]]:
@@ -53,31 +56,34 @@ def _chunk_bounds(rows: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def scan_store(path: str, select: Callable[[np.ndarray], np.ndarray] | None = None, *, held_out_limit: int = 0) -> StoreScan:
-    """Count, sum and square-sum the rows ``select(keys) -> bool mask`` keeps, chunk by chunk,
-    and collect up to ``held_out_limit`` of the rows it drops (a validation split)."""
+    """Count, sum and square-sum the labelled rows ``select(keys) -> bool mask`` keeps, chunk by
+    chunk, and collect up to ``held_out_limit`` of the labelled rows it drops (a validation split)."""
     store = open_store(path)
     d = store.embed_dim
-    counts, s, ss, n = [], np.zeros(d), np.zeros(d), 0
+    counts, s, ss, n, unlabelled = [], np.zeros(d), np.zeros(d), 0, 0
     ho_c, ho_x, held = [], [], 0
     for a, b in _chunk_bounds(store.rows, store.chunk_rows):
         keep = np.ones(b - a, bool) if select is None else np.asarray(select(store.keys[a:b]), bool)
-        emb = store.embeddings[a:b]
-        bad = nonfinite_records(store.keys[a:b], emb, store.latlon[a:b])
+        emb, ll = store.embeddings[a:b], store.latlon[a:b]
+        bad = nonfinite_records(store.keys[a:b], emb, ll)
         if bad:
             raise StoreError(f"store {path}: {bad}; the store is damaged: run `geopipe store verify {path}`")
+        labelled = labelled_rows(ll)
+        unlabelled += int((~labelled).sum())
+        keep, drop = keep & labelled, ~keep & labelled
         block = emb[keep].astype(np.float64)
         s += block.sum(0)
         ss += (block * block).sum(0)
         counts.append(int(keep.sum()))
         n += counts[-1]
-        if held < held_out_limit and not keep.all():
-            drop = np.flatnonzero(~keep)[: held_out_limit - held]
+        if held < held_out_limit and drop.any():
+            drop = np.flatnonzero(drop)[: held_out_limit - held]
             ho_c.append(emb[drop])
-            ho_x.append(store.latlon[a:b][drop])
+            ho_x.append(ll[drop])
             held += len(drop)
     dtype = np.dtype(store.attrs.get("dtype", "float32"))
     held_out = (np.concatenate(ho_c) if ho_c else np.zeros((0, d), dtype), np.concatenate(ho_x) if ho_x else np.zeros((0, 2)))
-    return StoreScan(np.asarray(counts, np.int64), n, s, ss, held_out)
+    return StoreScan(np.asarray(counts, np.int64), n, s, ss, held_out, unlabelled)
 
 
 def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
@@ -91,7 +97,8 @@ class StoreStream:
     vectors, cond (B, D) in the store's dtype)`` on ``device`` (the training loop's batch-source
     seam; the loop's generator is not used: the order comes from ``seed`` alone).
 
-    path: store path or url; select: keys (n,) → bool mask of training rows (None: all);
+    path: store path or url; select: keys (n,) → bool mask of training rows (None: all; unlabelled
+    rows, latlon NaN, are never served);
     buffer_chunks: stored chunks per shuffled window; prefetch: finished batches queued ahead;
     start_batch: index of the first batch to yield (a resumed run's step); counts: per-chunk
     selected row counts from :func:`scan_store` (scanned here when None).
@@ -135,8 +142,10 @@ class StoreStream:
         for c in chunks:
             a, b = self._bounds[int(c)]
             emb, ll = self._store.embeddings[a:b], self._store.latlon[a:b]
+            keep = labelled_rows(ll)
             if self._select is not None:
-                keep = np.asarray(self._select(self._store.keys[a:b]), bool)
+                keep &= np.asarray(self._select(self._store.keys[a:b]), bool)
+            if not keep.all():
                 emb, ll = emb[keep], ll[keep]
             embs.append(emb)
             lls.append(ll)

@@ -4,8 +4,9 @@
 writer promises (:mod:`geopipe.schemas.store`): arrays at least ``rows`` long and of the recorded
 shape and dtype; completion records contiguous over [0, rows) with the ``shard`` array equal
 to their index; finite embeddings, of unit norm when normalised (|‖e‖ − 1| ≤ 2e-3 for
-float16, 1e-4 for float32); latitudes in [−90, 90] and longitudes in [−180, 180) degrees;
-non-empty unique keys; each shard's digest and the chained store fingerprint; rejects parts
+float16, 1e-4 for float32); latitudes in [−90, 90] and longitudes in [−180, 180) degrees, or
+(NaN, NaN) for an unlabelled record (one NaN or an infinity is damage); the ``labelled`` counts
+of the records and the store against the rows with a location; non-empty unique keys; each shard's digest and the chained store fingerprint; rejects parts
 matching the records' counts and ``attrs["rejects"]``, and ``rejects.parquet`` consolidated.
 """
 
@@ -18,10 +19,10 @@ import numpy as np
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.chunks import MISSING_CHUNK, bytes_digest, check_chunks, chunk_refs, decode_chunks_safely
-from geopipe.pipeline.store.format import chain_fingerprint, shard_digest
+from geopipe.pipeline.store.format import chain_fingerprint, labelled_rows, shard_digest, unlabelled_rows
 from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import count_reasons, read_rejects
-from geopipe.schemas.store import LEGACY_REJECTS_FILE, REJECTS_FILE
+from geopipe.schemas.store import LABELLED_ATTR, LEGACY_REJECTS_FILE, REJECTS_FILE
 
 __all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "StoreCheck", "check_store", "verify_store"]
 
@@ -32,11 +33,13 @@ _SHOWN = 5  # examples listed per problem
 
 @dataclass(frozen=True)
 class StoreInfo:
-    """Summary of a store: counts, embedding format, backbone, shards, rejects, size on disk (bytes)."""
+    """Summary of a store: counts (rows, those with a location), embedding format, backbone, shards,
+    rejects, size on disk (bytes)."""
 
     path: str
     schema: str
     rows: int
+    labelled: int
     embed_dim: int
     dtype: str
     normalized: bool
@@ -56,7 +59,7 @@ class StoreInfo:
         return [
             f"store: {self.path}",
             f"schema: {self.schema}",
-            f"rows: {self.rows}",
+            f"rows: {self.rows} ({self.labelled} labelled, {self.rows - self.labelled} unlabelled)",
             f"embeddings: ({self.rows}, {self.embed_dim}) {self.dtype}, {'L2-normalised' if self.normalized else 'raw'}",
             f"backbone: {bb.get('name')} (pretrained={bb.get('pretrained')}, fingerprint {str(bb.get('fingerprint'))[:12]})",
             f"shards done: {self.shards}",
@@ -72,7 +75,7 @@ def store_info(path: str) -> StoreInfo:
     """Read a store's summary (attributes and size on disk); raises StoreError for a non-store."""
     s = EmbeddingStore(path)
     a = s.attrs
-    return StoreInfo(path=s.path, schema=a["schema"], rows=s.rows, embed_dim=a["embed_dim"], dtype=a["dtype"],
+    return StoreInfo(path=s.path, schema=a["schema"], rows=s.rows, labelled=s.labelled, embed_dim=a["embed_dim"], dtype=a["dtype"],
                      normalized=a["normalized"], backbone=a["backbone"], shards=len(a["shards"]), rejects=dict(a["rejects"]),
                      meta_fields=list(a["meta_fields"]), size_bytes=fsio.disk_usage(s.path),
                      fingerprint=a.get("fingerprint", ""), created_by=a.get("created_by", {}))
@@ -98,10 +101,12 @@ def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[l
         if off.any():
             problems.append(f"{where}: {int(off.sum())} embeddings are not unit-norm (rows {_examples(np.flatnonzero(off) + start)})")
     lat, lon = ll[:, 0], ll[:, 1]
-    out = ~(np.isfinite(ll).all(axis=1) & (np.abs(lat) <= 90) & (lon >= -180) & (lon < 180))
+    with np.errstate(invalid="ignore"):
+        out = ~(labelled_rows(ll) & (np.abs(lat) <= 90) & (lon >= -180) & (lon < 180)) & ~unlabelled_rows(ll)
     if out.any():
+        hint = "; an unlabelled record has NaN in both" if not np.isfinite(ll[out]).all() else ""
         problems.append(f"{where}: {int(out.sum())} coordinates outside lat [-90, 90], lon [-180, 180) "
-                        f"(rows {_examples(np.flatnonzero(out) + start)})")
+                        f"(rows {_examples(np.flatnonzero(out) + start)}){hint}")
     empty = [i + start for i, k in enumerate(keys) if not isinstance(k, str) or not k]
     if empty:
         problems.append(f"{where}: empty keys (rows {_examples(empty)})")
@@ -111,7 +116,7 @@ def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[l
 def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> list[str]:
     """Per-record checks (rows, shard index, digest) plus keys unique and the fingerprint chain;
     shards whose record index is in ``unreadable`` (a chunk of theirs cannot be decoded) are skipped."""
-    problems, seen, dups, digests = [], set(), [], []
+    problems, seen, dups, digests, labelled = [], set(), [], [], 0
     records = sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"])
     for url, rec in records:
         start, stop, where = rec["start"], rec["stop"], f"shard {rec['index']} ({url})"
@@ -119,9 +124,14 @@ def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> lis
             problems.append(f"{where}: record says {rec['n_ok']} rows but spans [{start}, {stop})")
         digests.append(rec.get("digest", ""))
         if rec["index"] in unreadable:
+            labelled = None
             continue
         found, emb, ll, keys = _check_rows(s, start, stop, where)
         problems += found
+        n_lab = int(labelled_rows(ll).sum())
+        labelled = None if labelled is None else labelled + n_lab
+        if "labelled" in rec and rec["labelled"] != n_lab:
+            problems.append(f"{where}: record says {rec['labelled']} labelled rows, {n_lab} rows have a location")
         if (s.shard[start:stop] != rec["index"]).any():
             problems.append(f"{where}: the shard array is not {rec['index']} on rows [{start}, {stop})")
         if rec.get("digest") and shard_digest(keys.tolist(), emb, ll) != rec["digest"]:
@@ -132,6 +142,8 @@ def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> lis
         problems.append(f"{len(dups)} repeated keys: {_examples(dups)}")
     if all(digests) and chain_fingerprint("", digests) != s.attrs.get("fingerprint"):
         problems.append("attrs fingerprint does not match the chain of shard digests")
+    if LABELLED_ATTR in s.attrs and labelled is not None and s.attrs[LABELLED_ATTR] != labelled:
+        problems.append(f"attrs {LABELLED_ATTR} says {s.attrs[LABELLED_ATTR]} rows have a location, {labelled} do")
     return problems
 
 
@@ -194,7 +206,8 @@ class StoreCheck:
     """What :func:`check_store` found.
 
     problems: one line each (empty = valid); notes: lines that are not problems (arrays that
-    older stores do not cover with chunk digests); damaged_shards: record indices of shards
+    older stores do not cover with chunk digests); rows, labelled: the store's committed rows and
+    those with a location (-1 when it cannot be opened); damaged_shards: record indices of shards
     whose chunks or rejects part are damaged (re-extracting them repairs the store);
     damaged_files: those chunk files and parts; fixed_damage: damage that re-extraction cannot
     repair (a chunk of an array without a record axis).
@@ -205,6 +218,8 @@ class StoreCheck:
     damaged_shards: tuple[int, ...] = ()
     damaged_files: tuple[str, ...] = ()
     fixed_damage: bool = False
+    rows: int = -1
+    labelled: int = -1
 
 
 def _shards_of(records: list[dict], start: int, stop: int) -> list[int]:
@@ -248,7 +263,7 @@ def check_store(path: str) -> StoreCheck:
         return StoreCheck((str(exc),))
     problems = s.validate()
     if problems:  # shapes or records are broken: row-level checks would only repeat it
-        return StoreCheck(tuple(problems))
+        return StoreCheck(tuple(problems), rows=s.rows)
     records = sorted(s.attrs["shards"].values(), key=lambda r: r["index"])
     chunk_problems, notes, shards_hit, unreadable, files, fixed = _check_chunk_bytes(s, records)
     s.check_digests = False  # compared above; chunks that do not decode are skipped through ``unreadable``
@@ -257,7 +272,9 @@ def check_store(path: str) -> StoreCheck:
     rejects = _check_rejects(s, damaged_parts)
     files += [rejects_part_path(s.path, i) for i in damaged_parts]
     damaged = shards_hit | set(damaged_parts)
-    return StoreCheck(tuple(rows + rejects + chunk_problems), tuple(notes), tuple(sorted(damaged)), tuple(files), fixed)
+    labelled = s.labelled if LABELLED_ATTR in s.attrs or not unreadable else -1  # older stores: counted from latlon
+    return StoreCheck(tuple(rows + rejects + chunk_problems), tuple(notes), tuple(sorted(damaged)), tuple(files), fixed,
+                      s.rows, labelled)
 
 
 def verify_store(path: str) -> list[str]:

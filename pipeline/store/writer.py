@@ -6,7 +6,7 @@ Commit protocol of :meth:`StoreWriter.append_shard` (one shard's rows ``[start, 
    ``attrs["rows"]``) and write rows ``[start, stop)`` of every array, meta included;
 2. write the shard's rejects part ``rejects/part-<index>.parquet`` (atomic rename);
 3. update the group attributes — ``rows``, the shard's completion record, reject counts,
-   ``meta_fields``, ``fingerprint`` — in one atomic write of ``zarr.json``. This is the commit.
+   ``labelled``, ``meta_fields``, ``fingerprint`` — in one atomic write of ``zarr.json``. This is the commit.
 
 A crash before 3 leaves only data past ``attrs["rows"]`` and parts past the last record, which
 the next writer overwrites or deletes, so a resumed extract ends with the same store as an
@@ -34,7 +34,9 @@ from geopipe.pipeline.store.format import (
     DTYPES,
     ShardStat,
     chain_fingerprint,
+    count_labelled,
     encode_meta,
+    labelled_rows,
     meta_encoding,
     prepare_embeddings,
     shard_digest,
@@ -58,6 +60,7 @@ from geopipe.schemas.store import (
     ARRAY_KEYS,
     ARRAY_LATLON,
     ARRAY_SHARD,
+    LABELLED_ATTR,
     LEGACY_REJECTS_FILE,
     META_ENCODING_ATTR,
     META_GROUP,
@@ -189,6 +192,8 @@ class StoreWriter:
         self._check_shard(url, raw, ll, keys, meta)
         lat, lon = wrap_latlon(ll[:, 0], ll[:, 1])
         coords = np.stack([lat, lon], axis=1)
+        labelled = labelled_rows(coords)
+        coords[~labelled] = np.nan  # unlabelled rows: (NaN, NaN) with one bit pattern, so digests are reproducible
         start, index = self.rows, len(self.shards)
         fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
         for name in fields:
@@ -220,12 +225,13 @@ class StoreWriter:
         digest.update(np.ascontiguousarray(coords, dtype=np.float64).tobytes())
         digest = digest.hexdigest()  # = shard_digest(keys, stored embeddings, coords), hashed a block at a time
         record = {"index": index, "start": start, "stop": start + n, "n_ok": n, "n_rejected": len(rejects),
-                  "size": stat.size, "mtime": stat.mtime, "digest": digest, "sha256": stat.sha256}
+                  "size": stat.size, "mtime": stat.mtime, "digest": digest, "sha256": stat.sha256, "labelled": int(labelled.sum())}
         counts = dict(self.attrs["rejects"])
         for reason, c in count_reasons(rejects).items():
             counts[reason] = counts.get(reason, 0) + c
         update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": fields,
-                  "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest])}
+                  "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest]),
+                  LABELLED_ATTR: self._labelled(start) + record["labelled"]}
         if rejects:
             record["rejects_digest"] = bytes_digest(fsio.read_bytes(part))
         self._record_chunk_digests(update, start, start + n)
@@ -249,6 +255,10 @@ class StoreWriter:
                 counts[reason] = counts.get(reason, 0) + c
         digests = [rec.get("digest", "") for _, rec in recs[:index]]
         update = {"rows": rows, "shards": keep, "rejects": counts, "fingerprint": chain_fingerprint("", digests)}
+        if all("labelled" in rec for _, rec in recs[:index]):
+            update[LABELLED_ATTR] = sum(int(rec["labelled"]) for _, rec in recs[:index])
+        else:  # a store written before the counts: count what stays
+            update[LABELLED_ATTR] = count_labelled(self._group[ARRAY_LATLON], 0, rows)
         self._record_chunk_digests(update, rows, rows)
         self._commit(update)
         self.attrs.update(update)
@@ -257,6 +267,14 @@ class StoreWriter:
         drop_rejects_parts(self.path, index)
         consolidate_rejects(self.path, len(self.shards))
         return drop
+
+    def _labelled(self, rows: int) -> int:
+        """Labelled rows among the committed [0, ``rows``): the ``labelled`` attribute, or counted
+        for a store written before it (schemas/store.py)."""
+        known = self.attrs.get(LABELLED_ATTR)
+        if isinstance(known, int) and not isinstance(known, bool):
+            return known
+        return count_labelled(self._group[ARRAY_LATLON], 0, rows)
 
     def _blocks(self, start: int, n: int):
         """[a, b) ranges of a shard's n rows (written from store row ``start``) along store chunks,
@@ -279,8 +297,10 @@ class StoreWriter:
                   for a, b in self._blocks(self.rows, n))
         if bad:
             raise ValueError(f"shard {url}: {bad} embeddings are non-finite, zero or overflow {self.attrs['dtype']}")
-        if not np.isfinite(ll).all():
-            raise ValueError(f"shard {url}: non-finite coordinates")
+        mixed = ~(labelled_rows(ll) | np.isnan(ll).all(axis=1))
+        if mixed.any():
+            raise ValueError(f"shard {url}: {int(mixed.sum())} rows with non-finite coordinates (first: {keys[int(np.flatnonzero(mixed)[0])]!r}); "
+                             f"a row has both coordinates or, unlabelled, neither (NaN, NaN)")
         dup = self.keys_seen.intersection(keys)
         if dup or len(set(keys)) != n:
             raise ValueError(f"shard {url}: keys must be new and unique; repeated: {sorted(dup)[:5] or 'within the shard'}")

@@ -29,7 +29,7 @@ def inputs(tmp_path_factory):
                                    "--warmup", "1", "--batch-size", "16", "--val-every", "4", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     bayescap = root / "bc"  # too few pairs in a 64-record store: identity pairs (trains in a second)
-    res = CliRunner().invoke(cli, ["train", "--store", str(store), "-o", str(bayescap), "--method", "bayescap", "--steps", "2",
+    res = CliRunner().invoke(cli, ["bayescap", "train", "--store", str(store), "-o", str(bayescap), "--method", "bayescap", "--steps", "2",
                                    "--batch-size", "8", "--val-every", "2", "--no-pairs-policy", "identity"])
     assert res.exit_code == 0, res.output
     preds = root / "p.parquet"
@@ -103,7 +103,7 @@ def _base(command: str, x: dict) -> list[str]:
     if command == "predict":
         return ["predict", "-c", x["model"], "--store", x["store"], "-o", str(x["root"] / "fuzz.parquet"), "--steps", "2", "--device", "cpu"]
     if command == "train-bayescap":
-        return ["train", "--store", x["store"], "--out", str(x["root"] / "fuzz_bc"), "--method", "bayescap", "--steps", "2",
+        return ["bayescap", "train", "--store", x["store"], "--out", str(x["root"] / "fuzz_bc"), "--method", "bayescap", "--steps", "2",
                 "--batch-size", "8", "--no-pairs-policy", "identity"]
     return [command]
 

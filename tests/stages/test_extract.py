@@ -54,7 +54,7 @@ def _same_store(a, b):
     da, db = read_store(str(a)), read_store(str(b))
     assert da.keys.tolist() == db.keys.tolist()
     assert np.array_equal(da.embeddings.view(np.uint16), db.embeddings.view(np.uint16))  # bit-identical
-    assert np.array_equal(da.latlon, db.latlon) and np.array_equal(da.shard, db.shard)
+    assert np.array_equal(da.latlon.view(np.uint64), db.latlon.view(np.uint64)) and np.array_equal(da.shard, db.shard)
     assert {k: v.tolist() for k, v in da.meta.items()} == {k: v.tolist() for k, v in db.meta.items()}
     for name in ("rows", "rejects", "meta_fields", "fingerprint", "backbone", "dtype", "normalized"):
         assert da.attrs[name] == db.attrs[name], name
@@ -112,8 +112,8 @@ def _bad_shard(tmp_path):
     return write_shards(tmp_path / "bad", samples, "bad", 100)[0]
 
 
-EXPECTED_REJECTS = [
-    ("trunc", "corrupt_image"), ("nojson", "missing_json"), ("lat123", "invalid_coordinates"),
+EXPECTED_REJECTS = [  # "nojson" is an unlabelled record, not a reject
+    ("trunc", "corrupt_image"), ("lat123", "invalid_coordinates"),
     ("zero", "corrupt_image"), ("listjson", "invalid_json"), ("notimg", "corrupt_image"), ("noimg", "missing_image"),
     ("nanlon", "invalid_coordinates"), ("strlat", "invalid_coordinates"), ("nolat", "missing_coordinates"),
     ("badjson", "invalid_json"), ("g1", "duplicate_key"),
@@ -127,16 +127,17 @@ def test_bad_samples_are_skipped_counted_and_written(tmp_path, tiny):
     rej = pq.read_table(tmp_path / "s.zarr" / "rejects" / "rejects.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in rej] == EXPECTED_REJECTS  # tar order
     assert {r["shard"] for r in rej} == {bad} and all(r["detail"] for r in rej)
-    assert read_store(str(tmp_path / "s.zarr")).keys.tolist() == ["g0", "g1", "g2", "g3", "ok0000", "ok0001", "ok0002"]
+    assert read_store(str(tmp_path / "s.zarr")).keys.tolist() == ["g0", "nojson", "g1", "g2", "g3", "ok0000", "ok0001", "ok0002"]
     want = {}
     for _, reason in EXPECTED_REJECTS:
         want[reason] = want.get(reason, 0) + 1
-    assert res.rejects_by_reason == want and res.n_rejected == 12 and res.n_ok == 7
+    assert res.rejects_by_reason == want and res.n_rejected == 11 and res.n_ok == 8 and res.n_unlabelled == 1
     assert open_store(str(tmp_path / "s.zarr")).attrs["rejects"] == want
-    with pytest.raises(TooManyRejectsError, match="too many rejects: 12 of 16"):
+    assert open_store(str(tmp_path / "s.zarr")).labelled == 7
+    with pytest.raises(TooManyRejectsError, match="too many rejects: 11 of 16"):
         run_extract(_cfg([bad], tmp_path / "t.zarr", max_reject_fraction=0.5), backbone=tiny)
-    assert open_store(str(tmp_path / "t.zarr")).rows == 4  # what was committed stays valid
-    with pytest.raises(TooManyRejectsError, match="12 of 16"):  # a retry (all shards done) cannot hide them
+    assert open_store(str(tmp_path / "t.zarr")).rows == 5  # what was committed stays valid
+    with pytest.raises(TooManyRejectsError, match="11 of 16"):  # a retry (all shards done) cannot hide them
         run_extract(_cfg([bad], tmp_path / "t.zarr", max_reject_fraction=0.5), backbone=tiny)
 
 

@@ -106,13 +106,13 @@ def test_resume_refuses_another_store_or_changed_options_unless_allowed(tmp_path
     run_train(_cfg(s1, out, steps=10))
     with pytest.raises(GeopipeError, match=r"with a different store \(data_fingerprint: .*--allow-changes"):
         run_train(_cfg(s2, out, steps=20))
-    with pytest.raises(GeopipeError, match=r"different settings \(train\.batch_size: 16 → 32; train\.lr: None → 0\.001\)"):
+    with pytest.raises(GeopipeError, match=r"different settings \(train\.batch_size: 16 → 32; train\.lr: 0\.0008 → 0\.001\)"):
         run_train(_cfg(s1, out, steps=20, lr=1e-3, batch_size=32))
     assert load_checkpoint_config(out)["step"] == 10  # nothing was rewritten
     assert run_train(_cfg(s1, out, steps=20)).step == 20  # more steps are not a change
     assert run_train(_cfg(s1, out, steps=30, lr=1e-3, allow_changes=True)).step == 30
     cfg = load_checkpoint_config(out)
-    assert cfg["changes"] == [{"step": 20, "changed": {"train.lr": [None, 0.001]}}]
+    assert cfg["changes"] == [{"step": 20, "changed": {"train.lr": [0.0008, 0.001]}}]
     assert cfg["train"]["lr"] == 1e-3
 
 

@@ -30,7 +30,7 @@ NET = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)
 
 
 def _config(step: int) -> dict:
-    return {"method": "rfm", "network": NET.to_dict(), "embed_dim": 8, "backbone": {"name": "tiny"}, "step": step}
+    return {"kind": "generative", "method": {"name": "rfm", "space": "sphere"}, "network": NET.to_dict(), "embed_dim": 8, "backbone": {"name": "tiny"}, "step": step}
 
 
 def _fresh(name: str, seed: int):
@@ -91,6 +91,20 @@ def test_config_round_trip_and_provenance(tmp_path):
     assert NetworkConfig.from_dict(cfg["network"]) == NET
     assert load_train_state(tmp_path) is None
     _assert_same(load_model_weights(tmp_path), model.state_dict())
+
+
+def test_kind_of_a_checkpoint_without_one_and_a_wrong_one(tmp_path):
+    """Checkpoints written before ``kind`` existed read by the old rule; a kind that disagrees with the method is refused."""
+    model, _, ema = _fresh("adamw", seed=0)
+    old = {k: v for k, v in _config(1).items() if k != "kind"}
+    save_checkpoint(tmp_path / "g", model_state=ema.state_dict(), config=old)
+    save_checkpoint(tmp_path / "u", model_state=ema.state_dict(), config={**old, "method": "bayescap"})
+    assert load_checkpoint_config(tmp_path / "g")["kind"] == "generative"
+    assert load_checkpoint_config(tmp_path / "u")["kind"] == "uncertainty"
+    for bad in ({**old, "kind": "uncertainty"}, {**old, "kind": "other"}):
+        save_checkpoint(tmp_path / "b", model_state=ema.state_dict(), config=bad)
+        with pytest.raises(CheckpointError, match="kind"):
+            load_checkpoint_config(tmp_path / "b")
 
 
 def test_save_without_train_state_removes_a_stale_one(tmp_path):

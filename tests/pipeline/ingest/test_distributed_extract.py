@@ -50,7 +50,7 @@ def _assert_same_store(a, b) -> None:
     da, db = read_store(str(a)), read_store(str(b))
     assert da.keys.tolist() == db.keys.tolist()
     assert np.array_equal(da.embeddings.view(np.uint16), db.embeddings.view(np.uint16))  # bit-identical
-    assert np.array_equal(da.latlon, db.latlon) and np.array_equal(da.shard, db.shard)
+    assert np.array_equal(da.latlon.view(np.uint64), db.latlon.view(np.uint64)) and np.array_equal(da.shard, db.shard)
     assert {k: v.tolist() for k, v in da.meta.items()} == {k: v.tolist() for k, v in db.meta.items()}
     for name in ("rows", "rejects", "meta_fields", "fingerprint", "backbone", "dtype", "normalized", "shards"):
         assert da.attrs[name] == db.attrs[name], name  # shard records: index, rows, counts, size, mtime, digests
