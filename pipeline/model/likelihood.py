@@ -16,6 +16,7 @@ computed in float64 and cast to the state dtype. Safe to call under ``torch.no_g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -27,10 +28,6 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.model.guidance import Field
 from geopipe.pipeline.model.schedules import Schedule
 from geopipe.pipeline.sphere.geometry import LOG_UNIFORM_SPHERE, project
-
-# torch's forward-mode AD (jvp) scripts its JVP decompositions on first use and warns that
-# torch.jit.script is deprecated: torch's own internals, nothing a user can act on.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __all__ = [
     "field_jacobian",
@@ -50,8 +47,19 @@ def field_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
     """
     b, d = x.shape
     basis = torch.eye(d, dtype=x.dtype, device=x.device)[:, None, :].expand(d, b, d)
-    val, cols = vmap(lambda v: jvp(fn, (x,), (v,)))(basis)
+    with _no_jit_script_warning():
+        val, cols = vmap(lambda v: jvp(fn, (x,), (v,)))(basis)
     return val[0], cols.permute(1, 2, 0)
+
+
+@contextlib.contextmanager
+def _no_jit_script_warning():
+    """torch's forward-mode AD (jvp) scripts its JVP decompositions on first use and warns that
+    torch.jit.script is deprecated: torch's own internals, nothing a user can act on. Silenced
+    around geopipe's jvp calls only (the warning filters are restored on exit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def sphere_divergence(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +96,8 @@ def _value_and_trace(fn, x, probe, left=None):
     if probe is None:
         val, jac = field_jacobian(fn, x)
         return val, jac.diagonal(dim1=-2, dim2=-1).sum(-1)
-    val, jv = jvp(fn, (x,), (probe,))
+    with _no_jit_script_warning():
+        val, jv = jvp(fn, (x,), (probe,))
     return val, ((probe if left is None else left(probe)) * jv).sum(-1)
 
 
