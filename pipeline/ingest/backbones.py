@@ -324,9 +324,9 @@ BACKBONES: dict[str, Callable[[BackboneSpec, Any], Backbone]] = {"tiny": _load_t
 
 
 def list_backbones() -> list[str]:
-    """Names accepted by :func:`load_backbone` (besides ``hf-hub:`` ids): geopipe's own, then open_clip's."""
+    """Names accepted by :func:`load_backbone` (besides ``hf-hub:`` ids): geopipe's own ("tiny" first), then open_clip's."""
     oc = _open_clip()
-    return sorted(BACKBONES) + [m for m in oc.list_models() if m != _TINY_ARCH]
+    return sorted(BACKBONES, key=lambda n: (n != "tiny", n)) + [m for m in oc.list_models() if m != _TINY_ARCH]
 
 
 def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:

@@ -17,7 +17,9 @@
   transformers ``CLIPVisionModel``. Embedding = ``last_hidden_state[:, 0]``, the CLS token before the
   post-LayerNorm and the projection, (B, 1024). Preprocessing as the (PIL) ``CLIPImageProcessor``:
   shortest side to 336 bicubic, centre crop 336 with floor offsets (torchvision rounds them, which
-  moves odd margins by one pixel), CLIP mean/std. Needs the optional extra ``geopipe[streetclip]``.
+  moves odd margins by one pixel), CLIP mean/std; equal to the PIL processor's output, whereas
+  transformers 5's default (torchvision) processor differs from it by up to 0.015 after normalisation.
+  Needs the optional extra ``geopipe[streetclip]``.
 
 ``pretrained`` of a :class:`~geopipe.pipeline.ingest.backbones.BackboneSpec`: None = the published
 weights from the Hugging Face Hub (honours HF_HUB_OFFLINE and the HF cache), ``"random"`` = seeded
@@ -123,48 +125,34 @@ def published_identity(name: str) -> dict:
 # --------------------------------------------------------------------------- preprocessing
 
 
-class _RGB:
-    def __call__(self, img):
-        return img if img.mode == "RGB" else img.convert("RGB")
+class _Preprocess:
+    """PIL image → (3, size, size) float32, the tower's way (module docstring); a plain class, so it pickles."""
 
+    def __init__(self, info: TowerInfo, size: int) -> None:
+        self.info, self.size = info, size
 
-class _SquareCrop:
-    """Largest centred square (torchvision ``center_crop`` offsets, as PLONK's ``CenterCrop(ratio="1:1")``)."""
-
-    def __call__(self, img):
+    def __call__(self, img) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
-        side = min(img.size)
-        return F.center_crop(img, [side, side])
-
-
-class _FloorCenterCrop:
-    """Centre crop to size × size with floor offsets (transformers' ``center_crop``)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img):
-        w, h = img.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        return img.crop((left, top, left + self.size, top + self.size))
-
-
-def _compose(before: list, after: list, info: TowerInfo, size: int) -> Callable[[Any], torch.Tensor]:
-    from torchvision import transforms as T
-
-    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)  # PIL resize: shortest side to size
-    return T.Compose([_RGB(), *before, resize, *after, T.ToTensor(), T.Normalize(info.mean, info.std)])
+        img, s = (img if img.mode == "RGB" else img.convert("RGB")), self.size
+        if self.info.resize_mode == "square_crop":  # largest centred square (torchvision offsets, as PLONK), then resize
+            img = F.center_crop(img, [min(img.size)] * 2)
+        img = F.resize(img, s, interpolation=InterpolationMode.BICUBIC)  # PIL: shortest side to s
+        if self.info.resize_mode == "shortest":  # centre crop with floor offsets, as transformers
+            left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        return F.normalize(F.to_tensor(img), self.info.mean, self.info.std)
 
 
 def dinov2_preprocess(size: int = DINOV2.image_size) -> Callable[[Any], torch.Tensor]:
     """PIL image → (3, size, size) float32: largest centred square, bicubic resize, ImageNet normalisation."""
-    return _compose([_SquareCrop()], [], DINOV2, size)
+    return _Preprocess(DINOV2, size)
 
 
 def clip_preprocess(size: int = STREETCLIP.image_size) -> Callable[[Any], torch.Tensor]:
     """PIL image → (3, size, size) float32: shortest side to ``size`` bicubic, floor centre crop, CLIP normalisation."""
-    return _compose([], [_FloorCenterCrop(size)], STREETCLIP, size)
+    return _Preprocess(STREETCLIP, size)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -251,14 +239,9 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 
 def dinov2_model(weights: str | None = None, *, image_size: int = DINOV2.image_size, **arch) -> DinoV2Tower:
-    """DINOv2-with-registers tower at ``image_size`` px (a multiple of the patch size, 14).
-
-    weights: None (published, from the Hub), "random" (seeded) or a local .safetensors file in timm's
-    layout (position grid of any size, e.g. the published 37×37) or the original facebookresearch layout
-    (``cls_token`` + ``pos_embed`` with its CLS row, ``register_tokens``, ``mask_token``). The position grid is
-    resampled to ``image_size // 14`` as the torch.hub model does at run time (module docstring).
-    ``arch`` overrides timm's architecture (tests build small towers of the same class).
-    """
+    """DINOv2-with-registers tower at ``image_size`` px (a multiple of 14). weights: None (published), "random"
+    (seeded) or a .safetensors file in timm's or the original facebookresearch layout, its position grid (e.g.
+    37×37) resampled to ``image_size // 14`` as torch.hub does at run time. ``arch``: timm overrides (tests)."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -348,22 +331,9 @@ def _finish(tower: nn.Module, info: TowerInfo, spec, device):
         fingerprint = _sha256_file(p) if os.path.isfile(p) else _sha256_state_dict(tower)
         identity = {"name": info.name, "pretrained": p, "embed_dim": info.embed_dim, "preprocess": info.preprocess_dict(),
                     "fingerprint": fingerprint}
-    json.dumps(identity)
-    tower = tower.to(device).eval()
-    tower.requires_grad_(False)
-    pre = dinov2_preprocess(info.image_size) if info is DINOV2 else clip_preprocess(info.image_size)
-    return Backbone(model=tower, preprocess=pre, embed_dim=info.embed_dim, identity=identity)
-
-
-def _guarded(load: Callable[[], nn.Module], spec):
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError, UnknownBackboneError, _load_error
-
-    try:
-        return load()
-    except (BackboneLoadError, UnknownBackboneError):
-        raise
-    except Exception as exc:
-        raise _load_error(spec, exc) from exc
+    json.dumps(identity)  # fail here, not in a writer
+    tower = tower.to(device).eval().requires_grad_(False)
+    return Backbone(model=tower, preprocess=_Preprocess(info, info.image_size), embed_dim=info.embed_dim, identity=identity)
 
 
 def _load_dinov2(spec, device):
@@ -374,6 +344,18 @@ def _load_dinov2(spec, device):
 def _load_streetclip(spec, device):
     _check_spec(spec, STREETCLIP, dirs=True)
     return _finish(_guarded(lambda: streetclip_model(spec.pretrained), spec), STREETCLIP, spec, device)
+
+
+def _guarded(load: Callable[[], nn.Module], spec) -> nn.Module:
+    """Unexpected library errors (timm, transformers) → one-line BackboneLoadError naming the backbone."""
+    from geopipe.pipeline.ingest.backbones import BackboneLoadError, UnknownBackboneError, _load_error
+
+    try:
+        return load()
+    except (BackboneLoadError, UnknownBackboneError):
+        raise
+    except Exception as exc:
+        raise _load_error(spec, exc) from exc
 
 
 #: name → factory(spec, device), merged into ``backbones.BACKBONES``.
