@@ -9,28 +9,51 @@ from __future__ import annotations
 
 import click
 
-from geopipe.flows.cli_common import pipeline_progress, user_errors
+from geopipe.flows.cli_common import pipeline_progress, progress_enabled, user_errors
 
 __all__ = ["demo_data_command", "demo_command"]
 
 
 @click.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n-train", default=3000, show_default=True, help="Training photos to generate.")
-@click.option("--n-test", default=500, show_default=True, help="Test photos to generate.")
-@click.option("--shard-size", default=500, show_default=True, help="Samples per WebDataset tar.")
+@click.option("--world", type=click.Choice(["images", "geoclip"]), default="images", show_default=True,
+              help="images: WebDataset shards of synthetic photos (extract them first); geoclip: embedding stores at GeoCLIP's "
+                   "100K real photo locations, made from its location encoder (OUT/{train,val,test,heldout}.zarr; needs "
+                   "pip install -e '.[geoclip]'; docs/geoclip_world.md).")
+@click.option("--n-train", type=int, default=None, help="Training records [default: 3000 images, 20000 geoclip].")
+@click.option("--n-test", type=int, default=None, help="Test records [default: 500 images, 2000 geoclip].")
+@click.option("--n-val", type=int, default=None, help="geoclip: validation records [default: 2000].")
+@click.option("--n-heldout", type=int, default=None, help="geoclip: records of the held-out region (New Zealand) [default: 500].")
+@click.option("--shard-size", default=500, show_default=True, help="images: samples per WebDataset tar.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the generated world.")
 @click.option("--views-per-place", default=1, show_default=True,
-              help="Photos per place (> 1: headings and capture ids, so BayesCap finds viewpoint pairs).")
-@click.option("--test-views-per-place", type=int, default=None, help="The test split's photos per place [default: --views-per-place].")
+              help="images: photos per place (> 1: headings and capture ids, so BayesCap finds viewpoint pairs).")
+@click.option("--test-views-per-place", type=int, default=None, help="images: the test split's photos per place [default: --views-per-place].")
 @user_errors
-def demo_data_command(out, n_train, n_test, shard_size, seed, views_per_place, test_views_per_place):
-    """Write the offline demo world (WebDataset shards of synthetic geotagged photos) to OUT."""
+def demo_data_command(out, world, n_train, n_test, n_val, n_heldout, shard_size, seed, views_per_place, test_views_per_place):
+    """Write an offline demo world to OUT: synthetic photos (--world images) or realistic embedding stores (--world geoclip)."""
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test), ("n_val", n_val), ("n_heldout", n_heldout)) if v is not None}
+    if world == "geoclip":
+        _geoclip_world(out, sizes, seed)
+        return
+    if "n_val" in sizes or "n_heldout" in sizes:
+        raise click.UsageError("--n-val and --n-heldout belong to --world geoclip")
     from geopipe.stages.demo import DemoDataConfig, run_demo_data
 
-    res = run_demo_data(DemoDataConfig(out=out, n_train=n_train, n_test=n_test, shard_size=shard_size, seed=seed,
-                                       views_per_place=views_per_place, test_views_per_place=test_views_per_place))
+    res = run_demo_data(DemoDataConfig(out=out, shard_size=shard_size, seed=seed, views_per_place=views_per_place,
+                                       test_views_per_place=test_views_per_place, **sizes))
     click.echo(f"wrote {res.n_train} train and {res.n_test} test samples in {len(res.shards)} shards to {out}")
+
+
+def _geoclip_world(out: str, sizes: dict, seed: int) -> None:
+    from geopipe.pipeline.world.geoclip import GeoclipWorldConfig
+    from geopipe.stages.demo_geoclip import GeoclipDataConfig, run_geoclip_data
+
+    res = run_geoclip_data(GeoclipDataConfig(out=out, world=GeoclipWorldConfig(seed=seed, **sizes), progress=progress_enabled()))
+    counts = ", ".join(f"{n} {s}" for s, n in res.counts.items())
+    how = "already there" if res.skipped else f"{res.encoded} gallery points encoded, {res.seconds:.0f} s"
+    click.echo(f"geoclip world ({how}): {counts} records in {', '.join(res.stores.values())}")
+    click.echo(f"backbone: {res.label}")
 
 
 @click.command("demo")

@@ -13,7 +13,7 @@ LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "sch
 FLOWS_ONLY = {"prefect", "click"}
 BARE = set(LAYERS)  # the folder names, never importable on their own
 # Concept packages of pipeline/, lowest first: a package may import only packages before it.
-PIPELINE_ORDER = ["core", "sphere", "store", "ingest", "artifacts", "model", "methods", "train", "infer",
+PIPELINE_ORDER = ["core", "sphere", "store", "ingest", "world", "artifacts", "model", "methods", "train", "infer",
                   "eval", "retrieval", "uncertainty", "inspection", "viz"]
 MAX_MODULES = 10
 
