@@ -178,17 +178,21 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
 @click.option("--bayescap", default=None, help="BayesCap checkpoint (geopipe bayescap train) trained on embeddings "
               "of the store's backbone: also write log_u, log_u_alea, log_u_epi of each record.")
 @config_option("--mc-passes", type=int, config=_PREDICT, help="MC-dropout passes of the --bayescap scores.")
+@click.option("--region", default=None, type=float,
+              help="Probability mass q in (0, 1), e.g. 0.9: store each record's highest-density region of mass q as a polygon "
+                   "(GeoParquet geometry column region, with region_mass and region_area_km2; S² methods; per record ≈ 1000 "
+                   "draws and 20–40 k log-likelihoods).")
 @device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
-            batch_size, seed, dask_address, bayescap, mc_passes, device):
+            batch_size, seed, dask_address, bayescap, mc_passes, device, region):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
     cfg = PredictConfig(checkpoint=checkpoint, store=store, out=out, device=device, progress=progress_enabled(), **given(
         steps=steps, guidance=guidance, sampler=sampler, samples=samples, ensemble=ensemble, nll=nll or None,
         localizability=localizability, rtol=rtol, atol=atol, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
-        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes))
+        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, region=region))
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
 

@@ -6,7 +6,10 @@ are null when the quantity was not requested. ``geometry`` is a WKB point (GeoPa
 lon/lat order, WGS 84) so GIS tools open the file directly: the ``geo`` metadata names no
 ``crs``, which GeoParquet defines as OGC:CRS84 (WGS 84 longitude/latitude, what geopandas reads
 as ``OGC:CRS84`` and reprojects with ``to_crs``; an explicit null would mean "unknown CRS"), and
-carries the column's ``bbox`` [min lon, min lat, max lon, max lat] as geopandas writes it. Key-value metadata
+carries the column's ``bbox`` [min lon, min lat, max lon, max lat] as geopandas writes it. ``region``
+is a second geometry column (WKB Polygon/MultiPolygon, same CRS, its own bbox): the highest-density
+region of mass q (``geopipe predict --region q``; q is in the config metadata), with
+``region_mass`` and ``region_area_km2`` (km² on the sphere of radius R_E). Key-value metadata
 ``geopipe`` holds JSON: {"schema", "config", "model", "version", "git_rev"}.
 """
 
@@ -49,21 +52,29 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("u_spread_km", pa.float64()),  # spatial spread of the top-K, km
         pa.field("u_geo_inconsistency", pa.float64()),  # 1 − fraction of the top-K within 25 m of the top-1
         pa.field("geometry", pa.binary()),  # WKB point of the prediction
+        # highest-density region (geopipe predict --region q; pipeline/infer/regions.py): null when not requested
+        pa.field("region", pa.binary()),  # WKB Polygon/MultiPolygon, lon/lat degrees (OGC:CRS84), cut at the antimeridian
+        pa.field("region_mass", pa.float64()),  # probability inside it (≈ q; on the grid it was contoured on)
+        pa.field("region_area_km2", pa.float64()),  # its area on the sphere of radius 6371.0088 km
     ]
 )
 
-#: GeoParquet "geo" metadata value for the ``geometry`` column; no "crs" key: OGC:CRS84 (WGS 84 lon/lat).
+#: GeoParquet "geo" metadata value for the geometry columns (the point ``geometry``, primary, and the
+#: HDR polygon ``region``); no "crs" key: OGC:CRS84 (WGS 84 lon/lat).
 GEO_METADATA = {
     "version": "1.1.0",
     "primary_column": "geometry",
-    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]}},
+    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]},
+                "region": {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}},
 }
 
 
-def geo_metadata(bbox: tuple[float, float, float, float] | None = None) -> dict:
-    """The GeoParquet "geo" value, with the geometry column's ``bbox`` (min lon, min lat, max lon,
+def geo_metadata(bbox: tuple[float, float, float, float] | None = None, region_bbox: tuple[float, float, float, float] | None = None) -> dict:
+    """The GeoParquet "geo" value, with each geometry column's ``bbox`` (min lon, min lat, max lon,
     max lat in degrees) when given: readers use it to skip files outside a query window."""
-    column = dict(GEO_METADATA["columns"]["geometry"])
-    if bbox is not None:
-        column["bbox"] = [float(v) for v in bbox]
-    return {**GEO_METADATA, "columns": {"geometry": column}}
+    columns = {}
+    for name, box in (("geometry", bbox), ("region", region_bbox)):
+        columns[name] = dict(GEO_METADATA["columns"][name])
+        if box is not None:
+            columns[name]["bbox"] = [float(v) for v in box]
+    return {**GEO_METADATA, "columns": columns}

@@ -50,9 +50,10 @@ def poll():  # DataLoader workers come and go: sample their RSS every 20 ms
 
 threading.Thread(target=poll, daemon=True).start()
 if args.pop("baseline"):
-    from geopipe.stages.extract import _load_backbone
+    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
     from geopipe.pipeline.core.device import resolve_device
-    _load_backbone(ExtractConfig(**args), resolve_device(args["device"]))
+    c = ExtractConfig(**args)
+    load_backbone(BackboneSpec(c.backbone, c.pretrained), device=resolve_device(c.device))
     n_ok = 0
 else:
     n_ok = run_extract(ExtractConfig(**args)).n_ok
@@ -130,7 +131,8 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
     import torch
 
     from geopipe.pipeline.core.device import resolve_device
-    from geopipe.stages.extract import ExtractConfig, _load_backbone, run_extract
+    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.stages.extract import ExtractConfig, run_extract
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -138,7 +140,7 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
         cfg = ExtractConfig(shards=tuple(shards), store=os.path.join(tmp, "bench.zarr"), backbone=backbone,
                             pretrained=pretrained, batch_size=batch_size, num_workers=num_workers, device=device,
                             precision=precision, progress=False)
-        bb = _load_backbone(cfg, resolve_device(device))
+        bb = load_backbone(BackboneSpec(cfg.backbone, cfg.pretrained), device=resolve_device(device))
         n_batches = max(1, n_images // batch_size)
         bare_before = _bare(bb, batch_size, n_batches, precision)
         res = run_extract(cfg, backbone=bb)

@@ -28,7 +28,7 @@ from geopipe.pipeline.inspection.probes import ProbeConfig, run_probes
 from geopipe.pipeline.inspection.prototypes import Prototypes, cluster_prototypes
 from geopipe.pipeline.retrieval.split import decode_meta
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
-from geopipe.stages.retrieve import check_compatible
+from geopipe.pipeline.store.space import check_query_database
 
 __all__ = ["InspectConfig", "InspectResult", "run_inspect"]
 
@@ -183,7 +183,7 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     t0 = time.perf_counter()
     st = open_store(cfg.store)
     db = open_store(cfg.database) if cfg.database else st
-    check_compatible(st, db)
+    check_query_database(st, db)
     if cfg.k < 1:
         raise GeopipeError(f"-k must be at least 1, got {cfg.k}")
     if cfg.k > len(db):  # no more neighbours than database records (a huge -k must not allocate)

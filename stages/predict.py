@@ -80,6 +80,7 @@ class PredictConfig:
     progress: bool = True
     uncertainty_checkpoint: str | None = None  # BayesCap checkpoint: adds log_u, log_u_alea, log_u_epi
     mc_passes: int = 15  # MC-dropout passes of those scores
+    region: float | None = None  # mass q: each record's q-HDR polygon and its mass and area (columns region, region_mass, region_area_km2)
 
     def __post_init__(self) -> None:
         self.options()  # sampling options: ConfigError naming the option
@@ -92,7 +93,7 @@ class PredictConfig:
 
     def options(self) -> PredictOptions:
         return PredictOptions(self.steps, self.guidance, self.sampler, self.samples, self.ensemble,
-                              self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every)
+                              self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every, self.region)
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,18 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, load_model_weights, save_checkpoint
+from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, save_checkpoint
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.retrieval.pairs import PairConfig, PairSet, mine_pairs
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
-from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
+from geopipe.pipeline.uncertainty.scoring import score_rows
 from geopipe.schemas.checkpoint import CONFIG_FILE, GENERATIVE, UNCERTAINTY, checkpoint_method
 
-__all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "load_bayescap",
-           "check_bayescap", "score_rows", "ScoreFileConfig", "ScoreFileResult", "run_score_file"]
+__all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "ScoreFileConfig",
+           "ScoreFileResult", "run_score_file"]
 
 NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
 
@@ -175,46 +175,6 @@ def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     return BayesCapStageResult(status="trained", out=cfg.out, pairs=stats, history=log.history, best_step=log.best_step,
                                message=f"trained on {len(train_pairs)} {stats['kind']} pairs", seconds=time.perf_counter() - t0,
                                pairs_per_s=log.pairs_per_s)
-
-
-def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
-    """A trained BayesCap network (eval mode) and its checkpoint config."""
-    cfg = load_checkpoint_config(checkpoint)
-    if cfg["kind"] != UNCERTAINTY or cfg["method"] not in METHODS:
-        raise GeopipeError(f"{checkpoint} is a checkpoint of method {checkpoint_method(cfg)!r}, not a BayesCap one; give --bayescap a "
-                           f"checkpoint of `geopipe bayescap train`")
-    net = {k: v for k, v in cfg["network"].items() if k != "kind"}
-    model = BayesCapMLP(BayesCapConfig(**net))
-    model.load_state_dict(load_model_weights(checkpoint))
-    model.eval()
-    return model, cfg
-
-
-def check_bayescap(checkpoint: str, store: EmbeddingStore) -> tuple[BayesCapMLP, dict]:
-    """:func:`load_bayescap`, refusing (one line) a checkpoint trained on another backbone or
-    embedding dimension than ``store``'s."""
-    model, cfg = load_bayescap(checkpoint)
-    ident = lambda b: (b or {}).get("fingerprint") or (b or {}).get("name")  # noqa: E731
-    if ident(cfg.get("backbone")) != ident(store.attrs.get("backbone")) or cfg["embed_dim"] != store.embed_dim:
-        raise GeopipeError(f"{checkpoint}: BayesCap was trained on {cfg['embed_dim']}-d embeddings of backbone "
-                           f"{(cfg.get('backbone') or {}).get('name')!r}, store {store.path} holds {store.embed_dim}-d "
-                           f"of {(store.attrs.get('backbone') or {}).get('name')!r}; train it on a store of this backbone")
-    return model, cfg
-
-
-def score_rows(checkpoint: str, store: EmbeddingStore, rows: np.ndarray, passes: int = 15, seed: int = 0,
-               batch: int = 4096) -> dict[str, np.ndarray]:
-    """log_u, log_u_alea, log_u_epi (len(rows),) float64 of a store's rows; the checkpoint's
-    backbone must match the store's."""
-    model, _ = check_bayescap(checkpoint, store)
-    out = {k: [] for k in ("log_u", "log_u_alea", "log_u_epi")}
-    with torch.inference_mode():
-        for s in range(0, rows.size, batch * 4):
-            part = score_embeddings(model, np.asarray(store.embeddings[rows[s:s + batch * 4]], dtype=np.float32), passes,
-                                    batch=batch, seed=seed + s)
-            for k in out:
-                out[k].append(part[k])
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = {"schemas": set(), "pipeline": {"schemas"}, "stages": {"pipeline", "schemas"}, "flows": {"stages", "pipeline", "schemas"}}
 FLOWS_ONLY = {"prefect", "click"}
 BARE = set(LAYERS)  # the folder names, never importable on their own
-# Concept packages of pipeline/, lowest first: a package may import only packages before it.
+# Concept packages of pipeline/, lowest first: a package may import only packages before it
+# (uncertainty before retrieval: the retrieval predictor writes the training-free uncertainty scores).
 PIPELINE_ORDER = ["core", "sphere", "store", "ingest", "world", "artifacts", "model", "methods", "train", "infer",
-                  "eval", "retrieval", "uncertainty", "inspection", "viz"]
+                  "eval", "uncertainty", "retrieval", "inspection", "viz"]
 MAX_MODULES = 10
 
 
@@ -123,3 +124,32 @@ def test_cli_help_is_fast_and_light():
     code = "import sys, geopipe.flows.cli; print(any(m.startswith(('torch', 'prefect', 'open_clip')) for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
     assert out.stdout.strip() == "False", "importing the CLI must not import torch/prefect/open_clip"
+
+
+#: Modules of stages/ allowed to import other stages: the benchmarks (they time the stages
+#: themselves). stages/config.py reads the pipeline's TOML into the stages' config dataclasses
+#: and may import those dataclasses (names ending in ``Config``) and nothing else of a stage.
+STAGE_IMPORT_EXCEPTIONS = ("bench",)
+
+
+def _stage_imports(path):
+    """(module, names) of every ``geopipe.stages.*`` import of ``path`` (names: None for ``import x``)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, None) for a in node.names if a.name.startswith("geopipe.stages."))
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module.startswith("geopipe.stages.") or node.module == "geopipe.stages"):
+            yield node.module, [a.name for a in node.names]
+
+
+@pytest.mark.parametrize("path", [p for layer, p in ALL if layer == "stages"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_stage_imports_another_stage(path):
+    """Shared logic lives in pipeline/ (principle 14): a stage composes library calls."""
+    if path.stem.startswith(STAGE_IMPORT_EXCEPTIONS) or path.name == "__init__.py":
+        return
+    for module, names in _stage_imports(path):
+        if module.rsplit(".", 1)[-1] == path.stem:
+            continue
+        if path.name == "config.py" and names and all(n.endswith("Config") for n in names):
+            continue
+        pytest.fail(f"{path.relative_to(ROOT)} imports {module}{'' if names is None else ' (' + ', '.join(names) + ')'}: a stage "
+                    "imports no other stage; move the shared code to pipeline/")

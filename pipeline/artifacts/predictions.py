@@ -29,13 +29,16 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
-__all__ = ["wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
+__all__ = ["TRUTH_COLUMNS", "wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
            "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
            "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
 
 _REQUIRED = ("key", "lat", "lon")
 #: Float columns :func:`read_predictions` returns when present (as float64 arrays, NaN for null).
 NUMERIC_COLUMNS = ("lat", "lon", "true_lat", "true_lon", "log_likelihood", "neg_entropy_nats", "hdr_rank")
+#: Columns about the truth: null (not NaN) where a record has no known location (an unlabelled
+#: record) or the quantity was not computed for it, so Parquet readers see a missing value.
+TRUTH_COLUMNS = ("true_lat", "true_lon", "distance_km", "log_likelihood", "hdr_rank")
 #: The dataset's summary files, written last (their presence marks a complete dataset).
 DATASET_METADATA = ("_common_metadata", "_metadata")
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
@@ -49,15 +52,22 @@ def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
 
 
 def predictions_table(columns: Mapping[str, Sequence | np.ndarray | None], n: int) -> pa.Table:
-    """A table of :data:`PREDICTIONS_SCHEMA` from column values (missing columns are null);
-    ``geometry`` is filled from ``lat``/``lon`` when not given."""
+    """A table of :data:`PREDICTIONS_SCHEMA` from column values (missing columns are null; NaN in
+    the :data:`TRUTH_COLUMNS` is written as null); ``geometry`` is filled from ``lat``/``lon``
+    when not given."""
     cols = dict(columns)
     if cols.get("geometry") is None:
         cols["geometry"] = wkb_points(cols["lat"], cols["lon"])
     arrays = []
     for f in PREDICTIONS_SCHEMA:
         value = cols.get(f.name)
-        arrays.append(pa.array(list(value) if value is not None else [None] * n, type=f.type))
+        if value is None:
+            arrays.append(pa.nulls(n, type=f.type))
+        elif f.name in TRUTH_COLUMNS:
+            values = np.asarray(value, dtype=np.float64)  # None → NaN
+            arrays.append(pa.array(values, type=f.type, mask=np.isnan(values)))
+        else:
+            arrays.append(pa.array(list(value), type=f.type))
     return pa.Table.from_arrays(arrays, schema=PREDICTIONS_SCHEMA)
 
 
@@ -69,12 +79,26 @@ def predictions_metadata(config: Mapping, model: Mapping, provenance: Mapping) -
 
 
 def with_bbox(table: pa.Table, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
-    """``metadata`` with the GeoParquet ``bbox`` of ``table``'s predicted points (degrees; none
-    when no point is finite)."""
+    """``metadata`` with the GeoParquet ``bbox`` of ``table``'s predicted points and of its HDR
+    ``region`` polygons (degrees; none for a column without finite points or polygons)."""
     lat, lon = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("lat", "lon"))
     ok = np.isfinite(lat) & np.isfinite(lon)
     bbox = (lon[ok].min(), lat[ok].min(), lon[ok].max(), lat[ok].max()) if ok.any() else None
-    return {**metadata, b"geo": json.dumps(geo_metadata(bbox)).encode()}
+    return {**metadata, b"geo": json.dumps(geo_metadata(bbox, _region_bbox(table))).encode()}
+
+
+def _region_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
+    """(min lon, min lat, max lon, max lat) of the non-null WKB ``region`` polygons, or None."""
+    if "region" not in table.column_names or table.column("region").null_count == len(table):
+        return None
+    import shapely
+
+    wkb = [w for w in table.column("region").to_pylist() if w]
+    bounds = shapely.bounds(shapely.from_wkb(wkb))
+    bounds = bounds[np.isfinite(bounds).all(axis=1)]
+    if not len(bounds):
+        return None
+    return (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
 
 
 def write_predictions(table: pa.Table, path: str, metadata: Mapping[bytes, bytes]) -> None:

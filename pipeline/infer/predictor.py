@@ -20,6 +20,7 @@ from geopipe.pipeline.artifacts.predictions import predictions_table
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
 from geopipe.pipeline.infer.model_source import open_model_source
+from geopipe.pipeline.infer.regions import check_mass, hdr_regions
 from geopipe.pipeline.methods.registry import method_from_dict
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.model.network import NetworkConfig
@@ -45,8 +46,11 @@ class PredictOptions:
     rtol: float = 1e-5
     atol: float = 1e-5
     likelihood_every: int = 1  # NLL / localizability only for store rows r with r % likelihood_every == 0
+    region: float | None = None  # mass q of each record's highest-density region polygon (pipeline/infer/regions.py; every row)
 
     def __post_init__(self) -> None:
+        if self.region is not None:
+            check_mass(self.region)  # one-line ConfigError unless 0 < q < 1
         for name, least in (("steps", 1), ("samples", 0), ("ensemble", 0), ("localizability", 0), ("likelihood_every", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -147,7 +151,9 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
     """Score one batch. ``cond`` (B, D) embeddings; ``latlon_true`` (B, 2) degrees or None.
 
     Returns a dict of numpy columns named as in :data:`geopipe.schemas.predictions.PREDICTIONS_SCHEMA`
-    (optional columns absent when not requested).
+    (optional columns absent when not requested). ``opts.region`` = q adds ``region`` (WKB polygon of
+    the q-HDR), ``region_mass`` and ``region_area_km2`` (km²) per record: 1000 draws, their
+    log-likelihoods and ≈ 2–4 × 96² grid log-likelihoods per record (:func:`hdr_regions`).
     """
     cond = p.condition(cond)
     truth = None  # (B,) rows whose true location is known (finite); a NaN truth blanks only its row
@@ -192,6 +198,12 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
         if true_logp is not None:
             rank = hdr_rank(true_logp.double(), loc.sample_logp.double()).double().cpu().numpy()
             cols["hdr_rank"] = np.where(truth, rank, np.nan)
+    if opts.region is not None:  # last, so the columns above draw the same noise with or without it
+        regions = hdr_regions(p.method, p.model, cond, opts.region, generator=generator, steps=opts.steps, sampler=opts.sampler,
+                              rtol=opts.rtol, atol=opts.atol, chunk=chunk, keys=keys)
+        cols["region"] = [None if r.geometry.is_empty else r.wkb for r in regions]  # WKB (Multi)Polygon, lon/lat degrees
+        cols["region_mass"] = np.array([r.mass for r in regions])
+        cols["region_area_km2"] = np.array([r.area_km2 for r in regions])
     return cols
 
 
@@ -239,7 +251,7 @@ def _predict_batch_rows(p: Predictor, emb, latlon, keys, opts: PredictOptions, s
     idx = np.flatnonzero((np.arange(b0, b0 + len(keys)) % k) == 0)
     if idx.size == 0:
         return cols
-    sub = predict_batch(p, emb[idx], None if latlon is None else latlon[idx], [keys[i] for i in idx], opts,
+    sub = predict_batch(p, emb[idx], None if latlon is None else latlon[idx], [keys[i] for i in idx], dataclasses.replace(opts, region=None),
                         record_generator(seed, b0, p.device))
     for name in _LIKELIHOOD_COLUMNS:
         if name in sub:

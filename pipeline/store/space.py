@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.lockfile import writer_note
 from geopipe.schemas.store import EMBEDDING_SPACE_FIELDS
 
 __all__ = ["EmbeddingSpaceError", "embedding_space", "store_space", "checkpoint_space", "same_space", "space_difference",
-           "describe_space", "check_same_space"]
+           "describe_space", "check_same_space", "check_query_database"]
 
 
 class EmbeddingSpaceError(GeopipeError, ValueError):
@@ -101,3 +102,25 @@ def check_same_space(what_a: str, a: Mapping[str, Any], what_b: str, b: Mapping[
     hint = hint or f"extract the images again with the backbone of {what_a} (geopipe extract --backbone {a.get('name')})"
     raise EmbeddingSpaceError(f"{what_a} holds embeddings of backbone {describe_space(a)} but {what_b} of {describe_space(b)}: "
                               f"different embedding spaces ({diff}); {hint}")
+
+
+def _identity(store) -> tuple:
+    b = store.attrs.get("backbone") or {}
+    return b.get("name"), b.get("pretrained"), b.get("fingerprint")
+
+
+def check_query_database(query, database) -> None:
+    """One GeopipeError for an empty query or database store (opened
+    :class:`geopipe.pipeline.store.reader.EmbeddingStore`), a dimension mismatch or different backbones."""
+    if len(query) == 0:
+        raise GeopipeError(f"query store {query.path} has no records" + (writer_note(query.path) or "; extract or import some first"))
+    if len(database) == 0:
+        raise GeopipeError(f"database store {database.path} has no records"
+                           + (writer_note(database.path) or "; extract or import some first"))
+    if query.embed_dim != database.embed_dim:
+        raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
+                           f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")
+    if _identity(query) != _identity(database):
+        name = lambda s: f"{_identity(s)[0]!r}" + (f", fingerprint {str(_identity(s)[2])[:12]}" if _identity(query)[0] == _identity(database)[0] else "")  # noqa: E731
+        raise GeopipeError(f"query store {query.path} (backbone {name(query)}) and database store {database.path} "
+                           f"(backbone {name(database)}) were embedded by different backbones; re-extract one of them")

@@ -28,7 +28,7 @@ from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import StoreError, open_store
 
-__all__ = ["StoreScan", "scan_store", "StoreStream"]
+__all__ = ["StoreScan", "scan_store", "StoreStream", "store_chunks", "read_rows"]
 
 _STOP = object()
 
@@ -246,3 +246,25 @@ class StoreStream:
 
     def __len__(self) -> int:
         return self.n
+
+
+def store_chunks(store, rows: np.ndarray, chunk_rows: int):
+    """(row ids (C,) int64, embeddings (C, D) as stored) of the selected ``rows`` (sorted) of an
+    opened store, in store order: one read of whole stored chunks per ``chunk_rows`` rows
+    (rounded to the store's chunking), so memory is one read whatever the store's size."""
+    n = len(store)
+    step = max(chunk_rows // store.chunk_rows, 1) * store.chunk_rows
+    keep = np.zeros(n, dtype=bool)
+    keep[rows] = True
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sel = keep[start:stop]
+        if sel.any():
+            emb = store.embeddings[start:stop]
+            yield np.arange(start, stop, dtype=np.int64)[sel], emb[sel]
+
+
+def read_rows(store, rows: np.ndarray) -> np.ndarray:
+    """Embeddings (R, D) as stored of the store rows ``rows`` (R,) (an empty (0, D) float32 for none)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return store.embeddings[rows] if rows.size else np.zeros((0, store.embed_dim), np.float32)

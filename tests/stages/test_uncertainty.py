@@ -13,10 +13,11 @@ from geopipe.flows.cli import cli
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.pairs import PairConfig
 from geopipe.pipeline.retrieval.split import SplitConfig
+from geopipe.pipeline.uncertainty.scoring import score_rows
 from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
-from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap, score_rows
+from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
 
 SYN = SyntheticConfig(n_places=300, views_per_place=5, dim=32, seed=3)
 

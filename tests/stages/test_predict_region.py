@@ -1,0 +1,111 @@
+"""geopipe predict --region q: a GeoParquet polygon column per record that geopandas reads (pipeline/infer/regions.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from geopipe.pipeline.core.errors import ConfigError
+
+IDENTITY = {"name": "fake", "pretrained": None, "embed_dim": 8, "preprocess": {"size": 8}, "fingerprint": "abc"}
+
+
+def _tiny_store(path, n: int = 5) -> str:
+    from geopipe.pipeline.store.format import ShardStat
+    from geopipe.pipeline.store.writer import StoreWriter
+
+    rng = np.random.default_rng(0)
+    latlon = np.column_stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)])
+    with StoreWriter.open(str(path), backbone=IDENTITY, embed_dim=8, dtype="float32", normalize=True, created_by={"version": "t"}) as w:
+        w.append_shard("a.tar", rng.normal(size=(n, 8)), latlon, [f"rec/{i}" for i in range(n)], {}, [], ShardStat(1, 0.0))
+    return str(path)
+
+
+def _checkpoint(path, name: str = "vmf") -> str:
+    from geopipe.pipeline.artifacts.checkpoint import save_checkpoint
+    from geopipe.pipeline.methods.registry import get_method
+    from geopipe.pipeline.model.network import NetworkConfig
+
+    method = get_method(name)
+    net = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)
+    torch.manual_seed(0)
+    model = method.build_model(net)
+    config = {"method": method.to_dict(), "network": net.to_dict(), "embed_dim": 8, "backbone": IDENTITY, "step": 0}
+    save_checkpoint(path, model_state=model.state_dict(), config=config)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("region")
+    return _checkpoint(tmp / "ckpt"), _tiny_store(tmp / "s.zarr")
+
+
+def test_predict_region_is_a_geoparquet_polygon_column(setup, tmp_path):
+    gpd = pytest.importorskip("geopandas")
+    import shapely
+    from pyproj import CRS
+
+    from geopipe.pipeline.infer.regions import spherical_area_km2
+    from geopipe.stages.predict import PredictConfig, run_predict
+
+    ckpt, store = setup
+    out = str(tmp_path / "p.parquet")
+    run_predict(PredictConfig(ckpt, store, out, region=0.9, device="cpu", progress=False))
+    geo = json.loads(pq.read_schema(out).metadata[b"geo"])
+    assert geo["primary_column"] == "geometry"
+    assert geo["columns"]["region"] == {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}  # no crs: OGC:CRS84
+    gdf = gpd.read_parquet(out).set_geometry("region")
+    assert gdf.crs is not None and gdf.crs.equals(CRS("OGC:CRS84"))
+    assert len(gdf) == 5 and set(gdf.geom_type) <= {"Polygon", "MultiPolygon"} and gdf.is_valid.all()
+    np.testing.assert_allclose(gdf["region_mass"], 0.9, atol=0.01)
+    np.testing.assert_allclose(gdf["region_area_km2"], [spherical_area_km2(g) for g in gdf.region], rtol=1e-9)
+    # the mode of a vMF (the point prediction) is its densest point: inside every HDR
+    assert all(shapely.contains_xy(g, lon, lat) for g, lat, lon in zip(gdf.region, gdf["lat"], gdf["lon"]))
+    assert json.loads(pq.read_schema(out).metadata[b"geopipe"])["config"]["region"] == 0.9
+
+
+def test_dataset_parts_carry_the_region_bbox_and_no_region_means_null(setup, tmp_path):
+    from geopipe.stages.predict import PredictConfig, run_predict
+
+    ckpt, store = setup
+    out = str(tmp_path / "ds")
+    run_predict(PredictConfig(ckpt, store, out, region=0.5, device="cpu", progress=False))
+    part = sorted(p for p in os.listdir(out) if p.startswith("part-"))[0]
+    col = json.loads(pq.read_schema(os.path.join(out, part)).metadata[b"geo"])["columns"]["region"]
+    lon0, lat0, lon1, lat1 = col["bbox"]
+    assert -180 <= lon0 < lon1 <= 180 and -90 <= lat0 < lat1 <= 90
+    plain = str(tmp_path / "plain.parquet")
+    run_predict(PredictConfig(ckpt, store, plain, device="cpu", progress=False))
+    table = pq.read_table(plain)
+    assert table.column("region").null_count == 5 and table.column("region_mass").null_count == 5
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 2.0])
+def test_region_outside_zero_one_is_a_config_error(bad):
+    from geopipe.stages.predict import PredictConfig
+
+    with pytest.raises(ConfigError, match=r"--region must be a probability mass in \(0, 1\)"):
+        PredictConfig("c", "s", "o.parquet", region=bad)
+
+
+def test_cli_predict_region(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from geopipe.flows.cli import cli
+
+    ckpt, store = setup
+    out = str(tmp_path / "p.parquet")
+    ok = CliRunner().invoke(cli, ["predict", "-c", ckpt, "--store", store, "-o", out, "--region", "0.9", "--device", "cpu"])
+    assert ok.exit_code == 0, ok.output
+    assert pq.read_table(out).column("region").null_count == 0
+    bad = CliRunner().invoke(cli, ["predict", "-c", ckpt, "--store", store, "-o", out, "--region", "90", "--device", "cpu"])
+    assert bad.exit_code != 0 and "--region must be a probability mass in (0, 1)" in bad.output
+    r3 = _checkpoint(tmp_path / "flow", "flow")
+    refused = CliRunner().invoke(cli, ["predict", "-c", r3, "--store", store, "-o", out, "--region", "0.9", "--device", "cpu"])
+    assert refused.exit_code != 0 and "HDR regions need a density on the sphere" in refused.output
