@@ -16,6 +16,9 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
     kind            str     "model" | "baseline"
     path            str|null  predictions file (null for the constant baseline)
     n               int     rows in the file
+    n_unlabelled    int     (newer reports) of them, rows without a known truth (unlabelled records),
+                            left out of every metric (a file with no labelled row keeps localizability
+                            over all its rows); the metrics are over the n − n_unlabelled others
     method, space   str|null  model["method"], model["space"] ("sphere" | "r3") from the file metadata
     model, config   dict|null  the file's metadata "model" and "config" objects
     distance        {n, mean_km, median_km, geoscore, acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km}
@@ -29,7 +32,8 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
                     newer reports add collapsed_real: the fraction of truths whose k-th neighbour truth is within 25 m)
     admin           {area: {n, accuracy}}  area ∈ country / region / sub-region / city; n counts known true labels
 
-    retrieval       (optional) Recall@K of retrieval files, see OPTIONAL_ENTRY_KEYS
+    retrieval       (optional) Recall@K of retrieval files, see OPTIONAL_ENTRY_KEYS (newer reports add
+                    n_unlabelled: queries without a truth, left out of Recall@K)
 
 ROW: the keys of :data:`COMPARISON_COLUMNS`, numbers or null. Optional top level
 "uncertainty": failure-prediction rows (model, score, failure, n, ausc, ause, aurg, spearman,
@@ -77,6 +81,7 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
 #: Entry keys that may be absent (older reports lack them).
 OPTIONAL_ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "retrieval": (dict, _NULL),  # Recall@K of retrieval files: {radius_m, n, n_unanswerable, ks, recall, recall_all, recall_km}
+    "n_unlabelled": (int,),  # rows without a true location (null truth), left out of the metrics
 }
 #: Top-level keys that may be absent: "uncertainty" = failure-prediction rows of ``evaluate --uncertainty``.
 OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list, "uncertainty_not_scored": list}

@@ -1,8 +1,9 @@
 """Evaluate stage: predictions Parquet file(s) → metrics report JSON (geopipe.schemas.report) + text table.
 
-Every metric a file's columns allow is computed (docs/methods.md#metrics): distance metrics where
-the truth is known; NLL in nats and bits/dim (tagged with its density space) from
-``log_likelihood``; localizability from ``neg_entropy_nats``; HDR calibration from
+Every metric a file's columns allow is computed (docs/methods.md#metrics) over its labelled
+records (those with a true location; unlabelled ones are left out, counted in the report's
+``n_unlabelled`` and in one line on stderr): distance metrics; NLL in nats and bits/dim
+(tagged with its density space) from ``log_likelihood``; localizability from ``neg_entropy_nats``; HDR calibration from
 ``hdr_rank``; PRDC of the predicted points (fake) against the true points (real) of the same
 records; optionally country/region/city accuracies. Several files give one row per model, plus
 a "constant baseline" row when ``baseline_latlon`` is set. Retrieval files add Recall@K. With
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +131,9 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         if first_truth is None:
             raise GeopipeError("a constant baseline needs true coordinates, but no predictions file has true_lat/true_lon")
         entries.append(baseline_entry(cfg.baseline_latlon, first_truth, opts))
+    for e in entries:  # never silently: how many records each file left out
+        if e.get("n_unlabelled"):
+            print(f"geopipe: evaluate: {_left_out(e)}", file=sys.stderr)
     doc = build_report(entries, report_notes(entries), provenance()["version"])
     plots: tuple[str, ...] = ()
     if cfg.uncertainty:
@@ -140,6 +145,14 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(reports=doc["reports"], table=format_table(doc["reports"]), out=cfg.out,
                           uncertainty=doc.get("uncertainty"),
                           uncertainty_table=format_failure_table(failures, skipped) if cfg.uncertainty else None, plots=plots)
+
+
+def _left_out(entry: dict) -> str:
+    """One line on the unlabelled records (no true location) a report entry left out."""
+    n, u = entry["n"], entry["n_unlabelled"]
+    if u == n:
+        return f"{entry['name']}: all {n} records are unlabelled (no true location): no distance, NLL, calibration or PRDC"
+    return f"{entry['name']}: scored {n - u} labelled records; left out {u} unlabelled ones (no true location)"
 
 
 def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:

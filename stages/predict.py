@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -107,6 +108,7 @@ class PredictResult:
     parts_written: int = 0
     parts_skipped: int = 0
     largest_reply_bytes: int = 0
+    n_unlabelled: int = 0  # records without a location: predicted, with null truth columns
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
 
         check_bayescap(cfg.uncertainty_checkpoint, store)  # another backbone or dimension: refused before any work
     n = len(store)
+    if store.labelled < n:  # never silently: unlabelled records are predicted, their truth columns are null
+        print(f"geopipe: predict: {n - store.labelled} of {n} records of {cfg.store} are unlabelled (no location): "
+              f"predicted, with null truth columns", file=sys.stderr)
     bounds = partition_bounds(n, store.chunk_rows, cfg.batch_size, cfg.partition_batches, cfg.min_partitions)
     metadata = predictions_metadata(asdict(cfg), _model_identity(cfg, p.config), provenance())
     written, skipped, largest = len(bounds), 0, 0
@@ -252,4 +257,4 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         else:
             _run_file(cfg, bounds, metadata, bar)
     dt = time.perf_counter() - t0
-    return PredictResult(cfg.out, n, dt, n / dt if dt > 0 else float("inf"), written, skipped, largest)
+    return PredictResult(cfg.out, n, dt, n / dt if dt > 0 else float("inf"), written, skipped, largest, n - store.labelled)

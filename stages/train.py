@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
-from geopipe.pipeline.store.format import nonfinite_records
+from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
@@ -107,6 +108,7 @@ class TrainResult:
     n_val: int
     seconds: float
     history: tuple = ()
+    n_unlabelled: int = 0  # store rows without a location, skipped
 
 
 def _fingerprint(store) -> str:
@@ -191,7 +193,8 @@ def _save(cfg, model, optimizer, ema, generator, config, step, history):
 @dataclass(frozen=True)
 class _Data:
     """What training reads from the store: ``batches(step)`` is the batch source from ``step`` on;
-    ``val`` the validation (x (m, 3), cond (m, D)) on the device (at most what validation uses)."""
+    ``val`` the validation (x (m, 3), cond (m, D)) on the device (at most what validation uses);
+    n_unlabelled: store rows without a location, in neither split."""
 
     store: object
     val: tuple
@@ -200,6 +203,7 @@ class _Data:
     n_train: int
     n_val: int
     batches: object
+    n_unlabelled: int = 0
 
 
 #: The in-memory path needs about this many times the store's bytes (copies while loading).
@@ -220,27 +224,40 @@ def _load_data(cfg: TrainConfig, device) -> _Data:
     return _stream_data(cfg, device) if stream else _memory_data(cfg, device)
 
 
+def _no_labelled(cfg: TrainConfig, rows: int) -> GeopipeError:
+    return GeopipeError(f"store {cfg.store} has no labelled rows (its {rows} records have no location); train needs "
+                        f"geotagged records: extract or import shards whose json/metadata has latitude and longitude")
+
+
 def _memory_data(cfg: TrainConfig, device) -> _Data:
     store = read_store(cfg.store)
     bad = nonfinite_records(store.keys, store.embeddings, store.latlon)
     if bad:  # found before training: a NaN would only show up as a diverged loss
         raise GeopipeError(f"store {cfg.store}: {bad}; the store is damaged: run `geopipe store verify {cfg.store}`")
-    is_val = split_is_val(store.keys, cfg.val_fraction)
-    x_all = latlon_to_xyz(torch.as_tensor(store.latlon, dtype=torch.float64)).float()
-    c_all = torch.as_tensor(store.embeddings)  # kept in the store's dtype (float16 halves memory)
+    labelled = labelled_rows(store.latlon)
+    if not labelled.any():
+        raise _no_labelled(cfg, len(labelled))
+    n_unlabelled = int((~labelled).sum())
+    keys, latlon, emb = (store.keys, store.latlon, store.embeddings) if not n_unlabelled else (
+        store.keys[labelled], store.latlon[labelled], store.embeddings[labelled])
+    is_val = split_is_val(keys, cfg.val_fraction)
+    x_all = latlon_to_xyz(torch.as_tensor(latlon, dtype=torch.float64)).float()
+    c_all = torch.as_tensor(emb)  # kept in the store's dtype (float16 halves memory)
     x_tr, c_tr = x_all[~is_val].to(device), c_all[~is_val].to(device)
     x_va, c_va = x_all[is_val].to(device), c_all[is_val].to(device)
     if len(x_tr) == 0:
         raise GeopipeError(f"store {cfg.store} has no training records")
-    stats = CondStats.from_embeddings(store.embeddings[~is_val]) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
+    stats = CondStats.from_embeddings(emb[~is_val]) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
     return _Data(store, (x_va, c_va), stats, int(c_all.shape[1]), int(len(x_tr)), int(len(x_va)),
-                 lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size))
+                 lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size), n_unlabelled)
 
 
 def _stream_data(cfg: TrainConfig, device) -> _Data:
     """One pass for the statistics, the split's sizes and the validation rows, then a seeded
     stream that starts at the resumed step (so a resumed run continues the same batches)."""
     store = open_store(cfg.store)
+    if store.rows and store.labelled == 0:
+        raise _no_labelled(cfg, store.rows)
 
     def is_train(keys):
         return ~split_is_val(keys, cfg.val_fraction)
@@ -251,13 +268,13 @@ def _stream_data(cfg: TrainConfig, device) -> _Data:
     c_va, ll_va = scan.held_out
     x_va = latlon_to_xyz(torch.as_tensor(ll_va, dtype=torch.float64)).float().to(device)
     stats = CondStats.from_moments(scan.n, scan.sum, scan.sumsq) if cfg.standardize_cond else CondStats.identity(store.embed_dim)
-    n_val = store.rows - scan.n
+    n_val = store.rows - scan.unlabelled - scan.n
 
     def batches(step: int) -> StoreStream:
         return StoreStream(cfg.store, cfg.batch_size, seed=cfg.seed, select=is_train, buffer_chunks=cfg.buffer_chunks,
                            start_batch=step, device=device, counts=scan.counts)
 
-    return _Data(store, (x_va, torch.as_tensor(c_va).to(device)), stats, store.embed_dim, scan.n, n_val, batches)
+    return _Data(store, (x_va, torch.as_tensor(c_va).to(device)), stats, store.embed_dim, scan.n, n_val, batches, scan.unlabelled)
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -265,6 +282,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = _load_data(cfg, device)
+    if data.n_unlabelled:  # never silently: the skipped rows are counted here and in the checkpoint
+        print(f"geopipe: train: skipping {data.n_unlabelled} unlabelled rows of {cfg.store} (no location); training on "
+              f"{data.n_train + data.n_val} labelled rows ({data.n_train} train, {data.n_val} validation)", file=sys.stderr)
     store, (x_va, c_va), stats = data.store, data.val, data.stats
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
     defaults = method.TRAIN_DEFAULTS
@@ -279,6 +299,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     ema = EMA(model, decay=cfg.ema_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     config = _model_config(cfg, store, method, net_cfg, stats)
+    config["rows"] = {"labelled": data.n_train + data.n_val, "unlabelled": data.n_unlabelled, "train": data.n_train,
+                      "validation": data.n_val}
     step, history = _resume(cfg, model, optimizer, ema, generator, config, defaults) if cfg.resume and optimizer else (0, [])
 
     def save(state: LoopState) -> None:
@@ -291,4 +313,4 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     finally:
         getattr(batches, "close", lambda: None)()
     return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, data.n_train, data.n_val,
-                       time.perf_counter() - t0, tuple(state.history))
+                       time.perf_counter() - t0, tuple(state.history), data.n_unlabelled)

@@ -72,7 +72,8 @@ def _topk_metres(cols: dict, extra: dict) -> np.ndarray | None:
 
 def retrieval_section(path: str, cols: dict, radius_m: float = POSITIVE_RADIUS_M) -> dict | None:
     """Recall@K of a retrieval predictions file (None for other files): at ``radius_m`` with
-    both conventions (answerable queries / all queries) and, all queries, at the km radii."""
+    both conventions (answerable queries / all queries) and, all queries, at the km radii; queries
+    without a truth (unlabelled) are left out and counted (``n_unlabelled``)."""
     extra = read_optional_columns(path, ("topk_lat", "topk_lon", "answerable"))
     dist = _topk_metres(cols, extra)
     if dist is None:
@@ -86,6 +87,7 @@ def retrieval_section(path: str, cols: dict, radius_m: float = POSITIVE_RADIUS_M
     sec = recall_summary(dist, ans, ks, radius_m)
     keyed = lambda d: {str(kk): v for kk, v in d.items()}  # noqa: E731 — JSON object keys are strings
     return {"radius_m": sec["radius_m"], "n": sec["n"], "n_unanswerable": sec["n_unanswerable"], "ks": list(ks),
+            "n_unlabelled": int((~known).sum()),  # queries without a truth: no positive to find, left out
             "recall": keyed(sec["recall"]), "recall_all": keyed(sec["recall_all"]),
             "recall_km": {str(r): keyed(recall_at_k(dist, None, ks, r * 1000.0)) for r in RECALL_RADII_KM}}
 

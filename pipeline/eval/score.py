@@ -1,5 +1,8 @@
 """Scoring one predictions table: every metric its columns allow, as one report entry.
 
+Only labelled records (a finite true_lat/true_lon) are scored; unlabelled ones (null truth:
+photos without a location) are left out of every metric and counted (``n_unlabelled``). A
+file without any labelled record keeps its truth-free sections (localizability) over all rows.
 Distance metrics where the truth is known; NLL in nats and bits/dim (tagged with its density
 space) from ``log_likelihood``; localizability from ``neg_entropy_nats``; HDR calibration from
 ``hdr_rank``; PRDC of the predicted points (fake) against the true points (real) of the same
@@ -50,6 +53,13 @@ def truth_mask(cols: dict) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+def _labelled_only(cols: dict, mask) -> dict:
+    """``cols`` restricted to the labelled rows ``mask`` (all rows when None: nothing to restrict to)."""
+    if mask is None or mask.all():
+        return cols
+    return {k: ([v[i] for i in np.flatnonzero(mask)] if isinstance(v, list) else np.asarray(v)[mask]) for k, v in cols.items()}
+
+
 def _prdc_section(cols: dict, mask, opts: ScoreOptions) -> dict | None:
     n = 0 if mask is None else int(mask.sum())
     size = math.ceil(n / opts.prdc_chunks)  # torch.chunk pieces; the last one is the smallest
@@ -91,22 +101,24 @@ def score_predictions(name: str, path: str, cols: dict, meta: dict, opts: ScoreO
     """One report entry for a predictions file: every metric its columns allow."""
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     mask = truth_mask(cols)
+    scored = _labelled_only(cols, mask)
     method = model.get("method")
     method = method.get("name") if isinstance(method, dict) else method
     entry = {"name": name, "kind": "model", "path": path, "n": len(cols["key"]),
              "method": None if method is None else str(method), "space": model.get("space"),
              "model": model, "config": meta.get("config") if isinstance(meta.get("config"), dict) else None,
-             "distance": None, "nll": None, "localizability": None, "calibration": None, "prdc": None, "admin": None}
+             "distance": None, "nll": None, "localizability": None, "calibration": None, "prdc": None, "admin": None,
+             "n_unlabelled": len(cols["key"]) - (0 if mask is None else int(mask.sum()))}
     if mask is not None:
         entry["distance"] = distance_metrics(cols["lat"], cols["lon"], cols["true_lat"], cols["true_lon"])
     if "log_likelihood" in cols and np.isfinite(cols["log_likelihood"]).any():
         entry["nll"] = nll_summary(cols["log_likelihood"], _space_of(path, model))
-    if "neg_entropy_nats" in cols and np.isfinite(cols["neg_entropy_nats"]).any():
-        entry["localizability"] = localizability_summary(cols["neg_entropy_nats"], _space_of(path, model))
+    if "neg_entropy_nats" in scored and np.isfinite(scored["neg_entropy_nats"]).any():
+        entry["localizability"] = localizability_summary(scored["neg_entropy_nats"], _space_of(path, model))
     if "hdr_rank" in cols and np.isfinite(cols["hdr_rank"]).any():
         entry["calibration"] = calibration_table(cols["hdr_rank"])
     entry["prdc"] = _prdc_section(cols, mask, opts)
-    entry["admin"] = _admin_section(opts, cols, cols["lat"], cols["lon"])
+    entry["admin"] = _admin_section(opts, scored, scored["lat"], scored["lon"])
     retrieval = retrieval_section(path, cols) if mask is not None else None
     if retrieval is not None:  # an optional section: files of generative models have no top-K
         entry["retrieval"] = retrieval
@@ -118,11 +130,13 @@ def baseline_entry(latlon: tuple[float, float], cols: dict, opts: ScoreOptions) 
     lat, lon = np.full(n, float(latlon[0])), np.full(n, float(latlon[1]))
     mask = truth_mask(cols)
     const = {**cols, "lat": lat, "lon": lon}
+    scored = _labelled_only(const, mask)
     return {"name": "constant baseline", "kind": "baseline", "path": None, "n": n, "method": "constant", "space": None,
             "model": {"method": "constant", "latlon": [float(latlon[0]), float(latlon[1])]}, "config": None,
             "distance": distance_metrics(lat, lon, cols["true_lat"], cols["true_lon"]) if mask is not None else None,
             "nll": None, "localizability": None, "calibration": None, "prdc": _prdc_section(const, mask, opts),
-            "admin": _admin_section(opts, cols, lat, lon)}
+            "admin": _admin_section(opts, scored, scored["lat"], scored["lon"]),
+            "n_unlabelled": n - (0 if mask is None else int(mask.sum()))}
 
 
 def report_notes(entries: list[dict]) -> list[str]:

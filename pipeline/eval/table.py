@@ -64,6 +64,8 @@ def _single_rows(e: dict) -> list[list[str]]:
     space = _SPACE_TAG.get(_get(e, "nll", "space"), "?")
     rows = [["model", str(e.get("name"))], ["method", str(e.get("method") or "-")], ["space", str(e.get("space") or "-")],
             ["N", str(e.get("n"))]]
+    if e.get("n_unlabelled"):
+        rows += [["unlabelled (left out)", str(e["n_unlabelled"])]]
     if e.get("distance"):
         rows += [["N with truth", str(_get(e, "distance", "n"))], ["GeoScore", _fmt(_get(e, "distance", "geoscore"), ".1f")],
                  ["mean distance (km)", _fmt(_get(e, "distance", "mean_km"), ".1f")],
@@ -123,4 +125,5 @@ def _recall_line(e: dict) -> str:
     cells = " ".join(f"R@{k} {_fmt(v, '.1f', 100.0)}" for k, v in rec["recall"].items())
     km = " ".join(f"R@{k} {_fmt(v, '.1f', 100.0)}" for k, v in (rec["recall_km"].get("25") or {}).items())
     return (f"\n{e.get('name')}: Recall@K (%) at {rec['radius_m']:g} m: {cells} "
-            f"({rec['n_unanswerable']} of {rec['n']} queries without a positive dropped); at 25 km: {km}")
+            f"({rec['n_unanswerable']} of {rec['n']} queries without a positive dropped"
+            + (f"; {rec['n_unlabelled']} unlabelled queries left out" if rec.get("n_unlabelled") else "") + f"); at 25 km: {km}")

@@ -57,11 +57,13 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
-@pytest.mark.parametrize("array, what", [("embeddings", "embedding has NaN (+1 more records)"),
-                                         ("latlon", "coordinates has NaN (+1 more records)")])
-def test_training_names_the_first_nonfinite_record(tmp_path, array, what, stream):
+@pytest.mark.parametrize("array, value, what", [("embeddings", np.nan, "embedding has NaN (+1 more records)"),
+                                                ("latlon", [np.nan, 5.0], "coordinates has NaN (+1 more records)"),
+                                                ("latlon", np.inf, "coordinates has an infinite value (+1 more records)")])
+def test_training_names_the_first_nonfinite_record(tmp_path, array, value, what, stream):
+    """(NaN, NaN) is an unlabelled record (tests/stages/test_unlabelled.py); one NaN or an infinity is damage."""
     store = _store(tmp_path / "s.zarr")
-    _edit(store, array, [7, 40], np.nan)
+    _edit(store, array, [7, 40], value)
     with pytest.raises(GeopipeError, match=f"store .*: record 'k07': {re.escape(what)}; the store is damaged: run `geopipe store verify"):
         run_train(_cfg(store, tmp_path / "m", stream=stream))
 
@@ -75,7 +77,7 @@ def test_predict_names_a_nonfinite_embedding_in_one_line(tmp_path, model):
         f"run `geopipe store verify {store}`"]
 
 
-def test_a_nan_truth_blanks_only_its_own_row(tmp_path, model):
+def test_a_nan_truth_blanks_only_its_own_row(tmp_path, model):  # (NaN, NaN): an unlabelled record
     store = _store(tmp_path / "s.zarr")
     bad = [2, 11, 30, 31, 77]
     _edit(store, "latlon", bad, np.nan)

@@ -47,100 +47,9 @@ __all__ = [
     "load_backbone",
 ]
 
-#: Seed of the tiny backbone's random initialisation (changing it changes every tiny embedding).
-TINY_SEED = 20240601
-
-#: ``pretrained`` value asking for an open_clip architecture with seeded random weights.
-RANDOM = "random"
-#: ``Backbone.encode`` precisions: auto = bf16/fp16 autocast on CUDA, fp32 on CPU.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 _TINY_CONFIG_FILE = Path(__file__).parent / "geopipe-tiny.json"
 _TINY_ARCH = _TINY_CONFIG_FILE.stem  # open_clip model name of the tiny config: "geopipe-tiny"
 _HF_PREFIX = "hf-hub:"
-
-
-class UnknownBackboneError(ValueError):
-    """A backbone name or pretrained tag that is not known; the message lists close names."""
-
-
-class BackboneLoadError(RuntimeError):
-    """Weights could not be fetched or loaded (offline, missing cache, incompatible checkpoint)."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Which backbone to load.
-
-    name: ``"tiny"``, an open_clip architecture name, or ``"hf-hub:org/repo"``.
-    pretrained: open_clip tag or local checkpoint file (ignored forms are rejected: must be
-        None for ``hf-hub:`` ids; None or a file for ``"tiny"``; required otherwise).
-    image_size: override of the model's input size in pixels (None = the model's own).
-    """
-
-    name: str
-    pretrained: str | None = None
-    image_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"backbone name must be a non-empty string, got {self.name!r}")
-        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
-            raise ValueError(f"backbone pretrained must be None or a non-empty string, got {self.pretrained!r}")
-        size = self.image_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-            raise ValueError(f"backbone image_size must be a positive int or None, got {size!r}")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A loaded, frozen backbone.
-
-    model: open_clip model in eval mode with ``requires_grad=False`` everywhere.
-    preprocess: PIL.Image → float Tensor (3, H, W) (open_clip's eval transform: resize,
-        centre crop, to tensor, mean/std normalisation).
-    embed_dim: D, the width of :meth:`encode`'s output.
-    identity: JSON-able ``{"name", "pretrained", "embed_dim", "preprocess", "fingerprint"}``;
-        equal identities mean equal embeddings for equal inputs.
-    """
-
-    model: torch.nn.Module
-    preprocess: Callable[[Any], torch.Tensor]
-    embed_dim: int
-    identity: dict
-
-    @property
-    def device(self) -> torch.device:
-        """Device holding the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def encode(self, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
-        """Embed a batch: (B, 3, H, W) float preprocessed images → (B, D) float32 on the model's device.
-
-        Runs under ``torch.no_grad``. precision (:data:`PRECISIONS`): "auto" = autocast in
-        bfloat16 on CUDA (float16 where bf16 is unsupported) and float32 on CPU; "fp32" = no
-        autocast; "bf16"/"fp16" = autocast in that dtype. Embeddings are not normalised.
-        """
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"encode expects a (B, 3, H, W) tensor of preprocessed images, got {shape}")
-        if not images.is_floating_point():
-            raise ValueError(f"encode expects float images from Backbone.preprocess, got dtype {images.dtype}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-        device = self.device
-        if precision == "auto":
-            cuda = device.type == "cuda"
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-        x = images.to(device=device, dtype=torch.float32, non_blocking=True)
-        with torch.no_grad():
-            if precision == "fp32":
-                z = self.model.encode_image(x)
-            else:
-                with torch.autocast(device_type=device.type, dtype=_AMP[precision]):
-                    z = self.model.encode_image(x)
-        return z.float()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -169,43 +78,10 @@ def _quiet_random_init():
         root.removeFilter(keep)
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _sha256_state_dict(model: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of every state-dict entry in sorted order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def _finish(model: torch.nn.Module, preprocess, spec: BackboneSpec, fingerprint: str, device) -> Backbone:
     model = model.to(device).eval()
     model.requires_grad_(False)
-    pp = _jsonable(dict(model.visual.preprocess_cfg))
+    pp = jsonable(dict(model.visual.preprocess_cfg))
     embed_dim = int(getattr(model.visual, "output_dim", 0) or 0)
     if embed_dim <= 0:  # e.g. timm towers: ask the model
         size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]
@@ -220,15 +96,6 @@ def _finish(model: torch.nn.Module, preprocess, spec: BackboneSpec, fingerprint:
     }
     json.dumps(identity)  # fail here, not in a writer, if something is not JSON-able
     return Backbone(model=model, preprocess=preprocess, embed_dim=embed_dim, identity=identity)
-
-
-def _load_error(spec: BackboneSpec, exc: BaseException) -> BackboneLoadError:
-    what = f"backbone {spec.name!r}" + (f" (pretrained={spec.pretrained!r})" if spec.pretrained else "")
-    hint = ("pass a local checkpoint file as pretrained=..., or make the weights available in the "
-            "Hugging Face cache (HF_HOME) / ~/.cache/clip before running offline")
-    if spec.pretrained and os.path.isfile(spec.pretrained):
-        hint = "check that the checkpoint file matches the architecture"
-    return BackboneLoadError(f"could not load {what}: {_one_line(exc)}; {hint}")
 
 
 def _unknown_name(name: str, candidates: list[str]) -> UnknownBackboneError:
@@ -259,8 +126,8 @@ def _load_tiny(spec: BackboneSpec, device) -> Backbone:
                 _TINY_ARCH, pretrained=ckpt, device="cpu", force_image_size=spec.image_size
             )
     except Exception as exc:  # open_clip raises bare RuntimeErrors for bad checkpoints
-        raise _load_error(spec, exc) from exc
-    fingerprint = _sha256_file(ckpt) if ckpt else _sha256_state_dict(model)
+        raise load_error(spec, exc) from exc
+    fingerprint = sha256_file(ckpt) if ckpt else sha256_state_dict(model)
     return _finish(model, preprocess, spec, fingerprint, device)
 
 
@@ -288,8 +155,8 @@ def _load_open_clip(spec: BackboneSpec, device) -> Backbone:
             arch, pretrained=p, device=device, force_image_size=spec.image_size
         )
     except Exception as exc:
-        raise _load_error(spec, exc) from exc
-    fingerprint = hashlib.sha256(f"{arch}|{p}".encode()).hexdigest() if is_tag else _sha256_file(p)
+        raise load_error(spec, exc) from exc
+    fingerprint = hashlib.sha256(f"{arch}|{p}".encode()).hexdigest() if is_tag else sha256_file(p)
     return _finish(model, preprocess, spec, fingerprint, device)
 
 
@@ -301,8 +168,8 @@ def _load_random(oc, arch: str, spec: BackboneSpec, device) -> Backbone:
             model, _, preprocess = oc.create_model_and_transforms(arch, pretrained=None, device="cpu",
                                                                   force_image_size=spec.image_size)
     except Exception as exc:
-        raise _load_error(spec, exc) from exc
-    return _finish(model, preprocess, spec, _sha256_state_dict(model), device)
+        raise load_error(spec, exc) from exc
+    return _finish(model, preprocess, spec, sha256_state_dict(model), device)
 
 
 def _load_hf_hub(spec: BackboneSpec, device) -> Backbone:
@@ -314,7 +181,7 @@ def _load_hf_hub(spec: BackboneSpec, device) -> Backbone:
             spec.name, device=device, force_image_size=spec.image_size
         )
     except Exception as exc:
-        raise _load_error(spec, exc) from exc
+        raise load_error(spec, exc) from exc
     return _finish(model, preprocess, spec, hashlib.sha256(spec.name.encode()).hexdigest(), device)
 
 
