@@ -50,7 +50,7 @@ def poll():  # DataLoader workers come and go: sample their RSS every 20 ms
 
 threading.Thread(target=poll, daemon=True).start()
 if args.pop("baseline"):
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
     from geopipe.pipeline.core.device import resolve_device
     c = ExtractConfig(**args)
     load_backbone(BackboneSpec(c.backbone, c.pretrained), device=resolve_device(c.device))
@@ -131,7 +131,7 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
     import torch
 
     from geopipe.pipeline.core.device import resolve_device
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
     from geopipe.stages.extract import ExtractConfig, run_extract
 
     load_before = os.getloadavg()

@@ -6,9 +6,9 @@ import glob
 import os
 from dataclasses import dataclass
 
-from geopipe.pipeline.ingest.demo_world import DemoWorldConfig, write_demo_world
+from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 
-__all__ = ["DemoDataConfig", "DemoDataResult", "run_demo_data"]
+__all__ = ["DemoDataConfig", "DemoDataResult", "run_demo_data", "write_demo_photos"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,24 @@ def run_demo_data(cfg: DemoDataConfig) -> DemoDataResult:
     with open(stamp, "w") as fh:  # written last: a crash mid-write regenerates next time
         fh.write(settings)
     return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), False)
+
+
+def write_demo_photos(test_shards: str, out_dir: str, n: int = 8) -> list[str]:
+    """Write the first ``n`` photos of the demo world's test split as plain JPEG files with their
+    coordinates stripped (``photo_00.jpg`` …) — the unlabelled photos ``make demo`` geolocates.
+    Existing files are kept. Returns the paths written or found; the truth stays in the shards."""
+    from geopipe.pipeline.ingest.shards import iter_tar_samples, resolve_shards
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    for url in resolve_shards([test_shards]):
+        for sample in iter_tar_samples(url):
+            if len(paths) == n:
+                return paths
+            path = os.path.join(out_dir, f"photo_{len(paths):02d}.jpg")
+            if not os.path.exists(path):
+                with open(path + ".tmp", "wb") as fh:
+                    fh.write(sample["jpg"])
+                os.replace(path + ".tmp", path)
+            paths.append(path)
+    return paths

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.parallel import parse_dask_spec
-from geopipe.pipeline.ingest.backbones import PRECISIONS
+from geopipe.pipeline.vision.backbones import PRECISIONS
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
 from geopipe.pipeline.ingest.shards import resolve_shards
@@ -109,7 +109,7 @@ class ExtractResult(IngestResult):
 
 
 def _load_backbone(cfg: ExtractConfig, device):
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
 
     try:
         return load_backbone(BackboneSpec(cfg.backbone, cfg.pretrained), device=device)
@@ -136,7 +136,7 @@ def _source(cfg: ExtractConfig, urls: list[str], store: str, device, backbone):
 def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     """Extract ``cfg.shards`` into ``cfg.store`` (created, or appended to / resumed).
 
-    backbone: an already loaded :class:`geopipe.pipeline.ingest.backbones.Backbone` to use instead of
+    backbone: an already loaded :class:`geopipe.pipeline.vision.backbones.Backbone` to use instead of
     loading ``cfg.backbone`` (tests, notebooks extracting several stores; with ``cfg.dask`` the
     workers load their own). Raises
     GeopipeError subclasses for user errors (missing shard, locked store, backbone
@@ -212,7 +212,7 @@ def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float)
             if cfg.embedding_key is not None:
                 _, identity, dim = _source(cfg, urls, store, None, None)
                 return identity, dim, client
-            from geopipe.pipeline.ingest.backbones import BackboneLoadError, UnknownBackboneError
+            from geopipe.pipeline.vision.backbones import BackboneLoadError, UnknownBackboneError
 
             try:
                 identity, dim = client.submit(worker_identity, job, pure=False).result()

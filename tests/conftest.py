@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
     """Shards of a small demo world: {"dir", "train": pattern, "test": pattern}."""
-    from geopipe.pipeline.ingest.demo_world import DemoWorldConfig, write_demo_world
+    from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 
     out = tmp_path_factory.mktemp("demo_world")
     write_demo_world(str(out), DemoWorldConfig(n_train=400, n_test=80, shard_size=200, seed=0))

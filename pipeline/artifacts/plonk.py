@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.ingest.vision_towers import TOWERS, hub_cache_dir, hub_offline, published_identity
+from geopipe.pipeline.vision.towers import TOWERS, hub_cache_dir, hub_offline, published_identity
 
 __all__ = [
     "PLONK_BACKBONES",

@@ -130,7 +130,7 @@ class Geolocator:
     def backbone(self):
         """The backbone named by the model's embedding space, loaded on first use and checked to reproduce it."""
         if self._backbone is None:
-            from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+            from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
 
             sp = self.space
             if not sp.get("name"):

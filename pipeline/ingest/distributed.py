@@ -105,7 +105,7 @@ def _worker_device(name: str):
 
 def _backbone(job: StageJob):
     """This process's backbone for ``job`` (loaded on first use)."""
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
 
     device = _worker_device(job.device)
     key = (job.backbone, job.pretrained, str(device))

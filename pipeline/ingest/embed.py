@@ -36,7 +36,7 @@ __all__ = ["LoopOptions", "embed_shards", "shard_rows"]
 @dataclass(frozen=True)
 class LoopOptions:
     """batch_size: images per forward pass; num_workers: decode processes (0 = in the main
-    process); precision: :data:`geopipe.pipeline.ingest.backbones.PRECISIONS`; prefetch_factor: batches each
+    process); precision: :data:`geopipe.pipeline.vision.backbones.PRECISIONS`; prefetch_factor: batches each
     worker decodes ahead; progress: images done / total on stderr (:class:`geopipe.pipeline.core.progress.Progress`)."""
 
     batch_size: int = 256
@@ -178,7 +178,7 @@ def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, bac
                  on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None) -> None:
     """Embed the shards ``todo`` [(url, stat)] and append each to ``writer`` in order.
 
-    backbone: a :class:`geopipe.pipeline.ingest.backbones.Backbone`, or None to read ``spec.embedding_key``
+    backbone: a :class:`geopipe.pipeline.vision.backbones.Backbone`, or None to read ``spec.embedding_key``
     entries as the embeddings. on_commit(url, rows kept, rejects) runs after each shard's
     commit (counting, reject-budget checks; an exception there stops the loop, committed
     shards stay).

@@ -3,7 +3,7 @@
 A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
 :class:`Backbone` (eval-mode frozen model + eval preprocessing + JSON identity). Names:
 
-* ``"tiny"`` — a real open_clip CLIP model (config ``pipeline/ingest/geopipe-tiny.json``:
+* ``"tiny"`` — a real open_clip CLIP model (config ``pipeline/vision/geopipe-tiny.json``:
   ViT 64 px, patch 8, width 64, 2 layers, 2 heads, embed_dim 64; ≈0.2M parameters) with
   random weights drawn under the fixed seed :data:`TINY_SEED`, so every process gets the same
   weights. ``pretrained`` may instead be a local checkpoint file of that architecture.
@@ -12,7 +12,7 @@ A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
   :data:`RANDOM` (``"random"``: seeded random weights, for benchmarks and offline tests);
 * ``"hf-hub:org/repo"`` — an open_clip model published on the Hugging Face Hub;
 * ``"dinov2-vitl14-reg"`` and ``"streetclip"`` — the towers of the published PLONK models
-  (timm / transformers, :mod:`geopipe.pipeline.ingest.vision_towers`).
+  (timm / transformers, :mod:`geopipe.pipeline.vision.towers`).
 
 Embeddings are ``model.encode_image`` outputs (projected, **not** L2-normalised), float32.
 """
@@ -26,13 +26,25 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from geopipe.pipeline.ingest.vision_towers import VISION_TOWERS
+from geopipe.pipeline.vision.spec import (
+    PRECISIONS,
+    RANDOM,
+    TINY_SEED,
+    Backbone,
+    BackboneLoadError,
+    BackboneSpec,
+    UnknownBackboneError,
+    jsonable,
+    load_error,
+    sha256_file,
+    sha256_state_dict,
+)
+from geopipe.pipeline.vision.towers import VISION_TOWERS
 
 __all__ = [
     "TINY_SEED",

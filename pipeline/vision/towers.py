@@ -21,9 +21,9 @@
   transformers 5's default (torchvision) processor differs from it by up to 0.015 after normalisation.
   Needs the optional extra ``geopipe[streetclip]``.
 
-``pretrained`` of a :class:`~geopipe.pipeline.ingest.backbones.BackboneSpec`: None = the published
+``pretrained`` of a :class:`~geopipe.pipeline.vision.spec.BackboneSpec`: None = the published
 weights from the Hugging Face Hub (honours HF_HUB_OFFLINE and the HF cache), ``"random"`` = seeded
-random weights (:data:`~geopipe.pipeline.ingest.backbones.TINY_SEED`), or a local ``.safetensors`` file
+random weights (:data:`~geopipe.pipeline.vision.spec.TINY_SEED`), or a local ``.safetensors`` file
 (DINOv2: timm's or the original facebookresearch key layout; StreetCLIP: ``CLIPModel`` or
 ``CLIPVisionModel`` keys; a ``save_pretrained`` directory also works for StreetCLIP). Weights are
 never unpickled by geopipe.
@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from geopipe.pipeline.vision.spec import RANDOM as _RANDOM
+
 __all__ = [
     "TowerInfo",
     "DINOV2",
@@ -59,7 +61,7 @@ __all__ = [
     "hub_cache_dir",
 ]
 
-_RANDOM = "random"  # = backbones.RANDOM (not imported: backbones imports this module)
+
 _TIMM_ARCH = "vit_large_patch14_reg4_dinov2"
 #: CLIP ViT-L/14-336 vision config of StreetCLIP (used for "random" and single-file weights).
 _STREETCLIP_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -192,7 +194,7 @@ class ClipVisionTower(nn.Module):
 @contextlib.contextmanager
 def _seeded():
     """Seeded random initialisation (TINY_SEED) that leaves the caller's RNG untouched."""
-    from geopipe.pipeline.ingest.backbones import TINY_SEED
+    from geopipe.pipeline.vision.spec import TINY_SEED
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -203,7 +205,7 @@ def _hub_file(repo: str, filename: str) -> str:
     """Path of ``filename`` of Hub repo ``repo`` (cache or download); one-line BackboneLoadError otherwise."""
     from huggingface_hub import hf_hub_download
 
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError
+    from geopipe.pipeline.vision.spec import BackboneLoadError
 
     try:
         return hf_hub_download(repo, filename, cache_dir=hub_cache_dir(), local_files_only=hub_offline())
@@ -216,7 +218,7 @@ def _hub_file(repo: str, filename: str) -> str:
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError
+    from geopipe.pipeline.vision.spec import BackboneLoadError
 
     try:
         return load_file(path)
@@ -226,7 +228,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError
+    from geopipe.pipeline.vision.spec import BackboneLoadError
 
     own = model.state_dict()
     bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
@@ -257,7 +259,7 @@ def dinov2_model(weights: str | None = None, *, image_size: int = DINOV2.image_s
 
 
 def _transformers():
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError
+    from geopipe.pipeline.vision.spec import BackboneLoadError
 
     try:
         import transformers
@@ -290,7 +292,7 @@ def streetclip_model(weights: str | None = None, *, config: dict | None = None) 
         try:
             model = tf.CLIPVisionModel.from_pretrained(source, **kw)
         except Exception as exc:
-            from geopipe.pipeline.ingest.backbones import BackboneLoadError
+            from geopipe.pipeline.vision.spec import BackboneLoadError
 
             hint = (f"run `hf download {source}` once online (cache {hub_cache_dir()})" if weights is None
                     else "check that the directory holds a CLIP config.json and its weights")
@@ -309,7 +311,7 @@ def streetclip_model(weights: str | None = None, *, config: dict | None = None) 
 
 
 def _check_spec(spec, info: TowerInfo, dirs: bool) -> None:
-    from geopipe.pipeline.ingest.backbones import UnknownBackboneError
+    from geopipe.pipeline.vision.spec import UnknownBackboneError
 
     p = spec.pretrained
     if spec.image_size not in (None, info.image_size):
@@ -322,13 +324,13 @@ def _check_spec(spec, info: TowerInfo, dirs: bool) -> None:
 
 
 def _finish(tower: nn.Module, info: TowerInfo, spec, device):
-    from geopipe.pipeline.ingest.backbones import Backbone, _sha256_file, _sha256_state_dict
+    from geopipe.pipeline.vision.spec import Backbone, sha256_file, sha256_state_dict
 
     p = spec.pretrained
     if p is None:
         identity = published_identity(info.name)
     else:
-        fingerprint = _sha256_file(p) if os.path.isfile(p) else _sha256_state_dict(tower)
+        fingerprint = sha256_file(p) if os.path.isfile(p) else sha256_state_dict(tower)
         identity = {"name": info.name, "pretrained": p, "embed_dim": info.embed_dim, "preprocess": info.preprocess_dict(),
                     "fingerprint": fingerprint}
     json.dumps(identity)  # fail here, not in a writer
@@ -348,14 +350,14 @@ def _load_streetclip(spec, device):
 
 def _guarded(load: Callable[[], nn.Module], spec) -> nn.Module:
     """Unexpected library errors (timm, transformers) → one-line BackboneLoadError naming the backbone."""
-    from geopipe.pipeline.ingest.backbones import BackboneLoadError, UnknownBackboneError, _load_error
+    from geopipe.pipeline.vision.spec import BackboneLoadError, UnknownBackboneError, load_error
 
     try:
         return load()
     except (BackboneLoadError, UnknownBackboneError):
         raise
     except Exception as exc:
-        raise _load_error(spec, exc) from exc
+        raise load_error(spec, exc) from exc
 
 
 #: name → factory(spec, device), merged into ``backbones.BACKBONES``.

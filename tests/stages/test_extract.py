@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def tiny():
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
 
     return load_backbone(BackboneSpec("tiny"))
 
@@ -210,7 +210,7 @@ def test_resume_after_partial_run_and_crash_is_identical(tmp_path, tiny, monkeyp
 # writes <name>.pid at once and <name>.rc (exit status, -9 when killed) once it has reaped it.
 _ZYGOTE = r"""
 import json, os, sys, time
-import geopipe.flows.cli, geopipe.stages.extract, geopipe.pipeline.ingest.backbones, open_clip
+import geopipe.flows.cli, geopipe.stages.extract, geopipe.pipeline.vision.backbones, open_clip
 d, started, running = sys.argv[1], set(), {}
 
 def put(name, text):

@@ -16,7 +16,7 @@ from geopipe.pipeline.artifacts.checkpoint import save_checkpoint
 from geopipe.pipeline.artifacts.plonk import PLONK_BACKBONES, is_plonk_dir, read_plonk, resolve_model_source
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.infer.predictor import load_predictor
-from geopipe.pipeline.ingest.vision_towers import published_identity
+from geopipe.pipeline.vision.towers import published_identity
 from geopipe.pipeline.methods.registry import get_method, method_from_dict
 from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig, count_parameters
 

@@ -68,7 +68,7 @@ def world(tmp_path_factory):
 
 
 def test_fragments_round_trip_exactly_and_partial_ones_are_not_complete(world, tmp_path):
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
 
     url = world["shards"][0]
     stat = shard_stat(url)
@@ -115,7 +115,7 @@ def test_two_workers_give_the_single_process_store(world, tmp_path):
 
 
 def test_complete_fragments_are_reused_and_partial_ones_redone(world, tmp_path):
-    from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
     from geopipe.pipeline.ingest.distributed import StageJob, fragment_name
 
     shards, store = world["shards"], tmp_path / "r.zarr"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geopipe.pipeline.ingest.backbones import (
+from geopipe.pipeline.vision.backbones import (
     BACKBONES,
     Backbone,
     BackboneLoadError,
@@ -82,7 +82,7 @@ def test_tiny_weights_are_seeded_and_leave_global_rng_alone(tiny):
 
 def test_tiny_fingerprint_is_stable_across_processes(tiny):
     code = (
-        "from geopipe.pipeline.ingest.backbones import BackboneSpec, load_backbone;"
+        "from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone;"
         "import torch; torch.manual_seed(99);"
         "print(load_backbone(BackboneSpec('tiny')).identity['fingerprint'])"
     )

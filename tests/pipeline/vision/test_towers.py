@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from geopipe.pipeline.ingest import vision_towers as vt
-from geopipe.pipeline.ingest.backbones import BACKBONES, BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
+from geopipe.pipeline.vision import towers as vt
+from geopipe.pipeline.vision.backbones import BACKBONES, BackboneLoadError, BackboneSpec, UnknownBackboneError, load_backbone
 
 SMALL_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
