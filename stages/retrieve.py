@@ -10,17 +10,22 @@ training-free scores, Recall@K, BayesCap scores — each block's rows streamed t
 Parquet (:class:`geopipe.pipeline.retrieval.output.PredictionsStream`). Memory does not grow
 with the number of queries, nor with ``k`` beyond one block. ``geopipe evaluate`` scores the
 output like any model (plus Recall@K).
+
+Unlabelled records (latlon NaN: no location) are kept as queries — geolocated, with null truth
+columns and ``answerable``, left out of Recall@K and counted (``recall["n_unlabelled"]``) — and
+skipped in the database, counted too: a record without a location cannot vote for one.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from geopipe.pipeline.artifacts.predictions import predictions_metadata
+from geopipe.pipeline.artifacts.predictions import TRUTH_COLUMNS, predictions_metadata
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
@@ -28,6 +33,7 @@ from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M
 from geopipe.pipeline.retrieval.output import PredictionsStream
 from geopipe.pipeline.retrieval.predictor import MODES, RecallTally, RetrievalOptions, load_retrieval, predict_block
 from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
+from geopipe.pipeline.store.format import labelled_rows
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.store.space import check_query_database
 from geopipe.pipeline.store.stream import read_rows
@@ -86,6 +92,7 @@ class RetrieveResult:
     recall: dict
     kernel: dict | None
     seconds: float
+    n_database_unlabelled: int = 0  # database rows without a location, skipped
 
 
 def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDatabase]:
@@ -105,6 +112,27 @@ def _plan(cfg: RetrieveConfig) -> tuple[EmbeddingStore, EmbeddingStore, QueryDat
         meta = {name: view[:] for name, view in qs.meta.items() if name == cfg.split.capture_field}
         return qs, qs, split_rows(qs.latlon[:], meta, replace(cfg.split, mode="leave_one_out"), source=qs.path)
     return qs, db, QueryDatabase(np.arange(len(qs), dtype=np.int64), np.arange(len(db), dtype=np.int64), None, None)
+
+
+def _labelled_database(db: EmbeddingStore, qd: QueryDatabase) -> tuple[QueryDatabase, int]:
+    """``qd`` without the database rows that have no location, and how many those were."""
+    keep = labelled_rows(db.latlon[:])[qd.db_rows] if db.labelled < len(db) else np.ones(qd.db_rows.size, bool)
+    if not keep.any():
+        raise GeopipeError(f"database store {db.path} has no labelled records (none of its {qd.db_rows.size} database rows has "
+                           f"a location to vote for); retrieve needs a geotagged database")
+    return replace(qd, db_rows=qd.db_rows[keep]), int((~keep).sum())
+
+
+def _without_truth(block, labelled: np.ndarray):
+    """(the block with null truth columns and ``answerable`` on its unlabelled queries, the block
+    of its labelled queries' hits for Recall@K)."""
+    import pyarrow as pa
+
+    cols = dict(block.columns)
+    for name in (*TRUTH_COLUMNS, "answerable"):
+        if name in cols:
+            cols[name] = pa.array(np.asarray(cols[name]), mask=~labelled)
+    return replace(block, columns=cols), replace(block, hits=block.hits[labelled], answerable=block.answerable[labelled])
 
 
 def _options(cfg: RetrieveConfig) -> RetrievalOptions:
@@ -132,26 +160,35 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     qs, db, qd = _plan(cfg)
     if qd.query_rows.size == 0:
         raise GeopipeError(f"query store {qs.path} has no records")
+    qd, n_db_unlabelled = _labelled_database(db, qd)
     scorer = _scorer(cfg, qs, qd.query_rows)
     cfg = replace(cfg, k=min(cfg.k, int(qd.db_rows.size)))  # no more neighbours than database records
     metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
     p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups)
-    tally, n = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size)
+    tally, n, n_unlabelled = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size), 0
     with PredictionsStream(cfg.out) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
         for a, b in p.blocks(n):
             rows = qd.query_rows[a:b]
             groups = None if qd.query_groups is None else qd.query_groups[a:b]
-            block = predict_block(p, read_rows(qs, rows), qs.keys[rows], qs.latlon[rows], groups, first=a)
+            true_ll = qs.latlon[rows]
+            block = predict_block(p, read_rows(qs, rows), qs.keys[rows], true_ll, groups, first=a)
             if scorer is not None:
                 block.columns.update(scorer.scores(a, b))
-            tally.add(block)
+            labelled = labelled_rows(true_ll)
+            block, scored = (block, block) if labelled.all() else _without_truth(block, labelled)
+            n_unlabelled += int((~labelled).sum())
+            tally.add(scored)
             out.write(block.columns, b - a)
             bar.update(b - a)
-        recall = tally.summary()
+        recall = {**tally.summary(), "n_unlabelled": n_unlabelled}
+        if n_unlabelled or n_db_unlabelled:  # never silently
+            print(f"geopipe: retrieve: {n_unlabelled} unlabelled queries geolocated with null truth and left out of Recall@K; "
+                  f"{n_db_unlabelled} unlabelled database rows skipped (no location to vote for)", file=sys.stderr)
         kernel = None if p.kernel is None else {**asdict(p.kernel), "width_km": p.kernel.width_km}
         model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": p.backend,
                  "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,
-                 "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"]}}
+                 "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"], "n_unlabelled": n_unlabelled},
+                 "database_unlabelled": n_db_unlabelled}
         out.finish(predictions_metadata({**asdict(cfg), "split": asdict(cfg.split)}, model, provenance()))
     return RetrieveResult(out=cfg.out, n_queries=n, n_database=int(qd.db_rows.size), backend=p.backend,
-                          recall=recall, kernel=kernel, seconds=time.perf_counter() - t0)
+                          recall=recall, kernel=kernel, seconds=time.perf_counter() - t0, n_database_unlabelled=n_db_unlabelled)

@@ -27,6 +27,7 @@ from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.extract import ExtractConfig, run_extract
 from geopipe.stages.import_embeddings import ImportConfig, run_import
 from geopipe.stages.predict import PredictConfig, run_predict
+from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
 from geopipe.stages.train import TrainConfig, run_train
 
 PER_SHARD, SHARDS = 16, 2
@@ -196,6 +197,30 @@ def test_evaluate_a_file_of_unlabelled_records_only(tmp_path, capsys):
     (entry,) = run_evaluate(EvaluateConfig(predictions=(path,))).reports
     assert entry["n_unlabelled"] == n and entry["distance"] is None and entry["localizability"]["n"] == n
     assert "u: all 6 records are unlabelled (no true location)" in capsys.readouterr().err
+
+
+def test_retrieve_keeps_unlabelled_queries_and_skips_unlabelled_database_rows(world, tmp_path, capsys):
+    n, u = PER_SHARD * SHARDS, len(UNLABELLED)
+    out = str(tmp_path / "r.parquet")
+    res = run_retrieve(RetrieveConfig(query=world["store"], database=world["store"], out=out, k=3, mode="kernel", kernel_val=8,
+                                      kernel_samples=16, progress=False))
+    assert (res.n_queries, res.n_database, res.n_database_unlabelled) == (n, n - u, u)
+    assert res.recall["n"] == n - u and res.recall["n_unlabelled"] == u
+    assert f"{u} unlabelled queries geolocated with null truth and left out of Recall@K; {u} unlabelled database rows skipped" in \
+        capsys.readouterr().err
+    t = pq.read_table(out)
+    unl = np.array([k in UNLABELLED for k in t.column("key").to_pylist()])
+    for name in ("true_lat", "true_lon", "distance_km", "log_likelihood", "hdr_rank", "answerable"):
+        assert (t.column(name).is_valid().to_numpy(zero_copy_only=False) == ~unl).all(), name
+    assert np.isfinite(t.column("lat").to_numpy()).all() and np.isfinite(t.column("neg_entropy_nats").to_numpy()).all()
+    assert not {k for row in t.column("topk_keys").to_pylist() for k in row} & set(UNLABELLED)  # they cannot vote
+    (entry,) = run_evaluate(EvaluateConfig(predictions=(out,))).reports
+    assert entry["n_unlabelled"] == u and entry["retrieval"]["n"] == n - u and entry["retrieval"]["n_unlabelled"] == u
+    none = str(tmp_path / "none.zarr")
+    with StoreWriter.open(none, backbone={"name": "t", "pretrained": None}, embed_dim=4, dtype="float32") as w:
+        w.append_shard("a", np.ones((3, 4)), np.full((3, 2), np.nan), ["k0", "k1", "k2"], {}, [], ShardStat(1, 0.0))
+    with pytest.raises(GeopipeError, match="database store .* has no labelled records"):
+        run_retrieve(RetrieveConfig(query=none, database=none, out=str(tmp_path / "x.parquet"), k=1, progress=False))
 
 
 def _pair(root, name, table, n, seed=0):
