@@ -29,7 +29,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 _LAZY = {
     "Geolocator": "geopipe.pipeline.infer.geolocator",
     "GeoPrediction": "geopipe.pipeline.infer.geolocator",
-    "Region": "geopipe.pipeline.infer.regions",
+    "HDRRegion": "geopipe.pipeline.infer.regions",
 }
 
 __all__ = ["__version__", *_LAZY]

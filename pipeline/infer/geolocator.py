@@ -16,7 +16,6 @@ takes image paths, PIL images, raw image bytes, or an (N, D) array of embeddings
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,13 +27,12 @@ import torch
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.infer.predictor import PredictOptions, Predictor, load_predictor, predict_batch, record_generator
-from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, latlon_to_xyz
+from geopipe.pipeline.infer.regions import LOG_KM2_PER_SR
+from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.store.space import check_same_space, embedding_space
 
 __all__ = ["Geolocator", "GeoPrediction", "LOG_KM2_PER_SR"]
 
-#: log of km² per steradian on the Earth sphere: log p [per km²] = log p [per sr] − LOG_KM2_PER_SR.
-LOG_KM2_PER_SR = 2.0 * math.log(EARTH_RADIUS_KM)
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,8 @@ class GeoPrediction:
 
     def region(self, q: float = 0.9) -> list:
         """The highest-density region of mass ``q`` of each photo (list of N
-        :class:`geopipe.pipeline.infer.regions.Region`: polygon in lon/lat degrees (OGC:CRS84),
-        WKB, area km², mass). Cached per ``q``."""
+        :class:`geopipe.pipeline.infer.regions.HDRRegion`: shapely polygon in lon/lat degrees
+        (OGC:CRS84), WKB, area km², mass on the grid, density level τ per sr and per km²). Cached per ``q``."""
         return self._locator._regions(self, q)
 
     def to_table(self):
@@ -212,10 +210,14 @@ class Geolocator:
             return p.method.log_likelihood(p.model, x, cond).double().cpu().numpy()
 
     def _regions(self, pred: GeoPrediction, q: float) -> list:
-        from geopipe.pipeline.infer.regions import predictor_regions
+        from geopipe.pipeline.infer.regions import hdr_regions
 
         if q not in pred._cache:
-            pred._cache[q] = predictor_regions(self.predictor, pred._embeddings, q)
+            p = self.predictor
+            with torch.no_grad():
+                cond = p.condition(pred._embeddings)
+                gen = record_generator(0, 0, p.device)
+                pred._cache[q] = hdr_regions(p.method, p.model, cond, q, generator=gen, keys=list(pred.keys))
         return pred._cache[q]
 
 

@@ -84,3 +84,18 @@ def test_to_geodataframe(vmf_model):
     gdf = res.to_geodataframe()
     assert len(gdf) == 4 and gdf.crs.to_epsg() == 4326
     np.testing.assert_allclose(gdf.geometry.y.to_numpy(), res.lat)
+
+
+def test_regions_from_the_api_and_as_a_column(vmf_model):
+    from geopipe import Geolocator
+
+    geo = Geolocator.load(vmf_model, device="cpu")
+    emb = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    res = geo.predict(emb, region=0.9)
+    regions = res.region(0.9)
+    assert len(regions) == 2 and res.region(0.9) is regions  # cached per q
+    for r, area in zip(regions, res.columns["region_area_km2"]):
+        assert abs(r.mass - 0.9) < 0.02 and r.area_km2 > 0 and r.geometry.is_valid
+        np.testing.assert_allclose(r.area_km2, area, rtol=0.05)  # the column and the API agree
+    gdf = res.to_geodataframe()
+    assert gdf["region"].iloc[0].geom_type in ("Polygon", "MultiPolygon")
