@@ -294,13 +294,13 @@ def run(config, debug):
     from geopipe.stages.config import load_pipeline_config
 
     result = run_pipeline(pipeline_progress(load_pipeline_config(config)), debug=debug)
-    if result["table"] is not None:
-        click.echo(result["table"])
-    unc = result.get("uncertainty")
+    if result.table is not None:
+        click.echo(result.table)
+    unc = result.uncertainty
     if unc is not None:
-        if (unc.get("bayescap") or {}).get("status", "trained") != "trained":
-            click.echo(f"bayescap: {unc['bayescap']['message']}")
-        click.echo(unc["table"] + "\n\n" + unc["uncertainty_table"])
+        if (unc.bayescap or {}).get("status", "trained") != "trained":
+            click.echo(f"bayescap: {unc.bayescap['message']}")
+        click.echo(unc.table + "\n\n" + unc.uncertainty_table)
 
 
 @cli.command()
@@ -321,9 +321,11 @@ def serve(config, cron, interval, name):
         from prefect import serve as prefect_serve  # after the API url is set: Prefect reads it at import
 
         from geopipe.flows.pipeline_flow import scheduled_deployment
+        from geopipe.flows.tasks import prefect_defaults
 
         try:
-            prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
+            with prefect_defaults():
+                prefect_serve(scheduled_deployment(config, cron=cron, interval_s=interval, name=name))
         except KeyboardInterrupt:
             pass
         finally:

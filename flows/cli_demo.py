@@ -74,10 +74,10 @@ def demo_command(workdir, steps):
         torch.set_num_threads(1)
     cfg = demo_pipeline_config(workdir, train_steps=steps)
     result = run_pipeline(pipeline_progress(cfg))
-    click.echo(result["table"])
-    unc = result.get("uncertainty") or {}
-    if unc.get("table"):
-        click.echo(f"\nRetrieval beside the generative model ({workdir}/retrieval.parquet, {workdir}/predictions.parquet):\n{unc['table']}")
-    if unc.get("uncertainty_table"):
+    click.echo(result.table)
+    unc = result.uncertainty
+    if unc is not None and unc.table:
+        click.echo(f"\nRetrieval beside the generative model ({workdir}/retrieval.parquet, {workdir}/predictions.parquet):\n{unc.table}")
+    if unc is not None and unc.uncertainty_table:
         click.echo(f"\nFailure prediction (error > {cfg.uncertainty.evaluate.failure_km:g} km), one row per score; "
-                   f"plots in {cfg.uncertainty.evaluate.plots_dir}:\n{unc['uncertainty_table']}")
+                   f"plots in {cfg.uncertainty.evaluate.plots_dir}:\n{unc.uncertainty_table}")

@@ -33,7 +33,7 @@ def test_prefect_flow_end_to_end(demo_world, tmp_path):
     state = geopipe_flow(cfg, return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert "constant" in result["table"].lower()
+    assert "constant" in result.table.lower()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reports"][0]["distance"]["n"] == 80
     # the run is recorded by the (ephemeral) Prefect server with its task runs

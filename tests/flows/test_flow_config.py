@@ -76,10 +76,13 @@ def test_a_missing_shard_fails_the_run_at_once_in_a_few_lines(tmp_path):
 
 
 def test_prefect_logs_user_errors_without_traceback():
+    """Inside brief_user_errors only (nothing is installed at import): a GeopipeError is logged
+    without its traceback, a bug with it; with debug every traceback stays."""
     import logging
     import sys
 
-    import geopipe.flows.pipeline_flow  # noqa: F401  (installs the filter on Prefect's run loggers)
+    import geopipe.flows.pipeline_flow  # noqa: F401  (importing installs nothing)
+    from geopipe.flows.tasks import brief_user_errors
     from geopipe.pipeline.ingest.shards import ShardNotFoundError
 
     def record(exc):
@@ -89,6 +92,13 @@ def test_prefect_logs_user_errors_without_traceback():
             return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
 
     logger = logging.getLogger("prefect.flow_runs")
-    user, bug = record(ShardNotFoundError("shard not found: x.tar")), record(RuntimeError("bug"))
-    assert logger.filter(user) and logger.filter(bug)
+    outside = record(ShardNotFoundError("shard not found: x.tar"))
+    assert logger.filter(outside) and outside.exc_info is not None
+    with brief_user_errors(debug=True):
+        debug = record(ShardNotFoundError("shard not found: x.tar"))
+        assert logger.filter(debug) and debug.exc_info is not None
+    with brief_user_errors():
+        user, bug = record(ShardNotFoundError("shard not found: x.tar")), record(RuntimeError("bug"))
+        assert logger.filter(user) and logger.filter(bug)
     assert user.exc_info is None and bug.exc_info is not None  # bugs keep their traceback
+    assert not logger.filters

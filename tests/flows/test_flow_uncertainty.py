@@ -48,8 +48,8 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     first, kinds, seconds = _run(_doc(t))
     print(f"uncertainty flow, first run: {seconds:.1f} s")
     assert {"demo-data", "extract", "retrieve", "bayescap", "score", "evaluate-uncertainty"} <= kinds
-    unc = first["uncertainty"]
-    assert first["table"] is None and unc["bayescap"]["status"] == "trained" and unc["bayescap"]["pairs"]["n_pairs"] >= 20
+    unc = first.uncertainty
+    assert first.table is None and unc.bayescap["status"] == "trained" and unc.bayescap["pairs"]["n_pairs"] >= 20
     table = pq.read_table(f"{t}/retrieval.parquet")
     log_u = np.array(table.column("log_u").to_pylist(), dtype=float)
     assert table.num_rows == 40 and np.isfinite(log_u).all()
@@ -57,7 +57,7 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     assert meta["model"]["bayescap"] == {"checkpoint": f"{t}/bayescap", "mc_passes": 4}
     scores = {r["score"] for r in json.load(open(f"{t}/uncertainty.json"))["uncertainty"]}
     assert {"log_u", "log_u_alea", "u_dist1", "u_spread_km", "entropy_nats"} <= scores
-    assert "log_u_alea" in unc["uncertainty_table"] and "Recall@K" in unc["table"]
+    assert "log_u_alea" in unc.uncertainty_table and "Recall@K" in unc.table
 
     # the same numbers as `geopipe retrieve --bayescap` (same rows, same seed)
     from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
@@ -70,14 +70,14 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     second, kinds, seconds = _run(_doc(t))
     print(f"uncertainty flow, unchanged rerun: {seconds:.1f} s")
     assert kinds == {"demo-data", "extract"}  # retrieve, bayescap, score and evaluate skipped
-    assert second["uncertainty"]["uncertainty_table"] == unc["uncertainty_table"]
-    assert any(r.startswith("bayescap skipped") for r in second["uncertainty"]["skipped"])
+    assert second.uncertainty.uncertainty_table == unc.uncertainty_table
+    assert any(r.startswith("bayescap skipped") for r in second.uncertainty.skipped)
 
     third, kinds, _ = _run(_doc(t, min_pairs=10**6))  # too few pairs: skip policy, not a failure
     assert {"bayescap", "score", "evaluate-uncertainty"} <= kinds and "retrieve" not in kinds
-    assert third["uncertainty"]["bayescap"]["status"] == "insufficient_pairs"
+    assert third.uncertainty.bayescap["status"] == "insufficient_pairs"
     assert pq.read_table(f"{t}/retrieval.parquet").column("log_u").null_count == 40  # the old checkpoint's scores are gone
-    *rows, note = third["uncertainty"]["uncertainty_table"].splitlines()
+    *rows, note = third.uncertainty.uncertainty_table.splitlines()
     assert "log_u" not in "\n".join(rows) and "u_dist1" in "\n".join(rows)  # no row for the emptied columns, and
     assert note.startswith("not scored") and "log_u (0 values)" in note  # a line naming them
     state = json.load(open(f"{t}/{STATE_FILE}"))
@@ -92,7 +92,7 @@ def test_uncertainty_flow_runs_skips_and_survives_too_few_pairs(tmp_path):
     doc["evaluate"] = {"predictions": [f"{t}/p.parquet"]}
     fourth, kinds, _ = _run(doc)
     assert {"train", "predict", "evaluate"} <= kinds and not kinds & {"retrieve", "bayescap", "score", "evaluate-uncertainty"}
-    assert "GeoScore" in fourth["table"] and fourth["uncertainty"]["table"] == third["uncertainty"]["table"]
+    assert "GeoScore" in fourth.table and fourth.uncertainty.table == third.uncertainty.table
     state = json.load(open(f"{t}/{STATE_FILE}"))
     assert set(state["keys"]) == {"train", "predict", "evaluate"} and state["uncertainty"]["bayescap"]["status"] == "insufficient_pairs"
 

@@ -46,16 +46,16 @@ def test_rerun_skips_unchanged_work_and_extracts_only_new_shards(demo_world, tmp
 
     second, kinds = _run(_doc(shards, demo_world, t))
     assert kinds == {"extract"}  # no train, predict or evaluate task ran
-    assert second["table"] == first["table"] and any("train skipped" in r for r in second["skipped"])
-    assert [r.shards_done for r in second["results"]["extract"]] == [0, 0]
+    assert second.table == first.table and any("train skipped" in r for r in second.skipped)
+    assert [r.shards_done for r in second.results["extract"]] == [0, 0]
 
     shutil.copy(os.path.join(demo_world["dir"], "train-000001.tar"), shards)  # new data arrives
     third, kinds = _run(_doc(shards, demo_world, t))
-    train_ex, test_ex = third["results"]["extract"]
+    train_ex, test_ex = third.results["extract"]
     assert (train_ex.shards_done, train_ex.shards_skipped, train_ex.n_ok) == (1, 1, 200)  # only the new shard
     assert test_ex.shards_done == 0
     assert {"train", "predict", "evaluate"} <= kinds
-    assert third["results"]["train"].n_train + third["results"]["train"].n_val == 400
+    assert third.results["train"].n_train + third.results["train"].n_val == 400
 
     # continue mode: predict options change → no retraining, re-scored; new data → continue 3 steps
     doc = _doc(shards, demo_world, t, on_new_data="continue", continue_steps=3)
@@ -79,14 +79,14 @@ def test_rerun_continue_trains_the_last_checkpoint_on_for_continue_steps(demo_wo
 
     shutil.copy(os.path.join(demo_world["dir"], "train-000001.tar"), shards)  # new data arrives
     second, kinds = _run(_doc(shards, demo_world, t, on_new_data="continue", continue_steps=3))
-    train_ex, test_ex = second["results"]["extract"]
+    train_ex, test_ex = second.results["extract"]
     assert (train_ex.shards_done, train_ex.shards_skipped, test_ex.shards_done) == (1, 1, 0)  # only the new shard
     assert {"train", "predict", "evaluate"} <= kinds
     after = load_checkpoint_config(os.path.join(t, "model"))
     assert after["step"] == before["step"] + 3
     assert after["data_fingerprint"] != before["data_fingerprint"]  # trained on the grown store
-    assert any("train continues" in r and "step 9" in r for r in second["skipped"])
-    assert second["results"]["train"].n_train + second["results"]["train"].n_val == 400
+    assert any("train continues" in r and "step 9" in r for r in second.skipped)
+    assert second.results["train"].n_train + second.results["train"].n_val == 400
 
 
 def test_rerun_options_are_checked():
