@@ -174,7 +174,8 @@ def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:
 
 
 def store_mean_direction(store: str) -> tuple[float, float]:
-    """Constant-baseline point: mean direction (lat, lon degrees) of an embedding store's ``latlon``."""
+    """Constant-baseline point: mean direction (lat, lon degrees) of an embedding store's labelled
+    ``latlon`` rows (unlabelled records, NaN, have no location to average)."""
     import zarr
 
     try:
@@ -183,7 +184,10 @@ def store_mean_direction(store: str) -> tuple[float, float]:
         latlon = np.asarray(group["latlon"][:rows], dtype=np.float64)
     except Exception as exc:  # zarr raises several types for a missing / foreign path
         raise GeopipeError(f"cannot read coordinates of embedding store {store!r} ({type(exc).__name__}: {exc})") from None
+    labelled = np.isfinite(latlon).all(axis=1) | ~np.isnan(latlon).all(axis=1)  # (NaN, NaN) rows out; damage stays in
+    if not labelled.any() and len(latlon):
+        raise GeopipeError(f"store {store!r} has no labelled records: no mean location for a constant baseline")
     try:
-        return constant_baseline(latlon)
+        return constant_baseline(latlon[labelled])
     except ValueError as exc:
         raise GeopipeError(f"store {store!r}: {exc}") from None

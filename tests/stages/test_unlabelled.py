@@ -23,7 +23,7 @@ from geopipe.pipeline.store.verify import store_info, verify_store
 from geopipe.pipeline.store.writer import StoreWriter
 from geopipe.schemas.report import validate_report
 from geopipe.schemas.store import validate_store_attrs
-from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
+from geopipe.stages.evaluate import EvaluateConfig, run_evaluate, store_mean_direction
 from geopipe.stages.extract import ExtractConfig, run_extract
 from geopipe.stages.import_embeddings import ImportConfig, run_import
 from geopipe.stages.predict import PredictConfig, run_predict
@@ -84,6 +84,9 @@ def test_extract_keeps_unlabelled_records_and_counts_them(world, capsys):
     assert (nan[:, 0] == nan[:, 1]).all()  # both or neither
     assert sorted(d.keys[nan[:, 0]].tolist()) == UNLABELLED
     assert np.isfinite(d.embeddings.astype(np.float32)).all()
+    from geopipe.pipeline.eval.metrics import constant_baseline
+
+    assert store_mean_direction(store) == pytest.approx(constant_baseline(d.latlon[~nan[:, 0]]))  # the baseline of labelled rows
     assert d.meta["city"][d.keys.tolist().index("s007")] == '"c7"'  # an unlabelled json keeps its other fields
     s = open_store(store)
     assert s.labelled == s.attrs["labelled"] == n - len(UNLABELLED) and validate_store_attrs(s.attrs) == []
