@@ -17,7 +17,8 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.command("map")
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint directory.")
 @click.option("--store", required=True, help="Embedding store holding the records.")
-@click.option("--out-dir", "--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for map-<key>.png files.")
+@click.option("--out-dir", "--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for map-<key>.png, map-<key>.tif (GeoTIFF, probability per km²) and map-<key>.geojson (HDR region).")
 @click.option("--key", "keys", multiple=True, help="Record key to draw (repeat); default: the first --n-records records.")
 @click.option("--n-records", "--n", "n_records", default=4, show_default=True, help="Records to draw when no --key is given.")
 @click.option("--mode", type=click.Choice(["loglik", "kde"]), default="loglik", show_default=True,
@@ -31,20 +32,23 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.option("--rtol", default=1e-4, show_default=True, help="ODE tolerance of the exact likelihood.")
 @click.option("--atol", default=1e-4, show_default=True, help="Absolute ODE tolerance of the exact likelihood.")
 @click.option("--world", is_flag=True, help="Always draw the whole world (no zoom on the high-density region).")
+@click.option("--region", default=0.9, show_default=True, type=float,
+              help="Probability mass q of the highest-density region written as map-<key>.geojson (0 = none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @user_errors
 def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_deg, kde_samples, bandwidth_km, steps, guidance,
-                seed, rtol, atol, world, device):
-    """Draw world maps (PNG) of the predicted density, true location and prediction for chosen records."""
+                seed, rtol, atol, world, region, device):
+    """Draw world maps (PNG) of the predicted density, true location and prediction for chosen records, with the
+    density grid as GeoTIFF and its highest-density region as GeoJSON beside each."""
     from geopipe.stages.maps import MapConfig, run_maps
 
     cfg = MapConfig(checkpoint=checkpoint, store=store, out_dir=out_dir, keys=tuple(keys), n_records=n_records, mode=mode,
                     resolution_deg=resolution_deg, kde_samples=kde_samples, bandwidth_km=bandwidth_km, steps=steps,
                     guidance=guidance, seed=seed, rtol=rtol, atol=atol, zoom=not world, device=device,
-                    progress=progress_enabled())
+                    progress=progress_enabled(), region=None if region == 0 else region)
     res = run_maps(cfg)
-    for key, path, mass in zip(res.keys, res.paths, res.masses):
-        click.echo(f"{key}: {path} (grid mass {mass:.3f})")
+    for key, path, mass, raster, geojson in zip(res.keys, res.paths, res.masses, res.rasters, res.regions):
+        click.echo(f"{key}: {path} (grid mass {mass:.3f}), {raster}" + (f", {geojson}" if geojson else ""))
 
 
 @click.command("calibration-plot")

@@ -2,7 +2,9 @@
 
 ``run_maps``: checkpoint + store → one equirectangular world map per record with the predicted
 density (exact log-likelihood grid, or a vMF-kernel KDE of model samples), the true location and
-the point prediction. ``run_calibration_plot``: an evaluate report JSON → HDR calibration PNG
+the point prediction; beside each ``map-<key>.png`` the drawn grid as ``map-<key>.tif`` (GeoTIFF,
+float32 probability per km², EPSG:4326) and the q highest-density region with both points as
+``map-<key>.geojson`` (RFC 7946; :mod:`geopipe.pipeline.viz.gis`). ``run_calibration_plot``: an evaluate report JSON → HDR calibration PNG
 (one curve per model entry that has a calibration section).
 """
 
@@ -12,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,10 +24,20 @@ from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
-from geopipe.pipeline.sphere.geometry import xyz_to_latlon
+from geopipe.pipeline.infer.regions import check_mass, hdr_region, hdr_regions
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, xyz_to_latlon
 from geopipe.pipeline.store.reader import open_store
 from geopipe.pipeline.store.space import store_space
-from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from geopipe.pipeline.viz.density_grid import (
+    density_grid_kde,
+    density_grid_loglik,
+    grid_mass,
+    hdr_extent,
+    kde_bandwidth_km,
+    kde_log_density,
+    latlon_grid,
+)
+from geopipe.pipeline.viz.gis import point_feature, region_features, write_density_geotiff, write_geojson
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 
 __all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
@@ -46,6 +59,9 @@ class MapConfig:
     model's p(x | c) at ``density_guidance`` (0 = unguided, as scored by NLL and calibration).
     zoom: when the 95% HDR, truth and prediction fit in a regional view, draw that view from a
     second grid with as many cells as the world grid (so loglik mode costs up to twice as much).
+    region: mass q of the highest-density region written as ``map-<key>.geojson`` (None: no file;
+    loglik mode: of the model's density, S² methods only, ≈ 1000 draws and 20–40 k log-likelihoods
+    more per record; kde mode: of the KDE).
     """
 
     checkpoint: str
@@ -66,6 +82,7 @@ class MapConfig:
     zoom: bool = True
     device: str = "auto"
     progress: bool = True
+    region: float | None = 0.9
 
     def __post_init__(self):
         if isinstance(self.keys, (list, str)):
@@ -77,15 +94,29 @@ class MapConfig:
             check_int(getattr(self, name), name, low, where="map")
         if self.bandwidth_km is not None and not self.bandwidth_km > 0:
             raise ConfigError(f"map: bandwidth_km must be > 0 km, got {self.bandwidth_km!r}")
+        if self.region is not None:
+            check_mass(self.region)
 
 
 @dataclass(frozen=True)
 class MapResult:
-    """paths: PNG per record (same order as keys); masses: grid integral Σ p·ΔA of each drawn density."""
+    """paths: PNG per record (same order as keys); masses: grid integral Σ p·ΔA of each drawn density;
+    rasters: GeoTIFF of each drawn grid; regions: GeoJSON of each HDR (None where none was written)."""
 
     paths: tuple[str, ...]
     keys: tuple[str, ...]
     masses: tuple[float, ...]
+    rasters: tuple[str, ...] = ()
+    regions: tuple[str | None, ...] = ()
+
+
+class _Drawn(NamedTuple):
+    """One record's files: PNG path, world-grid mass, GeoTIFF path, GeoJSON path (or None)."""
+
+    path: str
+    mass: float
+    raster: str
+    region: str | None
 
 
 def _select_rows(cfg: MapConfig, keys: np.ndarray) -> list[int]:
@@ -119,6 +150,7 @@ def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generato
                 x = p.method.sample(p.model, cond, cfg.kde_samples, steps=cfg.steps, guidance=cfg.density_guidance, generator=g)
             cache["x"] = x[0].double().cpu().numpy()
         bw = cfg.bandwidth_km or kde_bandwidth_km(cache["x"], res)  # the k-NN width, floored at this grid's cell
+        cache["kappa"] = (EARTH_RADIUS_KM / bw) ** 2  # the drawn (last) grid's kernel, for the region
         grid = density_grid_kde(cache["x"], res, bandwidth_km=bw, extent=extent)
         return grid, f"KDE of {cfg.kde_samples} samples, σ = {bw:,.0f} km"
     grid = density_grid_loglik(p.method, p.model, cond[0], res, rtol=cfg.rtol, atol=cfg.atol, guidance=cfg.density_guidance,
@@ -133,8 +165,8 @@ def _density(cfg: MapConfig, p: Predictor, cond: torch.Tensor, g: torch.Generato
     return grid, caption
 
 
-def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, bar: Progress | None = None) -> tuple[str, float]:
-    """Render one record's map; returns (path, probability mass of the world grid)."""
+def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, bar: Progress | None = None) -> _Drawn:
+    """Render one record's map and write its GeoTIFF and GeoJSON beside it."""
     cache: dict = {}
     grid, caption = _density(cfg, p, cond, g, cache=cache, bar=bar)
     mass = grid_mass(grid)
@@ -148,11 +180,29 @@ def _draw_record(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, b
     path = os.path.join(cfg.out_dir, f"map-{_safe_name(key)}.png")
     render_density_map(path, *grid, true_latlon=truth, pred_latlon=pred, extent=extent,
                        title=f"{key} · {p.method.name}\n{caption}")
-    return path, mass
+    raster = write_density_geotiff(path[:-4] + ".tif", grid, description=f"{key} · {p.method.name}: {caption}")
+    return _Drawn(path, mass, raster, _write_region(cfg, p, cond, g, key, truth, pred, cache, path[:-4] + ".geojson"))
+
+
+def _write_region(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, cache: dict, path: str) -> str | None:
+    """The record's ``cfg.region`` HDR with the truth and prediction points as GeoJSON at ``path``;
+    None when not requested or undefined (loglik mode of an R³ model: its restriction to S² is no
+    density its samples follow)."""
+    if cfg.region is None or (cfg.mode == "loglik" and p.method.space != "sphere"):
+        return None
+    if cfg.mode == "kde":
+        x, kappa = cache["x"], cache["kappa"]
+        region = hdr_region(lambda xyz: kde_log_density(x, kappa, xyz), cfg.region, samples=x)
+    else:
+        region = hdr_regions(p.method, p.model, cond, cfg.region, generator=g, steps=cfg.steps, rtol=cfg.rtol, atol=cfg.atol,
+                             guidance=cfg.density_guidance, chunk=_GRID_CHUNK, keys=[key])[0]
+    features = [region_features(region, key=key, method=p.method.name, density="kde" if cfg.mode == "kde" else "model")]
+    features += [point_feature(*pt, kind=kind, key=key) for pt, kind in ((pred, "prediction"), (truth, "truth")) if pt is not None]
+    return write_geojson(path, features)
 
 
 def run_maps(cfg: MapConfig) -> MapResult:
-    """Draw one density map per selected record into ``cfg.out_dir`` (``map-<key>.png``)."""
+    """Draw one density map per selected record into ``cfg.out_dir`` (``map-<key>.png``, ``.tif``, ``.geojson``)."""
     store = open_store(cfg.store)
     keys = np.asarray(store.keys[:]).astype(str)
     rows = _select_rows(cfg, keys)
@@ -160,7 +210,7 @@ def run_maps(cfg: MapConfig) -> MapResult:
         raise GeopipeError(f"store {cfg.store} has no records to draw")
     p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    paths, masses = [], []
+    drawn = []
     n_grid = int(np.prod([len(a) for a in latlon_grid(cfg.resolution_deg)]))
     loglik = cfg.mode == "loglik"
     bar = Progress(len(rows) * n_grid if loglik else len(rows), "map", "point" if loglik else "rec", enabled=cfg.progress)
@@ -172,13 +222,12 @@ def run_maps(cfg: MapConfig) -> MapResult:
             point = p.method.predict_point(p.model, cond, steps=cfg.steps, guidance=cfg.guidance, generator=g, keys=[key])
         pred = xyz_to_latlon(point.double(), keys=[key])[0].cpu().numpy()
         truth = np.asarray(store.latlon[row], dtype=np.float64)
-        path, mass = _draw_record(cfg, p, cond, g, key, tuple(truth) if np.isfinite(truth).all() else None, tuple(pred), bar)
-        paths.append(path)
-        masses.append(mass)
+        drawn.append(_draw_record(cfg, p, cond, g, key, tuple(truth) if np.isfinite(truth).all() else None, tuple(pred), bar))
         if not loglik:
             bar.update(1)
     bar.close()
-    return MapResult(tuple(paths), tuple(str(keys[r]) for r in rows), tuple(masses))
+    return MapResult(tuple(d.path for d in drawn), tuple(str(keys[r]) for r in rows), tuple(d.mass for d in drawn),
+                     tuple(d.raster for d in drawn), tuple(d.region for d in drawn))
 
 
 @dataclass(frozen=True)

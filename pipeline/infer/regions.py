@@ -166,8 +166,9 @@ def _region(grids, q: float, log_tau: float, tau: str, evaluations: int) -> HDRR
 
 def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None = None, tau: str = "grid", samples=None,
                 sample_logp=None, generator=None, steps: int = 16, sampler: str | None = None, rtol: float = 1e-5,
-                atol: float = 1e-5, chunk: int = 4096, keys=None) -> list[HDRRegion]:
-    """The q-HDR of each record of a batch under ``method``/``model`` (unguided density, as NLL).
+                atol: float = 1e-5, guidance: float = 0.0, chunk: int = 4096, keys=None) -> list[HDRRegion]:
+    """The q-HDR of each record of a batch under ``method``/``model`` (density at ``guidance``,
+    default 0: unguided, as scored by NLL and calibration).
 
     cond: (B, C) conditioning on the model's device. samples / sample_logp: optional (B, N, 3) /
     (B, N) draws and their log densities (nats per steradian); otherwise ``options.samples`` draws
@@ -183,9 +184,10 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
     check_mass(q)
     with torch.no_grad():
         if samples is None:
-            samples = method.sample(model, cond, opts.samples, steps=steps, guidance=0.0, sampler=sampler, generator=generator, keys=keys)
+            samples = method.sample(model, cond, opts.samples, steps=steps, guidance=guidance, sampler=sampler, generator=generator, keys=keys)
             flat = cond.repeat_interleave(samples.shape[1], dim=0)
-            sample_logp = method.log_likelihood(model, samples.reshape(-1, 3), flat, rtol=rtol, atol=atol).reshape(samples.shape[:2])
+            sample_logp = method.log_likelihood(model, samples.reshape(-1, 3), flat, rtol=rtol, atol=atol,
+                                                guidance=guidance).reshape(samples.shape[:2])
         xs = torch.as_tensor(samples).double().cpu().numpy()
         lps = None if sample_logp is None else torch.as_tensor(sample_logp).double().cpu().numpy()
         param = next(iter(model.parameters()), None)
@@ -194,8 +196,8 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
         def evaluator(b: int):
             def log_density(xyz: np.ndarray) -> np.ndarray:
                 x = torch.as_tensor(xyz, dtype=dtype, device=cond.device)
-                out = [method.log_likelihood(model, x[s:s + chunk], cond[b:b + 1].expand(len(x[s:s + chunk]), -1), rtol=rtol, atol=atol)
-                       for s in range(0, len(x), chunk)]
+                out = [method.log_likelihood(model, x[s:s + chunk], cond[b:b + 1].expand(len(x[s:s + chunk]), -1), rtol=rtol, atol=atol,
+                                             guidance=guidance) for s in range(0, len(x), chunk)]
                 return torch.cat(out).double().cpu().numpy()
             return log_density
 

@@ -35,6 +35,7 @@ __all__ = [
     "density_grid_loglik",
     "kde_bandwidth_km",
     "density_grid_kde",
+    "kde_log_density",
 ]
 
 
@@ -174,10 +175,19 @@ def density_grid_kde(samples_xyz, resolution_deg: float = 3.0, *, bandwidth_km: 
         kappa = (EARTH_RADIUS_KM / bw) ** 2
     if not float(kappa) > 0:
         raise ConfigError(f"kappa must be > 0, got {kappa!r}")
-    # log p̂(x) = log C(κ) − ln N + logsumexp_i κ(⟨x_i, x⟩ − 1), C(κ) = κ / (2π(1 − e^{−2κ})) as in
-    # geopipe.pipeline.sphere.vmf (same stable form), with one matmul per chunk instead of a (B, N, 3) product.
+    logp = kde_log_density(mu.numpy(), float(kappa), _cell_xyz(lats, lons).numpy(), chunk_elements=chunk_elements)
+    return DensityGrid(lats, lons, logp.reshape(len(lats), len(lons)))
+
+
+def kde_log_density(samples_xyz, kappa: float, xyz, *, chunk_elements: int = 1 << 22) -> np.ndarray:
+    """log p̂(x) (M,) nats per steradian of the vMF-kernel KDE of unit ``samples_xyz`` (N, 3) with
+    concentration ``kappa`` (1/sr) at unit ``xyz`` (M, 3): log C(κ) − ln N + logsumexp_i κ(⟨x_i, x⟩ − 1),
+    C(κ) = κ / (2π(1 − e^{−2κ})) as in geopipe.pipeline.sphere.vmf (same stable form), one matmul
+    per chunk of ≈ ``chunk_elements`` kernel values instead of a (M, N, 3) product."""
+    mu = torch.as_tensor(np.asarray(samples_xyz), dtype=torch.float64).reshape(-1, 3)
+    x = torch.as_tensor(np.asarray(xyz), dtype=torch.float64).reshape(-1, 3)
     kap = torch.tensor(float(kappa), dtype=torch.float64)
     log_c = torch.log(kap) - torch.log(-2.0 * math.pi * torch.expm1(-2.0 * kap)) - math.log(len(mu))
-    rows = max(1, int(chunk_elements) // len(mu))  # cells per chunk: ≈ chunk_elements kernel values in memory
-    out = [log_c + torch.logsumexp(kap * (xb @ mu.T - 1.0), dim=1) for xb in torch.split(_cell_xyz(lats, lons), rows)]
-    return DensityGrid(lats, lons, torch.cat(out).numpy().reshape(len(lats), len(lons)))
+    rows = max(1, int(chunk_elements) // len(mu))
+    out = [log_c + torch.logsumexp(kap * (xb @ mu.T - 1.0), dim=1) for xb in torch.split(x, rows)]
+    return torch.cat(out).numpy() if out else np.zeros(0)

@@ -130,6 +130,9 @@ class _VMFLike:
     def log_likelihood(self, model, x, cond, *, rtol, atol, guidance=0.0):
         return vmf_log_density(x, cond[:, :3], cond[:, 3])
 
+    def sample(self, model, cond, n, *, generator=None, **kw):  # Wood draws: the HDR region of the map's GeoJSON
+        return sample_vmf_mixture(cond[:, None, :3], cond[:, 3:4], torch.ones_like(cond[:, 3:4]), n, generator=generator)
+
 
 def test_loglik_grid_of_a_uniform_method_is_flat_and_batched():
     method = _UniformLike()
@@ -360,7 +363,7 @@ def test_maps_stage_zooms_on_a_concentrated_density(tmp_path, monkeypatch):
     mu = latlon_to_xyz(torch.tensor([-23.5, -46.6], dtype=torch.float64))  # São Paulo
     cond = torch.cat([mu, torch.tensor([3000.0], dtype=torch.float64)])[None]
     cfg = stage.MapConfig("c", "s", str(tmp_path), mode="loglik", resolution_deg=3.0)
-    path, mass = stage._draw_record(cfg, p, cond, torch.Generator(), "a/b", (-22.9, -43.2), (-23.5, -46.6))
+    path, mass, *_ = stage._draw_record(cfg, p, cond, torch.Generator(), "a/b", (-22.9, -43.2), (-23.5, -46.6))
     assert path.endswith("map-a_b.png") and mass == pytest.approx(1.0, abs=0.02)
     lon0, lon1, lat0, lat1 = seen["extent"]
     assert lon0 < -46.6 < lon1 and lat0 < -23.5 < lat1 and lon1 - lon0 < 60

@@ -8,42 +8,15 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from tiny_models import tiny_store, untrained_checkpoint
 
 from geopipe.pipeline.core.errors import ConfigError
-
-IDENTITY = {"name": "fake", "pretrained": None, "embed_dim": 8, "preprocess": {"size": 8}, "fingerprint": "abc"}
-
-
-def _tiny_store(path, n: int = 5) -> str:
-    from geopipe.pipeline.store.format import ShardStat
-    from geopipe.pipeline.store.writer import StoreWriter
-
-    rng = np.random.default_rng(0)
-    latlon = np.column_stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)])
-    with StoreWriter.open(str(path), backbone=IDENTITY, embed_dim=8, dtype="float32", normalize=True, created_by={"version": "t"}) as w:
-        w.append_shard("a.tar", rng.normal(size=(n, 8)), latlon, [f"rec/{i}" for i in range(n)], {}, [], ShardStat(1, 0.0))
-    return str(path)
-
-
-def _checkpoint(path, name: str = "vmf") -> str:
-    from geopipe.pipeline.artifacts.checkpoint import save_checkpoint
-    from geopipe.pipeline.methods.registry import get_method
-    from geopipe.pipeline.model.network import NetworkConfig
-
-    method = get_method(name)
-    net = NetworkConfig(input_dim=3, dim=16, depth=2, expansion=2, cond_dim=8)
-    torch.manual_seed(0)
-    model = method.build_model(net)
-    config = {"method": method.to_dict(), "network": net.to_dict(), "embed_dim": 8, "backbone": IDENTITY, "step": 0}
-    save_checkpoint(path, model_state=model.state_dict(), config=config)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("region")
-    return _checkpoint(tmp / "ckpt"), _tiny_store(tmp / "s.zarr")
+    return untrained_checkpoint(tmp / "ckpt"), tiny_store(tmp / "s.zarr")
 
 
 def test_predict_region_is_a_geoparquet_polygon_column(setup, tmp_path):
@@ -106,6 +79,6 @@ def test_cli_predict_region(setup, tmp_path):
     assert pq.read_table(out).column("region").null_count == 0
     bad = CliRunner().invoke(cli, ["predict", "-c", ckpt, "--store", store, "-o", out, "--region", "90", "--device", "cpu"])
     assert bad.exit_code != 0 and "--region must be a probability mass in (0, 1)" in bad.output
-    r3 = _checkpoint(tmp_path / "flow", "flow")
+    r3 = untrained_checkpoint(tmp_path / "flow", "flow")
     refused = CliRunner().invoke(cli, ["predict", "-c", r3, "--store", store, "-o", out, "--region", "0.9", "--device", "cpu"])
     assert refused.exit_code != 0 and "HDR regions need a density on the sphere" in refused.output
