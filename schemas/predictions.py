@@ -15,12 +15,53 @@ region of mass q (``geopipe predict --region q``; q is in the config metadata), 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
-__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA", "geo_metadata"]
+__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA", "geo_metadata", "ScoreColumn",
+           "SCORE_SOURCES", "UNCERTAINTY_SCORES", "score_columns"]
 
 PREDICTIONS_SCHEMA_ID = "geopipe.predictions/1"
 METADATA_KEY = b"geopipe"
+
+
+@dataclass(frozen=True)
+class ScoreColumn:
+    """An uncertainty score column of the predictions table: float64, higher = more uncertain
+    (``geopipe evaluate --uncertainty`` ranks failures by it). ``source``: one of
+    :data:`SCORE_SOURCES`, what fills the column."""
+
+    name: str
+    source: str
+    doc: str
+
+
+#: What fills a score column: the training-free scores of a retrieval's top-K (``geopipe
+#: retrieve``, always), or a BayesCap checkpoint — its heads (aleatoric) and MC dropout over
+#: them (epistemic) — given with ``--bayescap`` to retrieve or predict (null otherwise).
+SCORE_SOURCES = {"retrieval": "training-free, from the top-K of geopipe retrieve",
+                 "bayescap": "BayesCap heads and MC dropout (--bayescap of retrieve or predict)"}
+
+#: Every uncertainty score column, in table order. Adding a score: one entry here and its
+#: function (the library functions return their source's columns, and a test holds them equal).
+UNCERTAINTY_SCORES: tuple[ScoreColumn, ...] = (
+    ScoreColumn("log_u", "bayescap", "log of the geometric mean of the total (aleatoric + epistemic) per-feature variance"),
+    ScoreColumn("log_u_alea", "bayescap", "aleatoric part of log_u"),
+    ScoreColumn("log_u_epi", "bayescap", "epistemic part of log_u (MC dropout)"),
+    ScoreColumn("u_dist1", "retrieval", "descriptor distance to the top-1"),
+    ScoreColumn("u_ratio12", "retrieval", "d1 / d2"),
+    ScoreColumn("u_spread_km", "retrieval", "spatial spread of the top-K, km"),
+    ScoreColumn("u_geo_inconsistency", "retrieval", "1 − fraction of the top-K within 25 m of the top-1"),
+)
+
+
+def score_columns(source: str | None = None) -> tuple[str, ...]:
+    """Names of the uncertainty score columns (of one ``source`` of :data:`SCORE_SOURCES`, or all), in table order."""
+    if source is not None and source not in SCORE_SOURCES:
+        raise ValueError(f"unknown score source {source!r}; choose one of {list(SCORE_SOURCES)}")
+    return tuple(s.name for s in UNCERTAINTY_SCORES if source is None or s.source == source)
+
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -43,14 +84,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("topk_lat", pa.list_(pa.float64())),  # degrees
         pa.field("topk_lon", pa.list_(pa.float64())),
         pa.field("answerable", pa.bool_()),  # the database holds a record within the positive radius (25 m) of the truth
-        # uncertainty scores, higher = more uncertain (geopipe evaluate --uncertainty ranks failures by them)
-        pa.field("log_u", pa.float64()),  # BayesCap: log of the geometric mean of the total per-feature variance
-        pa.field("log_u_alea", pa.float64()),  # aleatoric part
-        pa.field("log_u_epi", pa.float64()),  # epistemic part (MC dropout)
-        pa.field("u_dist1", pa.float64()),  # descriptor distance to the top-1
-        pa.field("u_ratio12", pa.float64()),  # d1 / d2
-        pa.field("u_spread_km", pa.float64()),  # spatial spread of the top-K, km
-        pa.field("u_geo_inconsistency", pa.float64()),  # 1 − fraction of the top-K within 25 m of the top-1
+        # uncertainty scores (float64, higher = more uncertain), declared once in UNCERTAINTY_SCORES
+        *(pa.field(score.name, pa.float64()) for score in UNCERTAINTY_SCORES),
         pa.field("geometry", pa.binary()),  # WKB point of the prediction
         # highest-density region (geopipe predict --region q; pipeline/infer/regions.py): null when not requested
         pa.field("region", pa.binary()),  # WKB Polygon/MultiPolygon, lon/lat degrees (OGC:CRS84), cut at the antimeridian

@@ -30,6 +30,7 @@ from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, Bayes
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.scoring import score_rows
 from geopipe.schemas.checkpoint import CONFIG_FILE, GENERATIVE, UNCERTAINTY, checkpoint_method
+from geopipe.schemas.predictions import score_columns
 
 __all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "ScoreFileConfig",
            "ScoreFileResult", "run_score_file"]
@@ -205,7 +206,7 @@ def run_score_file(cfg: ScoreFileConfig) -> ScoreFileResult:
 
     t0 = time.perf_counter()
     keys = [str(k) for k in read_columns(cfg.predictions, ["key"]).column("key").to_pylist()]
-    names = ("log_u", "log_u_alea", "log_u_epi")
+    names = score_columns("bayescap")
     if cfg.checkpoint is None:
         replace_columns(cfg.predictions, dict.fromkeys(names), {"bayescap": None})
         return ScoreFileResult(cfg.predictions, len(keys), None, time.perf_counter() - t0)

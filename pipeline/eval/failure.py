@@ -1,7 +1,8 @@
 """Failure prediction: how well each uncertainty score of a predictions file ranks its
 failures, one row per (score column, failure definition), and Recall@K of retrieval files.
 
-Scores (higher = more uncertain): the columns of :data:`SCORE_COLUMNS` present in the file,
+Scores (higher = more uncertain): the score columns of the predictions schema
+(:data:`geopipe.schemas.predictions.UNCERTAINTY_SCORES`) present in the file,
 and the entropy H = −(−H) of generative models (their ``neg_entropy_nats``; the effective
 area ranks identically). Failure definitions: ``correct@1`` (top-1 within ``radius_m``, for
 retrieval files; queries without a positive in the database are dropped) and
@@ -21,12 +22,11 @@ from geopipe.pipeline.eval.binning import BinningConfig, binned_rank_stats
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M, haversine_m, recall_at_k, recall_summary
 from geopipe.pipeline.eval.sparsification import SPARSIFICATION_STEPS, failure_detection, sparsification
 from geopipe.pipeline.sphere.geometry import haversine_km
+from geopipe.schemas.predictions import score_columns
 
-__all__ = ["SCORE_COLUMNS", "RECALL_RADII_KM", "FailureOptions", "read_optional_columns", "retrieval_section",
+__all__ = ["RECALL_RADII_KM", "FailureOptions", "read_optional_columns", "retrieval_section",
            "failure_rows", "format_failure_table"]
 
-#: Uncertainty score columns of the predictions schema (higher = more uncertain).
-SCORE_COLUMNS = ("log_u", "log_u_alea", "log_u_epi", "u_dist1", "u_ratio12", "u_spread_km", "u_geo_inconsistency")
 #: Distance thresholds (km) of the coarse Recall@K, as for the geolocation accuracies.
 RECALL_RADII_KM = (1, 25, 200, 750, 2500)
 _LIST_COLUMNS = ("topk_lat", "topk_lon")
@@ -117,7 +117,7 @@ def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = Failur
     with fewer than 2 finite values on known truths (e.g. the empty ``log_u`` columns of a
     retrieval without BayesCap) gets no row; ``skipped`` (when given) receives its
     ``(model, score, n)`` so the table can say so."""
-    scores = read_optional_columns(path, SCORE_COLUMNS)
+    scores = read_optional_columns(path, score_columns())
     if "neg_entropy_nats" in cols and np.isfinite(cols["neg_entropy_nats"]).any():
         scores["entropy_nats"] = -cols["neg_entropy_nats"]
     rows = []
@@ -141,9 +141,9 @@ def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = Failur
     if skipped is not None and "true_lat" in cols:
         known = np.isfinite(cols["true_lat"]) & np.isfinite(cols["true_lon"])
         scored = {r["score"] for r in rows}
-        # the learned columns only: the training-free ones are empty by nature in generative files
+        # the BayesCap columns only (filled on request): the training-free ones are empty by nature in generative files
         skipped += [(name, score, int((known & np.isfinite(v)).sum())) for score, v in scores.items()
-                    if score not in scored and score.startswith("log_u")]
+                    if score not in scored and score in score_columns("bayescap")]
     return rows
 
 
@@ -153,7 +153,7 @@ def _f(v, spec=".3f") -> str:
 
 def _skipped_line(skipped) -> str:
     names = ", ".join(f"{m} · {s} ({n} values)" for m, s, n in dict.fromkeys(skipped))
-    hint = "; log_u columns are filled by retrieve/predict --bayescap" if any(s.startswith("log_u") for _, s, _ in skipped) else ""
+    hint = "; log_u columns are filled by retrieve/predict --bayescap" if any(s in score_columns("bayescap") for _, s, _ in skipped) else ""
     return f"not scored (fewer than 2 finite values on records with a known truth): {names}{hint}"
 
 

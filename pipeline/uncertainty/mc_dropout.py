@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from geopipe.pipeline.uncertainty.losses import log_ggd_variance
+from geopipe.schemas.predictions import score_columns
 
 __all__ = ["CONVENTIONS", "EPISTEMIC_MODES", "heads_to_alpha_beta", "log_aleatoric", "mc_passes", "population_variance",
            "aggregate_log", "score_embeddings"]
@@ -94,11 +95,12 @@ def _log(v: torch.Tensor) -> torch.Tensor:
 def score_embeddings(model: nn.Module, embeddings: np.ndarray, passes: int = 15, convention: str = "probvlm",
                      epistemic_mode: str = "thesis", aggregate: str = "geometric", batch: int = 4096,
                      seed: int = 0) -> dict[str, np.ndarray]:
-    """``{"log_u", "log_u_alea", "log_u_epi"}`` (N,) float64 for (N, d) embeddings."""
+    """The predictions schema's ``bayescap`` score columns ``{"log_u", "log_u_alea", "log_u_epi"}``,
+    (N,) float64 each, for (N, d) embeddings."""
     if epistemic_mode not in EPISTEMIC_MODES:
         raise ValueError(f"unknown epistemic_mode {epistemic_mode!r}; choose one of {list(EPISTEMIC_MODES)}")
     torch.manual_seed(seed)
-    out = {k: [] for k in ("log_u", "log_u_alea", "log_u_epi")}
+    out = {k: [] for k in score_columns("bayescap")}
     x_all = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     for s in range(0, x_all.shape[0], batch):
         mu, h_a, h_b = mc_passes(model, x_all[s:s + batch], passes)

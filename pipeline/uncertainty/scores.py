@@ -19,11 +19,9 @@ import numpy as np
 
 from geopipe.pipeline.eval.recall import haversine_m
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
+from geopipe.schemas.predictions import score_columns
 
-__all__ = ["RETRIEVAL_SCORES", "retrieval_scores", "generative_scores"]
-
-#: Column names of the retrieval scores.
-RETRIEVAL_SCORES = ("u_dist1", "u_ratio12", "u_spread_km", "u_geo_inconsistency")
+__all__ = ["retrieval_scores", "generative_scores"]
 
 
 def _spread_km(nb_latlon: np.ndarray, w: np.ndarray, cap_km: float) -> np.ndarray:
@@ -41,8 +39,9 @@ def _spread_km(nb_latlon: np.ndarray, w: np.ndarray, cap_km: float) -> np.ndarra
 
 def retrieval_scores(distances: np.ndarray, indices: np.ndarray, nb_latlon: np.ndarray, slope: float = 350.0,
                      cap_km: float = 0.5, radius_m: float = 25.0) -> dict[str, np.ndarray]:
-    """The four retrieval scores (Q,) float64 from (Q, K) descriptor distances and indices
-    (−1 = none) and (Q, K, 2) neighbour positions in degrees. Missing values are NaN."""
+    """The retrieval scores (Q,) float64 from (Q, K) descriptor distances and indices (−1 =
+    none) and (Q, K, 2) neighbour positions in degrees, keyed and ordered as the predictions
+    schema's ``retrieval`` score columns. Missing values are NaN."""
     d = np.asarray(distances, dtype=np.float64)
     valid = np.asarray(indices) >= 0
     ll = np.asarray(nb_latlon, dtype=np.float64)
@@ -59,7 +58,8 @@ def retrieval_scores(distances: np.ndarray, indices: np.ndarray, nb_latlon: np.n
     near = haversine_m(ll[:, :1, 0], ll[:, :1, 1], ll[..., 0], ll[..., 1]) <= radius_m
     frac = (near & valid).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
     incons = np.where(valid[:, 0], 1.0 - frac, np.nan) if k else np.full(q, np.nan)
-    return {"u_dist1": d1, "u_ratio12": ratio, "u_spread_km": spread, "u_geo_inconsistency": incons}
+    scores = {"u_dist1": d1, "u_ratio12": ratio, "u_spread_km": spread, "u_geo_inconsistency": incons}
+    return {name: scores[name] for name in score_columns("retrieval")}
 
 
 def generative_scores(neg_entropy_nats: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,11 +20,12 @@ from geopipe.pipeline.store.reader import EmbeddingStore
 from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 from geopipe.schemas.checkpoint import UNCERTAINTY, checkpoint_method
+from geopipe.schemas.predictions import score_columns
 
 __all__ = ["SCORE_NAMES", "load_bayescap", "check_bayescap", "RowScorer", "score_rows"]
 
-#: The columns a BayesCap checkpoint fills, (N,) float64 each.
-SCORE_NAMES = ("log_u", "log_u_alea", "log_u_epi")
+#: The columns a BayesCap checkpoint fills, (N,) float64 each (the schema's ``bayescap`` scores).
+SCORE_NAMES = score_columns("bayescap")
 
 
 def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
