@@ -36,8 +36,11 @@ def cli(quiet, threads):
         set_cpu_threads(threads)
 
 
+_EXTRACT = "geopipe.stages.extract:ExtractConfig"
+
+
 @cli.command()
-@click.argument("shards", nargs=-1, required=True)
+@click.argument("shards", nargs=-1, required=True, metavar="INPUTS...")
 @click.option("--store", "-o", required=True, help="Output Zarr store (created or resumed).")
 @click.option("--backbone", default="tiny", show_default=True, help="open_clip model name, 'hf-hub:org/repo' or 'tiny'.")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or a local checkpoint file.")
@@ -57,11 +60,19 @@ def cli(quiet, threads):
 @click.option("--dask", "dask_address", default=None,
               help="'local:N' (N worker processes; one GPU each on a multi-GPU machine) or a scheduler address (tcp://host:8786): "
                    "workers embed whole shards, this process commits them in order; a cluster needs shards and store on shared storage.")
+@config_option("--labels", type=click.Choice(["auto", "sidecar", "exif", "none"]), config=_EXTRACT,
+               help="Labels of image files: auto = the sidecar IMG.json beside IMG.jpg, else EXIF GPS, else unlabelled; "
+                    "sidecar or exif only; none = never read them (blind geolocation). Tar samples keep their json.")
+@config_option("--images-per-source", type=click.IntRange(min=1), config=_EXTRACT,
+               help="Most image files of a folder extracted as one source (a store record: the unit of resume and --dask).")
 @device_option
 @user_errors
 def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
-            precision, on_changed, verify_hash, embedding_key, device, dask_address=None):
-    """Embed WebDataset SHARDS (paths, globs or brace patterns) with a frozen backbone into a Zarr store."""
+            precision, on_changed, verify_hash, embedding_key, device, dask_address=None, labels=None, images_per_source=None):
+    """Embed INPUTS with a frozen backbone into a Zarr store: WebDataset tars, image files (jpg, png,
+    webp, tif, bmp, ...), folders of them (walked recursively), globs and brace patterns, paths or
+    fsspec urls. A record's key is the file's path under its folder without the extension; photos
+    added to a folder later are appended by the next run, the rest is skipped."""
     from geopipe.stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
@@ -69,7 +80,7 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
         dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
         precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=progress_enabled(),
-        dask=dask_address,
+        dask=dask_address, **given(labels=labels, images_per_source=images_per_source),
     )
     run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
 

@@ -1,4 +1,9 @@
-"""Extract stage: WebDataset shards → Zarr embedding store with a frozen backbone.
+"""Extract stage: WebDataset shards and image files → Zarr embedding store with a frozen backbone.
+
+Inputs are tars, image files, folders (walked recursively) and globs of them
+(:mod:`geopipe.pipeline.ingest.sources`): a folder's photos are read as sources of at most
+``images_per_source`` files, labelled by sidecar json and/or EXIF GPS (``labels``) or left
+unlabelled; each source is one completion record like a tar, so everything below holds for them.
 
 Decoding runs in DataLoader workers and shards are committed strictly in shard order
 (:mod:`geopipe.pipeline.ingest.embed`), so the store's rows are shard order then tar order whatever
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.parallel import parse_dask_spec
-from geopipe.pipeline.vision.backbones import PRECISIONS
+from geopipe.pipeline.ingest.images import LABELS
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
 from geopipe.pipeline.ingest.run import IngestOptions, IngestResult, check_ingest_options, meta_names, run_ingest
-from geopipe.pipeline.ingest.shards import resolve_shards
+from geopipe.pipeline.ingest.sources import PER_SOURCE
+from geopipe.pipeline.vision.backbones import PRECISIONS
 
 __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChangedError", "run_extract"]
 
@@ -33,7 +39,12 @@ __all__ = ["ExtractConfig", "ExtractResult", "TooManyRejectsError", "ShardChange
 class ExtractConfig:
     """Options of ``geopipe extract``.
 
-    shards: paths, globs, brace patterns or fsspec urls; store: path or fsspec url.
+    shards: the inputs — WebDataset tars, image files, folders, globs, brace patterns, fsspec urls
+    (:mod:`geopipe.pipeline.ingest.sources`); store: path or fsspec url. labels: how image files
+    are labelled — "auto" (a sidecar ``<stem>.json`` beside the image, else its EXIF GPS, else
+    unlabelled), "sidecar", "exif", or "none" (never read labels: blind geolocation); tar samples
+    keep their json. images_per_source: most image files per source (store record; the unit of
+    resume and of Dask fan-out).
     meta_fields: json fields to carry into ``meta/<name>`` (None: every scalar field).
     dtype: stored embedding dtype; normalize: L2-normalise embeddings. precision: autocast of
     the forward pass ("auto" = bf16/fp16 on CUDA, fp32 on CPU; "fp32", "bf16", "fp16").
@@ -69,6 +80,8 @@ class ExtractConfig:
     embedding_key: str | None = None
     progress: bool = True
     dask: str | None = None
+    labels: str = "auto"
+    images_per_source: int = PER_SOURCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", (self.shards,) if isinstance(self.shards, str) else tuple(self.shards))
@@ -78,6 +91,9 @@ class ExtractConfig:
             raise ConfigError("extract needs a store path")
         check_int(self.batch_size, "batch_size", 1)
         check_int(self.num_workers, "num_workers", 0)
+        check_int(self.images_per_source, "images_per_source", 1)
+        if self.labels not in LABELS:
+            raise ConfigError(f"unknown labels {self.labels!r}; choose one of {list(LABELS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
         check_ingest_options(self.dtype, self.max_reject_fraction, self.on_changed)
@@ -147,26 +163,46 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
 
     t0 = time.perf_counter()
-    urls = resolve_shards(cfg.shards)
+    inputs = _inputs(cfg)
     store = fsio.normalize(cfg.store)
     if cfg.dask:
-        return _run_distributed(cfg, urls, store, t0)
+        return _run_distributed(cfg, inputs, store, t0)
 
     def prepare():
         device = resolve_device(cfg.device)
-        bb, identity, dim = _source(cfg, urls, store, device, backbone)
+        bb, identity, dim = _source(cfg, inputs.urls(), store, device, backbone)
         return identity, dim, (bb, bb.device if bb is not None else device)
 
     def write(writer, todo, ctx, on_commit):
         bb, device = ctx
         spec = SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key)
         opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
-        embed_shards(todo, writer, bb, spec, opts, device, on_commit)
+        reader = inputs.reader([u for u, _ in todo], cfg.lat_key, cfg.lon_key)
+        embed_shards(todo, writer, bb, spec, opts, device, on_commit, samples=reader)
 
-    return run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
-                      same_source=_same_source(cfg, backbone),
+    return run_ingest(_given(inputs, store), cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                      stat_fn=inputs.stat, hash_fn=inputs.sha256, same_source=_same_source(cfg, backbone),
                       on_done=functools.partial(_clean_staging, store),
                       finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+
+
+def _inputs(cfg: ExtractConfig):
+    """The scanned inputs (:class:`geopipe.pipeline.ingest.sources.Inputs`); precomputed
+    embeddings (``embedding_key``) come from tars only."""
+    from geopipe.pipeline.ingest.sources import resolve_inputs
+
+    inputs = resolve_inputs(cfg.shards, labels=cfg.labels, per_source=cfg.images_per_source)
+    if cfg.embedding_key is not None and inputs.n_images:
+        raise ConfigError(f"embedding_key reads precomputed embeddings from WebDataset tars, but the inputs hold "
+                          f"{inputs.n_images} image files; extract those with a backbone (no --embedding-key)")
+    return inputs
+
+
+def _given(inputs, store: str):
+    """records → the run's sources: files a store already holds stay in their recorded source."""
+    from geopipe.pipeline.ingest.sources import store_members
+
+    return lambda records: inputs.urls(records, store_members(store, records))
 
 
 def _same_source(cfg: ExtractConfig, backbone=None):
@@ -196,7 +232,7 @@ def _clean_staging(store: str) -> None:
     remove_staging(store)
 
 
-def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float) -> ExtractResult:
+def _run_distributed(cfg: ExtractConfig, inputs, store: str, t0: float) -> ExtractResult:
     """:func:`run_extract` with Dask workers embedding the shards (``cfg.dask``)."""
     import contextlib
 
@@ -205,12 +241,12 @@ def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float)
     from geopipe.pipeline.ingest.distributed import StageJob, embed_distributed, worker_identity
 
     job = StageJob(cfg.backbone, cfg.pretrained, SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key),
-                   cfg.batch_size, cfg.precision, cfg.device)
+                   cfg.batch_size, cfg.precision, cfg.device, labels=cfg.labels)
     with contextlib.ExitStack() as stack:
         def prepare():  # the store is locked: start the cluster, ask a worker for the backbone's identity
             client = stack.enter_context(dask_client(cfg.dask))
             if cfg.embedding_key is not None:
-                _, identity, dim = _source(cfg, urls, store, None, None)
+                _, identity, dim = _source(cfg, inputs.urls(), store, None, None)
                 return identity, dim, client
             from geopipe.pipeline.vision.backbones import BackboneLoadError, UnknownBackboneError
 
@@ -221,9 +257,10 @@ def _run_distributed(cfg: ExtractConfig, urls: list[str], store: str, t0: float)
             return identity, dim, client
 
         def write(writer, todo, client, on_commit):
-            embed_distributed(todo, writer, job, client, on_commit, progress=cfg.progress)
+            images = {u: inputs.image_source(u) for u, _ in todo if inputs.image_source(u) is not None}
+            embed_distributed(todo, writer, job, client, on_commit, progress=cfg.progress, images=images)
 
-        return run_ingest(urls, cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
-                          same_source=_same_source(cfg),
+        return run_ingest(_given(inputs, store), cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
+                          stat_fn=inputs.stat, hash_fn=inputs.sha256, same_source=_same_source(cfg),
                           on_done=functools.partial(_clean_staging, store),
                           finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))

@@ -194,13 +194,16 @@ class ShardBatches(torch.utils.data.IterableDataset):
     ``spec.embedding_key`` is set, in which case ``embed_dim`` is the expected width D.
     batch_size: rows per part (a shard's last part may hold fewer); parts never span shards,
     so a shard's batches — and hence its embeddings — do not depend on the worker count.
+    samples(url, info): a url's samples (default :func:`iter_tar_samples`; image folders:
+    :class:`geopipe.pipeline.ingest.sources.SampleReader`, picklable). A sample's ``__url__``
+    (its own file) names it in rejects; its ``__error__`` (reason, detail) makes it one.
     """
 
     def __init__(self, urls: Sequence[str], preprocess: Callable | None, spec: SampleSpec, batch_size: int,
-                 embed_dim: int | None = None):
+                 embed_dim: int | None = None, samples: Callable[[str, dict], Iterator[dict]] | None = None):
         super().__init__()
         self.urls, self.preprocess, self.spec, self.batch_size = list(urls), preprocess, spec, int(batch_size)
-        self.embed_dim = embed_dim
+        self.embed_dim, self.samples = embed_dim, samples or iter_tar_samples
 
     def __iter__(self) -> Iterator[ShardPart]:
         info = torch.utils.data.get_worker_info()
@@ -229,7 +232,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def _shard(self, pos: int, url: str) -> Iterator[ShardPart]:
         rows, rejects, seq, n, idx, info = [], [], 0, 0, 0, {}
-        samples = iter_tar_samples(url, info)
+        samples = self.samples(url, info)
         while True:
             try:
                 sample = next(samples)
@@ -241,10 +244,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 break
             key = sample["__key__"]
             try:
+                if "__error__" in sample:  # a file the reader could not read
+                    raise SampleError(*sample["__error__"])
                 latlon, meta = parse_record(sample.get("json"), self.spec)
                 rows.append((idx, self._decode(sample), key, latlon, meta))
             except SampleError as bad:
-                rejects.append((idx, Reject(key, url, bad.reason, bad.detail)))
+                rejects.append((idx, Reject(key, sample.get("__url__", url), bad.reason, bad.detail)))
             idx, n = idx + 1, n + 1
             if len(rows) == self.batch_size:
                 yield self._part(pos, seq, rows, rejects, n, False)

@@ -32,7 +32,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.parallel import tune_worker_process
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.ingest.decode import SampleSpec
+from geopipe.pipeline.ingest.images import ImageSource
 from geopipe.pipeline.ingest.rows import ShardRows, commit_rows
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.rejects import Reject
@@ -62,7 +63,8 @@ class StageJob:
     backbone, pretrained: the backbone to load (ignored when ``spec.embedding_key`` is set);
     device: "auto", "cpu", "cuda" or "cuda:N" as resolved on the worker ("auto"/"cuda" on a
     worker of a LocalCluster that sees several GPUs: worker i uses GPU i mod count);
-    embed_dim: D of the store (set once the store is open). CPU threads per worker: a
+    embed_dim: D of the store (set once the store is open); labels: how image files are
+    labelled (:data:`geopipe.pipeline.ingest.images.LABELS`). CPU threads per worker: a
     LocalCluster's workers start with cores // N (:func:`geopipe.pipeline.core.parallel.dask_client`).
     """
 
@@ -73,6 +75,7 @@ class StageJob:
     precision: str
     device: str = "auto"
     embed_dim: int | None = None
+    labels: str = "auto"
 
     def signature(self) -> str:
         """Hex digest of every option the embeddings depend on."""
@@ -163,15 +166,18 @@ def read_fragment(frag: str) -> tuple[ShardRows, str | None, int]:
     return rows, body["sha256"], int(body["n_samples"])
 
 
-def stage_shard(job: StageJob, url: str, stat: ShardStat, frag: str) -> str:
-    """On a worker: embed shard ``url`` into the fragment ``frag`` (unless a rerun of this task
-    finds it complete); returns ``frag`` (the client reads the rows from there, not the reply)."""
+def stage_shard(job: StageJob, url: str, stat: ShardStat, frag: str, image: ImageSource | None = None) -> str:
+    """On a worker: embed shard ``url`` (a tar, or the image files ``image``) into the fragment
+    ``frag`` (unless a rerun of this task finds it complete); returns ``frag`` (the client reads
+    the rows from there, not the reply)."""
     from geopipe.pipeline.ingest.embed import shard_rows
+    from geopipe.pipeline.ingest.sources import SampleReader
 
     tune_worker_process()  # glibc's malloc thresholds on workers a Dask nanny started (once per process)
     if not fragment_complete(frag, url, stat):
         bb = _backbone(job) if job.spec.embedding_key is None else None
-        rows, sha256, n = shard_rows(url, bb, job.spec, job.batch_size, job.precision, int(job.embed_dim))
+        reader = SampleReader({url: image}, job.labels, job.spec.lat_key, job.spec.lon_key) if image is not None else None
+        rows, sha256, n = shard_rows(url, bb, job.spec, job.batch_size, job.precision, int(job.embed_dim), reader)
         write_fragment(frag, url, stat, rows, sha256, n)
     return frag
 
@@ -195,13 +201,15 @@ def remove_staging(store: str) -> None:
 
 def embed_distributed(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, job: StageJob, client,
                       on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None, *,
-                      progress: bool = True, window: int | None = None) -> None:
+                      progress: bool = True, window: int | None = None,
+                      images: Mapping[str, ImageSource] | None = None) -> None:
     """Embed the shards ``todo`` [(url, stat)] on the Dask ``client``'s workers and append each
     to ``writer`` in order (see the module docstring); ``on_commit`` as in
     :func:`geopipe.pipeline.ingest.embed.embed_shards`.
 
     window: shards submitted ahead of the next one to commit (default: 2 per worker, at least
     4) — bounds the staged fragments on disk; this process holds one fragment at a time.
+    images: url → the image files of the sources that are image folders (each task gets its own).
     """
     from dask.distributed import as_completed
 
@@ -223,7 +231,8 @@ def embed_distributed(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter
             while submitted < len(todo) and submitted < nxt + window:
                 if submitted not in ready:
                     url, stat = todo[submitted]
-                    fut = client.submit(stage_shard, job, url, stat, frags[submitted], pure=False)
+                    image = (images or {}).get(url)
+                    fut = client.submit(stage_shard, job, url, stat, frags[submitted], image, pure=False)
                     pending[fut.key] = (submitted, fut)
                     queue.add(fut)
                 submitted += 1

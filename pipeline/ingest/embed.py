@@ -89,7 +89,7 @@ def _rows(parts: list) -> tuple[ShardRows, str | None]:
 
 
 def shard_rows(url: str, backbone, spec: SampleSpec, batch_size: int, precision: str,
-               embed_dim: int) -> tuple[ShardRows, str | None, int]:
+               embed_dim: int, samples: Callable | None = None) -> tuple[ShardRows, str | None, int]:
     """Decode and embed one whole shard in this process → (its rows in tar order, sha256 hex of
     the shard file or None, samples read = rows + rejects).
 
@@ -98,11 +98,12 @@ def shard_rows(url: str, backbone, spec: SampleSpec, batch_size: int, precision:
     (:mod:`geopipe.pipeline.ingest.distributed`) stages them and the client commits them.
     backbone None reads ``spec.embedding_key`` entries of width ``embed_dim`` instead. A thread
     decodes the next parts while the backbone runs (a Dask worker may not start processes), and
-    on CUDA one batch stays in flight as in :func:`embed_shards`.
+    on CUDA one batch stays in flight as in :func:`embed_shards`. samples: the url's sample reader
+    (:class:`~geopipe.pipeline.ingest.decode.ShardBatches`; default: a tar).
     """
     preprocess = backbone.preprocess if backbone is not None else None
     parts, n_samples, in_flight = [], 0, None
-    for part in _decoded_ahead(ShardBatches([url], preprocess, spec, batch_size, embed_dim=embed_dim)):
+    for part in _decoded_ahead(ShardBatches([url], preprocess, spec, batch_size, embed_dim=embed_dim, samples=samples)):
         handle = _launch(backbone, part.pop("images"), precision, embed_dim)
         if in_flight is not None:
             parts.append((in_flight[0]["seq"], in_flight[0], _collect(in_flight[1])))
@@ -175,17 +176,19 @@ def _loader(dataset: ShardBatches, n_shards: int, opts: LoopOptions, device: tor
 @terminate_on_sigterm()  # SIGTERM unwinds through the loader, which shuts its workers down
 def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, backbone, spec: SampleSpec,
                  opts: LoopOptions, device: torch.device,
-                 on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None) -> None:
+                 on_commit: Callable[[str, int, list[Reject]], None] = lambda url, n, rej: None,
+                 samples: Callable | None = None) -> None:
     """Embed the shards ``todo`` [(url, stat)] and append each to ``writer`` in order.
 
     backbone: a :class:`geopipe.pipeline.vision.backbones.Backbone`, or None to read ``spec.embedding_key``
     entries as the embeddings. on_commit(url, rows kept, rejects) runs after each shard's
     commit (counting, reject-budget checks; an exception there stops the loop, committed
-    shards stay).
+    shards stay). samples(url, info): each url's samples (default: tars;
+    :class:`geopipe.pipeline.ingest.sources.SampleReader` for image folders).
     """
     embed_dim = int(writer.attrs["embed_dim"])
     preprocess = backbone.preprocess if backbone is not None else None
-    dataset = ShardBatches([u for u, _ in todo], preprocess, spec, opts.batch_size, embed_dim=embed_dim)
+    dataset = ShardBatches([u for u, _ in todo], preprocess, spec, opts.batch_size, embed_dim=embed_dim, samples=samples)
     total_bytes, bytes_done = sum(s.size for _, s in todo), 0
     bar = Progress(None, "extract", "img", enabled=opts.progress)
     pending: dict[int, list] = {}  # shard position → [(seq, part, embeddings)] until its last part

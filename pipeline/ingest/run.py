@@ -141,7 +141,7 @@ def _open_writer(path: str, opts: IngestOptions, prepare: Callable[[], tuple[dic
     return writer, ctx
 
 
-def _nothing_to_do(path: str, urls: Sequence[str], store: str, opts: IngestOptions, same_source: Callable[[dict], bool] | None,
+def _nothing_to_do(path: str, urls, store: str, opts: IngestOptions, same_source: Callable[[dict], bool] | None,
                    stat_fn, hash_fn):
     """(plan, store attributes) when the existing store at ``path`` already holds every shard of
     ``urls`` unchanged and ``same_source(recorded backbone identity)`` says the run's source is the
@@ -155,13 +155,19 @@ def _nothing_to_do(path: str, urls: Sequence[str], store: str, opts: IngestOptio
     if (not isinstance(attrs.get("backbone"), dict) or not same_source(attrs["backbone"]) or attrs.get("dtype") != opts.dtype
             or attrs.get("normalized") != opts.normalize):
         return None  # the full path loads the source and says precisely what differs
-    plan = plan_shards(list(urls), attrs.get("shards", {}), store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
+    records = attrs.get("shards", {})
+    plan = plan_shards(_given(urls, records), records, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
                        stat_fn=stat_fn, hash_fn=hash_fn)
     return (plan, attrs) if not plan.todo and plan.truncate_at is None else None
 
 
+def _given(urls, records: dict) -> list[str]:
+    """The run's urls: ``urls``, or ``urls(records)`` when they depend on what the store holds."""
+    return list(urls(records) if callable(urls) else urls)
+
+
 def run_ingest(
-    urls: Sequence[str],
+    urls: Sequence[str] | Callable[[dict], Sequence[str]],
     store: str,
     opts: IngestOptions,
     *,
@@ -175,6 +181,10 @@ def run_ingest(
     on_done: Callable[[], None] | None = None,
 ) -> IngestResult:
     """Ingest ``urls`` (shards or pairs, in order) into the store at ``store`` (path or url).
+
+    urls: the sources, or a callable of the store's completion records (url → record; {} for a
+        new store) returning them — image folders keep the ranges a store recorded
+        (:meth:`geopipe.pipeline.ingest.sources.Inputs.urls`).
 
     prepare() → (backbone identity dict, embedding width, ctx): runs with the store locked and
         before the writer opens (load a backbone, read the width of precomputed embeddings).
@@ -224,7 +234,7 @@ def run_ingest(
                                       f"or rerun with a higher --max-reject-fraction") from None
 
     with writer:
-        plan = plan_shards(list(urls), writer.shards, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
+        plan = plan_shards(_given(urls, writer.shards), writer.shards, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
                            stat_fn=stat_fn, hash_fn=hash_fn)
         if plan.truncate_at is not None:
             writer.truncate(plan.truncate_at)
