@@ -82,7 +82,10 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=progress_enabled(),
         dask=dask_address, **given(labels=labels, images_per_source=images_per_source),
     )
-    run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
+    res = run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
+    if res.all_unlabelled():  # say so before train finds nothing (blind photos to geolocate: geopipe locate)
+        click.echo(f"geopipe: warning: none of the {res.n_ok} records added to {store} has a location (all unlabelled); if the "
+                   f"coordinates are named otherwise, pass --lat-key/--lon-key", err=True)
 
 
 _TRAIN = "geopipe.stages.train:TrainConfig"

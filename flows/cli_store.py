@@ -89,6 +89,9 @@ def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, met
                        max_reject_fraction=max_reject_fraction, on_changed=on_changed, verify_hash=verify_hash,
                        progress=progress_enabled())
     res = run_import(cfg)
+    if res.all_unlabelled():  # say so before train finds nothing
+        click.echo(f"geopipe: warning: none of the {res.n_ok} records added to {store} has a location (all unlabelled); if the "
+                   f"coordinates are named otherwise, pass --lat-col/--lon-col", err=True)
     unlabelled = f"{res.n_unlabelled} unlabelled, " if res.n_unlabelled else ""
     click.echo(f"imported {res.n_ok} records ({unlabelled}{res.n_rejected} rejected) from {res.shards_done} pairs "
                f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}")

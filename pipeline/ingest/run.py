@@ -66,6 +66,10 @@ class IngestResult:
     def _throughput(self) -> str:
         return ""
 
+    def all_unlabelled(self) -> bool:
+        """True when records were added and none has a location (e.g. coordinates under other names)."""
+        return bool(self.n_ok) and self.n_unlabelled == self.n_ok
+
     def summary(self) -> str:
         """One line: counts, rejects by reason, changed/missing shards, throughput, wall time."""
         why = ", ".join(f"{r}: {c}" for r, c in self.rejects_by_reason.items())
@@ -251,9 +255,6 @@ def _report(plan, attrs: dict, budget: RejectBudget, store: str, opts: IngestOpt
             t_loop: float = 0.0, unlabelled: int = 0) -> IngestResult:
     """The run's result (summary on stderr), after the final reject check over the whole store."""
     seen = budget.ok + budget.rejected
-    if budget.ok and unlabelled == budget.ok:  # e.g. coordinates under other names: say so before train finds nothing
-        print(f"geopipe: warning: none of the {budget.ok} records added to {store} has a location (all unlabelled); if the "
-              f"coordinates are named otherwise, pass --lat-key/--lon-key (extract) or --lat-col/--lon-col (import)", file=sys.stderr)
     common = {
         "store": store, "n_ok": budget.ok, "n_rejected": budget.rejected, "n_unlabelled": unlabelled,
         "rejects_by_reason": {r: budget.reasons[r] for r in REJECT_REASONS if budget.reasons[r]},
