@@ -13,10 +13,10 @@ from geopipe.flows.cli_common import config_option, device_option, given, progre
 
 __all__ = ["BAYESCAP_METHODS", "bayescap_group", "train_bayescap"]
 
-#: Uncertainty methods (the registry is geopipe.pipeline.uncertainty.bayescap.METHODS; a test keeps them equal).
+#: Uncertainty methods (the registry is geopipe.pipeline.uncertainty.bayescap.BAYESCAP_METHODS; a test keeps them equal).
 BAYESCAP_METHODS = ("bayescap", "bayescap-cycle")
 _CONFIG = "geopipe.stages.uncertainty:BayesCapStageConfig"
-_PAIRS = "geopipe.pipeline.retrieval.pairs:PairConfig"
+_PAIRS = "geopipe.pipeline.retrieval.viewpoints:PairConfig"
 
 
 @click.group("bayescap")
@@ -53,7 +53,7 @@ def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int
     from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
 
     if min_pairs is not None:
-        from geopipe.pipeline.retrieval.pairs import PairConfig
+        from geopipe.pipeline.retrieval.viewpoints import PairConfig
 
         options["pairs"] = PairConfig(min_pairs=min_pairs)
     cfg = BayesCapStageConfig(store=store, out=out, progress=progress_enabled(), **options)

@@ -19,7 +19,7 @@ import torch
 
 from geopipe.pipeline.retrieval.index import faiss_available, faiss_topk
 from geopipe.pipeline.retrieval.search import array_chunks, blocked_topk
-from geopipe.pipeline.uncertainty.bayescap import BayesCapConfig, BayesCapMLP, TrainConfig, train_bayescap
+from geopipe.pipeline.uncertainty.bayescap import BayesCapConfig, BayesCapMLP, BayesCapTrainConfig, train_bayescap
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 
 __all__ = ["generate_database", "bench_retrieval", "bench_bayescap"]
@@ -107,7 +107,7 @@ def bench_bayescap(n_pairs: int = 100_000, dim: int = 512, batch: int = 96, mc_p
     torch.manual_seed(seed)
     model = BayesCapMLP(BayesCapConfig(dim))
     steps = math.ceil(n_pairs / batch)
-    cfg = TrainConfig(method=method, steps=steps, batch=batch, lr=1e-4, val_every=steps + 1, seed=seed)
+    cfg = BayesCapTrainConfig(method=method, steps=steps, batch=batch, lr=1e-4, val_every=steps + 1, seed=seed)
     t0 = time.perf_counter()
     train_bayescap(model, emb, pairs, None, cfg)
     t_train = time.perf_counter() - t0

@@ -93,7 +93,6 @@ class PipelineConfig:
     demo_data: DemoDataConfig | None = None
     baseline_store: str | None = None
     workdir: str = "."
-    extra: dict = field(default_factory=dict)
     rerun: RerunConfig = field(default_factory=RerunConfig)
     uncertainty: UncertaintyBranch | None = None
 

@@ -39,7 +39,7 @@ from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
-from geopipe.pipeline.train.loop import LoopConfig, LoopState, TensorBatches, run_loop, split_is_val
+from geopipe.pipeline.train.loop import LoopConfig, LoopJob, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, GENERATIVE, checkpoint_method
 
@@ -308,8 +308,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     batches = data.batches(step)
     try:
-        state = run_loop(method, model, optimizer, ema, batches, (x_va, c_va), stats.apply, loop,
-                         LoopState(step=step, history=history), generator, save, desc=f"train {cfg.method}", progress=cfg.progress)
+        job = LoopJob(method, model, optimizer, ema, batches, (x_va, c_va), stats.apply, loop, generator, save,
+                      desc=f"train {cfg.method}", progress=cfg.progress)
+        state = run_loop(job, LoopState(step=step, history=history))
     finally:
         getattr(batches, "close", lambda: None)()
     return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, data.n_train, data.n_val,

@@ -23,10 +23,10 @@ import torch
 
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, save_checkpoint
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
-from geopipe.pipeline.retrieval.pairs import PairConfig, PairSet, mine_pairs
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
+from geopipe.pipeline.retrieval.viewpoints import PairConfig, PairSet, mine_pairs
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
-from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP, TrainConfig, network_config, train_bayescap
+from geopipe.pipeline.uncertainty.bayescap import BAYESCAP_METHODS, BayesCapConfig, BayesCapMLP, BayesCapTrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.scoring import score_rows
 from geopipe.schemas.checkpoint import CONFIG_FILE, GENERATIVE, UNCERTAINTY, checkpoint_method
@@ -67,8 +67,8 @@ class BayesCapStageConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown uncertainty method {self.method!r}; choose one of {list(METHODS)}")
+        if self.method not in BAYESCAP_METHODS:
+            raise ConfigError(f"unknown uncertainty method {self.method!r}; choose one of {list(BAYESCAP_METHODS)}")
         if self.no_pairs_policy not in NO_PAIRS_POLICIES:
             raise ConfigError(f"unknown no_pairs_policy {self.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
         for name, option in (("steps", "--steps"), ("batch", "--batch-size"), ("val_every", "--val-every")):
@@ -164,7 +164,7 @@ def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
     model = BayesCapMLP(BayesCapConfig(emb.shape[1], cfg.hidden, cfg.head_hidden, cfg.dropout, cfg.head_activation))
     loss = GGDLossConfig(residual_form=cfg.residual_form, lambda1=cfg.lambda1, lambda2=cfg.lambda2)
-    tcfg = TrainConfig(method=cfg.method, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, val_every=cfg.val_every,
+    tcfg = BayesCapTrainConfig(method=cfg.method, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, val_every=cfg.val_every,
                        seed=cfg.seed, loss=loss)
     log = train_bayescap(model, train_emb, train_pairs, val_pairs, tcfg)
     config = {"kind": UNCERTAINTY, "method": cfg.method, "network": network_config(model), "embed_dim": int(emb.shape[1]),

@@ -5,6 +5,8 @@ Not a public entry point: use :mod:`geopipe.pipeline.methods.registry` (the METH
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
@@ -54,8 +56,10 @@ def resolve_schedule(schedule, schedule_params: dict | None) -> Schedule:
     return schedule
 
 
-class MethodBase:
-    """Common surface of every method: ``name``, ``space`` ("sphere" | "r3"), ``trainable``.
+class MethodBase(abc.ABC):
+    """Common surface of every method: ``name``, ``space`` ("sphere" | "r3"), ``trainable``, and
+    the abstract interface below (the Method API of :mod:`geopipe.pipeline.methods.registry`):
+    a family that lacks one of them cannot be instantiated.
 
     Subclasses set ``OPTIONS`` (constructor options recorded by :meth:`to_dict`).
     """
@@ -67,6 +71,29 @@ class MethodBase:
     # Training defaults of the family, used where the user gives none: network depth, peak
     # learning rate and gradient-norm clip (None: no clipping). See docs/methods.md, "Training".
     TRAIN_DEFAULTS = {"depth": 12, "lr": 8e-4, "grad_clip": None}
+
+    @abc.abstractmethod
+    def build_model(self, net_cfg) -> torch.nn.Module:
+        """The method's network for a :class:`geopipe.pipeline.model.network.NetworkConfig`."""
+
+    @abc.abstractmethod
+    def loss(self, model, x: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training objective (scalar) for unit x (B, 3) and conditioning cond (B, C)."""
+
+    @abc.abstractmethod
+    def predict_point(self, model, cond, *, steps: int = 16, guidance: float = 2.0, sampler: str | None = None,
+                      generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
+        """One point per record: cond (B, C) → (B, 3) unit vectors."""
+
+    @abc.abstractmethod
+    def sample(self, model, cond, n: int, *, steps: int = 16, guidance: float = 0.0, sampler: str | None = None,
+               generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
+        """n draws per record: cond (B, C) → (B, n, 3) unit vectors."""
+
+    @abc.abstractmethod
+    def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
+                       guidance: float = 0.0) -> torch.Tensor:
+        """log p(x | c) (B,) in nats (per steradian on S², per unit volume in R³)."""
 
     def to_dict(self) -> dict:
         """JSON-able description for the checkpoint: {"name", "space", **options}."""

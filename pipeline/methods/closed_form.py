@@ -8,6 +8,7 @@ other than None is an error, since draws always use Wood's rejection scheme.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -50,8 +51,9 @@ class _VMFBase(MethodBase):
 
         return GeoAdaLNMLPVonMises(net_cfg, components=self.components)
 
+    @abc.abstractmethod
     def _log_density(self, x, p) -> torch.Tensor:
-        raise NotImplementedError
+        """log f(x) (B,) nats/sr of unit x (B, 3) under the predicted VMFParams ``p``."""
 
     def loss(self, model, x: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean NLL in nats (scalar) of unit x (B, 3) under the predicted distributions."""

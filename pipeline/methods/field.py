@@ -11,6 +11,8 @@ of R³ for ``flow`` / ``diffusion`` (not comparable, docs/methods.md#units).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
@@ -76,6 +78,14 @@ class _FieldMethod(MethodBase):
         y, target = self._pair(x, gamma, generator)
         out = model(y, gamma, cond)
         return ((out - target) ** 2).mean()
+
+    @abc.abstractmethod
+    def _pair(self, x: torch.Tensor, gamma: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(network input y (B, 3) at noise level γ (B,), regression target (B, 3)) for data x."""
+
+    @abc.abstractmethod
+    def _likelihood(self, field, x: torch.Tensor, **kw) -> torch.Tensor:
+        """log p(x) (B,) nats of the family's ODE for a (guided) ``field``."""
 
     def _noise(self, n: int, like: torch.Tensor, generator) -> torch.Tensor:
         return torch.randn(n, 3, generator=generator, dtype=like.dtype, device=like.device)

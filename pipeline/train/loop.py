@@ -23,7 +23,7 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.train.optim import lr_at, set_lr
 
-__all__ = ["BatchSource", "TensorBatches", "LoopConfig", "LoopState", "split_is_val", "validate", "ema_model", "run_loop"]
+__all__ = ["BatchSource", "TensorBatches", "LoopConfig", "LoopState", "LoopJob", "split_is_val", "validate", "ema_model", "run_loop"]
 
 
 def split_is_val(keys, fraction: float) -> np.ndarray:
@@ -101,22 +101,44 @@ def ema_model(model, ema):
     return shadow.eval()
 
 
-def run_loop(method, model, optimizer, ema, batches: BatchSource, val: tuple, condition, cfg: LoopConfig,
-             state: LoopState, generator: torch.Generator, save: Callable[[LoopState], None], *,
-             desc: str = "train", progress: bool = True) -> LoopState:
-    """Train from ``state.step`` to ``cfg.steps``; validate and ``save(state)`` every
+@dataclass(frozen=True, eq=False)
+class LoopJob:
+    """One training run for :func:`run_loop`: the ``method``'s objective trains ``model`` with
+    ``optimizer`` (None: nothing to train, e.g. the uniform baseline) and updates ``ema``;
+    batches come from ``batches`` and are drawn with ``generator`` (seeded: a resumed run
+    draws the same batches); ``val`` = (x (m, 3) unit, raw embeddings (m, D)) is scored with
+    the EMA weights; ``condition`` maps raw embeddings to the network's conditioning
+    (standardisation); ``save(state)`` writes a checkpoint; ``desc``/``progress``: the progress bar."""
+
+    method: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    ema: object
+    batches: BatchSource
+    val: tuple
+    condition: Callable[[torch.Tensor], torch.Tensor]
+    config: LoopConfig
+    generator: torch.Generator
+    save: Callable[[LoopState], None]
+    desc: str = "train"
+    progress: bool = True
+
+
+def run_loop(job: LoopJob, state: LoopState) -> LoopState:
+    """Train from ``state.step`` to ``job.config.steps``; validate and ``job.save(state)`` every
     ``val_every`` steps and at the end. Five consecutive non-finite losses stop the run."""
+    cfg, model, optimizer = job.config, job.model, job.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     history = state.history if state.history is not None else []
     state.history = history
-    x_va, c_va = val
+    x_va, c_va = job.val
     bad = 0
-    bar = Progress(cfg.steps, desc, "step", initial=state.step, enabled=progress)
+    bar = Progress(cfg.steps, job.desc, "step", initial=state.step, enabled=job.progress)
     model.train()
     while optimizer is not None and state.step < cfg.steps:
         set_lr(optimizer, lr_at(state.step, lr0=cfg.lr, warmup=cfg.warmup, total=cfg.steps))
-        x, c = batches.next_batch(generator)
-        loss = method.loss(model, x, condition(c), generator=generator)
+        x, c = job.batches.next_batch(job.generator)
+        loss = job.method.loss(model, x, job.condition(c), generator=job.generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss):
@@ -131,21 +153,21 @@ def run_loop(method, model, optimizer, ema, batches: BatchSource, val: tuple, co
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        ema.update(model)
+        job.ema.update(model)
         state.step += 1
         value = loss.item()
         state.train_loss = 0.98 * state.train_loss + 0.02 * value if math.isfinite(state.train_loss) else value
         bar.update(1)
         if state.step % cfg.val_every == 0 or state.step == cfg.steps:
-            state.val_loss = validate(method, ema_model(model, ema), x_va, c_va, cfg, condition)
+            state.val_loss = validate(job.method, ema_model(model, job.ema), x_va, c_va, cfg, job.condition)
             history.append({"step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss})
             bar.set_postfix(loss=f"{state.train_loss:.4f}", val=f"{state.val_loss:.4f}")
-            save(state)
+            job.save(state)
     bar.close()
     if history and history[-1]["step"] == state.step:  # finished here, or resumed a finished run
         state.train_loss, state.val_loss = history[-1]["train_loss"], history[-1]["val_loss"]
     else:  # parameter-free method (uniform): nothing to optimise, checkpoint it as is
-        state.val_loss = validate(method, ema_model(model, ema), x_va, c_va, cfg, condition)
-        save(state)
+        state.val_loss = validate(job.method, ema_model(model, job.ema), x_va, c_va, cfg, job.condition)
+        job.save(state)
     model.train(False)
     return state

@@ -21,11 +21,11 @@ from torch import nn
 
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig, bc_loss, bcc_loss
 
-__all__ = ["METHODS", "BayesCapConfig", "BayesCapMLP", "TrainConfig", "TrainLog", "count_parameters", "train_bayescap",
+__all__ = ["BAYESCAP_METHODS", "BayesCapConfig", "BayesCapMLP", "BayesCapTrainConfig", "TrainLog", "bayescap_parameter_counts", "train_bayescap",
            "network_config"]
 
 #: Training objectives: BayesCap (one direction per pair, randomly ordered) and BayesCapCycle.
-METHODS = ("bayescap", "bayescap-cycle")
+BAYESCAP_METHODS = ("bayescap", "bayescap-cycle")
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,14 @@ class BayesCapMLP(nn.Module):
         return self.mu(z), self.inv_alpha(z), self.beta(z)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
+def bayescap_parameter_counts(model: nn.Module) -> dict[str, int]:
     """{"trunk", "per_head", "total"} parameter counts."""
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"trunk": n(model.trunk), "per_head": n(model.mu), "total": n(model)}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class BayesCapTrainConfig:
     """method bayescap|bayescap-cycle; steps; batch; lr (Adam, constant); val_every; seed; loss settings."""
 
     method: str = "bayescap-cycle"
@@ -116,7 +116,7 @@ def _sample(adj_ptr: np.ndarray, adj: np.ndarray, anchors: np.ndarray, n: int, r
     return a, b
 
 
-def _loss(model: nn.Module, e1: torch.Tensor, e2: torch.Tensor, cfg: TrainConfig, swap: torch.Tensor | None) -> torch.Tensor:
+def _loss(model: nn.Module, e1: torch.Tensor, e2: torch.Tensor, cfg: BayesCapTrainConfig, swap: torch.Tensor | None) -> torch.Tensor:
     if cfg.method == "bayescap-cycle":
         return bcc_loss(model(e1), model(e2), e1, e2, cfg.loss)
     if swap is not None:  # random order per pair (one direction of BayesCap)
@@ -135,11 +135,11 @@ def _adjacency(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def train_bayescap(model: BayesCapMLP, embeddings: np.ndarray, train_pairs: np.ndarray, val_pairs: np.ndarray | None,
-                   cfg: TrainConfig, progress=None) -> TrainLog:
+                   cfg: BayesCapTrainConfig, progress=None) -> TrainLog:
     """Train ``model`` in place on pairs (P, 2) of rows of ``embeddings`` (N, d); the weights of
     the lowest validation loss (or the last, without validation pairs) are loaded at the end."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose one of {list(METHODS)}")
+    if cfg.method not in BAYESCAP_METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {list(BAYESCAP_METHODS)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -174,7 +174,7 @@ def train_bayescap(model: BayesCapMLP, embeddings: np.ndarray, train_pairs: np.n
 
 
 @torch.no_grad()
-def _val_loss(model: nn.Module, emb: torch.Tensor, pairs: np.ndarray, cfg: TrainConfig, batch: int = 4096) -> float:
+def _val_loss(model: nn.Module, emb: torch.Tensor, pairs: np.ndarray, cfg: BayesCapTrainConfig, batch: int = 4096) -> float:
     model.eval()
     total, n = 0.0, 0
     for s in range(0, len(pairs), batch):

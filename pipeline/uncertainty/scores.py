@@ -9,8 +9,8 @@ From a retrieval (descriptor distances d_k and neighbour positions of the top-K)
   east/north km around the top-1, each axis capped at ``cap_km``);
 * ``u_geo_inconsistency``: 1 − the fraction of the top-K within ``radius_m`` of the top-1.
 
-From a generative density with no truth needed: the entropy H = −(−H) in nats and the
-effective area ``exp(H)·R_E²`` km² (from the predictions' ``neg_entropy_nats``).
+(Generative models' entropy H = −(−H), from the predictions' ``neg_entropy_nats``, is ranked
+beside them by :func:`geopipe.pipeline.eval.failure.failure_rows`.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from geopipe.pipeline.eval.recall import haversine_m
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 from geopipe.schemas.predictions import score_columns
 
-__all__ = ["retrieval_scores", "generative_scores"]
+__all__ = ["retrieval_scores"]
 
 
 def _spread_km(nb_latlon: np.ndarray, w: np.ndarray, cap_km: float) -> np.ndarray:
@@ -61,8 +61,3 @@ def retrieval_scores(distances: np.ndarray, indices: np.ndarray, nb_latlon: np.n
     scores = {"u_dist1": d1, "u_ratio12": ratio, "u_spread_km": spread, "u_geo_inconsistency": incons}
     return {name: scores[name] for name in score_columns("retrieval")}
 
-
-def generative_scores(neg_entropy_nats: np.ndarray) -> dict[str, np.ndarray]:
-    """``{"u_entropy_nats": H, "u_effective_area_km2": exp(H)·R_E²}`` from −H (Q,) nats/sr."""
-    h = -np.asarray(neg_entropy_nats, dtype=np.float64)
-    return {"u_entropy_nats": h, "u_effective_area_km2": np.exp(h) * EARTH_RADIUS_KM ** 2}

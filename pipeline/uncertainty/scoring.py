@@ -17,7 +17,7 @@ import torch
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, load_model_weights
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.store.reader import EmbeddingStore
-from geopipe.pipeline.uncertainty.bayescap import METHODS, BayesCapConfig, BayesCapMLP
+from geopipe.pipeline.uncertainty.bayescap import BAYESCAP_METHODS, BayesCapConfig, BayesCapMLP
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 from geopipe.schemas.checkpoint import UNCERTAINTY, checkpoint_method
 from geopipe.schemas.predictions import score_columns
@@ -31,7 +31,7 @@ SCORE_NAMES = score_columns("bayescap")
 def load_bayescap(checkpoint: str) -> tuple[BayesCapMLP, dict]:
     """A trained BayesCap network (eval mode) and its checkpoint config."""
     cfg = load_checkpoint_config(checkpoint)
-    if cfg["kind"] != UNCERTAINTY or cfg["method"] not in METHODS:
+    if cfg["kind"] != UNCERTAINTY or cfg["method"] not in BAYESCAP_METHODS:
         raise GeopipeError(f"{checkpoint} is a checkpoint of method {checkpoint_method(cfg)!r}, not a BayesCap one; give --bayescap a "
                            f"checkpoint of `geopipe bayescap train`")
     net = {k: v for k, v in cfg["network"].items() if k != "kind"}

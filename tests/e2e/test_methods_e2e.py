@@ -3,11 +3,12 @@
 import numpy as np
 import pyarrow.parquet as pq
 
+from geopipe.pipeline.methods.registry import METHODS as REGISTRY
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.predict import PredictConfig, run_predict
 from geopipe.stages.train import TrainConfig, run_train
 
-METHODS = ("rfm", "flow", "diffusion", "vmf", "vmf_mixture", "uniform")
+METHODS = tuple(REGISTRY)  # every registered method, including ones added later
 
 
 def test_all_methods_train_predict_and_compare(demo_stores, tmp_path):
@@ -27,7 +28,7 @@ def test_all_methods_train_predict_and_compare(demo_stores, tmp_path):
         rank = table.column("hdr_rank").to_numpy()
         assert ((rank >= 0) & (rank <= 1)).all(), method
         area = table.column("effective_area_km2").to_numpy()  # R³ densities have no area
-        assert np.isnan(area).all() if method in ("flow", "diffusion") else (area > 0).all(), method
+        assert np.isnan(area).all() if REGISTRY[method].space == "r3" else (area > 0).all(), method
         paths.append(out)
     ev = run_evaluate(EvaluateConfig(predictions=tuple(paths), names=METHODS))
     assert len(ev.reports) == len(METHODS)
@@ -37,4 +38,4 @@ def test_all_methods_train_predict_and_compare(demo_stores, tmp_path):
     assert abs(uniform["nll"]["nll_bits_per_dim"] - 1.2171653765) < 1e-6
     assert abs(uniform["localizability"]["median_effective_area_km2"] / 5.100656e8 - 1) < 1e-6  # the Earth's area
     for r in ev.reports:
-        assert (r["localizability"]["median_effective_area_km2"] is None) == (r["method"] in ("flow", "diffusion"))
+        assert (r["localizability"]["median_effective_area_km2"] is None) == (REGISTRY[r["method"]].space == "r3")

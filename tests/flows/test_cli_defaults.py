@@ -128,3 +128,10 @@ def test_checkpoint_kind_of_old_checkpoints():
     assert checkpoint_kind({"method": "bayescap"}) == "uncertainty"
     assert checkpoint_kind({"kind": "uncertainty", "method": "bayescap-cycle"}) == "uncertainty"
     assert checkpoint_method({"method": {"name": "vmf"}}) == "vmf" and checkpoint_method({"method": "bayescap"}) == "bayescap"
+
+
+def test_bayescap_choices_are_the_registry():
+    from geopipe.flows.cli_bayescap import BAYESCAP_METHODS
+    from geopipe.pipeline.uncertainty.bayescap import BAYESCAP_METHODS as REGISTRY
+
+    assert BAYESCAP_METHODS == REGISTRY

@@ -5,10 +5,10 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.retrieval.split import SplitConfig
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.schemas.report import validate_report
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.retrieve import RetrieveConfig, run_retrieve

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.inspection.probes import ProbeConfig
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.stages.inspect import InspectConfig, run_inspect
 
 CFG = SyntheticConfig(n_places=40, views_per_place=4, dim=16, noise_min=0.05, noise_span=0.1, difficulty_signal=4.0, seed=2)

@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.artifacts.predictions import finish_dataset, write_part
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.split import SplitConfig
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.predict import PredictConfig, run_predict
 from geopipe.stages.retrieve import RetrieveConfig, run_retrieve

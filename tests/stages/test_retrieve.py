@@ -5,13 +5,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.artifacts.predictions import read_predictions
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.split import SplitConfig
 from geopipe.pipeline.store.writer import StoreWriter
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
 
 CFG = SyntheticConfig(n_places=120, views_per_place=4, dim=16, seed=1)

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.retrieval.pairs import PairConfig
 from geopipe.pipeline.retrieval.split import SplitConfig
+from geopipe.pipeline.retrieval.viewpoints import PairConfig
 from geopipe.pipeline.uncertainty.scoring import score_rows
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
 from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap

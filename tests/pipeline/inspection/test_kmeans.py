@@ -3,11 +3,11 @@ and streams a store chunk by chunk with the same answer as an in-memory array.""
 
 import numpy as np
 import pytest
+from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.inspection.kmeans import array_source, spherical_kmeans, store_source
 from geopipe.pipeline.store.reader import open_store
-from geopipe.pipeline.uncertainty.synthetic import SyntheticConfig, write_synthetic_store
 
 
 def _planted(k=6, per=50, dim=32, noise=0.05, seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from geopipe.pipeline.uncertainty.bayescap import BayesCapConfig, BayesCapMLP, TrainConfig, count_parameters, train_bayescap
+from geopipe.pipeline.uncertainty.bayescap import BayesCapConfig, BayesCapMLP, BayesCapTrainConfig, bayescap_parameter_counts, train_bayescap
 from geopipe.pipeline.uncertainty.losses import log_ggd_variance, sample_ggd
 from geopipe.pipeline.uncertainty.mc_dropout import aggregate_log, heads_to_alpha_beta, mc_passes, population_variance, score_embeddings
 
@@ -22,7 +22,7 @@ def test_parameter_counts(name):
     d = int(name.split(",")[0][2:])
     heads = name.split("heads=")[1]
     model = BayesCapMLP(BayesCapConfig(d, head_hidden=d if heads == "full" else int(heads)))
-    assert count_parameters(model) == ORACLES["K_params"][name]
+    assert bayescap_parameter_counts(model) == ORACLES["K_params"][name]
 
 
 @pytest.mark.parametrize("convention,key", [("probvlm", "probvlm_eval"), ("bayescap", "bayescap_eval"),
@@ -80,7 +80,7 @@ def test_training_learns_per_record_noise():
     views = np.concatenate([latent + rng.normal(size=(n, d)) * sd[:, None] for _ in range(2)]).astype(np.float32)
     pairs = np.stack([np.arange(n), np.arange(n) + n], axis=1)
     model = BayesCapMLP(BayesCapConfig(d, dropout=0.05))
-    log = train_bayescap(model, views, pairs[:640], pairs[640:], TrainConfig(method="bayescap", steps=800, lr=1e-2, batch=128, val_every=100))
+    log = train_bayescap(model, views, pairs[:640], pairs[640:], BayesCapTrainConfig(method="bayescap", steps=800, lr=1e-2, batch=128, val_every=100))
     assert log.history[-1][1] < log.history[0][1] and log.best_val_loss is not None
     s = score_embeddings(model, views[:n], passes=5)
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731

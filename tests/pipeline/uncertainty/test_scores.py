@@ -3,10 +3,8 @@
 import math
 
 import numpy as np
-import pytest
 
-from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
-from geopipe.pipeline.uncertainty.scores import generative_scores, retrieval_scores
+from geopipe.pipeline.uncertainty.scores import retrieval_scores
 
 
 def test_retrieval_scores_closed_forms():
@@ -22,8 +20,3 @@ def test_retrieval_scores_closed_forms():
     np.testing.assert_allclose(s["u_geo_inconsistency"], [0.0, 2 / 3, 0.0])
     assert s["u_spread_km"][0] < 0.02 and s["u_spread_km"][1] > s["u_spread_km"][0] and s["u_spread_km"][2] == 0
 
-
-def test_generative_scores():
-    s = generative_scores(np.array([-math.log(4 * math.pi)]))
-    assert s["u_entropy_nats"][0] == pytest.approx(math.log(4 * math.pi))
-    assert s["u_effective_area_km2"][0] == pytest.approx(4 * math.pi * EARTH_RADIUS_KM ** 2)

@@ -8,9 +8,9 @@ import tarfile
 import numpy as np
 
 from geopipe.pipeline.eval.recall import haversine_m
-from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
-from geopipe.pipeline.retrieval.pairs import PairConfig, mine_pairs
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
+from geopipe.pipeline.retrieval.viewpoints import PairConfig, mine_pairs
+from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 
 
 def _meta(paths):

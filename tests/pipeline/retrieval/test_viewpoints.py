@@ -4,7 +4,7 @@ and the insufficient_pairs status."""
 import numpy as np
 
 from geopipe.pipeline.eval.recall import haversine_m
-from geopipe.pipeline.retrieval.pairs import PairConfig, candidate_pairs, mine_pairs
+from geopipe.pipeline.retrieval.viewpoints import PairConfig, candidate_pairs, mine_pairs
 
 
 def test_candidates_match_brute_force():

@@ -1,4 +1,4 @@
-"""A synthetic multi-view world for tests, benchmarks and demos: places on a small grid, each
+"""Tests' synthetic multi-view world (not part of the library): places on a small grid, each
 with a latent unit vector and several views whose embedding noise grows with a per-place
 ``difficulty`` (so a good uncertainty score should track it), written as an embedding store.
 
