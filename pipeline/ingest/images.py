@@ -1,4 +1,5 @@
-"""Image files as samples: one folder's photos read one at a time, labelled by sidecar json or EXIF GPS.
+"""Image files: finding them (:func:`list_files`, names, sizes and mtimes only) and reading them as
+samples, one folder's photos one at a time, labelled by sidecar json or EXIF GPS.
 
 An :class:`ImageSource` is a few hundred to ``per_source`` image files of one folder (built by
 :mod:`geopipe.pipeline.ingest.sources`); :func:`iter_image_samples` yields them as
@@ -21,18 +22,22 @@ EXIF GPS without a fix (GPSStatus "V", exactly (0, 0), out of range or undefined
 
 from __future__ import annotations
 
+import datetime
+import glob
 import hashlib
 import io
 import json
 import math
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.format import ShardStat
 
-__all__ = ["IMAGE_FILE_EXTS", "LABELS", "ImageSource", "iter_image_samples", "image_source_sha256", "exif_fields"]
+__all__ = ["IMAGE_FILE_EXTS", "LABELS", "ImageSource", "list_files", "list_sidecars", "iter_image_samples", "image_source_sha256",
+           "exif_fields"]
 
 
 def _optional_exts() -> tuple[str, ...]:
@@ -215,3 +220,104 @@ def image_source_sha256(src: ImageSource, labels: str = "auto") -> str:
         sidecar = fsio.read_bytes(fsio.join(src.root, side)) if side is not None and _reads_sidecar(labels) else None
         _digest_file(digest, rel, fsio.read_bytes(fsio.join(src.root, rel)), sidecar)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- finding files (names, sizes, mtimes)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _glob_root(path: str) -> str:
+    """The folder of a glob before its first wildcard component ("/"-separated)."""
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return "/".join(parts[:fixed]) or ("/" if path.startswith("/") else ".")
+
+
+def list_files(path: str, wanted: Callable[[str], bool]) -> tuple[str, str, list[tuple[str, int, float | None, str]]]:
+    """What one path names, without reading any file: (kind "file" | "dir" | "glob" | "none", root,
+    [(path relative to root ("/"-separated), size in bytes, mtime or None, full path or url)]).
+
+    root: the folder itself, a glob's folder before its first wildcard, a file's folder. Folders
+    (named, or matched by a glob) are walked recursively for files whose name ``wanted`` accepts;
+    hidden files and folders (".name") are skipped; a glob keeps every file it matched. Sorted.
+    """
+    if not fsio.is_local(path):
+        return _list_remote(path, wanted)
+    if glob.has_magic(path):
+        root, files = os.path.abspath(_glob_root(path.replace(os.sep, "/"))), []
+        for match in sorted(glob.glob(path, recursive=True)):
+            full = os.path.abspath(match)
+            files.extend(_walk_local(full, root, wanted) if os.path.isdir(full) else _local_file(full, root))
+        return "glob", root, [f for f in files if not _hidden(f[0])]
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return "dir", full, _walk_local(full, full, wanted)
+    if os.path.isfile(full):
+        return "file", os.path.dirname(full), _local_file(full, os.path.dirname(full))
+    return "none", full, []
+
+
+def _local_file(full: str, root: str) -> list:
+    if not os.path.isfile(full):
+        return []
+    st = os.stat(full)
+    return [(os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, st.st_mtime, full)]
+
+
+def _walk_local(top: str, root: str, wanted) -> list:
+    out = []
+    for folder, dirs, names in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and wanted(name):
+                out.extend(_local_file(os.path.join(folder, name), root))
+    return out
+
+
+def _list_remote(path: str, wanted) -> tuple[str, str, list]:
+    fs, p = fsio.url_to_fs(path)
+
+    def walk(folder: str) -> dict:
+        return {n: i for n, i in fs.find(folder, detail=True).items() if wanted(n.rsplit("/", 1)[-1])}
+
+    if glob.has_magic(p):
+        kind, root, found = "glob", _glob_root(p), {}
+        for name, info in fs.glob(p, detail=True).items():
+            found.update(walk(name) if info.get("type") == "directory" else {name: info})
+    elif fs.isdir(p):
+        kind, root, found = "dir", p.rstrip("/"), walk(p)
+    elif fs.isfile(p):
+        kind, root, found = "file", p.rsplit("/", 1)[0], {p: fs.info(p)}
+    else:
+        return "none", path, []
+    files = [(name[len(root):].lstrip("/"), int(info.get("size") or 0), _info_mtime(info), fs.unstrip_protocol(name))
+             for name, info in sorted(found.items())]
+    return kind, fs.unstrip_protocol(root), [f for f in files if not _hidden(f[0])]
+
+
+def _info_mtime(info: Mapping) -> float | None:
+    """Modification time of an fsspec info dict (seconds), whatever the filesystem calls it."""
+    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+    return None
+
+
+def list_sidecars(folder: str) -> dict[str, tuple[str, int, float | None]]:
+    """stem → (name, size, mtime) of the json files directly in ``folder``."""
+    folder, out = fsio.normalize(folder), {}
+    if fsio.is_local(folder):
+        entries = [(e.name, e.stat()) for e in os.scandir(folder) if e.name.endswith(".json") and e.is_file()]
+        return {name[:-5]: (name, st.st_size, st.st_mtime) for name, st in entries if not name.startswith(".")}
+    fs, p = fsio.url_to_fs(folder)
+    for info in fs.ls(p, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") == "file" and name.endswith(".json") and not name.startswith("."):
+            out[name[:-5]] = (name, int(info.get("size") or 0), _info_mtime(info))
+    return out

@@ -14,26 +14,27 @@ A record's key is the file's path relative to the argument's *root* without its 
 folder itself, a glob's folder before its first wildcard, a file's own folder. A json file beside
 an image with the same stem is its sidecar label (see :mod:`~geopipe.pipeline.ingest.images`).
 
-Incremental runs. An image source is named by its range (``<root>#<first file>:<last name>``),
-and :meth:`Inputs.urls` is given the urls a store already records: their ranges are kept and
-only files outside every recorded range form new sources — so photos added to a folder are a
-new source appended to the store, not a change that would re-extract everything after it. A
-range that gained, lost or changed a file is a changed source (``on_changed``), found by its
-total bytes and newest mtime, or with ``verify_hash`` by a digest of names and contents.
+Incremental runs. An image source is named by the first and last file it was made of
+(``<root>#<reldir>/<first>:<last>``, with ``%``, ``#``, ``:`` escaped in names), and
+:meth:`Inputs.urls` is given the store's completion records and :func:`store_members` (the keys
+each recorded source holds, rows and rejects): a file belongs to the recorded source holding its
+key; files no source holds form new sources (in runs of name order, at most ``per_source``) that
+are appended to the store — a photo added to a folder, wherever its name sorts, is extracted
+alone instead of changing a source and re-extracting every later one. A recorded source whose
+files were edited, removed or renamed is a changed source (``on_changed``): its total bytes or
+newest mtime differ, or with ``verify_hash`` its digest of names and contents. Resumes are
+stable: committed sources are recorded, the rest is split again exactly as before.
 """
 
 from __future__ import annotations
 
-import datetime
-import glob
-import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, check_int
-from geopipe.pipeline.ingest.images import IMAGE_FILE_EXTS, LABELS, ImageSource, image_source_sha256, iter_image_samples
+from geopipe.pipeline.ingest.images import IMAGE_FILE_EXTS, LABELS, ImageSource, image_source_sha256, iter_image_samples, list_files, list_sidecars
 from geopipe.pipeline.ingest.shards import ShardNotFoundError, file_sha256, iter_tar_samples, shard_stat
 from geopipe.pipeline.store.format import ShardStat
 
@@ -56,6 +57,11 @@ def _is_image(name: str) -> bool:
 
 def _is_tar(name: str) -> bool:
     return name.lower().endswith(TAR_SUFFIXES)
+
+
+def _wanted(name: str) -> bool:
+    """Files a folder walk keeps: images and tars."""
+    return _is_image(name) or _is_tar(name)
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,7 @@ class Inputs:
         """List the json files of every image folder (stem → (name, size, mtime)) when labels read sidecars."""
         if self.labels in ("auto", "sidecar"):
             for root, reldir in self._groups:
-                self._sidecars[(root, reldir)] = _sidecars(fsio.join(root, reldir) if reldir else root)
+                self._sidecars[(root, reldir)] = list_sidecars(fsio.join(root, reldir) if reldir else root)
 
 
 def _parse(url: str) -> tuple[str, str, str, str] | None:
@@ -245,7 +251,7 @@ def resolve_inputs(args: Sequence[str], *, labels: str = "auto", per_source: int
     inputs = Inputs(labels, per_source)
     for arg in [args] if isinstance(args, str) else args:
         for path in braceexpand(arg):
-            kind, root, files = _list(fsio.normalize(path))
+            kind, root, files = list_files(fsio.normalize(path), _wanted)
             if not _add(inputs, kind, root, files):
                 if kind == "dir":
                     raise ShardNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_FILE_EXTS)}) or tars")
@@ -262,7 +268,7 @@ def _add(inputs: Inputs, kind: str, root: str, files: list[tuple[str, int, float
         rel, size, mtime, full = files[0]
         inputs.add_image(root, rel, size, mtime) if _is_image(rel) else inputs.add_tar(full)
         return True
-    files = [f for f in files if not _hidden(f[0]) and not f[0].endswith(".json")]
+    files = [f for f in files if not f[0].endswith(".json")]
     images = [f for f in files if _is_image(f[0])]
     tars = [f for f in files if _is_tar(f[0]) or (kind == "glob" and not images and not _is_image(f[0]))]
     for rel, size, mtime, _ in images:
@@ -270,91 +276,3 @@ def _add(inputs: Inputs, kind: str, root: str, files: list[tuple[str, int, float
     for *_, full in tars:
         inputs.add_tar(full)
     return bool(images or tars)
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.split("/"))
-
-
-def _glob_root(path: str) -> str:
-    """The folder of a glob before its first wildcard component ("/"-separated)."""
-    parts = path.split("/")
-    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-    return "/".join(parts[:fixed]) or ("/" if path.startswith("/") else ".")
-
-
-def _list(path: str) -> tuple[str, str, list]:
-    """(kind "file" | "dir" | "glob" | "none", root, [(path relative to root, size, mtime, full path)])."""
-    if not fsio.is_local(path):
-        return _list_remote(path)
-    if glob.has_magic(path):
-        root, files = os.path.abspath(_glob_root(path.replace(os.sep, "/"))), []
-        for match in sorted(glob.glob(path, recursive=True)):
-            full = os.path.abspath(match)
-            files.extend(_walk_local(full, root) if os.path.isdir(full) else _local_file(full, root))
-        return "glob", root, files
-    full = os.path.abspath(path)
-    if os.path.isdir(full):
-        return "dir", full, _walk_local(full, full)
-    if os.path.isfile(full):
-        return "file", os.path.dirname(full), _local_file(full, os.path.dirname(full))
-    return "none", full, []
-
-
-def _local_file(full: str, root: str) -> list:
-    if not os.path.isfile(full):
-        return []
-    st = os.stat(full)
-    return [(os.path.relpath(full, root).replace(os.sep, "/"), st.st_size, st.st_mtime, full)]
-
-
-def _walk_local(top: str, root: str) -> list:
-    out = []
-    for folder, dirs, names in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            if not name.startswith(".") and (_is_image(name) or _is_tar(name)):
-                out.extend(_local_file(os.path.join(folder, name), root))
-    return out
-
-
-def _list_remote(path: str) -> tuple[str, str, list]:
-    fs, p = fsio.url_to_fs(path)
-    if glob.has_magic(p):
-        kind, root, found = "glob", _glob_root(p), {}
-        for name, info in fs.glob(p, detail=True).items():
-            found.update(fs.find(name, detail=True) if info.get("type") == "directory" else {name: info})
-    elif fs.isdir(p):
-        kind, root, found = "dir", p.rstrip("/"), fs.find(p, detail=True)
-    elif fs.isfile(p):
-        kind, root, found = "file", p.rsplit("/", 1)[0], {p: fs.info(p)}
-    else:
-        return "none", path, []
-    files = [(name[len(root):].lstrip("/"), int(info.get("size") or 0), _info_mtime(info), fs.unstrip_protocol(name))
-             for name, info in sorted(found.items())]
-    return kind, fs.unstrip_protocol(root), files
-
-
-def _info_mtime(info: Mapping) -> float | None:
-    """Modification time of an fsspec info dict (seconds), whatever the filesystem calls it."""
-    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, datetime.datetime):
-            return value.timestamp()
-    return None
-
-
-def _sidecars(folder: str) -> dict:
-    """stem → (name, size, mtime) of the json files directly in ``folder``."""
-    folder, out = fsio.normalize(folder), {}
-    if fsio.is_local(folder):
-        entries = [(e.name, e.stat()) for e in os.scandir(folder) if e.name.endswith(".json") and e.is_file()]
-        return {name[:-5]: (name, st.st_size, st.st_mtime) for name, st in entries if not name.startswith(".")}
-    fs, p = fsio.url_to_fs(folder)
-    for info in fs.ls(p, detail=True):
-        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") == "file" and name.endswith(".json") and not name.startswith("."):
-            out[name[:-5]] = (name, int(info.get("size") or 0), _info_mtime(info))
-    return out
