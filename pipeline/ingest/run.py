@@ -24,7 +24,7 @@ from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.ingest.plan import ON_CHANGED, RejectBudget, TooManyRejectsError, plan_shards
 from geopipe.pipeline.ingest.shards import file_sha256, shard_stat
 from geopipe.pipeline.store.format import ShardStat
-from geopipe.pipeline.store.reader import META_NAME
+from geopipe.pipeline.store.reader import META_NAME, StoreError
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.writer import DTYPES, StoreWriter
 from geopipe.schemas.rejects import REJECT_REASONS
@@ -160,7 +160,11 @@ def _nothing_to_do(path: str, urls, store: str, opts: IngestOptions, same_source
             or attrs.get("normalized") != opts.normalize):
         return None  # the full path loads the source and says precisely what differs
     records = attrs.get("shards", {})
-    plan = plan_shards(_given(urls, records), records, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
+    try:
+        given = _given(urls, records)
+    except StoreError:  # rows a crashed run left uncommitted (sources read its keys): the full path repairs them first
+        return None
+    plan = plan_shards(given, records, store=store, on_changed=opts.on_changed, verify_hash=opts.verify_hash,
                        stat_fn=stat_fn, hash_fn=hash_fn)
     return (plan, attrs) if not plan.todo and plan.truncate_at is None else None
 

@@ -11,6 +11,7 @@ from samples import good_sample
 
 from geopipe.pipeline.ingest.shards import write_shards
 from geopipe.pipeline.store.reader import open_store, read_store
+from geopipe.pipeline.store.writer import StoreWriter
 from geopipe.stages.extract import ExtractConfig, ShardChangedError, run_extract
 
 
@@ -116,6 +117,27 @@ def test_reruns_add_only_new_photos_and_changed_ones_follow_on_changed(world, tm
     # a touched but identical photo: changed by mtime, unchanged by content hash
     os.utime(path, (2e9, 2e9))
     assert run_extract(_cfg(inputs, store, verify_hash=True), backbone=tiny).shards_done == 0
+
+
+def test_a_crashed_run_resumes_to_the_same_store(world, tmp_path, tiny, monkeypatch):
+    inputs = [str(world["photos"]), world["glob"]]
+    run_extract(_cfg(inputs, tmp_path / "ref.zarr"), backbone=tiny)
+    real, calls = StoreWriter._commit, {"n": 0}
+
+    def crash(self, update):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th source's arrays are written, its completion record is not
+            raise RuntimeError("simulated crash")
+        real(self, update)
+
+    monkeypatch.setattr(StoreWriter, "_commit", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_extract(_cfg(inputs, tmp_path / "crash.zarr"), backbone=tiny)
+    monkeypatch.setattr(StoreWriter, "_commit", real)
+    assert len(open_store(str(tmp_path / "crash.zarr")).attrs["shards"]) == 3
+    res = run_extract(_cfg(inputs, tmp_path / "crash.zarr"), backbone=tiny)
+    assert (res.shards_done, res.shards_skipped) == (2, 3)
+    _same(tmp_path / "ref.zarr", tmp_path / "crash.zarr")
 
 
 def test_cli_labels_none_reads_no_labels(world, tmp_path):
