@@ -50,7 +50,11 @@ class RetrieveConfig:
     a faiss index lives (auto: the GPUs when faiss was built with GPU support and CUDA is there);
     uncertainty_checkpoint: a BayesCap checkpoint whose MC-dropout scores (mc_passes passes)
     become the log_u columns; block_entries: (query, neighbour) pairs per block of queries, the
-    knob of the memory a block takes (about 100 bytes a pair; one query at the least)."""
+    knob of the memory a block takes (about 100 bytes a pair; one query at the least);
+    calibrate / val_store (mode kernel): the calibrated density (pipeline/retrieval/calibrate.py)
+    fitted on up to ``kernel_val`` records of ``val_store`` (held-out queries searched against
+    the database; giving one turns calibrate on), or without one on database records queried
+    leave-capture-out."""
 
     query: str
     out: str
@@ -65,10 +69,12 @@ class RetrieveConfig:
     uncertainty_checkpoint: str | None = None
     mc_passes: int = 15
     chunk_rows: int = 65536
-    block_entries: int = 2**19
+    block_entries: int = 2**18
     seed: int = 0
     progress: bool = True
     device: str = "auto"  # a faiss index goes to the GPU(s) when faiss has GPU support and this resolves to CUDA
+    calibrate: bool = False
+    val_store: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -81,6 +87,8 @@ class RetrieveConfig:
             raise ConfigError(f"retrieve: --radius-m must be a finite number of metres > 0, got {self.radius_m!r}")
         if not isinstance(self.split, SplitConfig):
             raise ConfigError(f"retrieve: split must be a SplitConfig, got {type(self.split).__name__}")
+        if (self.calibrate or self.val_store is not None) and self.mode != "kernel":
+            raise ConfigError("retrieve: --calibrate and --val-store fit the kernel density; add --mode kernel")
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,7 @@ def _without_truth(block, labelled: np.ndarray):
 def _options(cfg: RetrieveConfig) -> RetrievalOptions:
     return RetrievalOptions(k=cfg.k, mode=cfg.mode, backend=cfg.backend, radius_m=cfg.radius_m, kernel_val=cfg.kernel_val,
                             kernel_samples=cfg.kernel_samples, chunk_rows=cfg.chunk_rows, seed=cfg.seed, device=cfg.device,
-                            block_entries=cfg.block_entries)
+                            block_entries=cfg.block_entries, calibrate=cfg.calibrate or cfg.val_store is not None)
 
 
 def _scorer(cfg: RetrieveConfig, qs: EmbeddingStore, rows: np.ndarray):
@@ -149,6 +157,15 @@ def _scorer(cfg: RetrieveConfig, qs: EmbeddingStore, rows: np.ndarray):
 
     model, _ = check_bayescap(cfg.uncertainty_checkpoint, qs)
     return RowScorer(model, qs, rows, passes=cfg.mc_passes, seed=cfg.seed)
+
+
+def _val_store(cfg: RetrieveConfig, db: EmbeddingStore) -> EmbeddingStore | None:
+    """The validation store of the calibrated density (same embedding space as the database), or None."""
+    if cfg.val_store is None:
+        return None
+    val = open_store(cfg.val_store)
+    check_query_database(val, db)
+    return val
 
 
 def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
@@ -164,7 +181,7 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     scorer = _scorer(cfg, qs, qd.query_rows)
     cfg = replace(cfg, k=min(cfg.k, int(qd.db_rows.size)))  # no more neighbours than database records
     metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
-    p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups)
+    p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups, val_store=_val_store(cfg, db))
     tally, n, n_unlabelled = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size), 0
     with PredictionsStream(cfg.out) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
         for a, b in p.blocks(n):
@@ -184,7 +201,7 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
         if n_unlabelled or n_db_unlabelled:  # never silently
             print(f"geopipe: retrieve: {n_unlabelled} unlabelled queries geolocated with null truth and left out of Recall@K; "
                   f"{n_db_unlabelled} unlabelled database rows skipped (no location to vote for)", file=sys.stderr)
-        kernel = None if p.kernel is None else {**asdict(p.kernel), "width_km": p.kernel.width_km}
+        kernel = None if p.kernel is None else p.kernel.summary() if hasattr(p.kernel, "summary") else {**asdict(p.kernel), "width_km": p.kernel.width_km}
         model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": p.backend,
                  "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,
                  "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"], "n_unlabelled": n_unlabelled},

@@ -85,28 +85,29 @@ def mixture_logp(x: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor, kappa
     """log Σ_k w_k vMF(x_s; μ_k, κ) of points x (Q, S, 3) under each query's mixture μ (Q, K, 3),
     w (Q, K) → (Q, S) nats/sr, float64.
 
-    Computed in tiles of at most ``tile`` (query, point, component) triples, so memory stays
-    bounded whatever S and K are; components of one point are combined by logaddexp across
-    tiles. Within one tile the arithmetic is that of
-    :func:`geopipe.pipeline.sphere.vmf.vmf_mixture_log_density` (the same numbers when K fits a tile).
+    The stable component form of :func:`geopipe.pipeline.sphere.vmf.vmf_mixture_log_density`,
+    ``log f_k(x) = ln κ + κ(⟨μ_k, x⟩ − 1) − ln(1e-8 + 2π(1 − e^{−2κ}))``, with the cosines of a
+    tile as one batched matrix product, in tiles of at most ``tile`` (query, point, component)
+    triples: memory stays bounded whatever S and K are; the components of one point are
+    combined by logaddexp across tiles.
     """
+    x, mu = x.to(torch.float64), mu.to(torch.float64)
     q, s, _ = x.shape
     m = mu.shape[1]
     kap = torch.tensor(float(kappa), dtype=torch.float64)
     tiny = torch.finfo(torch.float64).tiny
-    log_kappa = torch.log(kap.clamp_min(tiny))
-    log_norm = torch.log(1e-8 - 2.0 * math.pi * torch.expm1(-2.0 * kap))
-    log_w = torch.log(weights.clamp_min(tiny))
+    const = torch.log(kap.clamp_min(tiny)) - torch.log(1e-8 - 2.0 * math.pi * torch.expm1(-2.0 * kap))
+    log_w = torch.log(weights.to(torch.float64).clamp_min(tiny))
     out = torch.empty((q, s), dtype=torch.float64)
     qb, sb, mb = _tile_sizes(q, s, m, tile)
     for a in range(0, q, qb):
         for c in range(0, s, sb):
             acc = None
             for e in range(0, m, mb):
-                cos = (mu[a:a + qb, None, e:e + mb] * x[a:a + qb, c:c + sb, None]).sum(dim=-1)
-                part = torch.logsumexp(log_w[a:a + qb, None, e:e + mb] + (log_kappa + kap * (cos - 1.0) - log_norm), dim=-1)
+                t = torch.bmm(x[a:a + qb, c:c + sb], mu[a:a + qb, e:e + mb].transpose(1, 2))  # cosines (qb, sb, mb)
+                part = torch.logsumexp(t.sub_(1.0).mul_(kap).add_(log_w[a:a + qb, None, e:e + mb]), dim=-1)
                 acc = part if acc is None else torch.logaddexp(acc, part)
-            out[a:a + qb, c:c + sb] = acc
+            out[a:a + qb, c:c + sb] = acc + const
     return out
 
 

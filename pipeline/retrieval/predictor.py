@@ -67,9 +67,10 @@ class RetrievalOptions:
     chunk_rows: int = 65536
     seed: int = 0
     device: str = "auto"
-    block_entries: int = 2**19
+    block_entries: int = 2**18
     max_block: int = 8192
     cache_bytes: int = 2**31
+    calibrate: bool = False  # mode kernel: the calibrated density fitted on held-out queries (pipeline/retrieval/calibrate.py)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class RetrievalPredictor:
             self.backend = "faiss-gpu" if faiss_on_gpu(opts.device) else "faiss"
         elif self.rows.size * store.embed_dim * store.embeddings.dtype.itemsize <= opts.cache_bytes:
             self._cache = list(store_chunks(store, self.rows, opts.chunk_rows))
-        self.kernel: KernelDensity | None = None
+        self.kernel = None  # KernelDensity, or calibrate.CalibratedKernel with opts.calibrate
 
     def block_size(self) -> int:
         """Queries per block: at most ``block_entries // k`` and ``max_block``, a whole number of
@@ -156,17 +157,41 @@ def _fit_blocks(p: RetrievalPredictor):
         yield p.latlon[rows][ok], _neighbour_latlon(p.latlon, top.indices[ok]), top.distances[ok], top.indices[ok]
 
 
+def _val_blocks(p: RetrievalPredictor, val_store):
+    """(truth, neighbour positions, distances, indices) of up to ``kernel_val`` labelled records
+    of a validation store searched against the database, a block at a time."""
+    ll = val_store.latlon[:].astype(np.float64)
+    labelled = np.flatnonzero(np.isfinite(ll).all(axis=1))
+    rng = np.random.default_rng(p.opts.seed)
+    val = np.sort(rng.choice(labelled, size=min(p.opts.kernel_val, labelled.size), replace=False))
+    for a, b in p.blocks(val.size):
+        top = _search(p, read_rows(val_store, val[a:b]).astype(np.float32), None, None)
+        yield ll[val[a:b]], _neighbour_latlon(p.latlon, top.indices), top.distances, top.indices
+
+
+def _fit_density(p: RetrievalPredictor, val_store):
+    """The kernel: the old grid fit (database against itself), or with ``opts.calibrate`` the
+    calibrated density fitted on the validation store's queries (or leave-capture-out without one)."""
+    if not p.opts.calibrate:
+        return fit_kernel_blocks(_fit_blocks(p))
+    from geopipe.pipeline.retrieval.calibrate import fit_calibrated
+
+    if val_store is None:
+        return fit_calibrated(_fit_blocks(p), source="database records queried leave-capture-out")
+    return fit_calibrated(_val_blocks(p, val_store), source=f"validation store {val_store.path}")
+
+
 def load_retrieval(store, opts: RetrievalOptions, metric: str = "ip", rows: np.ndarray | None = None,
-                   groups: np.ndarray | None = None) -> RetrievalPredictor:
+                   groups: np.ndarray | None = None, val_store=None) -> RetrievalPredictor:
     """The predictor of database ``store`` (an opened EmbeddingStore): its ``rows`` (default all)
     searched with ``metric``, ``groups`` (N,) excluded per query group; the kernel fitted when
-    ``opts.mode == "kernel"``."""
+    ``opts.mode == "kernel"`` (calibrated on ``val_store``'s records with ``opts.calibrate``)."""
     if opts.mode not in MODES:
         raise GeopipeError(f"unknown retrieval mode {opts.mode!r}; choose one of {list(MODES)}")
     rows = np.arange(len(store), dtype=np.int64) if rows is None else rows
     p = RetrievalPredictor(store, rows, groups, metric, opts)
     if opts.mode == "kernel":
-        p.kernel = fit_kernel_blocks(_fit_blocks(p))
+        p.kernel = _fit_density(p, val_store)
     return p
 
 
@@ -186,6 +211,11 @@ def _topk_columns(p: RetrievalPredictor, top: TopK, nb: np.ndarray) -> dict:
 
 def _kernel_columns(p: RetrievalPredictor, top: TopK, nb: np.ndarray, true_ll: np.ndarray, first: int) -> tuple[np.ndarray, dict]:
     fit = p.kernel
+    if not isinstance(fit, KernelDensity):  # the calibrated density
+        from geopipe.pipeline.retrieval.calibrate import calibrated_columns
+
+        return calibrated_columns(fit, nb, top.distances, top.indices, true_ll, p.opts.kernel_samples, p.opts.seed, first,
+                                  group=sample_group(p.k))
     mu = neighbour_xyz(nb)
     w = kernel_weights(top.distances, top.indices, fit.temperature)
     loc = kernel_localizability(mu, w, fit.kappa, latlon_to_xyz(torch.from_numpy(true_ll)), p.opts.kernel_samples,
