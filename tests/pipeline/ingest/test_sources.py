@@ -159,11 +159,13 @@ def test_unreadable_files_are_error_samples_and_the_digest_matches(tmp_path):
     assert [s["__url__"] for s in samples] == [str(root / "a.jpg"), str(root / "b.jpg")]
     assert info["sha256"] == image_source_sha256(src) == inputs.sha256(url)
     assert image_source_sha256(src, "none") != info["sha256"]  # the sidecar is not read under labels=none
-    os.remove(root / "a.jpg")  # vanished after the scan
-    info = {}
-    bad, good = list(SampleReader({url: src})(url, info))
+    samples = SampleReader({url: src})(url, info := {})
+    assert next(samples)["__key__"] == "a"  # files are read one at a time, as the samples are taken
+    os.remove(root / "b.jpg")
+    bad = next(samples)
     assert bad["__error__"][0] == "corrupt_image" and "cannot read the file: FileNotFoundError" in bad["__error__"][1]
-    assert "jpg" not in bad and good["__key__"] == "b" and info["sha256"] is None
+    assert "jpg" not in bad and bad["__url__"] == str(root / "b.jpg")
+    assert next(samples, None) is None and info["sha256"] is None
 
 
 def test_recorded_sources_keep_their_files_and_new_files_form_new_sources(tmp_path):
