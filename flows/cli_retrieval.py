@@ -25,6 +25,12 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @config_option("--mode", type=click.Choice(["top1", "kernel"]), config=_RETRIEVE,
                help="Prediction: the top-1 position, or the densest neighbour of a vMF kernel mixture over the top-K "
                     "(also writes NLL, localizability and HDR ranks).")
+@click.option("--calibrate", is_flag=True, default=None,
+              help="--mode kernel: fit the calibrated density (two per-query kernel widths, softmax weights, a broad part "
+                   "and a uniform floor) on held-out queries — the --val-store, or else database records queried "
+                   "leave-capture-out — instead of one kernel width fitted on the database against itself.")
+@click.option("--val-store", default=None, help="--mode kernel: embedding store of held-out validation queries (same "
+              "backbone as the database) the calibrated density is fitted on; implies --calibrate.")
 @config_option("--split", "split_mode", type=click.Choice(["column", "blocks", "capture", "leave_one_out"]), config=_SPLIT,
                field="mode", help="How one store is split into queries and database (ignored with --database).")
 @config_option("--split-column", type=str, config=_SPLIT, field="column", help="Metadata field of --split column.")
@@ -43,7 +49,7 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @config_option("--seed", type=int, config=_RETRIEVE, help="Random seed of the split and the sampled predictions.")
 @device_option
 @user_errors
-def retrieve_command(query, database, out, k, mode, split_mode, split_column, query_value, block_m, query_fraction,
+def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_mode, split_column, query_value, block_m, query_fraction,
                      capture_field, backend, radius_m, bayescap, mc_passes, seed, device):
     """Retrieve the top-K database records of each query and write a predictions table that
     `geopipe evaluate` scores like any model (plus Recall@K)."""
@@ -54,11 +60,17 @@ def retrieve_command(query, database, out, k, mode, split_mode, split_column, qu
                                 query_fraction=query_fraction, seed=seed, capture_field=capture_field))
     res = run_retrieve(RetrieveConfig(query=query, out=out, split=split, progress=progress_enabled(), device=device, **given(
         database=database, k=k, mode=mode, backend=backend, radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes,
-        seed=seed)))
+        seed=seed, calibrate=calibrate, val_store=val_store)))
     rec = res.recall
     cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None) or "none (no query has one)"
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")
     click.echo(f"Recall at {rec['radius_m']:g} m (answerable queries; {rec['n_unanswerable']} without a positive dropped): {cells}")
-    if res.kernel:
+    if res.kernel and res.kernel.get("calibrated"):
+        sh = res.kernel["shares"]
+        click.echo(f"calibrated density: widths {res.kernel['width_km']:.3g} / {res.kernel['medium_width_km']:.3g} km (shares "
+                   f"{sh['sharp']:.2f} / {sh['medium']:.2f}), broad {res.kernel['broad_width_km']:.3g} km ({sh['broad']:.2f}), "
+                   f"uniform {sh['uniform']:.3f}, temperature {res.kernel['temperature']:.3g}; held-out NLL "
+                   f"{res.kernel['val_nll']:.3f} nats/sr on {res.kernel['n_val']} queries ({res.kernel['source']})")
+    elif res.kernel:
         click.echo(f"kernel: width {res.kernel['width_km']:.3g} km, temperature {res.kernel['temperature']:g}, "
                    f"validation NLL {res.kernel['val_nll']:.3f} nats/sr on {res.kernel['n_val']} records")
