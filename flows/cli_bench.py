@@ -16,13 +16,14 @@ __all__ = ["bench_command"]
 
 
 @click.command("bench")
-@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "bayescap", "stream", "dask", "import",
-                                           "extract-dask"]),
+@click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "retrieval-queries", "bayescap", "stream",
+                                           "dask", "import", "extract-dask"]),
               default="all", show_default=True,
               help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
                    "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
-                   "geopipe import vs np.load + zarr write; extract-dask: extract on local:2 vs one process). stream/dask/import write "
-                   "their inputs under --workdir.")
+                   "geopipe import vs np.load + zarr write; extract-dask: extract on local:2 vs one process; retrieval-queries: peak RSS and "
+                   "queries/s of geopipe retrieve -k 64 at 1K, 10K, 50K queries against 80,689 x 512 float16 records vs a bare "
+                   "matmul + top-k loop, a process per point). stream/dask/import/retrieval-queries write their inputs under --workdir.")
 @click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
               help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
 @click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
@@ -63,6 +64,10 @@ def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repe
         os.makedirs(workdir, exist_ok=True)
         scale = bs.ScaleBenchConfig(workdir=workdir, rows=rows)
         results[what] = {"stream": bs.bench_stream_train, "dask": bs.bench_dask_predict, "import": bs.bench_import}[what](scale)
+    if what == "retrieval-queries":
+        from geopipe.stages.bench_retrieval import bench_retrieval_queries
+
+        results[what] = bench_retrieval_queries(workdir, threads=threads)
     if what in ("retrieval", "bayescap"):
         from geopipe.stages import bench_retrieval as br
 
