@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.geopipe-installed
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench bench-geoclip clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/geopipe bench
+
+# the realistic geoclip world (pip install --no-deps geoclip) and one table of every method on it (README)
+bench-geoclip: $(STAMP)
+	$(BIN)/geopipe demo-data data/geoclip --world geoclip
+	$(BIN)/python -c "from geopipe.stages.bench_geoclip import GeoclipBenchConfig as C, run_geoclip_bench as run; print(run(C('data/geoclip')).table)"
 
 clean-demo:
 	rm -rf data/demo
