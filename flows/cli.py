@@ -194,19 +194,21 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
 @config_option("--mc-passes", type=int, config=_PREDICT, help="MC-dropout passes of the --bayescap scores.")
 @click.option("--region", default=None, type=float,
               help="Probability mass q in (0, 1), e.g. 0.9: store each record's highest-density region of mass q as a polygon "
-                   "(GeoParquet geometry column region, with region_mass and region_area_km2; S² methods; per record ≈ 1000 "
-                   "draws and 20–40 k log-likelihoods).")
+                   "(GeoParquet geometry column region, with region_mass and region_area_km2; S² methods).")
+@click.option("--region-density", type=click.Choice(["auto", "exact", "kde"]), default=None,
+              help="Density the region is drawn from: the model's own (exact: ≈ 1000 draws and 3–35 k log-likelihoods per record, "
+                   "ODE solves for flows) or a KDE of 1000 draws (no likelihoods). [default: auto = exact for vmf/vmf_mixture, kde for flows]")
 @device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
-            batch_size, seed, dask_address, bayescap, mc_passes, device, region):
+            batch_size, seed, dask_address, bayescap, mc_passes, device, region, region_density=None):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
     cfg = PredictConfig(checkpoint=checkpoint, store=store, out=out, device=device, progress=progress_enabled(), **given(
         steps=steps, guidance=guidance, sampler=sampler, samples=samples, ensemble=ensemble, nll=nll or None,
         localizability=localizability, rtol=rtol, atol=atol, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
-        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, region=region))
+        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, region=region, region_density=region_density))
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
 

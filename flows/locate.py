@@ -32,7 +32,8 @@ class LocateConfig:
     model: checkpoint directory, PLONK directory or ``hf-hub:org/name``; inputs: image files,
     folders, globs, WebDataset tars (brace patterns, fsspec urls); out: predictions (``.parquet``
     file, or a dataset directory); store: the embedding store (default :func:`default_store`).
-    region: mass q of the highest-density region polygon per photo (None = no region column).
+    region: mass q of the highest-density region polygon per photo (None = no region column);
+    region_density: "auto" | "exact" | "kde" (see ``geopipe predict --region-density``).
     localizability: Monte-Carlo samples for the entropy / effective area (0 = off).
     Sampling options as for ``geopipe predict``.
     """
@@ -42,6 +43,7 @@ class LocateConfig:
     out: str
     store: str | None = None
     region: float | None = None
+    region_density: str = "auto"
     samples: int = 0
     localizability: int = 0
     steps: int = 16
@@ -129,6 +131,7 @@ def run_locate(cfg: LocateConfig, head: int = 20) -> LocateResult:
     run_predict(PredictConfig(checkpoint=cfg.model, store=store, out=cfg.out, steps=cfg.steps, guidance=cfg.guidance,
                               samples=cfg.samples, localizability=cfg.localizability, seed=cfg.seed, batch_size=cfg.batch_size,
                               overwrite=cfg.overwrite, dask=cfg.dask, device=cfg.device, progress=cfg.progress,
+                              region_density=cfg.region_density,
                               **({"region": cfg.region} if cfg.region is not None else {})))
     n, rows = _summary(cfg.out, head)
     rej = tuple((r.get("key", ""), r.get("shard", ""), r.get("reason", ""), r.get("detail", "")) for r in rejects)

@@ -26,6 +26,7 @@ from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.infer.predictor import Predictor, load_predictor, record_generator
 from geopipe.pipeline.infer.regions import check_mass, hdr_region, hdr_regions
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, xyz_to_latlon
+from geopipe.pipeline.sphere.kde import kde_bandwidth_km, kde_log_density
 from geopipe.pipeline.store.reader import open_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.viz.density_grid import (
@@ -33,8 +34,6 @@ from geopipe.pipeline.viz.density_grid import (
     density_grid_loglik,
     grid_mass,
     hdr_extent,
-    kde_bandwidth_km,
-    kde_log_density,
     latlon_grid,
 )
 from geopipe.pipeline.viz.gis import point_feature, region_features, write_density_geotiff, write_geojson

@@ -82,6 +82,7 @@ class PredictConfig:
     uncertainty_checkpoint: str | None = None  # BayesCap checkpoint: adds log_u, log_u_alea, log_u_epi
     mc_passes: int = 15  # MC-dropout passes of those scores
     region: float | None = None  # mass q: each record's q-HDR polygon and its mass and area (columns region, region_mass, region_area_km2)
+    region_density: str = "auto"  # exact | kde | auto (exact for closed-form densities, a KDE of the draws for flows)
 
     def __post_init__(self) -> None:
         self.options()  # sampling options: ConfigError naming the option
@@ -94,7 +95,8 @@ class PredictConfig:
 
     def options(self) -> PredictOptions:
         return PredictOptions(self.steps, self.guidance, self.sampler, self.samples, self.ensemble,
-                              self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every, self.region)
+                              self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every, self.region,
+                              self.region_density)
 
 
 @dataclass(frozen=True)

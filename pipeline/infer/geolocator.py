@@ -81,11 +81,13 @@ class GeoPrediction:
         lp = self._locator._log_prob(self._embeddings, ll)
         return lp - LOG_KM2_PER_SR if per == "km2" else lp
 
-    def region(self, q: float = 0.9) -> list:
+    def region(self, q: float = 0.9, density: str = "auto") -> list:
         """The highest-density region of mass ``q`` of each photo (list of N
         :class:`geopipe.pipeline.infer.regions.HDRRegion`: shapely polygon in lon/lat degrees
-        (OGC:CRS84), WKB, area km², mass on the grid, density level τ per sr and per km²). Cached per ``q``."""
-        return self._locator._regions(self, q)
+        (OGC:CRS84), WKB, area km², mass on the grid, density level τ per sr and per km²). density:
+        "exact" (the model's own), "kde" (a KDE of 1000 draws) or "auto" (exact for closed-form
+        densities, kde for flows). Cached per (q, density)."""
+        return self._locator._regions(self, q, density)
 
     def to_table(self):
         """A pyarrow Table of the predictions schema (GeoParquet point geometry)."""
@@ -163,7 +165,7 @@ class Geolocator:
         return emb.astype(np.float32)
 
     def predict(self, inputs, *, keys: Sequence[str] | None = None, samples: int = 0, localizability: int = 0,
-                region: float | None = None, nll: bool = False, truth=None, steps: int = 16, guidance: float = 2.0,
+                region: float | None = None, region_density: str = "auto", nll: bool = False, truth=None, steps: int = 16, guidance: float = 2.0,
                 seed: int = 0, batch_size: int = 256) -> GeoPrediction:
         """Predict where each input was taken.
 
@@ -175,7 +177,7 @@ class Geolocator:
         """
         emb, names = self._inputs(inputs, keys)
         opts = PredictOptions(steps=steps, guidance=guidance, samples=samples, nll=nll, localizability=localizability,
-                              **({"region": region} if region is not None else {}))
+                              region=region, region_density=region_density)
         truth = None if truth is None else np.asarray(truth, float).reshape(len(emb), 2)
         if nll and truth is None:
             raise ConfigError("nll=True needs truth=(N, 2) known latitudes/longitudes in degrees")
@@ -209,16 +211,18 @@ class Geolocator:
             x = latlon_to_xyz(torch.tensor(latlon, dtype=torch.float64)).float().to(p.device)
             return p.method.log_likelihood(p.model, x, cond).double().cpu().numpy()
 
-    def _regions(self, pred: GeoPrediction, q: float) -> list:
+    def _regions(self, pred: GeoPrediction, q: float, density: str) -> list:
+        from geopipe.pipeline.infer.predictor import region_density
         from geopipe.pipeline.infer.regions import hdr_regions
 
-        if q not in pred._cache:
+        density = region_density(self.predictor.method, PredictOptions(region_density=density))
+        if (q, density) not in pred._cache:
             p = self.predictor
             with torch.no_grad():
                 cond = p.condition(pred._embeddings)
                 gen = record_generator(0, 0, p.device)
-                pred._cache[q] = hdr_regions(p.method, p.model, cond, q, generator=gen, keys=list(pred.keys))
-        return pred._cache[q]
+                pred._cache[q, density] = hdr_regions(p.method, p.model, cond, q, generator=gen, keys=list(pred.keys), density=density)
+        return pred._cache[q, density]
 
 
 def _preprocess(img, preprocess, decode_image) -> torch.Tensor:

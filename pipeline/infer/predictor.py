@@ -20,7 +20,7 @@ from geopipe.pipeline.artifacts.predictions import predictions_table
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.infer.localizability import hdr_rank, localize
 from geopipe.pipeline.infer.model_source import open_model_source
-from geopipe.pipeline.infer.regions import check_mass, hdr_regions
+from geopipe.pipeline.infer.regions import REGION_DENSITIES, check_mass, hdr_regions
 from geopipe.pipeline.methods.registry import method_from_dict
 from geopipe.pipeline.model.conditioning import CondStats
 from geopipe.pipeline.model.network import NetworkConfig
@@ -29,7 +29,7 @@ from geopipe.pipeline.store.format import nonfinite_records
 from geopipe.pipeline.store.space import check_same_space
 from geopipe.schemas.checkpoint import GENERATIVE, checkpoint_kind
 
-__all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows"]
+__all__ = ["Predictor", "PredictOptions", "load_predictor", "cached_predictor", "record_generator", "predict_batch", "predict_rows", "region_density"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,13 @@ class PredictOptions:
     atol: float = 1e-5
     likelihood_every: int = 1  # NLL / localizability only for store rows r with r % likelihood_every == 0
     region: float | None = None  # mass q of each record's highest-density region polygon (pipeline/infer/regions.py; every row)
+    region_density: str = "auto"  # exact | kde | auto (exact for closed-form densities, kde of the draws for flows)
 
     def __post_init__(self) -> None:
         if self.region is not None:
             check_mass(self.region)  # one-line ConfigError unless 0 < q < 1
+        if self.region_density not in ("auto", *REGION_DENSITIES):
+            raise ConfigError(f"--region-density must be one of {['auto', *REGION_DENSITIES]}, got {self.region_density!r}")
         for name, least in (("steps", 1), ("samples", 0), ("ensemble", 0), ("localizability", 0), ("likelihood_every", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -146,6 +149,15 @@ def _samples_logp(p: Predictor, cond: torch.Tensor, n: int, opts: PredictOptions
     return torch.cat(xs), torch.cat(lps)
 
 
+def region_density(method, opts: PredictOptions) -> str:
+    """The density a region is drawn from: ``opts.region_density``, where "auto" = the model's
+    own for closed-form densities (vMF family) and a KDE of its draws for flows (whose exact
+    density costs an ODE solve per grid point)."""
+    if opts.region_density != "auto":
+        return opts.region_density
+    return "exact" if getattr(method, "closed_form_density", False) else "kde"
+
+
 @torch.no_grad()
 def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, generator: torch.Generator, chunk: int = 4096) -> dict:
     """Score one batch. ``cond`` (B, D) embeddings; ``latlon_true`` (B, 2) degrees or None.
@@ -200,7 +212,7 @@ def predict_batch(p: Predictor, cond, latlon_true, keys, opts: PredictOptions, g
             cols["hdr_rank"] = np.where(truth, rank, np.nan)
     if opts.region is not None:  # last, so the columns above draw the same noise with or without it
         regions = hdr_regions(p.method, p.model, cond, opts.region, generator=generator, steps=opts.steps, sampler=opts.sampler,
-                              rtol=opts.rtol, atol=opts.atol, chunk=chunk, keys=keys)
+                              rtol=opts.rtol, atol=opts.atol, chunk=chunk, keys=keys, density=region_density(p.method, opts))
         cols["region"] = [None if r.geometry.is_empty else r.wkb for r in regions]  # WKB (Multi)Polygon, lon/lat degrees
         cols["region_mass"] = np.array([r.mass for r in regions])
         cols["region_area_km2"] = np.array([r.area_km2 for r in regions])

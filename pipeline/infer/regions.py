@@ -36,11 +36,15 @@ from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.infer.region_grid import grid_mass_inside, initial_boxes, lonlat_polygons, refine, region_parts
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 
-__all__ = ["LOG_KM2_PER_SR", "RegionOptions", "HDRRegion", "hdr_region", "hdr_regions", "spherical_area_km2", "check_mass"]
+__all__ = ["LOG_KM2_PER_SR", "REGION_DENSITIES", "KDE_FLOOR_KM", "RegionOptions", "HDRRegion", "hdr_region", "hdr_regions", "spherical_area_km2", "check_mass"]
 
 #: 2 ln R_E: log p per km² = log p per steradian − LOG_KM2_PER_SR.
 LOG_KM2_PER_SR = 2.0 * math.log(EARTH_RADIUS_KM)
 TAU_SOURCES = ("grid", "samples")
+#: Densities a region can be drawn from: the model's own ("exact") or a KDE of its draws ("kde").
+REGION_DENSITIES = ("exact", "kde")
+#: Smallest KDE kernel (km) of :func:`hdr_regions` with density "kde".
+KDE_FLOOR_KM = 1.0
 
 
 def check_mass(q, what: str = "region") -> float:
@@ -166,7 +170,7 @@ def _region(grids, q: float, log_tau: float, tau: str, evaluations: int) -> HDRR
 
 def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None = None, tau: str = "grid", samples=None,
                 sample_logp=None, generator=None, steps: int = 16, sampler: str | None = None, rtol: float = 1e-5,
-                atol: float = 1e-5, guidance: float = 0.0, chunk: int = 4096, keys=None) -> list[HDRRegion]:
+                atol: float = 1e-5, guidance: float = 0.0, chunk: int = 4096, keys=None, density: str = "exact") -> list[HDRRegion]:
     """The q-HDR of each record of a batch under ``method``/``model`` (density at ``guidance``,
     default 0: unguided, as scored by NLL and calibration).
 
@@ -174,6 +178,12 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
     (B, N) draws and their log densities (nats per steradian); otherwise ``options.samples`` draws
     per record are made and scored. Cost per record: those N draws and N log-likelihoods, plus
     the grid's evaluations (:class:`HDRRegion.evaluations`, ≈ 2–4 × nodes²), in batches of ``chunk``.
+
+    density: "exact" — the model's own log-likelihood on the grid (closed form for vMF methods, one
+    ODE solve per grid point for flows: minutes per record on a CPU); "kde" — a vMF-kernel density
+    estimate of the N draws (:mod:`geopipe.pipeline.sphere.kde`, k-NN bandwidth floored at
+    ``KDE_FLOOR_KM``): no likelihood evaluations at all, the region of the model smoothed by the
+    kernel (mass and area are the KDE's).
     """
     import torch
 
@@ -182,7 +192,14 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
                           "(its projected draws are not distributed as its density on S²); use an S² method (rfm, vmf, ...)")
     opts = options or RegionOptions()
     check_mass(q)
+    if density not in REGION_DENSITIES:
+        raise ConfigError(f"unknown region density {density!r}; choose one of {list(REGION_DENSITIES)}")
     with torch.no_grad():
+        if density == "kde":
+            if samples is None:
+                samples = method.sample(model, cond, opts.samples, steps=steps, guidance=guidance, sampler=sampler, generator=generator,
+                                        keys=keys)
+            return [_kde_region(torch.as_tensor(x).double().cpu().numpy(), q, tau, opts) for x in samples]
         if samples is None:
             samples = method.sample(model, cond, opts.samples, steps=steps, guidance=guidance, sampler=sampler, generator=generator, keys=keys)
             flat = cond.repeat_interleave(samples.shape[1], dim=0)
@@ -203,3 +220,12 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
 
         return [hdr_region(evaluator(b), q, samples=xs[b], sample_logp=None if lps is None else lps[b], tau=tau, options=opts)
                 for b in range(len(xs))]
+
+
+def _kde_region(xs: np.ndarray, q: float, tau: str, opts: RegionOptions) -> HDRRegion:
+    """The q-HDR of the vMF-kernel KDE of one record's draws ``xs`` (N, 3)."""
+    from geopipe.pipeline.sphere.kde import kde_bandwidth_km, kde_kappa, kde_log_density
+
+    kappa = kde_kappa(kde_bandwidth_km(xs, math.degrees(KDE_FLOOR_KM / EARTH_RADIUS_KM)))
+    return hdr_region(lambda xyz: kde_log_density(xs, kappa, xyz), q, samples=xs, sample_logp=kde_log_density(xs, kappa, xs),
+                      tau=tau, options=opts)

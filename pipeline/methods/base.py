@@ -67,6 +67,8 @@ class MethodBase(abc.ABC):
     name = "base"
     space = "sphere"
     trainable = True
+    #: log_likelihood is a closed form (cheap: vMF family, uniform) rather than an ODE solve
+    closed_form_density = False
     OPTIONS: tuple[str, ...] = ()
     # Training defaults of the family, used where the user gives none: network depth, peak
     # learning rate and gradient-norm clip (None: no clipping). See docs/methods.md, "Training".

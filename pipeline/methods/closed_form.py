@@ -33,6 +33,7 @@ def _no_sampler(name: str, sampler) -> None:
 
 class _VMFBase(MethodBase):
     space = "sphere"
+    closed_form_density = True
     components = 1
     OPTIONS = ("cond_drop",)
     TRAIN_DEFAULTS = {"depth": 11, "lr": 1e-4, "grad_clip": 0.05}  # a heads-only output layer, clipped LAMB
@@ -116,6 +117,7 @@ class UniformMethod(MethodBase):
 
     name = "uniform"
     space = "sphere"
+    closed_form_density = True
     trainable = False
     OPTIONS = ()
 

@@ -132,7 +132,7 @@ def test_cli_map_writes_gis_files_and_region_zero_skips_the_geojson(tmp_path):
 
 
 def test_kde_log_density_matches_the_kde_grid():
-    from geopipe.pipeline.viz.density_grid import kde_log_density
+    from geopipe.pipeline.sphere.kde import kde_log_density
 
     x = sample_vmf_mixture(latlon_to_xyz(torch.tensor([[10.0, 20.0]], dtype=F64))[None], torch.tensor([[50.0]], dtype=F64),
                            torch.ones(1, 1, dtype=F64), 64, generator=torch.Generator().manual_seed(0))[0].numpy()

@@ -12,8 +12,9 @@ import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, LOG_UNIFORM_SPHERE, latlon_to_xyz
+from geopipe.pipeline.sphere.kde import kde_bandwidth_km
 from geopipe.pipeline.sphere.vmf import sample_vmf_mixture, vmf_log_density, vmf_mixture_log_density
-from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, kde_bandwidth_km, latlon_grid
+from geopipe.pipeline.viz.density_grid import density_grid_kde, density_grid_loglik, grid_mass, hdr_extent, latlon_grid
 from geopipe.pipeline.viz.land_outline import load_outline, outline_from_shapefile
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 from geopipe.schemas.report import REPORT_SCHEMA_ID
