@@ -104,11 +104,6 @@ def check_same_space(what_a: str, a: Mapping[str, Any], what_b: str, b: Mapping[
                               f"different embedding spaces ({diff}); {hint}")
 
 
-def _identity(store) -> tuple:
-    b = store.attrs.get("backbone") or {}
-    return b.get("name"), b.get("pretrained"), b.get("fingerprint")
-
-
 def check_query_database(query, database) -> None:
     """One GeopipeError for an empty query or database store (opened
     :class:`geopipe.pipeline.store.reader.EmbeddingStore`), a dimension mismatch or different backbones."""
@@ -117,10 +112,5 @@ def check_query_database(query, database) -> None:
     if len(database) == 0:
         raise GeopipeError(f"database store {database.path} has no records"
                            + (writer_note(database.path) or "; extract or import some first"))
-    if query.embed_dim != database.embed_dim:
-        raise GeopipeError(f"query store {query.path} has {query.embed_dim}-d embeddings but database store "
-                           f"{database.path} has {database.embed_dim}-d; both must come from the same backbone")
-    if _identity(query) != _identity(database):
-        name = lambda s: f"{_identity(s)[0]!r}" + (f", fingerprint {str(_identity(s)[2])[:12]}" if _identity(query)[0] == _identity(database)[0] else "")  # noqa: E731
-        raise GeopipeError(f"query store {query.path} (backbone {name(query)}) and database store {database.path} "
-                           f"(backbone {name(database)}) were embedded by different backbones; re-extract one of them")
+    check_same_space(f"query store {query.path}", store_space(query), f"database store {database.path}", store_space(database),
+                     hint="different backbones: re-extract one of them with the other's backbone")

@@ -17,6 +17,7 @@ import torch
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, load_model_weights
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.store.reader import EmbeddingStore
+from geopipe.pipeline.store.space import check_same_space, checkpoint_space, store_space
 from geopipe.pipeline.uncertainty.bayescap import BAYESCAP_METHODS, BayesCapConfig, BayesCapMLP
 from geopipe.pipeline.uncertainty.mc_dropout import score_embeddings
 from geopipe.schemas.checkpoint import UNCERTAINTY, checkpoint_method
@@ -45,11 +46,8 @@ def check_bayescap(checkpoint: str, store: EmbeddingStore) -> tuple[BayesCapMLP,
     """:func:`load_bayescap`, refusing (one line) a checkpoint trained on another backbone or
     embedding dimension than ``store``'s."""
     model, cfg = load_bayescap(checkpoint)
-    ident = lambda b: (b or {}).get("fingerprint") or (b or {}).get("name")  # noqa: E731
-    if ident(cfg.get("backbone")) != ident(store.attrs.get("backbone")) or cfg["embed_dim"] != store.embed_dim:
-        raise GeopipeError(f"{checkpoint}: BayesCap was trained on {cfg['embed_dim']}-d embeddings of backbone "
-                           f"{(cfg.get('backbone') or {}).get('name')!r}, store {store.path} holds {store.embed_dim}-d "
-                           f"of {(store.attrs.get('backbone') or {}).get('name')!r}; train it on a store of this backbone")
+    check_same_space(f"BayesCap checkpoint {checkpoint}", checkpoint_space(cfg), f"store {store.path}", store_space(store),
+                     hint="train BayesCap on a store of this backbone")
     return model, cfg
 
 

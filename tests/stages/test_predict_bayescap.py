@@ -75,7 +75,7 @@ def test_bayescap_of_another_backbone_is_refused(models, tmp_path):
     write_synthetic_store(other, SyntheticConfig(n_places=20, views_per_place=2, dim=16, seed=1), label="another-model")
     bc = run_train_bayescap(BayesCapStageConfig(store=other, out=str(tmp_path / "bc2"), steps=4, val_every=2,
                                                 no_pairs_policy="identity", progress=False))
-    with pytest.raises(GeopipeError, match=r"BayesCap was trained on 16-d embeddings of backbone 'another-model'") as err:
+    with pytest.raises(GeopipeError, match=r"BayesCap checkpoint .* holds embeddings of backbone 'another-model' .*different embedding spaces") as err:
         run_predict(PredictConfig(checkpoint=models["gen"], store=models["store"], out=str(tmp_path / "x.parquet"), steps=2,
                                   device="cpu", progress=False, uncertainty_checkpoint=bc.out))
     assert "\n" not in str(err.value) and not (tmp_path / "x.parquet").exists()
