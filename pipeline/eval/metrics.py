@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz, xyz_to_latlon
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, haversine_km
 
 __all__ = [
     "GEOSCORE_SCALE_KM",
@@ -132,8 +131,10 @@ def constant_baseline(latlon_deg) -> tuple[float, float]:
         raise ValueError(f"constant_baseline: expected (N, 2) lat/lon degrees with N > 0, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError("constant_baseline: coordinates contain NaN or inf; drop those records first")
-    mean = latlon_to_xyz(torch.from_numpy(arr)).mean(dim=0)
-    if float(mean.norm()) < 1e-9:
+    lat, lon = np.deg2rad(arr[:, 0]), np.deg2rad(arr[:, 1])  # numpy: evaluate loads no torch
+    mean = np.stack((np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)), axis=-1).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-9:
         raise ValueError("constant_baseline: the coordinates have no mean direction (their unit vectors sum to ~0)")
-    lat, lon = xyz_to_latlon(mean).tolist()
-    return float(lat), float(lon)
+    unit = mean / norm
+    return float(np.rad2deg(np.arcsin(np.clip(unit[2], -1.0, 1.0)))), float(np.rad2deg(np.arctan2(unit[1], unit[0])))

@@ -3,8 +3,9 @@
 Distances are great-circle angles between unit vectors. The angle θ is a decreasing function
 of the dot product ⟨x, y⟩ = cos θ (and an increasing one of the chord ‖x − y‖), so every
 comparison "θ_ij < r_i" is done exactly as "⟨x_i, y_j⟩ > cos r_i", with cos r_i itself the k-th
-largest dot product of x_i with the other points of its own set (exact k-NN by
-:func:`geopipe.pipeline.sphere.knn.knn`): no angles, no approximate index. Pairwise dot
+largest dot product of x_i with the other points of its own set (exact, by ``np.partition`` of
+blocks of dot products; numpy only, so ``geopipe evaluate`` loads no torch): no angles, no
+approximate index. Pairwise dot
 products are formed block by block (≤ ~4M entries, ~32 MB, at a time), so 100k × 100k points
 run in bounded memory; the work is O(N·M).
 
@@ -22,7 +23,6 @@ import math
 import numpy as np
 
 from geopipe.pipeline.core.errors import check_int
-from geopipe.pipeline.sphere.knn import knn
 
 __all__ = ["COLLAPSED_RADIUS_M", "prdc", "prdc_collapse_note"]
 
@@ -47,9 +47,15 @@ def _rows_per_block(ncols: int) -> int:
 def _kth_neighbour_cos(x: np.ndarray, k: int) -> np.ndarray:
     """(n,) cosine of the angle from each point of (n, 3) ``x`` to its k-th nearest other point
     (the point itself is excluded, its duplicates are not)."""
-    rows = np.arange(x.shape[0])
-    cos, _ = knn(x, x, k, query_groups=rows, db_groups=rows, block_bytes=8 * _BLOCK_ELEMS)
-    return cos[:, k - 1]
+    n = x.shape[0]
+    out = np.empty(n)
+    step = _rows_per_block(n)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        g = x[s:e] @ x.T  # (b, n) dot products
+        g[np.arange(e - s), np.arange(s, e)] = -np.inf  # not the point itself
+        out[s:e] = -np.partition(-g, k - 1, axis=1)[:, k - 1]
+    return out
 
 
 #: A real point whose k-th neighbour lies within 25 m (several photos of one place) has a

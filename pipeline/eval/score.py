@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.eval.admin import admin_accuracy, reverse_geocode_labels, store_admin_labels
@@ -23,7 +22,6 @@ from geopipe.pipeline.eval.calibration import calibration_table
 from geopipe.pipeline.eval.failure import retrieval_section
 from geopipe.pipeline.eval.metrics import SPACES, distance_metrics, localizability_summary, nll_summary
 from geopipe.pipeline.eval.prdc import prdc, prdc_collapse_note
-from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 
 __all__ = ["ScoreOptions", "score_predictions", "baseline_entry", "report_notes", "truth_mask"]
 
@@ -43,7 +41,9 @@ class ScoreOptions:
 
 
 def _xyz(lat, lon) -> np.ndarray:
-    return latlon_to_xyz(torch.from_numpy(np.stack([lat, lon], axis=1).astype(np.float64))).numpy()
+    """(N,) degrees → (N, 3) unit vectors, float64 (numpy: evaluate loads no torch)."""
+    la, lo = np.deg2rad(np.asarray(lat, dtype=np.float64)), np.deg2rad(np.asarray(lon, dtype=np.float64))
+    return np.stack((np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)), axis=-1)
 
 
 def truth_mask(cols: dict) -> np.ndarray | None:

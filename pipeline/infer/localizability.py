@@ -19,12 +19,16 @@ comparable with S² models (docs/methods.md#units), and the effective area is un
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, project
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "neg_entropy_nats",
@@ -37,8 +41,14 @@ __all__ = [
 ]
 
 
-def _check(sample_logp: torch.Tensor) -> None:
-    if sample_logp.dim() != 2 or sample_logp.shape[1] == 0:
+def _is_tensor(x) -> bool:
+    """A torch tensor, told without importing torch (evaluate's numpy path never loads it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check(sample_logp) -> None:
+    if sample_logp.ndim != 2 or sample_logp.shape[1] == 0:
         raise ValueError(f"sample log densities must have shape (B, N>0), got {tuple(sample_logp.shape)}")
 
 
@@ -56,6 +66,8 @@ def entropy_bits(sample_logp: torch.Tensor) -> torch.Tensor:
 def effective_area_km2(sample_logp: torch.Tensor, space: str = "sphere") -> torch.Tensor:
     """exp(H)·R_E² (B,) km², the area of the uniform region with the same entropy; NaN for
     an R³ density (``space="r3"``, per unit volume: no area)."""
+    import torch
+
     area = torch.exp(-neg_entropy_nats(sample_logp)) * EARTH_RADIUS_KM**2
     return area if space == "sphere" else torch.full_like(area, math.nan)
 
@@ -65,6 +77,8 @@ def localizability_from_logp(sample_logp: torch.Tensor, space: str = "sphere") -
 
     ``space`` of the density: "sphere" (per steradian) or "r3" (per unit volume: no area, NaN).
     """
+    import torch
+
     lp = sample_logp.detach().to(device="cpu", dtype=torch.float64)
     return {"neg_entropy_nats": neg_entropy_nats(lp), "entropy_bits": entropy_bits(lp), "effective_area_km2": effective_area_km2(lp, space)}
 
@@ -79,14 +93,22 @@ def hdr_rank(true_logp, sample_logp):
     The truth lies in the empirical p-HDR iff hdr_rank ≤ p (see
     :mod:`geopipe.pipeline.eval.calibration`). A NaN sample density never counts as denser.
     """
-    tensor_in = isinstance(sample_logp, torch.Tensor)
-    ls = sample_logp if tensor_in else torch.as_tensor(np.asarray(sample_logp, dtype=np.float64))
+    if not _is_tensor(sample_logp):  # numpy in, numpy out: evaluate loads no torch
+        ls, lt = np.asarray(sample_logp, dtype=np.float64), np.asarray(true_logp, dtype=np.float64).reshape(-1)
+        _check_pair(lt, ls)
+        return (ls > lt[:, None]).mean(axis=1)
+    import torch
+
+    ls = sample_logp
     lt = true_logp if isinstance(true_logp, torch.Tensor) else torch.as_tensor(np.asarray(true_logp, dtype=np.float64)).reshape(-1)
-    _check(ls)
-    if lt.shape != ls.shape[:1]:
-        raise ValueError(f"hdr_rank: true log densities must have shape ({ls.shape[0]},), got {tuple(lt.shape)}")
-    rank = (ls > lt.unsqueeze(1)).to(ls.dtype).mean(dim=1)
-    return rank if tensor_in else rank.numpy()
+    _check_pair(lt, ls)
+    return (ls > lt.unsqueeze(1)).to(ls.dtype).mean(dim=1)
+
+
+def _check_pair(true_logp, sample_logp) -> None:
+    _check(sample_logp)
+    if tuple(true_logp.shape) != tuple(sample_logp.shape[:1]):
+        raise ValueError(f"hdr_rank: true log densities must have shape ({sample_logp.shape[0]},), got {tuple(true_logp.shape)}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,8 @@ def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true
     lives (R³ models: unprojected, see the module docstring); ``samples`` are the unit vectors.
     ``x_true`` (B, 3) unit vectors additionally gives the truth's log density and HDR rank.
     """
+    import torch
+
     if n_samples < 1:
         raise ValueError(f"n_samples must be ≥ 1, got {n_samples}")
     per = max(1, batch_size // n_samples)

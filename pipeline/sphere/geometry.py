@@ -4,16 +4,21 @@ Conventions (docs/methods.md#conventions): latitude φ and longitude λ in **deg
 public boundary;
 ``x = (cos φ cos λ, cos φ sin λ, sin φ)`` — x toward (0°N, 0°E), y toward (0°N, 90°E), z toward
 the North pole. Torch functions keep the input dtype and broadcast over leading dimensions.
+torch is imported inside them: the numpy helpers (``wrap_latlon``, ``haversine_km``,
+``coordinate_problem``) serve commands that never load torch (import, store tools, evaluate).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from geopipe.pipeline.core.errors import GeopipeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "EARTH_RADIUS_KM",
@@ -50,7 +55,9 @@ class NonFiniteError(GeopipeError, ValueError):
 NON_FINITE_ADVICE = "; the model has probably diverged: retrain it with a lower --lr (or check that record's embedding)"
 
 
-def _eps(dtype: torch.dtype) -> float:
+def _eps(dtype) -> float:
+    import torch
+
     # geoopt's clamp, as in the reference implementation: 1e-4 in float32, 1e-7 in float64
     return 1e-7 if dtype == torch.float64 else 1e-4
 
@@ -93,6 +100,8 @@ def wrap_latlon(lat, lon):
 
 def latlon_to_xyz(latlon: torch.Tensor) -> torch.Tensor:
     """(…, 2) degrees (lat, lon) → (…, 3) unit vectors."""
+    import torch
+
     rad = torch.deg2rad(latlon)
     lat, lon = rad[..., 0], rad[..., 1]
     return torch.stack((lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()), dim=-1)
@@ -104,6 +113,8 @@ def xyz_to_latlon(xyz: torch.Tensor, keys=None) -> torch.Tensor:
     Raises :class:`NonFiniteError` naming the first offending record (``keys[i]`` when given)
     if any point is non-finite or zero, so no NaN prediction can ever leave the library.
     """
+    import torch
+
     norm = xyz.norm(dim=-1, keepdim=True)
     bad = ~(torch.isfinite(xyz).all(dim=-1) & (norm[..., 0] > 0))
     if bad.any():
@@ -129,12 +140,16 @@ def tangent_project(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sphere_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Great-circle angle (radians) between unit vectors, with geoopt's clamp of ⟨x, y⟩."""
+    import torch
+
     e = _eps(x.dtype)
     return torch.arccos((x * y).sum(dim=-1).clamp(-1 + e, 1 - e))
 
 
 def sphere_log(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Logarithmic map log_x(y): tangent vector at x of length dist(x, y) pointing to y."""
+    import torch
+
     u = tangent_project(x, y - x)
     dist = sphere_dist(x, y).unsqueeze(-1)
     norm = u.norm(dim=-1, keepdim=True)
@@ -144,21 +159,28 @@ def sphere_log(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def sphere_exp(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Exponential map exp_x(u) = cos‖u‖ x + sin‖u‖ u/‖u‖ (retraction proj(x+u) for tiny ‖u‖)."""
+    import torch
+
     norm = u.norm(dim=-1, keepdim=True)
     exact = norm.cos() * x + norm.sin() * u / norm.clamp_min(torch.finfo(x.dtype).tiny)
     return torch.where(norm > _eps(x.dtype), exact, project(x + u))
 
 
-def uniform_sphere(n: int, *, generator: torch.Generator | None = None, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(n, 3) points uniform on S² (normalised standard-normal draws)."""
-    g = torch.randn(n, 3, generator=generator, dtype=dtype, device=device)
+def uniform_sphere(n: int, *, generator: torch.Generator | None = None, dtype=None, device=None) -> torch.Tensor:
+    """(n, 3) points uniform on S² (normalised standard-normal draws); dtype None: float32."""
+    import torch
+
+    g = torch.randn(n, 3, generator=generator, dtype=dtype or torch.float32, device=device)
     return project(g)
 
 
-def fibonacci_sphere(n: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
+def fibonacci_sphere(n: int, *, dtype=None, device=None) -> torch.Tensor:
     """(n, 3) near-equal-area points of the Fibonacci lattice: each stands for 4π/n sr, so
-    ``4π/n · Σ exp(log p)`` integrates a density over the sphere (quadrature checks, grids)."""
-    i = torch.arange(n, dtype=dtype, device=device) + 0.5
+    ``4π/n · Σ exp(log p)`` integrates a density over the sphere (quadrature checks, grids);
+    dtype None: float64."""
+    import torch
+
+    i = torch.arange(n, dtype=dtype or torch.float64, device=device) + 0.5
     z = 1 - 2 * i / n
     phi = math.pi * (3 - math.sqrt(5)) * i
     r = torch.sqrt((1 - z * z).clamp_min(0))

@@ -1,7 +1,6 @@
 """Exact k-nearest neighbours by blocked matrix products — the project's one top-k search.
 
-Used for PRDC radii (:mod:`geopipe.pipeline.eval.prdc`), KDE bandwidths
-(:mod:`geopipe.pipeline.viz.density_grid`) and embedding retrieval
+Used for KDE bandwidths (:mod:`geopipe.pipeline.viz.density_grid`) and embedding retrieval
 (:mod:`geopipe.pipeline.retrieval.search`).
 
 For unit vectors (points on S² as (N, 3) xyz, or L2-normalised embeddings in any dimension) the
