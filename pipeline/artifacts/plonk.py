@@ -250,7 +250,8 @@ def _snapshot(repo: str) -> str:
     cache, offline = hub_cache_dir(), hub_offline()
     todo = f"`hf download {repo} {_CONFIG} {_WEIGHTS}` once online (same HF_HOME / HF_HUB_CACHE)"
     try:
-        folder = snapshot_download(repo, allow_patterns=[_CONFIG, _WEIGHTS], cache_dir=cache, local_files_only=offline)
+        folder = snapshot_download(repo, allow_patterns=[_CONFIG, _WEIGHTS, "model-*.safetensors"],  # + a geopipe checkpoint's versioned weights
+                                   cache_dir=cache, local_files_only=offline)
     except Exception as exc:  # LocalEntryNotFoundError, RepositoryNotFoundError, connection errors
         if offline:
             raise GeopipeError(f"model {repo!r} is not in the Hugging Face cache {cache} and downloads are off (HF_HUB_OFFLINE): "

@@ -16,9 +16,9 @@ from geopipe.pipeline.artifacts.checkpoint import save_checkpoint
 from geopipe.pipeline.artifacts.plonk import PLONK_BACKBONES, is_plonk_dir, read_plonk, resolve_model_source
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.infer.predictor import load_predictor
-from geopipe.pipeline.vision.towers import published_identity
 from geopipe.pipeline.methods.registry import get_method, method_from_dict
 from geopipe.pipeline.model.network import GeoAdaLNMLP, NetworkConfig, count_parameters
+from geopipe.pipeline.vision.towers import published_identity
 
 SMALL = {"input_dim": 3, "dim": 64, "depth": 2, "expansion": 4, "cond_dim": 32}
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -275,3 +275,41 @@ def test_is_plonk_dir_tells_plonk_from_geopipe_and_junk(tmp_path):
     (d / "config.json").write_text("{not json")
     assert not is_plonk_dir(d)
     assert not is_plonk_dir(tmp_path / "nowhere") and not is_plonk_dir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the user's entry points
+
+
+YFCC_SMALL = {"input_dim": 3, "dim": 16, "depth": 1, "expansion": 2, "cond_dim": 1024}  # DINOv2's width, a tiny trunk
+
+
+def test_geolocator_and_predict_load_a_pretrained_plonk_by_hub_id(offline_hub, tmp_path):
+    """``Geolocator.load("hf-hub:nicolas-dufour/PLONK_YFCC")`` from the (offline) Hugging Face cache:
+    the backbone comes from the repo id, the network's outputs are PLONK's, and a store of another
+    embedding space is refused in one line."""
+    import numpy as np
+
+    from geopipe import Geolocator
+    from geopipe.pipeline.store.space import EmbeddingSpaceError, check_same_space, embedding_space
+
+    ref = _random_plonk(YFCC_SMALL, seed=5)
+    _write_hub(offline_hub, "nicolas-dufour/PLONK_YFCC", YFCC_SMALL, ref.state_dict())
+    geo = Geolocator.load("hf-hub:nicolas-dufour/PLONK_YFCC", device="cpu")
+    assert geo.space["name"] == "dinov2-vitl14-reg" and geo.space["embed_dim"] == 1024 and geo.space["normalized"] is False
+    y, gamma, emb = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1), torch.rand(4), torch.randn(4, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(geo.predictor.model(y, gamma, emb), ref(y, gamma, emb), atol=1e-4, rtol=1e-4)
+    res = geo.predict(emb.numpy(), samples=3, guidance=0.0)
+    assert np.isfinite(res.lat).all() and res.samples.shape == (4, 3, 2)
+    assert np.isfinite(res.log_prob(10.0, 20.0)).all()
+    tiny_store = embedding_space({"name": "tiny", "fingerprint": "ab" * 32}, 1024, False)
+    with pytest.raises(EmbeddingSpaceError, match="'dinov2-vitl14-reg'.*'tiny'"):
+        check_same_space("model", geo.space, "store s.zarr", tiny_store)
+
+
+def test_hub_id_not_cached_offline_is_one_line_naming_what_to_download(offline_hub):
+    from geopipe import Geolocator
+
+    with pytest.raises(GeopipeError) as err:
+        Geolocator.load("hf-hub:nicolas-dufour/PLONK_iNaturalist", device="cpu")
+    assert "\n" not in str(err.value) and "PLONK_iNaturalist" in str(err.value) and "config.json" in str(err.value)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from synthetic_views import SyntheticConfig, write_synthetic_store
 
+from geopipe.pipeline.artifacts.outputs import PredictionsStream
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.eval.recall import answerable, haversine_m, recall_summary
 from geopipe.pipeline.retrieval.density import kernel_localizability, kernel_mode, mixture_logp, neighbour_xyz
-from geopipe.pipeline.retrieval.output import PredictionsStream
 from geopipe.pipeline.retrieval.predictor import RecallTally, RetrievalOptions, load_retrieval, predict_block
 from geopipe.pipeline.retrieval.split import SplitConfig
 from geopipe.pipeline.sphere.geometry import xyz_to_latlon

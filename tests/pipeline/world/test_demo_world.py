@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 from geopipe.pipeline.ingest.shards import write_shards
+from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 
 CFG = DemoWorldConfig(n_train=600, n_test=150, shard_size=256, image_size=64, seed=3)
 
