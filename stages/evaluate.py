@@ -9,7 +9,10 @@ records; optionally country/region/city accuracies. Several files give one row p
 a "constant baseline" row when ``baseline_latlon`` is set. Retrieval files add Recall@K. With
 ``uncertainty``, a failure-prediction table (one row per uncertainty score column and failure
 definition, see :mod:`geopipe.pipeline.eval.failure`) and, with ``plots_dir``, sparsification and
-reliability plots (PNG).
+reliability plots (PNG). A record fails when its error exceeds ``failure_km`` (default 750 km, the
+country scale of the accuracy radii; a city-scale 25 km fails every record of a coarse model).
+A failure definition that leaves one class empty (every record fails, or none does) ranks
+nothing: a warning line on stderr says so and suggests the median error, and no plot is drawn.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ class EvaluateConfig:
     """Options of ``geopipe evaluate``.
 
     predictions: one or more predictions Parquet paths; names: a label per file (default: file
-    stem); out: JSON report path (None: not written); prdc_k / prdc_chunks: PRDC neighbours and
+    stem); failure_km: with ``uncertainty``, a record fails when its great-circle error exceeds
+    this many km (default 750, stated once in :class:`~geopipe.pipeline.eval.failure.FailureOptions`);
+    out: JSON report path (None: not written); prdc_k / prdc_chunks: PRDC neighbours and
     contiguous chunks (3 and 1 = whole set, as in the paper); baseline_latlon: (lat, lon) degrees of a
     constant prediction scored on the first file's truths. Admin accuracies are computed when
     ``geocode`` is set or ``store`` is given: predicted labels by reverse geocoding the predicted
@@ -60,7 +65,7 @@ class EvaluateConfig:
     geocode: bool = False
     baseline_latlon: tuple[float, float] | None = None
     uncertainty: bool = False
-    failure_km: float = 25.0
+    failure_km: float = FailureOptions.failure_km
     plots_dir: str | None = None
 
     def __post_init__(self):
@@ -139,7 +144,11 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     if cfg.uncertainty:
         doc["uncertainty"] = json_safe(failures)
         doc["uncertainty_not_scored"] = [{"model": m, "score": sc, "n": n} for m, sc, n in skipped]
-        plots = _failure_plots(failures, cfg.plots_dir) if cfg.plots_dir else ()
+        empty = _one_class_groups(failures)
+        for line in _one_class_warnings(failures, empty, entries):
+            print(f"geopipe: evaluate: warning: {line}", file=sys.stderr)
+        drawn = [r for r in failures if (r["failure"], r["model"]) not in empty]
+        plots = _failure_plots(drawn, cfg.plots_dir) if cfg.plots_dir and drawn else ()
     if cfg.out:
         write_report(doc, cfg.out)
     return EvaluateResult(reports=doc["reports"], table=format_table(doc["reports"]), out=cfg.out,
@@ -153,6 +162,32 @@ def _left_out(entry: dict) -> str:
     if u == n:
         return f"{entry['name']}: all {n} records are unlabelled (no true location): no distance, NLL, calibration or PRDC"
     return f"{entry['name']}: scored {n - u} labelled records; left out {u} unlabelled ones (no true location)"
+
+
+def _one_class_groups(rows: list[dict]) -> set[tuple[str, str]]:
+    """(failure definition, model) groups whose every row has one class only (accuracy 0 or 1)."""
+    groups: dict[tuple[str, str], bool] = {}
+    for r in rows:
+        key = (r["failure"], r["model"])
+        groups[key] = groups.get(key, True) and r["accuracy"] in (0.0, 1.0)
+    return {key for key, one_class in groups.items() if one_class}
+
+
+def _one_class_warnings(rows: list[dict], groups: set[tuple[str, str]], entries: list[dict]) -> list[str]:
+    """One line per one-class group: which class is empty and, for an ``error <= X km``
+    definition, the model's median error as a threshold that splits its records."""
+    median = {e["name"]: (e.get("distance") or {}).get("median_km") for e in entries}
+    lines = []
+    for label, model in sorted(groups):
+        r = next(r for r in rows if r["failure"] == label and r["model"] == model)
+        what = "fails" if r["accuracy"] == 0.0 else "passes"
+        hint = ""
+        if label.startswith("error <=") and median.get(model) is not None:
+            m = median[model]
+            hint = f"; try --failure-km near its median error, {m:.0f} km" if m >= 10 else f"; try --failure-km near its median error, {m:.2g} km"
+        lines.append(f"{model}: every one of its {r['n']} records {what} '{label}': one class only, the uncertainty scores have "
+                     f"nothing to rank (AUROC/AUPRC undefined, flat curves; no plot drawn){hint}")
+    return lines
 
 
 def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:

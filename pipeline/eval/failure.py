@@ -34,10 +34,12 @@ _LIST_COLUMNS = ("topk_lat", "topk_lon")
 
 @dataclass(frozen=True)
 class FailureOptions:
-    """failure_km: a record fails when its error exceeds this (km); radius_m: positive radius of
-    correct@1 (metres); steps: sparsification steps; binning: adaptive-binning parameters."""
+    """failure_km: a record fails when its error exceeds this (km; 750 = the country scale of the
+    accuracy radii: at 25 km a coarse model fails every record and no score has anything to rank);
+    radius_m: positive radius of correct@1 (metres); steps: sparsification steps; binning:
+    adaptive-binning parameters."""
 
-    failure_km: float = 25.0
+    failure_km: float = 750.0
     radius_m: float = POSITIVE_RADIUS_M
     steps: int = SPARSIFICATION_STEPS
     binning: BinningConfig = field(default_factory=BinningConfig)

@@ -100,11 +100,12 @@ def auroc(correct, u) -> float | None:
 
 def auprc(correct, u) -> float | None:
     """Average precision of ``u`` as a detector of failures (step-wise, tied scores enter
-    together). None when there is no failure."""
+    together). None when every query is right or every query is wrong (with no right query the
+    precision is 1 at every threshold whatever ``u`` says: nothing is ranked)."""
     c, s = _inputs(correct, u)
     pos = _failure(c) > 0.5
     n_pos = int(pos.sum())
-    if n_pos == 0:
+    if n_pos == 0 or n_pos == pos.size:
         return None
     order = np.argsort(-s, kind="stable")
     sorted_s, sorted_pos = s[order], pos[order]
