@@ -9,7 +9,8 @@ single-process loop) with a backbone loaded once per worker process, and write t
     STORE/.staging/<record index>-<id>/embeddings.npy   (n, D) raw embeddings, tar order
                                        rows.json        keys, sample indices, lat/lon (degrees),
                                                         meta, rejects, the shard's sha256
-                                       done.json        completion marker, written last
+                                       done.json        completion marker, written last: the shard's
+                                                        url, size, mtime and each file's size and sha256
 
 ``<id>`` hashes the shard's url, size and mtime and every option the embeddings depend on
 (backbone, batch size, precision, sample spec, device), so a fragment is reused only by a run
@@ -22,6 +23,8 @@ memory at a time), delete it and commit it through :func:`geopipe.pipeline.inges
 — the store's ordinary completion records — so the store equals a single-process run's. A
 worker killed mid-shard has its task rerun by Dask; a killed client resumes like any extract:
 committed shards are skipped by the plan, complete fragments are reused, partial ones redone.
+A fragment is trusted only when every file's sha256 matches the digest its worker wrote in
+``done.json``: a damaged one (bytes changed in place, same size) is redone, never committed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopipe.pipeline.core import fsio
+from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.parallel import tune_worker_process
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.ingest.decode import SampleSpec
@@ -47,13 +50,18 @@ from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.rejects import Reject
 from geopipe.pipeline.store.writer import StoreWriter
 
-__all__ = ["STAGING_DIR", "StageJob", "fragment_name", "write_fragment", "read_fragment", "fragment_complete",
-           "worker_identity", "stage_shard", "embed_distributed", "remove_staging"]
+__all__ = ["STAGING_DIR", "StageJob", "FragmentDamaged", "fragment_name", "write_fragment", "read_fragment",
+           "fragment_complete", "worker_identity", "stage_shard", "embed_distributed", "remove_staging"]
 
 #: Folder of the staged fragments inside the store (gone once every shard is committed).
 STAGING_DIR = ".staging"
 _EMB, _ROWS, _DONE = "embeddings.npy", "rows.json", "done.json"
 _BACKBONES: dict = {}  # this (worker) process's loaded backbones: (name, pretrained, device) → Backbone
+_MAX_REDO = 2  # times one shard's fragment is redone after it was found damaged, before the run stops
+
+
+class FragmentDamaged(GeopipeError):
+    """A staged fragment's files do not match the digests its worker wrote (or are missing)."""
 
 
 @dataclass(frozen=True)
@@ -134,33 +142,47 @@ def write_fragment(frag: str, url: str, stat: ShardStat, rows: ShardRows, sha256
     files = {_EMB: buf.getvalue(), _ROWS: json.dumps(body, ensure_ascii=False).encode()}
     for name, data in files.items():
         fsio.write_atomic(fsio.join(frag, name), data)
-    done = {"url": url, "size": stat.size, "mtime": stat.mtime, "bytes": {k: len(v) for k, v in files.items()}}
+    done = {"url": url, "size": stat.size, "mtime": stat.mtime, "bytes": {k: len(v) for k, v in files.items()},
+            "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}}
     fsio.write_atomic(fsio.join(frag, _DONE), json.dumps(done).encode())
 
 
-def fragment_complete(frag: str, url: str, stat: ShardStat) -> bool:
-    """True when ``frag`` holds a finished fragment of this version of shard ``url``."""
+def _verified_files(frag: str) -> tuple[dict, dict[str, bytes]]:
+    """(done.json, {file name: bytes}) of ``frag``, each file checked against its size and sha256
+    in ``done.json``; FragmentDamaged naming the file that is missing or differs."""
     try:
         done = json.loads(fsio.read_bytes(fsio.join(frag, _DONE)))
-        if (done["url"], done["size"], done["mtime"]) != (url, stat.size, stat.mtime):
-            return False
-        return all(_size(fsio.join(frag, name)) == n for name, n in done["bytes"].items())
-    except (OSError, ValueError, KeyError):
+        digests, sizes = dict(done["sha256"]), dict(done["bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FragmentDamaged(f"staged fragment {frag}: no readable completion marker ({type(err).__name__})") from None
+    files = {}
+    for name in (_EMB, _ROWS):
+        try:
+            data = fsio.read_bytes(fsio.join(frag, name))
+        except OSError:
+            raise FragmentDamaged(f"staged fragment {frag}: {name} is missing") from None
+        if len(data) != sizes.get(name) or hashlib.sha256(data).hexdigest() != digests.get(name):
+            raise FragmentDamaged(f"staged fragment {frag}: {name} does not match the sha256 its worker wrote")
+        files[name] = data
+    return done, files
+
+
+def fragment_complete(frag: str, url: str, stat: ShardStat) -> bool:
+    """True when ``frag`` holds a finished fragment of this version of shard ``url`` whose files
+    match the digests its worker wrote (reads the files)."""
+    try:
+        done, _ = _verified_files(frag)
+    except FragmentDamaged:
         return False
-
-
-def _size(url: str) -> int:
-    url = fsio.normalize(url)
-    if fsio.is_local(url):
-        return os.path.getsize(url)
-    fs, path = fsio.url_to_fs(url)
-    return int(fs.size(path))
+    return (done.get("url"), done.get("size"), done.get("mtime")) == (url, stat.size, stat.mtime)
 
 
 def read_fragment(frag: str) -> tuple[ShardRows, str | None, int]:
-    """A fragment → (rows, shard sha256, samples read)."""
-    emb = np.load(io.BytesIO(fsio.read_bytes(fsio.join(frag, _EMB))), allow_pickle=False)
-    body = json.loads(fsio.read_bytes(fsio.join(frag, _ROWS)))
+    """A fragment → (rows, shard sha256, samples read); FragmentDamaged when a file does not match
+    its digest (so damaged rows are never committed)."""
+    _, files = _verified_files(frag)
+    emb = np.load(io.BytesIO(files[_EMB]), allow_pickle=False)
+    body = json.loads(files[_ROWS])
     rows = ShardRows(idx=body["idx"], keys=body["keys"], latlon=[tuple(x) for x in body["latlon"]], meta=body["meta"],
                      embeddings=emb, rejects=[(i, Reject(k, s, r, d)) for i, k, s, r, d in body["rejects"]])
     return rows, body["sha256"], int(body["n_samples"])
@@ -223,18 +245,21 @@ def embed_distributed(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter
             _remove_tree(fsio.join(staging, name))
     window = window or max(4, 2 * len(client.scheduler_info().get("workers", {})))
     ready = {i for i, f in enumerate(frags) if names[i] in present and fragment_complete(f, *todo[i])}
-    pending, queue = {}, as_completed()  # future key → (todo position, future)
+    pending, queue, redone = {}, as_completed(), {}  # future key → (todo position, future); position → redos
+
+    def submit(i: int) -> None:
+        url, stat = todo[i]
+        fut = client.submit(stage_shard, job, url, stat, frags[i], (images or {}).get(url), pure=False)
+        pending[fut.key] = (i, fut)
+        queue.add(fut)
+
     total_bytes, bytes_done, nxt, submitted = sum(s.size for _, s in todo), 0, 0, 0
     bar = Progress(None, "extract", "img", enabled=progress)
     try:
         while nxt < len(todo):
             while submitted < len(todo) and submitted < nxt + window:
                 if submitted not in ready:
-                    url, stat = todo[submitted]
-                    image = (images or {}).get(url)
-                    fut = client.submit(stage_shard, job, url, stat, frags[submitted], image, pure=False)
-                    pending[fut.key] = (submitted, fut)
-                    queue.add(fut)
+                    submit(submitted)
                 submitted += 1
             if nxt not in ready:
                 fut = next(queue)
@@ -243,7 +268,17 @@ def embed_distributed(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter
                 fut.release()
                 continue
             url, stat = todo[nxt]
-            rows, sha256, n_samples = read_fragment(frags[nxt])
+            try:
+                rows, sha256, n_samples = read_fragment(frags[nxt])
+            except FragmentDamaged as err:  # changed since its worker wrote it: redo the shard, never commit it
+                redone[nxt] = redone.get(nxt, 0) + 1
+                if redone[nxt] > _MAX_REDO:
+                    raise GeopipeError(f"{err} (after {_MAX_REDO} redos of shard {url}); check the storage under "
+                                       f"{staging}") from None
+                _remove_tree(frags[nxt])
+                ready.discard(nxt)
+                submit(nxt)
+                continue
             _remove_tree(frags[nxt])  # before the commit: a crash in between redoes the shard, never leaves it staged
             n_ok, rejects = commit_rows(writer, url, dataclasses.replace(stat, sha256=sha256), rows)
             del rows

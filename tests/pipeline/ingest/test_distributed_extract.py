@@ -115,8 +115,8 @@ def test_two_workers_give_the_single_process_store(world, tmp_path):
 
 
 def test_complete_fragments_are_reused_and_partial_ones_redone(world, tmp_path):
-    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
     from geopipe.pipeline.ingest.distributed import StageJob, fragment_name
+    from geopipe.pipeline.vision.backbones import BackboneSpec, load_backbone
 
     shards, store = world["shards"], tmp_path / "r.zarr"
     run_extract(_cfg(shards[:1], store))  # a store a killed run left with its first shard committed
@@ -139,6 +139,44 @@ def test_complete_fragments_are_reused_and_partial_ones_redone(world, tmp_path):
     marked, _ = prepare_embeddings(rows.embeddings, "float16", True)
     assert np.array_equal(got.embeddings[one], marked) and not np.array_equal(got.embeddings[one], ref.embeddings[one])
     assert np.array_equal(got.embeddings[~one], ref.embeddings[~one])  # the torn fragment was redone
+
+
+def _damage(frag, how: str) -> None:
+    """Change 5 rows of a complete fragment's embeddings.npy in place (same size, same mtime
+    granularity): negated, or NaN."""
+    path = os.path.join(frag, "embeddings.npy")
+    size, emb = os.path.getsize(path), np.load(path)
+    emb[:5] = -emb[:5] if how == "negate" else np.nan
+    np.save(path, emb, allow_pickle=False)
+    assert os.path.getsize(path) == size
+
+
+def _stage(store, index: int, url: str, batch_size: int) -> str:
+    """The fragment the CLI's worker would stage for shard ``url`` at record ``index``, written
+    by the real worker function."""
+    from geopipe.pipeline.ingest.distributed import StageJob, fragment_name, stage_shard
+
+    job = StageJob("tiny", None, SampleSpec(), batch_size, "auto", "auto", embed_dim=read_store(str(store)).attrs["embed_dim"])
+    frag = os.path.join(store, STAGING_DIR, fragment_name(index, url, shard_stat(url), job))
+    return stage_shard(job, url, shard_stat(url), frag)
+
+
+def test_damaged_fragments_are_redone_never_committed(world, tmp_path):
+    from geopipe.stages.store_tools import StoreVerifyConfig, run_store_verify
+
+    shards, store = world["shards"], tmp_path / "d.zarr"
+    run_extract(_cfg(shards[:1], store))  # a store a killed run left with its first shard committed
+    negated, nan = _stage(store, 1, shards[1], 3), _stage(store, 2, shards[2], 3)
+    assert fragment_complete(negated, shards[1], shard_stat(shards[1]))
+    _damage(negated, "negate")
+    _damage(nan, "nan")
+    assert not fragment_complete(negated, shards[1], shard_stat(shards[1])) and not fragment_complete(nan, shards[2], shard_stat(shards[2]))
+    with pytest.raises(GeopipeError, match="embeddings.npy does not match the sha256"):
+        read_fragment(negated)
+    res = run_extract(_cfg(shards, store, dask="local:2"))
+    assert (res.shards_done, res.shards_skipped) == (3, 1) and "invalid_embedding" not in res.rejects_by_reason
+    _assert_same_store(world["ref"], str(store))  # no negated rows, no NaN rows turned into rejects
+    assert run_store_verify(StoreVerifyConfig(str(store))).ok
 
 
 def test_bad_dask_option_is_one_line():
@@ -190,6 +228,12 @@ def test_killed_client_resumes_to_the_same_store(tmp_path):
         assert session_pids(proc.pid) == [], "Dask workers of the killed client survived it"
     finally:
         _kill_session(proc.pid)
+    first, staging = at_kill_shards, store / STAGING_DIR
+    complete = [str(f) for f in staging.glob("*") if (f / "done.json").exists()] if staging.exists() else []
+    if len(complete) < 2:  # the killed client left too few complete fragments: the worker function stages two
+        complete = [_stage(store, first + j, shards[first + j], 8) for j in (0, 1)]
+    _damage(complete[0], "negate")  # both found damaged on rerun and redone, never committed
+    _damage(complete[1], "nan")
     stale = store / STAGING_DIR / "000000-0123456789abcdef"  # a fragment of other options, half written
     stale.mkdir(parents=True, exist_ok=True)
     (stale / "embeddings.npy").write_bytes(b"junk")
@@ -197,6 +241,8 @@ def test_killed_client_resumes_to_the_same_store(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{len(shards) - at_kill_shards} shards extracted, {at_kill_shards} already done" in out.stderr, out.stderr[-3000:]
     _assert_same_store(str(ref), str(store))
+    verify = subprocess.run([sys.executable, "-m", "geopipe", "store", "verify", str(store)], cwd=ROOT, capture_output=True, text=True)
+    assert verify.returncode == 0 and ": OK" in verify.stdout + verify.stderr, verify.stdout + verify.stderr
 
 
 @pytest.mark.e2e
