@@ -1,5 +1,5 @@
 """Adaptive binning of an uncertainty score and the rank statistics of the binned curve
-(Spearman S, R²), numpy float64. Procedure and its documented deviations:
+(Spearman S and ranks from scipy.stats, R² on ranks), numpy float64. Procedure and its documented deviations:
 docs/retrieval_uncertainty.md (failure prediction).
 
 Bins follow numpy-histogram semantics: half-open ``[e_k, e_{k+1})`` with the last bin closed.
@@ -95,27 +95,21 @@ def binned_curve(u, correct, edges) -> dict:
 
 
 def rankdata(values) -> np.ndarray:
-    """1-based ranks with ties averaged (as ``scipy.stats.rankdata(method="average")``)."""
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    order = np.argsort(v, kind="stable")
-    _, first, counts = np.unique(v[order], return_index=True, return_counts=True)
-    ranks = np.empty(v.size, dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return ranks
+    """1-based ranks with ties averaged: :func:`scipy.stats.rankdata` (``method="average"``), float64."""
+    from scipy.stats import rankdata as _rankdata
 
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return None if den == 0.0 else float((a * b).sum() / den)
+    return _rankdata(np.asarray(values, dtype=np.float64).reshape(-1), method="average").astype(np.float64)
 
 
 def spearman(x, y) -> float | None:
-    """Spearman correlation (Pearson on average ranks); None for < 2 points or a constant side."""
+    """Spearman correlation (:func:`scipy.stats.spearmanr`, Pearson on average ranks); None for
+    < 2 points or a constant side (where scipy warns and returns NaN)."""
+    from scipy.stats import spearmanr
+
     x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
-    if x.size < 2:
+    if x.size < 2 or np.ptp(x) == 0.0 or np.ptp(y) == 0.0:
         return None
-    return _pearson(rankdata(x), rankdata(y))
+    return float(spearmanr(x, y).statistic)
 
 
 def r2_on_ranks(mean_u, mean_correct) -> dict:

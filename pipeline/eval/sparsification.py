@@ -1,5 +1,6 @@
-"""How well an uncertainty score ranks failures: sparsification curves, AUSC / AUSE / AURG,
-AUROC / AUPRC of failure detection (numpy, float64).
+"""How well an uncertainty score ranks failures: sparsification curves, AUSC / AUSE / AURG
+(numpy, float64), AUROC / AUPRC of failure detection (scikit-learn's ``roc_auc_score`` and
+``average_precision_score``, the definitions users know).
 
 Inputs are per-query ``correct`` (1 = the answer is right, e.g. top-1 within 25 m) and a score
 ``u`` where **higher means more uncertain** (``log_u`` works as well as ``u``: only the order
@@ -80,42 +81,30 @@ def _failure(correct) -> np.ndarray:
     return 1.0 - np.asarray(correct, dtype=np.float64).reshape(-1)
 
 
+def _one_class(correct) -> bool:
+    f = _failure(correct) > 0.5
+    return bool(f.all() or not f.any())
+
+
 def auroc(correct, u) -> float | None:
-    """Area under the ROC curve of ``u`` as a detector of failures (correct == 0); ties count
-    one half (Mann–Whitney). None when every query is right or every query is wrong."""
+    """Area under the ROC curve of ``u`` as a detector of failures (correct == 0):
+    :func:`sklearn.metrics.roc_auc_score` (ties count one half, as Mann–Whitney U / (n₊·n₋)).
+    None when every query is right or every query is wrong."""
+    from sklearn.metrics import roc_auc_score
+
     c, s = _inputs(correct, u)
-    pos = _failure(c) > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks (1-based) over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return None if _one_class(c) else float(roc_auc_score(_failure(c) > 0.5, s))
 
 
 def auprc(correct, u) -> float | None:
-    """Average precision of ``u`` as a detector of failures (step-wise, tied scores enter
-    together). None when every query is right or every query is wrong (with no right query the
-    precision is 1 at every threshold whatever ``u`` says: nothing is ranked)."""
+    """Average precision of ``u`` as a detector of failures: :func:`sklearn.metrics.average_precision_score`
+    (step-wise Σ (Rₙ − Rₙ₋₁) Pₙ over thresholds, tied scores enter together). None when every query
+    is right or every query is wrong (with no right query the precision is 1 at every threshold
+    whatever ``u`` says: nothing is ranked)."""
+    from sklearn.metrics import average_precision_score
+
     c, s = _inputs(correct, u)
-    pos = _failure(c) > 0.5
-    n_pos = int(pos.sum())
-    if n_pos == 0 or n_pos == pos.size:
-        return None
-    order = np.argsort(-s, kind="stable")
-    sorted_s, sorted_pos = s[order], pos[order]
-    # group ties: precision/recall evaluated at the end of each block of equal scores
-    ends = np.r_[np.nonzero(np.diff(sorted_s))[0], s.size - 1]
-    tp = np.cumsum(sorted_pos)[ends].astype(np.float64)
-    precision = tp / (ends + 1)
-    recall = tp / n_pos
-    prev = np.r_[0.0, recall[:-1]]
-    return float(np.sum((recall - prev) * precision))
+    return None if _one_class(c) else float(average_precision_score(_failure(c) > 0.5, s))
 
 
 def failure_detection(correct, u) -> dict:
