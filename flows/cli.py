@@ -60,9 +60,11 @@ _EXTRACT = "geopipe.stages.extract:ExtractConfig"
 @click.option("--dask", "dask_address", default=None,
               help="'local:N' (N worker processes; one GPU each on a multi-GPU machine) or a scheduler address (tcp://host:8786): "
                    "workers embed whole shards, this process commits them in order; a cluster needs shards and store on shared storage.")
-@config_option("--labels", type=click.Choice(["auto", "sidecar", "exif", "none"]), config=_EXTRACT,
-               help="Labels of image files: auto = the sidecar IMG.json beside IMG.jpg, else EXIF GPS, else unlabelled; "
-                    "sidecar or exif only; none = never read them (blind geolocation). Tar samples keep their json.")
+@config_option("--labels", type=click.Choice(["auto", "sidecar", "exif", "vpr-name", "none"]), config=_EXTRACT,
+               help="Labels of image files: auto = the sidecar IMG.json beside IMG.jpg, else a VPR file name "
+                    "(@utm_east@utm_north@zone@letter@lat@lon@pano@tile@heading@...@.jpg), else EXIF GPS, else unlabelled; "
+                    "sidecar, exif or vpr-name only (vpr-name: a name that does not parse is a reject); none = never read "
+                    "them (blind geolocation). Tar samples keep their json.")
 @config_option("--images-per-source", type=click.IntRange(min=1), config=_EXTRACT,
                help="Most image files of a folder extracted as one source (a store record: the unit of resume and --dask).")
 @device_option
@@ -358,9 +360,10 @@ def _register_subcommands() -> None:
     from geopipe.flows.cli_maps import calibration_plot_command, map_command
     from geopipe.flows.cli_retrieval import retrieve_command
     from geopipe.flows.cli_store import import_command, store_group
+    from geopipe.flows.cli_vpr import vpr_eval_command
 
     for command in (locate_command, store_group, import_command, map_command, calibration_plot_command, retrieve_command, bench_command, inspect_command,
-                    demo_data_command, demo_command, bayescap_group):
+                    demo_data_command, demo_command, bayescap_group, vpr_eval_command):
         cli.add_command(command)
 
 

@@ -38,12 +38,16 @@ def bayescap_group():
 @config_option("--min-pairs", type=int, config=_PAIRS, help="Fewest viewpoint pairs to train on.")
 @config_option("--no-pairs-policy", type=click.Choice(["skip", "identity", "relaxed_radius"]), config=_CONFIG,
                help="What to do with too few pairs (skip: train nothing and say why).")
+@config_option("--pair-rule", type=click.Choice(["auto", "viewpoint", "cosplace_classes"]), config=_CONFIG,
+               help="Pairs: geo viewpoint pairs, or CosPlace classes (UTM 10 m cell x 30 deg heading, other captures); auto = "
+                    "classes when the store has UTM positions and headings (extract --labels vpr-name).")
 @device_option
 @user_errors
-def bayescap_train_command(store, out, method, steps, batch_size, lr, val_every, seed, min_pairs, no_pairs_policy, device):
+def bayescap_train_command(store, out, method, steps, batch_size, lr, val_every, seed, min_pairs, no_pairs_policy, pair_rule, device):
     """Mine viewpoint pairs on STORE's records (not its test split) and train uncertainty heads on their embeddings."""
     train_bayescap(store, out, device=device, **given(method=method, steps=steps, batch=batch_size, lr=lr, val_every=val_every,
-                                                      seed=seed, min_pairs=min_pairs, no_pairs_policy=no_pairs_policy))
+                                                      seed=seed, min_pairs=min_pairs, no_pairs_policy=no_pairs_policy,
+                                                      pair_rule=pair_rule))
 
 
 def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int | None = None, **options) -> None:

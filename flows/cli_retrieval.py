@@ -43,6 +43,9 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
                help="Search backend: faiss when installed (pip install 'geopipe[faiss]'; its GPU index when faiss has GPU "
                     "support and --device resolves to CUDA), else the blocked matmul.")
 @config_option("--radius-m", type=float, config=_RETRIEVE, help="Positive radius of Recall@K in metres.")
+@config_option("--positives", type=click.Choice(["auto", "utm", "sphere"]), config=_RETRIEVE,
+               help="Positives of Recall@K: utm = Euclidean UTM distance as the official VPR evaluation (stores extracted "
+                    "with --labels vpr-name), sphere = haversine; auto = utm when both stores carry UTM of one zone.")
 @click.option("--bayescap", "bayescap", default=None, help="BayesCap checkpoint (geopipe bayescap train): "
               "write log_u, log_u_alea, log_u_epi of each query.")
 @config_option("--mc-passes", type=int, config=_RETRIEVE, help="MC-dropout passes of the --bayescap scores.")
@@ -50,7 +53,7 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @device_option
 @user_errors
 def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_mode, split_column, query_value, block_m, query_fraction,
-                     capture_field, backend, radius_m, bayescap, mc_passes, seed, device):
+                     capture_field, backend, radius_m, positives, bayescap, mc_passes, seed, device):
     """Retrieve the top-K database records of each query and write a predictions table that
     `geopipe evaluate` scores like any model (plus Recall@K)."""
     from geopipe.pipeline.retrieval.split import SplitConfig
@@ -60,11 +63,15 @@ def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_
                                 query_fraction=query_fraction, seed=seed, capture_field=capture_field))
     res = run_retrieve(RetrieveConfig(query=query, out=out, split=split, progress=progress_enabled(), device=device, **given(
         database=database, k=k, mode=mode, backend=backend, radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes,
-        seed=seed, calibrate=calibrate, val_store=val_store)))
+        seed=seed, calibrate=calibrate, val_store=val_store, positives=positives)))
     rec = res.recall
     cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None) or "none (no query has one)"
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")
     click.echo(f"Recall at {rec['radius_m']:g} m (answerable queries; {rec['n_unanswerable']} without a positive dropped): {cells}")
+    if rec.get("positives") == "utm":
+        from geopipe.pipeline.eval.recall import format_vpr_recall
+
+        click.echo(f"VPR recall: {format_vpr_recall(rec, 'utm')}")
     if res.kernel and res.kernel.get("calibrated"):
         sh = res.kernel["shares"]
         click.echo(f"calibrated density: widths {res.kernel['width_km']:.3g} / {res.kernel['medium_width_km']:.3g} km (shares "

@@ -18,6 +18,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "corrupt_shard",  # the tar itself ended early; the key is the last good one or ""
     "invalid_embedding",  # embedding with wrong shape, non-finite, zero or overflowing values
     "missing_key",  # imported row whose key is null or empty
+    "invalid_name",  # an image file name that --labels vpr-name cannot read as @utm_east@utm_north@...@.jpg
 )
 
 REJECTS_SCHEMA = pa.schema(

@@ -11,6 +11,12 @@ Parquet (:class:`geopipe.pipeline.retrieval.output.PredictionsStream`). Memory d
 with the number of queries, nor with ``k`` beyond one block. ``geopipe evaluate`` scores the
 output like any model (plus Recall@K).
 
+Positives (``positives``): ``utm`` decides them as the official VPR evaluation does, Euclidean
+UTM distance <= ``radius_m`` (inclusive) from the stores' ``utm_east``/``utm_north`` metadata
+(``extract --labels vpr-name``); ``sphere`` by haversine; ``auto`` (default) = ``utm`` when both
+stores carry UTM positions of one zone, else ``sphere``. Recall@K is reported over every
+labelled query (VPR papers' number) and over the answerable ones.
+
 Unlabelled records (latlon NaN: no location) are kept as queries — geolocated, with null truth
 columns and ``answerable``, left out of Recall@K and counted (``recall["n_unlabelled"]``) — and
 skipped in the database, counted too: a record without a location cannot vote for one.
@@ -37,6 +43,7 @@ from geopipe.pipeline.store.format import labelled_rows
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.store.space import check_query_database
 from geopipe.pipeline.store.stream import read_rows
+from geopipe.pipeline.vpr.positives import POSITIVE_RULES, resolve_positives
 
 __all__ = ["MODES", "RetrieveConfig", "RetrieveResult", "run_retrieve"]
 
@@ -75,6 +82,7 @@ class RetrieveConfig:
     device: str = "auto"  # a faiss index goes to the GPU(s) when faiss has GPU support and this resolves to CUDA
     calibrate: bool = False
     val_store: str | None = None
+    positives: str = "auto"  # utm | sphere | auto (utm when both stores carry UTM positions of one zone)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -87,6 +95,8 @@ class RetrieveConfig:
             raise ConfigError(f"retrieve: --radius-m must be a finite number of metres > 0, got {self.radius_m!r}")
         if not isinstance(self.split, SplitConfig):
             raise ConfigError(f"retrieve: split must be a SplitConfig, got {type(self.split).__name__}")
+        if self.positives not in POSITIVE_RULES:
+            raise ConfigError(f"retrieve: unknown --positives {self.positives!r}; choose one of {list(POSITIVE_RULES)}")
         if (self.calibrate or self.val_store is not None) and self.mode != "kernel":
             raise ConfigError("retrieve: --calibrate and --val-store fit the kernel density; add --mode kernel")
 
@@ -181,14 +191,16 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     scorer = _scorer(cfg, qs, qd.query_rows)
     cfg = replace(cfg, k=min(cfg.k, int(qd.db_rows.size)))  # no more neighbours than database records
     metric = "ip" if qs.attrs.get("normalized") and db.attrs.get("normalized") else "l2"
-    p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups, val_store=_val_store(cfg, db))
+    rule, db_utm, q_utm = resolve_positives(cfg.positives, qs, db)
+    p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups, val_store=_val_store(cfg, db), utm=db_utm)
     tally, n, n_unlabelled = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size), 0
     with PredictionsStream(cfg.out) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
         for a, b in p.blocks(n):
             rows = qd.query_rows[a:b]
             groups = None if qd.query_groups is None else qd.query_groups[a:b]
             true_ll = qs.latlon[rows]
-            block = predict_block(p, read_rows(qs, rows), qs.keys[rows], true_ll, groups, first=a)
+            block = predict_block(p, read_rows(qs, rows), qs.keys[rows], true_ll, groups, first=a,
+                                  query_utm=None if q_utm is None else q_utm[rows])
             if scorer is not None:
                 block.columns.update(scorer.scores(a, b))
             labelled = labelled_rows(true_ll)
@@ -197,14 +209,14 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
             tally.add(scored)
             out.write(block.columns, b - a)
             bar.update(b - a)
-        recall = {**tally.summary(), "n_unlabelled": n_unlabelled}
+        recall = {**tally.summary(), "n_unlabelled": n_unlabelled, "positives": rule}
         if n_unlabelled or n_db_unlabelled:  # never silently
             print(f"geopipe: retrieve: {n_unlabelled} unlabelled queries geolocated with null truth and left out of Recall@K; "
                   f"{n_db_unlabelled} unlabelled database rows skipped (no location to vote for)", file=sys.stderr)
         kernel = None if p.kernel is None else p.kernel.summary() if hasattr(p.kernel, "summary") else {**asdict(p.kernel), "width_km": p.kernel.width_km}
         model = {"method": "retrieval", "space": "sphere", "mode": cfg.mode, "k": cfg.k, "metric": metric, "backend": p.backend,
                  "database": db.path, "backbone": db.attrs.get("backbone"), "kernel": kernel,
-                 "recall": {"radius_m": cfg.radius_m, "n_unanswerable": recall["n_unanswerable"], "n_unlabelled": n_unlabelled},
+                 "recall": {"radius_m": cfg.radius_m, "positives": rule, "n_unanswerable": recall["n_unanswerable"], "n_unlabelled": n_unlabelled},
                  "database_unlabelled": n_db_unlabelled}
         out.finish(predictions_metadata({**asdict(cfg), "split": asdict(cfg.split)}, model, provenance()))
     return RetrieveResult(out=cfg.out, n_queries=n, n_database=int(qd.db_rows.size), backend=p.backend,

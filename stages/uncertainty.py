@@ -8,6 +8,11 @@ training-free scores only), ``identity`` (each record paired with a slightly noi
 itself: u measures atypicality, a weak proxy), ``relaxed_radius`` (retry at a 75 m radius with
 the visual filter; pairs marked low quality). Never silent: the status and reason are in the
 result and the checkpoint JSON.
+
+``pair_rule``: ``viewpoint`` mines geo pairs (pipeline/retrieval/viewpoints.py);
+``cosplace_classes`` pairs records of one CosPlace class (UTM 10 m cell × 30° heading bin, other
+captures); ``auto`` (default) takes the classes when the store carries UTM positions and
+headings (VPR datasets extracted with ``--labels vpr-name``), else viewpoint pairs.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ import torch
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, save_checkpoint
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
-from geopipe.pipeline.retrieval.viewpoints import PairConfig, PairSet, mine_pairs
+from geopipe.pipeline.retrieval.viewpoints import PairConfig, PairSet, class_pair_set, mine_pairs
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
 from geopipe.pipeline.uncertainty.bayescap import BAYESCAP_METHODS, BayesCapConfig, BayesCapMLP, BayesCapTrainConfig, network_config, train_bayescap
 from geopipe.pipeline.uncertainty.losses import GGDLossConfig
 from geopipe.pipeline.uncertainty.scoring import score_rows
+from geopipe.pipeline.vpr.classes import cosplace_classes
+from geopipe.pipeline.vpr.positives import store_utm
 from geopipe.schemas.checkpoint import CONFIG_FILE, GENERATIVE, UNCERTAINTY, checkpoint_method
 from geopipe.schemas.predictions import score_columns
 
-__all__ = ["NO_PAIRS_POLICIES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "ScoreFileConfig",
+__all__ = ["NO_PAIRS_POLICIES", "PAIR_RULES", "BayesCapStageConfig", "BayesCapStageResult", "run_train_bayescap", "ScoreFileConfig",
            "ScoreFileResult", "run_score_file"]
 
 NO_PAIRS_POLICIES = ("skip", "identity", "relaxed_radius")
+PAIR_RULES = ("auto", "viewpoint", "cosplace_classes")
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,15 @@ class BayesCapStageConfig:
     exclude_value: str = "test"
     heading_field: str = "heading_deg"
     capture_field: str = "capture_id"
+    pair_rule: str = "auto"
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
         if self.method not in BAYESCAP_METHODS:
             raise ConfigError(f"unknown uncertainty method {self.method!r}; choose one of {list(BAYESCAP_METHODS)}")
+        if self.pair_rule not in PAIR_RULES:
+            raise ConfigError(f"unknown pair rule {self.pair_rule!r}; choose one of {list(PAIR_RULES)}")
         if self.no_pairs_policy not in NO_PAIRS_POLICIES:
             raise ConfigError(f"unknown no_pairs_policy {self.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
         for name, option in (("steps", "--steps"), ("batch", "--batch-size"), ("val_every", "--val-every")):
@@ -109,6 +120,14 @@ def _pairs(store: EmbeddingStore, emb: np.ndarray, latlon: np.ndarray, cfg: Baye
     if cfg.exclude_column in fields:
         exclude = np.array([str(v) == cfg.exclude_value for v in decode_meta(store.meta[cfg.exclude_column][:])])
     heading = _meta_floats(store, cfg.heading_field)
+    utm = store_utm(store) if cfg.pair_rule != "viewpoint" else None
+    has_classes = utm is not None and heading is not None and np.isfinite(heading).any()
+    if cfg.pair_rule == "cosplace_classes" and not has_classes:
+        raise GeopipeError(f"store {store.path}: --pair-rule cosplace_classes needs UTM positions and headings "
+                           f"(utm_east/utm_north and {cfg.heading_field!r} metadata: extract VPR images with --labels vpr-name)")
+    if has_classes:
+        classes = cosplace_classes(utm.east_north, heading)
+        return class_pair_set(classes, emb, latlon, heading, capture, exclude, cfg.pairs), "cosplace_classes"
     ps = mine_pairs(emb, latlon, heading, capture, exclude, cfg.pairs)
     if ps.status == "ok" or cfg.no_pairs_policy != "relaxed_radius":
         return ps, "viewpoint"

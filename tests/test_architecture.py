@@ -14,7 +14,7 @@ FLOWS_ONLY = {"prefect", "click"}
 BARE = set(LAYERS)  # the folder names, never importable on their own
 # Concept packages of pipeline/, lowest first: a package may import only packages before it
 # (uncertainty before retrieval: the retrieval predictor writes the training-free uncertainty scores).
-PIPELINE_ORDER = ["core", "sphere", "store", "vision", "ingest", "world", "artifacts", "model", "methods", "train", "infer",
+PIPELINE_ORDER = ["core", "sphere", "store", "vpr", "vision", "ingest", "world", "artifacts", "model", "methods", "train", "infer",
                   "eval", "uncertainty", "retrieval", "inspection", "viz"]
 MAX_MODULES = 10
 

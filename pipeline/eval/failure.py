@@ -25,7 +25,7 @@ from geopipe.pipeline.sphere.geometry import haversine_km
 from geopipe.schemas.predictions import score_columns
 
 __all__ = ["RECALL_RADII_KM", "FailureOptions", "read_optional_columns", "retrieval_section",
-           "failure_rows", "format_failure_table"]
+           "score_failure_rows", "failure_rows", "format_failure_table"]
 
 #: Distance thresholds (km) of the coarse Recall@K, as for the geolocation accuracies.
 RECALL_RADII_KM = (1, 25, 200, 750, 2500)
@@ -112,6 +112,31 @@ def _definitions(path: str, cols: dict, opts: FailureOptions) -> list[tuple[str,
     return out
 
 
+def score_failure_rows(name: str, label: str, correct: np.ndarray, mask: np.ndarray, scores: dict,
+                       opts: FailureOptions = FailureOptions()) -> list[dict]:
+    """One row per score of ``scores`` (name → (N,) float, higher = more uncertain) ranking the
+    (N,) ``correct`` {0, 1} of failure definition ``label`` over the ``mask`` (N,) bool records
+    with a finite score (fewer than 2: no row)."""
+    rows = []
+    for score, values in scores.items():
+        keep = mask & np.isfinite(values)
+        n = int(keep.sum())
+        if n < 2:
+            continue
+        c, u = correct[keep], values[keep]
+        sp = sparsification(c, u, steps=opts.steps)
+        bins = binned_rank_stats(u, c, opts.binning)
+        fd = failure_detection(c, u)
+        rows.append({"model": name, "score": score, "failure": label, "n": n, "accuracy": float(c.mean()),
+                     **{k: sp[k] for k in ("ausc", "ausc_oracle", "ausc_random", "ause", "aurg", "ausc_norm")},
+                     "spearman": bins["spearman"], "r2_ols": bins["r2_ols"], "r2_direct": bins["r2_direct"],
+                     "bins": bins["bins"], "auroc": fd["auroc"], "auprc": fd["auprc"],
+                     "curve": sp["curve"].tolist(), "oracle": sp["oracle"].tolist(),
+                     "bin_mean_u": bins["mean_u"].tolist(), "bin_accuracy": bins["mean_correct"].tolist(),
+                     "bin_n": bins["n"].tolist()})
+    return rows
+
+
 def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = FailureOptions(),
                  skipped: list | None = None) -> list[dict]:
     """One row per (score, failure definition) of a predictions file; ``curve``/``oracle`` and
@@ -124,22 +149,7 @@ def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = Failur
         scores["entropy_nats"] = -cols["neg_entropy_nats"]
     rows = []
     for label, correct, mask in _definitions(path, cols, opts):
-        for score, values in scores.items():
-            keep = mask & np.isfinite(values)
-            n = int(keep.sum())
-            if n < 2:
-                continue
-            c, u = correct[keep], values[keep]
-            sp = sparsification(c, u, steps=opts.steps)
-            bins = binned_rank_stats(u, c, opts.binning)
-            fd = failure_detection(c, u)
-            rows.append({"model": name, "score": score, "failure": label, "n": n, "accuracy": float(c.mean()),
-                         **{k: sp[k] for k in ("ausc", "ausc_oracle", "ausc_random", "ause", "aurg", "ausc_norm")},
-                         "spearman": bins["spearman"], "r2_ols": bins["r2_ols"], "r2_direct": bins["r2_direct"],
-                         "bins": bins["bins"], "auroc": fd["auroc"], "auprc": fd["auprc"],
-                         "curve": sp["curve"].tolist(), "oracle": sp["oracle"].tolist(),
-                         "bin_mean_u": bins["mean_u"].tolist(), "bin_accuracy": bins["mean_correct"].tolist(),
-                         "bin_n": bins["n"].tolist()})
+        rows += score_failure_rows(name, label, correct, mask, scores, opts)
     if skipped is not None and "true_lat" in cols:
         known = np.isfinite(cols["true_lat"]) & np.isfinite(cols["true_lon"])
         scored = {r["score"] for r in rows}

@@ -16,7 +16,8 @@ import numpy as np
 
 from geopipe.pipeline.sphere.geometry import haversine_km
 
-__all__ = ["POSITIVE_RADIUS_M", "RECALL_KS", "haversine_m", "answerable", "correct_at_k", "recall_at_k", "recall_summary"]
+__all__ = ["POSITIVE_RADIUS_M", "RECALL_KS", "haversine_m", "answerable", "correct_at_k", "recall_at_k", "recall_summary",
+           "format_vpr_recall"]
 
 #: Default positive radius in metres.
 POSITIVE_RADIUS_M = 25.0
@@ -108,3 +109,17 @@ def recall_summary(dist_m, answerable=None, ks: Sequence[int] = RECALL_KS, radiu
         "recall": recall_at_k(d, answerable, ks, radius_m, drop_unanswerable=True),
         "recall_all": recall_at_k(d, answerable, ks, radius_m, drop_unanswerable=False),
     }
+
+
+def _cells(recall: dict) -> str:
+    return ", ".join(f"R@{k}: {100.0 * v:.1f}" for k, v in recall.items() if v is not None) or "-"
+
+
+def format_vpr_recall(summary: dict, positives: str = "sphere") -> str:
+    """Recall@K the way VPR papers print it (``R@1: 90.9, R@5: 95.7, …``, percent, one decimal)
+    over every query (unanswerable ones are misses), then the answerable-only figure beside it.
+    ``summary``: a :func:`recall_summary` dict; ``positives``: "utm" | "sphere" (shown)."""
+    n, n_un = summary["n"], summary["n_unanswerable"]
+    where = "UTM" if positives == "utm" else "haversine"
+    return (f"{_cells(summary['recall_all'])}  ({where} {summary['radius_m']:g} m, all {n} queries)  |  answerable only "
+            f"({n - n_un}; {n_un} without a positive): {_cells(summary['recall'])}")

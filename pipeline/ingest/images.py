@@ -14,9 +14,13 @@ like a tar's::
               ``datetime_original`` (EXIF DateTimeOriginal, ISO 8601) when known
     __error__ (reason, detail) instead of the bytes when the file could not be read
 
-Labels (:data:`LABELS`): ``auto`` = the sidecar's coordinates, else EXIF GPS, else none (an
-unlabelled record); ``sidecar`` / ``exif`` = only that one; ``none`` = never read labels (blind
-geolocation: no sidecar is opened and GPS is ignored; ``file`` and ``datetime_original`` stay).
+Labels (:data:`LABELS`): ``auto`` = the sidecar's coordinates, else a place-recognition file
+name (``@utm_east@utm_north@zone@letter@lat@lon@pano@tile@heading@…@.jpg``, parsed by
+:mod:`geopipe.pipeline.vpr.names` into typed UTM, lat/lon, heading, capture id and timestamp),
+else EXIF GPS, else none (an unlabelled record); ``sidecar`` / ``exif`` = only that one;
+``vpr-name`` = only the file name, and a name that does not parse is an ``invalid_name`` reject
+with the reason; ``none`` = never read labels (blind geolocation: no sidecar is opened and GPS
+is ignored; ``file`` and ``datetime_original`` stay).
 EXIF GPS without a fix (GPSStatus "V", exactly (0, 0), out of range or undefined) is no label.
 """
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.vpr.names import VprNameError, name_label
 
 __all__ = ["IMAGE_FILE_EXTS", "LABELS", "ImageSource", "list_files", "list_sidecars", "iter_image_samples", "image_source_sha256",
            "exif_fields"]
@@ -52,7 +57,7 @@ def _optional_exts() -> tuple[str, ...]:
 #: File extensions (lower case) read as images from folders, globs and file arguments.
 IMAGE_FILE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "tif", "tiff", "bmp", "gif") + _optional_exts()
 #: How image files are labelled (see the module docstring); ``auto`` is the default.
-LABELS: tuple[str, ...] = ("auto", "sidecar", "exif", "none")
+LABELS: tuple[str, ...] = ("auto", "sidecar", "exif", "vpr-name", "none")
 _DECODE_EXTS = ("jpg", "jpeg", "png", "webp")  # decode.IMAGE_EXTS: the entries ShardBatches looks for
 _GPS_IFD, _EXIF_IFD = 0x8825, 0x8769
 _DATETIME_ORIGINAL, _OFFSET_ORIGINAL = 36867, 36881
@@ -137,9 +142,10 @@ def exif_fields(raw: bytes) -> tuple[tuple[float, float] | None, str | None]:
         return None, None
 
 
-def _record(rel: str, sidecar: bytes | None, raw: bytes, labels: str, lat_key: str, lon_key: str) -> bytes:
+def _record(rel: str, sidecar: bytes | None, raw: bytes, labels: str, lat_key: str, lon_key: str, named: dict | None = None) -> bytes:
     """The sample's json: the sidecar's object (bytes that are not one are passed on as they are,
-    for decode to reject) with EXIF GPS as the fallback label, ``file`` and ``datetime_original``."""
+    for decode to reject) with the file name's VPR record (``named``) then EXIF GPS as the
+    fallback labels, ``file`` and ``datetime_original``."""
     rec: dict = {}
     if sidecar is not None:
         try:
@@ -151,6 +157,10 @@ def _record(rel: str, sidecar: bytes | None, raw: bytes, labels: str, lat_key: s
     gps, when = exif_fields(raw)
     if rec.get(lat_key) is not None or rec.get(lon_key) is not None:
         rec.setdefault("label_source", "sidecar")
+    elif named is not None:
+        named = dict(named)
+        rec[lat_key], rec[lon_key] = named.pop("latitude"), named.pop("longitude")
+        rec.update(named)
     elif labels in ("auto", "exif") and gps is not None:
         rec[lat_key], rec[lon_key] = gps
         rec["label_source"] = "exif"
@@ -201,7 +211,12 @@ def iter_image_samples(src: ImageSource, labels: str = "auto", lat_key: str = "l
                 continue
         _digest_file(digest, rel, raw, sidecar)
         _register_heif(rel)
-        yield {**sample, _entry(rel): raw, "json": _record(rel, sidecar, raw, labels, lat_key, lon_key)}
+        try:
+            named = name_label(rel, labels == "vpr-name") if labels in ("auto", "vpr-name") else None
+        except VprNameError as exc:
+            yield {**sample, "__error__": ("invalid_name", str(exc))}
+            continue
+        yield {**sample, _entry(rel): raw, "json": _record(rel, sidecar, raw, labels, lat_key, lon_key, named)}
     if info is not None:
         info["sha256"] = digest.hexdigest() if ok else None
 

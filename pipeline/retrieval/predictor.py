@@ -10,6 +10,12 @@ of query embeddings into predictions columns: exact top-K search, the top-1 posi
 kernel mode (with NLL, localizability and HDR rank), the top-K keys, distances and
 positions, the training-free uncertainty scores and whether the query has a positive.
 
+Positives are database records within ``radius_m`` of the query's true position: on the sphere
+(haversine, the default), or — when the predictor is given the database's UTM positions
+(``utm``, from stores extracted with ``--labels vpr-name``) and each block its queries' — in
+the official VPR metric, Euclidean UTM distance in metres, inclusive
+(:mod:`geopipe.pipeline.vpr.positives`).
+
 Memory does not grow with the number of queries: the caller feeds blocks of
 :meth:`RetrievalPredictor.block_size` queries, at most ``block_entries`` (query, neighbour)
 pairs each (one query at the least), so a huge ``k`` shrinks the block instead of growing it.
@@ -42,6 +48,7 @@ from geopipe.pipeline.retrieval.search import TopK, blocked_topk
 from geopipe.pipeline.sphere.geometry import haversine_km, latlon_to_xyz
 from geopipe.pipeline.store.stream import read_rows, store_chunks
 from geopipe.pipeline.uncertainty.scores import retrieval_scores
+from geopipe.pipeline.vpr.positives import utm_answerable, utm_hits
 
 __all__ = ["MODES", "RetrievalOptions", "RetrievedBlock", "RetrievalPredictor", "load_retrieval", "search_block",
            "predict_block", "RecallTally"]
@@ -89,9 +96,11 @@ class RetrievalPredictor:
     searched database rows (sorted); ``groups``: (N,) int64 group ids (a query never retrieves
     a row of its own group) or None; ``latlon`` (N, 2) float64 degrees; ``keys``: (N,) string
     array; ``metric`` ip|l2; ``backend`` blocked|faiss|faiss-gpu; ``kernel`` or None; ``ks``:
-    the K of Recall@K."""
+    the K of Recall@K; ``utm``: (N, 2) UTM east/north metres of the store's rows (NaN unknown)
+    when positives are decided in UTM, else None."""
 
-    def __init__(self, store, rows: np.ndarray, groups: np.ndarray | None, metric: str, opts: RetrievalOptions):
+    def __init__(self, store, rows: np.ndarray, groups: np.ndarray | None, metric: str, opts: RetrievalOptions,
+                 utm: np.ndarray | None = None):
         self.store, self.rows, self.groups, self.metric, self.opts = store, np.asarray(rows, dtype=np.int64), groups, metric, opts
         self.k = min(int(opts.k), int(self.rows.size))
         self.latlon = store.latlon[:].astype(np.float64)
@@ -99,6 +108,8 @@ class RetrievalPredictor:
                                       for a in range(0, len(store), opts.chunk_rows)] or [pa.array([], type=pa.string())])
         self.positive_latlon = self.latlon[self.rows]
         self.positive_groups = None if groups is None else np.asarray(groups)[self.rows]
+        self.utm = None if utm is None else np.asarray(utm, dtype=np.float64).reshape(-1, 2)
+        self.positive_utm = None if utm is None else self.utm[self.rows]
         self.ks = tuple(sorted({k for k in (1, 5, 10, 20) if k <= self.k} | {self.k}))
         self.backend = resolve_backend(opts.backend)
         self._faiss, self._cache = None, None
@@ -182,14 +193,15 @@ def _fit_density(p: RetrievalPredictor, val_store):
 
 
 def load_retrieval(store, opts: RetrievalOptions, metric: str = "ip", rows: np.ndarray | None = None,
-                   groups: np.ndarray | None = None, val_store=None) -> RetrievalPredictor:
+                   groups: np.ndarray | None = None, val_store=None, utm: np.ndarray | None = None) -> RetrievalPredictor:
     """The predictor of database ``store`` (an opened EmbeddingStore): its ``rows`` (default all)
     searched with ``metric``, ``groups`` (N,) excluded per query group; the kernel fitted when
-    ``opts.mode == "kernel"`` (calibrated on ``val_store``'s records with ``opts.calibrate``)."""
+    ``opts.mode == "kernel"`` (calibrated on ``val_store``'s records with ``opts.calibrate``);
+    ``utm`` (N, 2) metres: positives decided in UTM (see the module docstring)."""
     if opts.mode not in MODES:
         raise GeopipeError(f"unknown retrieval mode {opts.mode!r}; choose one of {list(MODES)}")
     rows = np.arange(len(store), dtype=np.int64) if rows is None else rows
-    p = RetrievalPredictor(store, rows, groups, metric, opts)
+    p = RetrievalPredictor(store, rows, groups, metric, opts, utm)
     if opts.mode == "kernel":
         p.kernel = _fit_density(p, val_store)
     return p
@@ -224,10 +236,11 @@ def _kernel_columns(p: RetrievalPredictor, top: TopK, nb: np.ndarray, true_ll: n
 
 
 def predict_block(p: RetrievalPredictor, queries: np.ndarray, keys, true_latlon: np.ndarray,
-                  query_groups: np.ndarray | None = None, first: int = 0) -> RetrievedBlock:
+                  query_groups: np.ndarray | None = None, first: int = 0, query_utm: np.ndarray | None = None) -> RetrievedBlock:
     """Predictions of B queries: embeddings (B, D), keys (B,), true positions (B, 2) degrees (NaN
     when unknown), ``query_groups`` (B,) with a grouped database; ``first``: the position of the
-    block's first query among all queries (a multiple of :meth:`RetrievalPredictor.block_size`)."""
+    block's first query among all queries (a multiple of :meth:`RetrievalPredictor.block_size`);
+    ``query_utm`` (B, 2) metres: the queries' UTM positions when the predictor has ``utm``."""
     top = search_block(p, queries, query_groups)
     if (top.indices[:, 0] < 0).any():
         raise GeopipeError(f"{int((top.indices[:, 0] < 0).sum())} queries have no eligible database record "
@@ -243,10 +256,15 @@ def predict_block(p: RetrievalPredictor, queries: np.ndarray, keys, true_latlon:
                  "distance_km": haversine_km(pred[:, 0], pred[:, 1], true_ll[:, 0], true_ll[:, 1])})
     cols.update(_topk_columns(p, top, nb))
     cols.update(retrieval_scores(top.distances, top.indices, nb, radius_m=p.opts.radius_m))
-    positive = answerable(true_ll, p.positive_latlon, p.opts.radius_m, query_groups if p.groups is not None else None,
-                          p.positive_groups)
+    groups = query_groups if p.groups is not None else None
+    if p.utm is not None:
+        q_utm = np.full((len(true_ll), 2), np.nan) if query_utm is None else np.asarray(query_utm, dtype=np.float64)
+        positive = utm_answerable(q_utm, p.positive_utm, p.opts.radius_m, groups, p.positive_groups)
+        hit = utm_hits(q_utm, _neighbour_latlon(p.utm, top.indices), p.opts.radius_m)
+    else:
+        positive = answerable(true_ll, p.positive_latlon, p.opts.radius_m, groups, p.positive_groups)
+        hit = correct_at_k(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), p.opts.radius_m)
     cols["answerable"] = positive
-    hit = correct_at_k(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), p.opts.radius_m)
     return RetrievedBlock(columns=cols, hits=hit[:, [k - 1 for k in p.ks]], answerable=positive)
 
 

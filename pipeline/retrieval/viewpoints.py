@@ -9,6 +9,10 @@ pairs farther apart than ``neg_min_dist_m`` (``negatives_calibrated``), or ``non
 Records are split into train/validation by hashed spatial blocks; a pair whose ends fall in
 different splits is dropped. Too few pairs (``min_pairs``, or under ``min_pairable_fraction``
 of the records pairable) gives status ``insufficient_pairs``.
+
+:func:`class_pair_set` pairs records by the CosPlace class convention instead (same UTM 10 m
+cell and 30° heading bin, different captures: :mod:`geopipe.pipeline.vpr.classes`), with the
+same split, statistics and status rule.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 
 from geopipe.pipeline.eval.recall import haversine_m
 from geopipe.pipeline.retrieval.split import _mix, spatial_blocks
+from geopipe.pipeline.vpr.classes import class_pairs
 
-__all__ = ["VISUAL_FILTERS", "PairConfig", "PairSet", "mine_pairs", "candidate_pairs"]
+__all__ = ["VISUAL_FILTERS", "PairConfig", "PairSet", "mine_pairs", "class_pair_set", "candidate_pairs"]
 
 VISUAL_FILTERS = ("negatives_calibrated", "none")
 
@@ -131,12 +136,31 @@ def mine_pairs(embeddings: np.ndarray, latlon: np.ndarray, heading_deg: np.ndarr
         tau = _tau(embeddings, latlon, eligible, cfg)
         if tau is not None:
             keep &= cos >= tau
-    pairs, dist, dh, cos = pairs[keep], dist[keep], dh[keep], cos[keep]
+    return _pair_set(pairs[keep], dist[keep], dh[keep], cos[keep], latlon, int(eligible.sum()), tau, bool(has_heading), cfg)
+
+
+def class_pair_set(classes: np.ndarray, embeddings: np.ndarray, latlon: np.ndarray, heading_deg: np.ndarray,
+                   capture: np.ndarray | None = None, exclude: np.ndarray | None = None, cfg: PairConfig = PairConfig()) -> PairSet:
+    """Pairs of records in one CosPlace class (``classes`` (N,) int64, −1 = none; see
+    :func:`geopipe.pipeline.vpr.classes.cosplace_classes`) from different captures, never of
+    ``exclude`` rows, split and judged as :func:`mine_pairs` does (its radius and heading rules
+    are the classes' own: 10 m cells, 30° bins)."""
+    eligible = np.ones(latlon.shape[0], dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    pairs = class_pairs(classes, capture, eligible, seed=cfg.seed)
+    i, j = pairs[:, 0], pairs[:, 1]
+    dist = haversine_m(latlon[i, 0], latlon[i, 1], latlon[j, 0], latlon[j, 1])
+    h = np.asarray(heading_deg, dtype=np.float64)
+    dh = np.abs((h[i] - h[j] + 180.0) % 360.0 - 180.0)
+    cos = _cos(embeddings, i, j) if len(pairs) else np.zeros(0)
+    return _pair_set(pairs, dist, dh, cos, latlon, int((eligible & (np.asarray(classes) >= 0)).sum()), None, True, cfg)
+
+
+def _pair_set(pairs, dist, dh, cos, latlon, n_eligible: int, tau, has_heading: bool, cfg: PairConfig) -> PairSet:
+    """Split the kept pairs into train/validation by hashed spatial blocks; status and statistics."""
     val_rec = _mix(spatial_blocks(latlon, cfg.block_m), cfg.seed + 1) < cfg.val_fraction
     same = val_rec[pairs[:, 0]] == val_rec[pairs[:, 1]]
     is_val = val_rec[pairs[:, 0]] & same
     pairable = np.unique(pairs.ravel()).size
-    n_eligible = int(eligible.sum())
     frac = pairable / max(n_eligible, 1)
     status = "ok" if len(pairs) >= cfg.min_pairs and frac >= cfg.min_pairable_fraction else "insufficient_pairs"
     stats = {"n_pairs": int(len(pairs)), "n_train": int((same & ~is_val).sum()), "n_val": int(is_val.sum()),

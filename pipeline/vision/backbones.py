@@ -13,6 +13,9 @@ A :class:`BackboneSpec` names a backbone; :func:`load_backbone` turns it into a
 * ``"hf-hub:org/repo"`` — an open_clip model published on the Hugging Face Hub;
 * ``"dinov2-vitl14-reg"`` and ``"streetclip"`` — the towers of the published PLONK models
   (timm / transformers, :mod:`geopipe.pipeline.vision.towers`).
+* ``"cosplace-resnet50-2048"``, ``"eigenplaces-resnet50-2048"``, … — the place-recognition
+  networks of CosPlace and EigenPlaces (:mod:`geopipe.pipeline.vision.vpr_nets`; unit-norm
+  descriptors).
 
 Embeddings are ``model.encode_image`` outputs (projected, **not** L2-normalised), float32.
 """
@@ -45,6 +48,7 @@ from geopipe.pipeline.vision.spec import (
     sha256_state_dict,
 )
 from geopipe.pipeline.vision.towers import VISION_TOWERS
+from geopipe.pipeline.vision.vpr_nets import VPR_NETS
 
 __all__ = [
     "TINY_SEED",
@@ -199,7 +203,7 @@ def _load_hf_hub(spec: BackboneSpec, device) -> Backbone:
 
 #: Backbones defined by geopipe itself, name → factory(spec, device). Any open_clip
 #: architecture name and any ``hf-hub:org/repo`` id are accepted besides these.
-BACKBONES: dict[str, Callable[[BackboneSpec, Any], Backbone]] = {"tiny": _load_tiny, **VISION_TOWERS}
+BACKBONES: dict[str, Callable[[BackboneSpec, Any], Backbone]] = {"tiny": _load_tiny, **VISION_TOWERS, **VPR_NETS}
 
 
 def list_backbones() -> list[str]:
