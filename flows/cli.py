@@ -19,7 +19,7 @@ __all__ = ["main", "cli"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="geopipe")
+@click.version_option(package_name="geopipe-geolocation")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress on stderr (on a terminal a bar, elsewhere one line every 10 s: done / total, rate, ETA).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="GEOPIPE_THREADS", show_envvar=True,
@@ -225,9 +225,9 @@ _EVALUATE = "geopipe.stages.evaluate:EvaluateConfig"
 @click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
 @click.option("--store", default=None,
               help="Store with true admin labels (meta/<field>) for country/region/city accuracy; the predicted "
-                   "labels come from reverse geocoding the predicted points (pip install -e '.[geocode]' in the checkout).")
+                   "labels come from reverse geocoding the predicted points (pip install 'geopipe-geolocation[geocode]').")
 @click.option("--geocode", is_flag=True, help="Country/region/city accuracy by offline reverse geocoding "
-              "(pip install -e '.[geocode]' in the checkout); true labels from --store when given.")
+              "(pip install 'geopipe-geolocation[geocode]'); true labels from --store when given.")
 @click.option("--country-field", default=None,
               help="Store meta field of the true country [default: unique_country, skipped when the store lacks it].")
 @click.option("--region-field", default=None, help="Store meta field of the true region [default: unique_region, if present].")

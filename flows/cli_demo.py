@@ -19,7 +19,7 @@ __all__ = ["demo_data_command", "demo_command"]
 @click.option("--world", type=click.Choice(["images", "geoclip"]), default="images", show_default=True,
               help="images: WebDataset shards of synthetic photos (extract them first); geoclip: embedding stores at GeoCLIP's "
                    "100K real photo locations, made from its location encoder (OUT/{train,val,test,heldout}.zarr; needs "
-                   "pip install -e '.[geoclip]'; docs/geoclip_world.md).")
+                   "pip install 'geopipe-geolocation[geoclip]'; docs/geoclip_world.md).")
 @click.option("--n-train", type=int, default=None, help="Training records [default: 3000 images, 20000 geoclip].")
 @click.option("--n-test", type=int, default=None, help="Test records [default: 500 images, 2000 geoclip].")
 @click.option("--n-val", type=int, default=None, help="geoclip: validation records [default: 2000].")

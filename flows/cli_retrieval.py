@@ -40,7 +40,7 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @config_option("--capture-field", type=str, config=_SPLIT,
                help="Metadata field with capture ids: a query never retrieves its own capture.")
 @config_option("--backend", type=click.Choice(["auto", "blocked", "faiss"]), config=_RETRIEVE,
-               help="Search backend: faiss when installed (pip install 'geopipe[faiss]'; its GPU index when faiss has GPU "
+               help="Search backend: faiss when installed (pip install 'geopipe-geolocation[faiss]'; its GPU index when faiss has GPU "
                     "support and --device resolves to CUDA), else the blocked matmul.")
 @config_option("--radius-m", type=float, config=_RETRIEVE, help="Positive radius of Recall@K in metres.")
 @config_option("--positives", type=click.Choice(["auto", "utm", "sphere"]), config=_RETRIEVE,

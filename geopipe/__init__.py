@@ -20,8 +20,11 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+#: The distribution name on the package index (the ``geopipe`` name there is an unrelated project).
+DISTRIBUTION = "geopipe-geolocation"
+
 try:
-    __version__ = _version("geopipe")
+    __version__ = _version(DISTRIBUTION)
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 

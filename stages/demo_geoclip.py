@@ -1,7 +1,7 @@
 """Geoclip-world stage: ``geopipe demo-data OUT --world geoclip`` — a realistic offline benchmark
 world written straight as embedding stores (docs/geoclip_world.md).
 
-Needs the optional ``geoclip`` package (``pip install -e '.[geoclip]'`` or ``pip install --no-deps
+Needs the optional ``geoclip`` package (``pip install 'geopipe-geolocation[geoclip]'`` or ``pip install --no-deps
 geoclip``): its location-encoder weights and 100K MP-16 GPS gallery are read as files (tensors
 only, no code of the package runs, nothing is downloaded).
 """

@@ -47,7 +47,7 @@ class EvaluateConfig:
     contiguous chunks (3 and 1 = whole set, as in the paper); baseline_latlon: (lat, lon) degrees of a
     constant prediction scored on the first file's truths. Admin accuracies are computed when
     ``geocode`` is set or ``store`` is given: predicted labels by reverse geocoding the predicted
-    points (needs ``pip install -e '.[geocode]'`` in the checkout), true labels from the store's
+    points (needs ``pip install 'geopipe-geolocation[geocode]'``), true labels from the store's
     ``meta/<field>`` arrays joined on key (or, without a store, by reverse geocoding the true
     points). Any subset of the areas works: a field left None is scored when the store has
     ``unique_<area>``; a field given must exist.

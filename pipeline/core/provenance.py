@@ -6,14 +6,25 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["provenance"]
+__all__ = ["DISTRIBUTION", "install_hint", "provenance"]
+
+#: The distribution name on the package index (import root and console script stay ``geopipe``;
+#: the ``geopipe`` name on PyPI is an unrelated project).
+DISTRIBUTION = "geopipe-geolocation"
 
 _UNKNOWN_VERSION = "0+unknown"
 
 
+def install_hint(extra: str) -> str:
+    """The pip command that installs optional dependency group ``extra``, e.g.
+    ``pip install 'geopipe-geolocation[faiss]'`` (also right in an editable checkout: pip keeps the
+    installed project and adds the extra's packages)."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
 def _package_version() -> str:
     try:
-        return metadata.version("geopipe")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return _UNKNOWN_VERSION
 

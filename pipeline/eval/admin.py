@@ -7,8 +7,8 @@ city = ``name_admin2_admin1_cc``; ground truth are the dataset's labels (OSV-5M:
 ``unique_country``, ``unique_region``, ``unique_sub-region``, ``unique_city``). Accuracy is the
 exact string-match rate over records whose true label is known; :func:`store_admin_labels` reads
 true labels from an embedding store's ``meta/`` arrays. ``reverse_geocoder`` is an
-optional dependency (``pip install -e '.[geocode]'`` in the geopipe checkout; the ``geopipe``
-name on the public package index is another project), imported only when labels are needed.
+optional dependency (``pip install 'geopipe-geolocation[geocode]'``; the ``geopipe`` name on the
+public package index is another project), imported only when labels are needed.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ def admin_accuracy(true_labels: Mapping[str, Sequence], pred_labels: Mapping[str
 
 
 def _geocoder():
+    from geopipe.pipeline.core.provenance import install_hint
+
     try:
         import reverse_geocoder
     except ImportError:
         raise GeopipeError(
             "admin accuracy needs reverse geocoding of the predicted points, but the optional package 'reverse_geocoder' "
-            "is not installed; in the geopipe checkout run: pip install -e '.[geocode]'"
+            f"is not installed: {install_hint('geocode')}"
         ) from None
     return reverse_geocoder
 
@@ -79,7 +81,7 @@ def _geocoder():
 def reverse_geocode_labels(lat, lon, areas: Sequence[str] = ("country", "region", "city")) -> dict[str, list[str]]:
     """Labels ``{area: [label…]}`` of (N,) degree coordinates via ``reverse_geocoder`` (offline).
 
-    Raises :class:`GeopipeError` telling to ``pip install -e '.[geocode]'`` when the package is
+    Raises :class:`GeopipeError` telling to ``pip install 'geopipe-geolocation[geocode]'`` when the package is
     absent, and ValueError for an unknown area name.
     """
     unknown = [a for a in areas if a not in ADMIN_AREAS]

@@ -96,9 +96,16 @@ class GeoPrediction:
         return predictions_table({**self.columns, "key": list(self.keys), "lat": self.lat, "lon": self.lon}, len(self))
 
     def to_geodataframe(self):
-        """A geopandas GeoDataFrame (EPSG:4326 points; a ``region`` column of polygons when computed)."""
-        import geopandas as gpd
+        """A geopandas GeoDataFrame (EPSG:4326 points; a ``region`` column of polygons when computed);
+        needs the ``geo`` extra (``pip install 'geopipe-geolocation[geo]'``)."""
         import shapely
+
+        try:
+            import geopandas as gpd
+        except ImportError:
+            from geopipe.pipeline.core.provenance import install_hint
+
+            raise GeopipeError(f"to_geodataframe needs geopandas: {install_hint('geo')}") from None
 
         df = self.to_table().to_pandas()
         df["geometry"] = shapely.from_wkb(df["geometry"])

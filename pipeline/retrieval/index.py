@@ -1,5 +1,5 @@
 """Search backends: the blocked matmul search (default, always available) and faiss exact
-flat indexes when ``import faiss`` works (``pip install 'geopipe[faiss]'``).
+flat indexes when ``import faiss`` works (``pip install 'geopipe-geolocation[faiss]'``).
 
 Both return the same neighbours: the faiss path over-fetches, then re-orders candidates by
 (score, lower database row) and removes excluded groups exactly as the blocked path does.
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.provenance import install_hint
 from geopipe.pipeline.retrieval.search import METRICS, TopK, blocked_topk, scores_to_distances
 
 __all__ = ["BACKENDS", "faiss_available", "faiss_gpus", "faiss_on_gpu", "resolve_backend", "FaissIndex", "faiss_topk", "search_topk"]
@@ -66,7 +67,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "faiss" if faiss_available() else "blocked"
     if backend == "faiss" and not faiss_available():
-        raise GeopipeError("search backend 'faiss' needs faiss: pip install 'geopipe[faiss]' (or use --backend blocked)")
+        raise GeopipeError(f"search backend 'faiss' needs faiss: {install_hint('faiss')} (or use --backend blocked)")
     return backend
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from geopipe.pipeline.core.provenance import install_hint
 from geopipe.pipeline.vision.spec import RANDOM as _RANDOM
 
 __all__ = [
@@ -264,7 +265,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise BackboneLoadError("backbone 'streetclip' needs the transformers package: pip install 'geopipe[streetclip]'") from None
+        raise BackboneLoadError(f"backbone 'streetclip' needs the transformers package: {install_hint('streetclip')}") from None
     return transformers
 
 

@@ -33,7 +33,7 @@ _WEIGHTS = os.path.join("model", "weights", "location_encoder_weights.pth")
 _GALLERY = os.path.join("model", "gps_gallery", "coordinates_100K.csv")
 # Equal Earth projection constants (Šavrič, Patterson & Jenny 2018), as GeoCLIP uses them.
 _A1, _A2, _A3, _A4, _SF = 1.340264, -0.081106, 0.000893, 0.003796, 66.50336
-_INSTALL = "pip install --no-deps 'geoclip>=1.3' (or pip install -e '.[geoclip]')"
+_INSTALL = "pip install --no-deps 'geoclip>=1.3' (or pip install 'geopipe-geolocation[geoclip]')"
 
 
 def geoclip_dir() -> str:

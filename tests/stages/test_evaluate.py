@@ -171,7 +171,7 @@ def test_admin_accuracy_from_store_labels(two_files, tmp_path, monkeypatch):
     assert header.split()[-6:] == ["country", "%", "region", "%", "city", "%"]
     assert rfm_row.split()[-3:] == [f"{100 * np.mean((tl + 0.5)[known] > 45):.1f}", "0.0", "-"]
     monkeypatch.setitem(sys.modules, "reverse_geocoder", None)
-    with pytest.raises(GeopipeError, match=r"reverse geocoding of the predicted points.*pip install -e '\.\[geocode\]'"):
+    with pytest.raises(GeopipeError, match=r"reverse geocoding of the predicted points.*pip install 'geopipe-geolocation\[geocode\]'"):
         run_evaluate(EvaluateConfig(predictions=(two_files[0],), geocode=True))
     with pytest.raises(GeopipeError, match="no meta field 'cc'"):
         run_evaluate(EvaluateConfig(predictions=(two_files[0],), store=store, country_field="cc"))

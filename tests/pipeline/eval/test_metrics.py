@@ -237,7 +237,7 @@ def test_admin_accuracy_excludes_missing_truths():
 
 def test_reverse_geocoder_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "reverse_geocoder", None)  # import raises ImportError
-    with pytest.raises(GeopipeError, match=r"reverse geocoding of the predicted points.*pip install -e '\.\[geocode\]'"):
+    with pytest.raises(GeopipeError, match=r"reverse geocoding of the predicted points.*pip install 'geopipe-geolocation\[geocode\]'"):
         reverse_geocode_labels([48.85], [2.35])
 
 

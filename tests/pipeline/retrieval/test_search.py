@@ -74,11 +74,11 @@ def test_backend_resolution():
         resolve_backend("annoy")
     if not faiss_available():
         assert resolve_backend("auto") == "blocked"
-        with pytest.raises(GeopipeError, match="geopipe\\[faiss\\]"):
+        with pytest.raises(GeopipeError, match=r"pip install 'geopipe-geolocation\[faiss\]'"):
             resolve_backend("faiss")
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install 'geopipe[faiss]')")
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed (pip install 'geopipe-geolocation[faiss]')")
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_faiss_and_blocked_agree(metric):
     rng = np.random.default_rng(2)

@@ -210,5 +210,5 @@ def test_load_backbone_rejects_bad_options_and_missing_weights_offline(offline_h
 
 def test_streetclip_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
-    with pytest.raises(BackboneLoadError, match=r"pip install 'geopipe\[streetclip\]'"):
+    with pytest.raises(BackboneLoadError, match=r"pip install 'geopipe-geolocation\[streetclip\]'"):
         load_backbone(BackboneSpec("streetclip", pretrained="random"))
