@@ -240,6 +240,8 @@ def bench_retrieval_queries(workdir: str, queries: tuple[int, ...] = (1000, 10_0
         for mode in modes:
             cfg = {"query": paths[q], "database": paths["database"], "out": os.path.join(workdir, f"retrieval-{mode}-{q}.parquet"),
                    "k": k, "mode": mode, "progress": False}
+            if os.path.exists(cfg["out"]):  # the previous run's output, replaced
+                os.remove(cfg["out"])
             r = _child("retrieve", cfg, threads, module, rss_limit_mb)
             if "seconds" in r:
                 r.update(queries_per_s=q / r["seconds"], over_bare=point["bare"]["seconds"] / r["seconds"])

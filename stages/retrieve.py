@@ -33,6 +33,7 @@ import numpy as np
 
 from geopipe.pipeline.artifacts.predictions import TRUTH_COLUMNS, predictions_metadata
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.parallel import trim_heap
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M
@@ -76,7 +77,7 @@ class RetrieveConfig:
     uncertainty_checkpoint: str | None = None
     mc_passes: int = 15
     chunk_rows: int = 65536
-    block_entries: int = 2**18
+    block_entries: int = 2**16
     seed: int = 0
     progress: bool = True
     device: str = "auto"  # a faiss index goes to the GPU(s) when faiss has GPU support and this resolves to CUDA
@@ -209,6 +210,8 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
             tally.add(scored)
             out.write(block.columns, b - a)
             bar.update(b - a)
+            del block, scored
+            trim_heap()  # the block's freed arrays go back to the OS: resident memory stays flat over the blocks
         recall = {**tally.summary(), "n_unlabelled": n_unlabelled, "positives": rule}
         if n_unlabelled or n_db_unlabelled:  # never silently
             print(f"geopipe: retrieve: {n_unlabelled} unlabelled queries geolocated with null truth and left out of Recall@K; "

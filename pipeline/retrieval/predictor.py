@@ -74,7 +74,7 @@ class RetrievalOptions:
     chunk_rows: int = 65536
     seed: int = 0
     device: str = "auto"
-    block_entries: int = 2**18
+    block_entries: int = 2**16
     max_block: int = 8192
     cache_bytes: int = 2**31
     calibrate: bool = False  # mode kernel: the calibrated density fitted on held-out queries (pipeline/retrieval/calibrate.py)
