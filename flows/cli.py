@@ -266,8 +266,9 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
 def run(config, debug):
     """Run the whole pipeline flow (extract → train → predict → evaluate) from a TOML CONFIG with Prefect.
 
-    CONFIG layout: a section's keys are the fields of that stage's config (mostly the command's
-    options, with underscores); unknown keys and wrong types are one-line errors. [train],
+    CONFIG layout: a section's keys are its command's option names with underscores (--no-X is
+    X = false; a few options without a flag keep their field names); unknown keys and wrong types
+    are one-line errors. [train],
     [predict] and [evaluate] come together; the optional [uncertainty.*] tables add (or, alone,
     are) the branch retrieve → BayesCap → score → evaluate --uncertainty on the same stores; steps
     whose stores and options are unchanged since the last successful run are skipped:
@@ -302,11 +303,11 @@ def run(config, debug):
         [uncertainty.bayescap]              # optional: pairs + BayesCap on the database
         store = "data/run/train.zarr"
         out = "data/run/bayescap"
-        pairs = { min_pairs = 500 }
+        min_pairs = 500
         no_pairs_policy = "skip"            # too few pairs: training-free scores only
         [uncertainty.evaluate]              # optional: evaluate --uncertainty options
         failure_km = 200
-        plots_dir = "data/run/plots"
+        plots = "data/run/plots"
     """
     from geopipe.flows.pipeline_flow import run_pipeline
     from geopipe.stages.config import load_pipeline_config

@@ -30,7 +30,7 @@ branch (``[uncertainty.*]``); a config has at least one of them. Layout::
     [uncertainty.bayescap]   # optional: pairs mined on `store`, BayesCap trained there (geopipe bayescap train)
     store = "data/demo/train.zarr"
     out = "data/demo/bayescap"
-    pairs = { min_pairs = 500 }
+    min_pairs = 500
     no_pairs_policy = "skip"  # too few pairs: go on with the training-free scores (logged)
     [uncertainty.evaluate]   # optional: evaluate --uncertainty options (failure table, plots)
     out = "data/demo/uncertainty.json"
@@ -45,14 +45,23 @@ The uncertainty branch runs retrieve → BayesCap → score → evaluate: ``retr
 when ``[uncertainty.bayescap]`` is absent), ``bayescap`` mines pairs and trains, ``score`` writes
 the log_u columns into the retrieval table, ``evaluate`` prints the evaluation and
 failure-prediction tables (``predictions`` there: more files scored next to the retrieval, e.g.
-the generative predictions). Nested options are tables (``pairs``, ``split``). Unknown keys and
-wrong types are errors that list the valid keys.
+the generative predictions).
+
+One vocabulary: a table's keys are its command's option names with ``_`` for ``-`` (``workers``
+for ``--workers``, ``meta``, ``plots``, ``name``, ``bayescap``, ``min_pairs``, ``split`` …; a
+switch ``--no-X`` is ``X = false``); options without a command-line flag keep their field names,
+and nested options without one stay tables (``pairs = { pair_radius_m = 30 }``). The field names
+that differed (``num_workers``, ``meta_fields``, ``plots_dir``, ``names``, ``batch``,
+``uncertainty_checkpoint``, ``pairs.min_pairs``, ``split = { mode = … }``) still work, with a
+one-line deprecation notice on stderr. Unknown keys and wrong types are errors that list the
+valid keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -68,7 +77,20 @@ from geopipe.stages.train import TrainConfig
 from geopipe.stages.uncertainty import BayesCapStageConfig
 
 __all__ = ["PipelineConfig", "UncertaintyBranch", "load_pipeline_config", "parse_pipeline_config", "demo_pipeline_config",
-           "build_config"]
+           "build_config", "CLI_KEYS", "toml_keys", "key_paths"]
+
+#: TOML key (the command's option name, ``-`` → ``_``) → field path(s) where they differ; a key
+#: with two paths sets both (``seed``: the retrieval's and its split's, as ``--seed`` does).
+CLI_KEYS: dict[type, dict[str, tuple[tuple[str, ...], ...]]] = {
+    ExtractConfig: {"workers": (("num_workers",),), "meta": (("meta_fields",),)},
+    PredictConfig: {"bayescap": (("uncertainty_checkpoint",),)},
+    EvaluateConfig: {"name": (("names",),), "plots": (("plots_dir",),)},
+    RetrieveConfig: {"bayescap": (("uncertainty_checkpoint",),), "split": (("split", "mode"),),
+                     "split_column": (("split", "column"),), "query_value": (("split", "query_value"),),
+                     "block_m": (("split", "block_m"),), "query_fraction": (("split", "query_fraction"),),
+                     "capture_field": (("split", "capture_field"),), "seed": (("seed",), ("split", "seed"))},
+    BayesCapStageConfig: {"batch_size": (("batch",),), "min_pairs": (("pairs", "min_pairs"),)},
+}
 
 
 @dataclass(frozen=True)
@@ -119,25 +141,94 @@ def _table(doc: dict, name: str, where: str | None = None) -> dict:
     return value
 
 
+def key_paths(cls) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Every TOML key of a table building ``cls`` → the field path(s) it sets: the command-line
+    names of :data:`CLI_KEYS`, then each other field under its own name."""
+    keys = dict(CLI_KEYS.get(cls, {}))
+    renamed = {paths[0][0] for paths in keys.values() if len(paths[0]) == 1 and len(paths) == 1}
+    for f in dataclasses.fields(cls):
+        if f.name not in renamed and f.name not in keys:
+            keys[f.name] = ((f.name,),)
+    return keys
+
+
+def toml_keys(cls) -> list[str]:
+    """The valid keys of a TOML table building ``cls`` (what error messages list)."""
+    return list(key_paths(cls))
+
+
+def _deprecated(where: str, old: str, new: str) -> None:
+    print(f"geopipe: config: [{where}] {old} is deprecated; write {new} (the --{new.replace('_', '-')} option's name)",
+          file=sys.stderr)
+
+
+def _set(values: dict, path: tuple[str, ...], value, key: str, where: str, derived: bool = False) -> None:
+    """values[path] = (value, key), nested paths into a dict; two keys for one field are an error,
+    except that a ``derived`` value (a key's second path) yields to one set explicitly."""
+    *tables, name = path
+    target = values
+    for t in tables:
+        target = target.setdefault(t, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{where}] {t} is given both as a table and as {key}; keep one")
+    if name in target:
+        if derived:
+            return
+        if not target[name][2]:
+            raise ConfigError(f"[{where}] {key} and {target[name][1]} both set {'.'.join(path)}; keep {key}")
+    target[name] = (value, key, derived)
+
+
+def _translate(cls, section: dict, where: str) -> dict:
+    """A TOML table in command-line vocabulary → ``{field: (value, key, derived)}`` (nested options as
+    dicts of the same), old field names accepted with a deprecation notice."""
+    keys, hints = CLI_KEYS.get(cls, {}), typing.get_type_hints(cls)
+    new_name = {paths[0]: key for key, paths in keys.items() if len(paths) == 1}  # field path → its key
+    values: dict = {}
+    for key, value in section.items():
+        nested_table = isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key))  # an options table
+        if key in keys and not nested_table:
+            for i, path in enumerate(keys[key]):
+                _set(values, path, value, key, where, derived=i > 0)
+            continue
+        if (key,) in new_name and new_name[(key,)] != key:
+            _deprecated(where, key, new_name[(key,)])
+        if nested_table:
+            for inner, v in value.items():
+                flat = new_name.get((key, inner))
+                if flat is not None:
+                    _deprecated(where, f"{key}.{inner}", flat)
+                _set(values, (key, inner), v, f"{key}.{inner}", where)
+        else:
+            _set(values, (key,), value, key, where)
+    return values
+
+
 def build_config(cls, section: dict, where: str):
     """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    return _build(cls, _translate(cls, section, where), where)
+
+
+def _build(cls, values: dict, where: str):
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(section) - set(valid))
+    unknown = sorted(values[k][1].rsplit(".", 1)[-1] if isinstance(values[k], tuple) else k for k in set(values) - set(valid))
     if unknown:
-        raise GeopipeError(f"unknown key(s) {unknown} in [{where}]; valid keys: {valid}")
+        raise GeopipeError(f"unknown key(s) {unknown} in [{where}]; valid keys: {toml_keys(cls)}")
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in section]
+    missing = [k for k in required if k not in values]
     if missing:
         raise GeopipeError(f"missing key(s) {missing} in [{where}]")
-    values = {}
-    for k, v in section.items():
-        if dataclasses.is_dataclass(hints[k]):  # a nested options table (``pairs = { min_pairs = 500 }``)
-            values[k] = build_config(hints[k], _table(section, k, f"{where}.{k}"), f"{where}.{k}")
+    out = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(hints[k]):  # a nested options table (``pairs = { pair_radius_m = 30 }``)
+            if not isinstance(v, dict):
+                raise ConfigError(f"[{where}.{k}] must be a table (a [{where}.{k}] header with key = value lines), got {v[0]!r}")
+            out[k] = _build(hints[k], v, f"{where}.{k}")
         else:
-            values[k] = _coerce(v, hints[k], f"[{where}] {k}")
+            out[k] = _coerce(v[0], hints[k], f"[{where}] {v[1]}")
     try:
-        return cls(**values)
+        return cls(**out)
     except ConfigError as exc:  # a value out of range: say which table of the TOML holds it
         raise ConfigError(f"[{where}] {exc}") from None
 
@@ -239,9 +330,9 @@ def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3
             # the demo world yields fewer viewpoint pairs than the default minimum of 2,000
             # CPU-sized: 2,000 steps at 3e-3 (the thesis's 1e-4 needs many epochs; at 2,000 steps its log_u ranked no better than random)
             "bayescap": {"store": w("train.zarr"), "out": w("bayescap"), "method": "bayescap-cycle", "steps": bayescap_steps, "lr": 3e-3,
-                         "pairs": {"min_pairs": min_pairs}},
-            "evaluate": {"predictions": [w("predictions.parquet")], "names": ["retrieval", "rfm"], "out": w("uncertainty.json"),
-                         "failure_km": 750.0, "plots_dir": w("plots")},
+                         "min_pairs": min_pairs},
+            "evaluate": {"predictions": [w("predictions.parquet")], "name": ["retrieval", "rfm"], "out": w("uncertainty.json"),
+                         "failure_km": 750.0, "plots": w("plots")},
         },
     }
     return parse_pipeline_config(doc)
