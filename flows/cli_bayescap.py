@@ -52,8 +52,11 @@ def bayescap_train_command(store, out, method, steps, batch_size, lr, val_every,
 
 def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int | None = None, **options) -> None:
     """Run the BayesCap stage with the ``options`` given (BayesCapStageConfig fields) and print
-    its outcome. The heads train on the CPU: ``device`` is checked, and a CUDA one said unused."""
+    its outcome. The heads train on the CPU: ``device`` is checked, and a CUDA one said unused.
+    Too few pairs under the skip policy trains nothing: a GeopipeError (exit status 1), never a
+    silent success without a checkpoint."""
     from geopipe.pipeline.core.device import resolve_device
+    from geopipe.pipeline.core.errors import GeopipeError
     from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
 
     if min_pairs is not None:
@@ -67,9 +70,10 @@ def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int
     p = res.pairs
     click.echo(f"pairs: {p['n_pairs']} ({p['kind']}; {p['n_train']} train, {p['n_val']} validation), "
                f"{p['pairable_fraction']:.1%} of {p['n_records']} records pairable")
-    if res.status != "trained":
-        click.echo(res.message)
-        return
+    if res.status != "trained":  # nothing to score with: a later `--bayescap OUT` would fail on a missing checkpoint
+        why = res.message.split("; not trained")[0]
+        raise GeopipeError(f"{why}; trained nothing and wrote nothing to {out} (--no-pairs-policy {cfg.no_pairs_policy}): "
+                           "lower --min-pairs, or pass --no-pairs-policy identity to train on identity pairs")
     last = res.history[-1] if res.history else (0, float("nan"), None)
     val = "-" if last[2] is None else f"{last[2]:.4f}"
     click.echo(f"trained {cfg.method} in {res.seconds:.1f} s, best step {res.best_step} (last train loss {last[1]:.4f}, "

@@ -28,6 +28,7 @@ import torch
 
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, save_checkpoint
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
 from geopipe.pipeline.retrieval.viewpoints import PairConfig, PairSet, class_pair_set, mine_pairs
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
@@ -158,6 +159,13 @@ def _refuse_generative_out(out: str) -> None:
                            "another directory")
 
 
+def _tick(bar: Progress, step: int, last) -> None:
+    """One training step done; the last logged losses as the bar's postfix."""
+    if last is not None and last[0] == step:
+        bar.set_postfix(loss=f"{last[1]:.4f}", **({} if last[2] is None else {"val": f"{last[2]:.4f}"}))
+    bar.update(1)
+
+
 def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     """Mine pairs, apply the no-pairs policy, train, save the checkpoint (see the module docstring)."""
     t0 = time.perf_counter()
@@ -185,7 +193,8 @@ def run_train_bayescap(cfg: BayesCapStageConfig) -> BayesCapStageResult:
     loss = GGDLossConfig(residual_form=cfg.residual_form, lambda1=cfg.lambda1, lambda2=cfg.lambda2)
     tcfg = BayesCapTrainConfig(method=cfg.method, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, val_every=cfg.val_every,
                        seed=cfg.seed, loss=loss)
-    log = train_bayescap(model, train_emb, train_pairs, val_pairs, tcfg)
+    with Progress(total=cfg.steps, desc=f"bayescap train ({cfg.method})", unit="step", enabled=cfg.progress) as bar:
+        log = train_bayescap(model, train_emb, train_pairs, val_pairs, tcfg, progress=lambda step, _, last: _tick(bar, step, last))
     config = {"kind": UNCERTAINTY, "method": cfg.method, "network": network_config(model), "embed_dim": int(emb.shape[1]),
               "backbone": store.attrs.get("backbone"), "step": int(log.best_step),
               "store": store.path, "store_fingerprint": store.attrs.get("fingerprint"),

@@ -137,7 +137,9 @@ def _adjacency(pairs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def train_bayescap(model: BayesCapMLP, embeddings: np.ndarray, train_pairs: np.ndarray, val_pairs: np.ndarray | None,
                    cfg: BayesCapTrainConfig, progress=None) -> TrainLog:
     """Train ``model`` in place on pairs (P, 2) of rows of ``embeddings`` (N, d); the weights of
-    the lowest validation loss (or the last, without validation pairs) are loaded at the end."""
+    the lowest validation loss (or the last, without validation pairs) are loaded at the end.
+    ``progress`` (optional) is called after every step with (step, steps, the last logged
+    (step, train loss, validation loss or None), or None before the first validation)."""
     if cfg.method not in BAYESCAP_METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {list(BAYESCAP_METHODS)}")
     torch.manual_seed(cfg.seed)
@@ -163,8 +165,8 @@ def train_bayescap(model: BayesCapMLP, embeddings: np.ndarray, train_pairs: np.n
             score = val if val is not None else history[-1][1]
             if score < best[0]:
                 best = (score, step, {k: v.clone() for k, v in model.state_dict().items()})
-            if progress is not None:
-                progress(step, cfg.steps, history[-1])
+        if progress is not None:
+            progress(step, cfg.steps, history[-1] if history else None)
     model.load_state_dict(best[2])
     model.eval()
     seconds = time.perf_counter() - t0
