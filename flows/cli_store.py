@@ -47,17 +47,19 @@ def store_verify_command(store):
 @click.argument("store")
 @user_errors
 def store_repair_command(store):
-    """Drop the damaged shards of STORE (found by `store verify`) so that running the same extract
-    or import again writes them anew. A store's shards are contiguous rows: every shard after the
-    first damaged one is dropped too."""
+    """Rebuild what STORE holds the makings of (rejects.parquet from its per-shard parts, the
+    consolidated metadata; temporary files of killed writes go) and drop its damaged shards (found by
+    `store verify`) so that running the same extract or import again writes them anew. A store's
+    shards are contiguous rows: every shard after the first damaged one is dropped too."""
     from geopipe.stages.store_tools import StoreRepairConfig, run_store_repair
 
     res = run_store_repair(StoreRepairConfig(store=store))
+    rebuilt = f"{'; '.join(res.rebuilt)}" if res.rebuilt else ""
     if not res.dropped:
-        click.echo(f"{store}: nothing to repair")
+        click.echo(f"{store}: {rebuilt or 'nothing to repair'}")
         return
-    click.echo(f"{store}: dropped {len(res.dropped)} shard(s) from {res.dropped[0]} on ({res.rows} rows kept); "
-               f"run the same extract/import again to write them anew")
+    click.echo(f"{store}: dropped {len(res.dropped)} shard(s) from {res.dropped[0]} on ({res.rows} rows kept)"
+               f"{'; ' + rebuilt if rebuilt else ''}; run the same extract/import again to write them anew")
 
 
 @click.command("import")

@@ -10,20 +10,36 @@ A store is a Zarr v3 group::
       coord        (2,)   string            dims (coord,): the labels "lat", "lon"
       keys         (N,)   string            dims (record,): WebDataset ``__key__``; unique within a store
       shard        (N,)   int32             dims (record,): index into ``attrs["shards"]`` order
-      meta/<name>  (N,)   string            dims (record,): extra json fields carried from the
-                                            shards; attribute ``encoding``: "string" (the
-                                            strings themselves) when the field's first values
-                                            were all strings, else "json" (JSON-encoded
-                                            scalars; stores from before it: always); "" absent
-      rejects/     a Zarr group holding Parquet files only (see :mod:`geopipe.schemas.rejects`):
+      meta/keys    (N,)   string            the keys again, so that ``meta`` has its ``keys`` coordinate
+                                            (stores written before it lack it; a store whose json
+                                            carried a field named "keys" keeps that field there)
+      meta/<name>  (N,)                     dims (record,): extra json fields carried from the
+                                            shards, stored by the array attribute ``encoding``
+                                            (:data:`META_ENCODINGS`), decided from the field's first values:
+                                            "string": string, the strings themselves ("" absent);
+                                            "number" / "integer": float64, the JSON numbers (NaN
+                                            absent; "integer" fields read back as JSON integers);
+                                            "json": string, JSON-encoded scalars ("" absent) — the
+                                            field's values are not all strings or all numbers;
+                                            stores from before the attribute: always "json"
+      meta/<name>~json (N,) string          only beside a "number"/"integer" field some of whose later
+                                            values are not numbers (listed in ``attrs["meta_text"]``):
+                                            their JSON text ("" on every other row)
+      rejects      () string                an array node holding no data (its value reads
+                                            "rejects.parquet"); its folder holds the Parquet files
+                                            (see :mod:`geopipe.schemas.rejects`), which Zarr never lists:
         part-<index>.parquet                rejects of the shard with that record index
-        rejects.parquet                     all rejects, consolidated when a writer closes
+        rejects.parquet                     all rejects, consolidated from the parts
 
 Every array carries ``dimension_names`` and CF-style attributes (:data:`ARRAY_ATTRS`:
 ``long_name``, ``units``; ``coordinates = "keys"`` so xarray shows the keys as a coordinate),
-so ``xarray.open_zarr(STORE)`` opens the store (``group="meta"`` for the meta fields). The
-rejects are inside a group of their own so that Zarr, listing the store's root, meets no
-foreign files. Stores written before these existed lack them and are read as before.
+and its chunks end in a crc32c checksum (codec ``crc32c``, after compression), so any Zarr
+reader refuses a damaged chunk. The root ``zarr.json`` holds consolidated metadata of every
+node, rewritten with each commit (:data:`CONSOLIDATED`), so ``xarray.open_zarr(STORE)`` opens the
+store (``group="meta"`` for the meta fields) with one read and no warning. Stores written
+before these existed lack them and are read as before (a writer or ``geopipe store repair``
+adds the consolidated metadata and turns a ``rejects`` group into the array node; rejects in a
+``rejects`` group, or ``rejects.parquet`` at the root, are older layouts).
 
 **Unlabelled records.** A record without a location (a sample whose json has neither
 coordinate, or no json; an imported row whose coordinates are both null or absent) is stored
@@ -66,6 +82,13 @@ __all__ = [
     "REJECTS_FILE",
     "LEGACY_REJECTS_FILE",
     "META_ENCODING_ATTR",
+    "META_ENCODINGS",
+    "META_KEYS",
+    "META_TEXT_SUFFIX",
+    "META_TEXT_ATTR",
+    "REJECTS_NODE_VALUE",
+    "CONSOLIDATED",
+    "MAX_ATTR_BYTES",
     "REQUIRED_ATTRS",
     "SHARD_RECORD_FIELDS",
     "SHARD_RECORD_OPTIONAL",
@@ -87,7 +110,20 @@ COORD_LABELS = ("lat", "lon")
 REJECTS_GROUP = "rejects"
 REJECTS_FILE = "rejects/rejects.parquet"
 LEGACY_REJECTS_FILE = "rejects.parquet"  # where stores written before the rejects group kept it
-META_ENCODING_ATTR = "encoding"  # of a meta/<name> array: "string" or "json" (absent: "json")
+META_ENCODING_ATTR = "encoding"  # of a meta/<name> array, one of META_ENCODINGS (absent: "json")
+#: Stored encodings of a meta field: strings, JSON texts, float64 numbers, float64 integers.
+META_ENCODINGS: tuple[str, ...] = ("string", "json", "number", "integer")
+META_KEYS = "keys"  # meta/keys: the keys coordinate of the meta group (not a field)
+META_TEXT_SUFFIX = "~json"  # meta/<name>~json: JSON text of a numeric field's values that are not numbers
+#: Optional group attribute: names of the numeric meta fields that have a ``meta/<name>~json`` array.
+META_TEXT_ATTR = "meta_text"
+REJECTS_NODE_VALUE = "rejects.parquet"  # what the rejects array node reads as (its fill value)
+#: The root zarr.json carries consolidated metadata (``consolidated_metadata``, zarr-python's
+#: inline kind) of every array and group, current after each commit.
+CONSOLIDATED = "consolidated_metadata"
+#: Most bytes (JSON) of the group attributes that do not grow with the store (all but ``shards``,
+#: ``chunk_digests``, ``rejects``, ``meta_fields``, ``meta_text``): settings and identities, not data.
+MAX_ATTR_BYTES = 1 << 20
 
 #: ``dimension_names`` of each array (what xarray names the axes).
 DIMENSIONS: dict[str, tuple[str, ...]] = {
@@ -174,6 +210,9 @@ def validate_store_attrs(attrs: dict) -> list[str]:
     if labelled is not None and (isinstance(labelled, bool) or not isinstance(labelled, int)
                                  or (isinstance(rows, int) and not 0 <= labelled <= rows)):
         problems.append(f"attribute {LABELLED_ATTR!r} must be an int in [0, rows], got {labelled!r}")
+    text = attrs.get(META_TEXT_ATTR)
+    if text is not None and (not isinstance(text, list) or not set(text) <= set(attrs.get("meta_fields") or [])):
+        problems.append(f"attribute {META_TEXT_ATTR!r} must list meta fields, got {text!r}")
     for url, rec in (attrs.get("shards") or {}).items():
         missing = [f for f in SHARD_RECORD_FIELDS if f not in rec]
         if missing:

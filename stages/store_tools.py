@@ -1,17 +1,32 @@
 """Store tools stage: ``geopipe store info``, ``geopipe store verify`` (:mod:`geopipe.pipeline.store.verify`) and
-``geopipe store repair`` (:mod:`geopipe.pipeline.store.repair`)."""
+``geopipe store repair``.
+
+Repair rebuilds what the store itself holds the makings of, and drops the damaged shards so that
+the next extract (or import) of the same sources writes them again. Rebuilt without dropping
+anything (a writer does it when it opens, :meth:`geopipe.pipeline.store.writer.StoreWriter.open`):
+``rejects.parquet`` from the per-shard parts, the consolidated metadata of the root ``zarr.json``,
+the ``rejects`` node of an older store; temporary files of killed writes are removed. Dropped: a
+store's shards are contiguous row ranges, so dropping shard *k* drops every later shard too
+(:meth:`~geopipe.pipeline.store.writer.StoreWriter.truncate`, one atomic commit). The damaged chunk
+files and rejects parts are deleted first: they lie wholly in the dropped rows (the first dropped
+shard is the one holding a damaged chunk's first row), and no decoder must meet them. A repair
+interrupted between the deletions and the commit leaves chunks missing from committed rows, which
+the next ``store verify`` / ``store repair`` finds again.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError
-from geopipe.pipeline.store.repair import RepairResult, repair_store
+from geopipe.pipeline.store.reader import EmbeddingStore, StoreError
 from geopipe.pipeline.store.verify import StoreInfo, check_store, store_info
+from geopipe.pipeline.store.writer import StoreWriter
 
 __all__ = ["StoreInfoConfig", "StoreInfoResult", "run_store_info", "StoreVerifyConfig", "StoreVerifyResult", "run_store_verify",
-           "StoreRepairConfig", "run_store_repair"]
+           "StoreRepairConfig", "RepairResult", "run_store_repair"]
 
 
 def _check_store(store) -> None:
@@ -64,6 +79,7 @@ class StoreVerifyResult:
     damaged_shards: tuple[int, ...] = ()
     rows: int = -1
     labelled: int = -1  # rows with a location (-1: not known)
+    rebuild: tuple[str, ...] = ()  # the problems `store repair` rebuilds without dropping anything
 
     @property
     def ok(self) -> bool:
@@ -75,9 +91,21 @@ class StoreVerifyResult:
         if self.ok:
             counts = f", {self.rows} rows ({self.labelled} labelled, {self.rows - self.labelled} unlabelled)" if self.labelled >= 0 else ""
             return "\n".join([f"{self.store}: OK{counts} ({self.seconds:.1f} s)"] + notes)
-        hint = [f"  repair: `geopipe store repair {self.store}` drops shard {min(self.damaged_shards)} and every later one; "
-                f"then run the same extract/import again to write them anew"] if self.damaged_shards else []
+        if self.damaged_shards:
+            hint = [f"  repair: `geopipe store repair {self.store}` drops shard {min(self.damaged_shards)} and every later one; "
+                    f"then run the same extract/import again to write them anew"]
+        elif self.rebuild and len(self.rebuild) == len(self.problems):
+            hint = [f"  repair: `geopipe store repair {self.store}` rebuilds {_rebuilt_things(self.rebuild)} from what the "
+                    f"store holds; nothing is dropped"]
+        else:
+            hint = []
         return "\n".join([f"{self.store}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems] + notes + hint)
+
+
+def _rebuilt_things(problems: tuple[str, ...]) -> str:
+    things = [name for name, word in (("rejects.parquet", "rejects.parquet"), ("the consolidated metadata", "consolidated metadata"))
+              if any(word in p for p in problems)]
+    return " and ".join(things) or "them"
 
 
 def run_store_verify(cfg: StoreVerifyConfig) -> StoreVerifyResult:
@@ -85,7 +113,7 @@ def run_store_verify(cfg: StoreVerifyConfig) -> StoreVerifyResult:
     t0 = time.perf_counter()
     check = check_store(cfg.store)
     return StoreVerifyResult(cfg.store, check.problems, time.perf_counter() - t0, check.notes, check.damaged_shards, check.rows,
-                             check.labelled)
+                             check.labelled, check.rebuild)
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,39 @@ class StoreRepairConfig:
         _check_store(self.store)
 
 
+@dataclass(frozen=True)
+class RepairResult:
+    """dropped: urls of the shards whose completion records were dropped (the next extract
+    redoes them), in record order; rows: committed rows left; problems: what verification found;
+    rebuilt: what was rebuilt or cleaned without dropping anything ("rejects.parquet rebuilt",
+    "consolidated metadata written", "temporary files removed (3)", ...)."""
+
+    store: str
+    dropped: tuple[str, ...]
+    rows: int
+    problems: tuple[str, ...]
+    rebuilt: tuple[str, ...] = ()
+
+
 def run_store_repair(cfg: StoreRepairConfig) -> RepairResult:
-    """Drop the damaged shards of a store so that the next extract/import writes them again
-    (:mod:`geopipe.pipeline.store.repair`); raises StoreError when that cannot repair it."""
-    return repair_store(cfg.store)
+    """Verify the store, rebuild what can be rebuilt and drop the shards from the first damaged one
+    on (see the module docstring). Raises StoreError when the store is not repairable this way (not
+    a store, broken records, or damage outside the record rows); returns with nothing dropped or
+    rebuilt when all is well."""
+    path = cfg.store
+    check = check_store(path)
+    unexplained = [p for p in check.problems if p not in check.rebuild]
+    if unexplained and not check.damaged_shards:
+        raise StoreError(f"{path}: {len(unexplained)} problem(s) that rebuilding or dropping shards does not repair (first: "
+                         f"{unexplained[0]}); extract into a new store")
+    if check.fixed_damage:
+        raise StoreError(f"{path}: an array without a record axis is damaged; extract into a new store")
+    for url in check.damaged_files:  # before any reader decodes them
+        fsio.remove(url)
+    attrs = EmbeddingStore(path).attrs
+    with StoreWriter.open(path, backbone=attrs["backbone"], embed_dim=attrs["embed_dim"], dtype=attrs["dtype"],
+                          normalize=attrs["normalized"]) as writer:
+        dropped = writer.truncate(min(check.damaged_shards)) if check.damaged_shards else []
+        rows = writer.rows
+        rebuilt = tuple(what if n == 1 else f"{what} ({n})" for what, n in writer.housekeeping.items())
+    return RepairResult(path, tuple(dropped), rows, check.problems, rebuilt)

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.store.format import meta_as_json
+from geopipe.schemas.store import META_TEXT_ATTR, META_TEXT_SUFFIX
 
 __all__ = ["ADMIN_AREAS", "is_missing_label", "admin_accuracy", "reverse_geocode_labels", "store_admin_labels"]
 
@@ -137,6 +139,9 @@ def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str
             raise GeopipeError(f"store {store!r} has no meta field {field!r} for {area} labels; available: {available}")
         arr = group["meta"][field]
         raw = np.asarray(arr[:rows]).tolist()
+        if arr.attrs.get("encoding") in ("number", "integer"):  # float64 numbers (schemas/store.py): their JSON texts
+            texts = group["meta"][field + META_TEXT_SUFFIX][:rows] if field in group.attrs.get(META_TEXT_ATTR, []) else None
+            raw = meta_as_json(np.asarray(raw), arr.attrs["encoding"], texts).tolist()
         if arr.attrs.get("encoding") == "string":  # the strings themselves (schemas/store.py)
             decoded = [str(v) if v != "" else None for v in raw]
         else:

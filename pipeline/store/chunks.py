@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
-from geopipe.schemas.store import CHUNK_DIGESTS_ATTR
+from geopipe.schemas.store import CHUNK_DIGESTS_ATTR, REJECTS_GROUP
 
 __all__ = ["CHUNK_DIGESTS_ATTR", "DIGEST_CHARS", "MISSING_CHUNK", "ChunkRef", "bytes_digest", "array_paths", "chunk_refs", "record_digests",
            "restore_last_chunks", "check_chunks", "decode_chunks_safely"]
@@ -56,11 +56,12 @@ def bytes_digest(data: bytes) -> str:
 
 
 def array_paths(group) -> list[str]:
-    """Paths of every array in a store group (``"embeddings"``, ..., ``"meta/<name>"``), sorted."""
+    """Paths of every array in a store group (``"embeddings"``, ..., ``"meta/<name>"``), sorted; not
+    the ``rejects`` node, which holds no data (its folder holds the Parquet files)."""
     with warnings.catch_warnings():  # Zarr warns about the Parquet files it meets in the store
         warnings.simplefilter("ignore")
         members = list(group.members(max_depth=None))
-    return sorted(name for name, node in members if hasattr(node, "chunks") and hasattr(node, "shape"))
+    return sorted(name for name, node in members if hasattr(node, "chunks") and hasattr(node, "shape") and name != REJECTS_GROUP)
 
 
 def chunk_refs(array, path: str, rows: int, start: int = 0, stop: int | None = None) -> list[ChunkRef]:
@@ -171,7 +172,7 @@ def check_chunks(store: str, group, attrs: dict, only: list[ChunkRef] | None = N
 _DECODER = r"""
 import sys, zarr
 store, todo = sys.argv[1], [line.split("\t") for line in sys.stdin.read().splitlines() if line]
-group = zarr.open_group(store, mode="r")
+group = zarr.open_group(store, mode="r", use_consolidated=False)
 for path, start, stop in todo:
     print("start", flush=True)
     try:

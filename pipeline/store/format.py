@@ -7,17 +7,19 @@ Pure functions shared by the writer (:mod:`geopipe.pipeline.store.writer`) and t
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["DTYPES", "ShardStat", "prepare_embeddings", "usable_embeddings", "shard_digest", "chain_fingerprint", "meta_encoding", "encode_meta",
-           "meta_as_json", "nonfinite_records", "labelled_rows", "unlabelled_rows", "count_labelled"]
+           "encode_meta_block", "meta_as_json", "nonfinite_records", "labelled_rows", "unlabelled_rows", "count_labelled"]
 
 #: Stored embedding dtypes.
 DTYPES = ("float16", "float32")
 _F16_MAX = float(np.finfo(np.float16).max)
+_INT_EXACT = 2**53  # integers a float64 holds exactly
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,37 @@ def shard_digest(keys: Sequence[str], embeddings: np.ndarray, latlon: np.ndarray
 
 
 def meta_encoding(values: Sequence[str]) -> str:
-    """How a new ``meta/<field>`` array stores its (n,) JSON texts ("" = absent): "string" (the
-    decoded strings, readable as they are by xarray or zarr) when every present value is a JSON
-    string, else "json" (the JSON texts themselves)."""
+    """How a new ``meta/<field>`` array stores its (n,) JSON texts ("" = absent), one of
+    ``schemas.store.META_ENCODINGS``: "string" (the decoded strings) when every present value is a
+    JSON string; "integer" when every one is a JSON integer, "number" when every one is a finite
+    JSON number (float64, exact for integers up to 2**53; bools are not numbers); else "json"
+    (the JSON texts themselves). A field without present values is "json"."""
     import json
 
     present = [v for v in values if v not in ("", "null")]
+    if not present:
+        return "json"
+    if all(_plain_json_string(v) for v in present):
+        return "string"
     try:
-        return "string" if present and all(_plain_json_string(v) or isinstance(json.loads(v), str) for v in present) else "json"
+        decoded = [json.loads(v) for v in present]
     except ValueError:
         return "json"
+    if all(isinstance(v, str) for v in decoded):
+        return "string"
+    if all(_number(v) is not None for v in decoded):
+        return "integer" if all(isinstance(v, int) for v in decoded) else "number"
+    return "json"
+
+
+def _number(v) -> float | None:
+    """The float64 that holds JSON value ``v`` exactly, or None (not a number, bool, non-finite, or
+    an integer beyond 2**53)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, int):
+        return float(v) if abs(v) <= _INT_EXACT else None
+    return v if math.isfinite(v) else None
 
 
 def _plain_json_string(v: str) -> bool:
@@ -100,13 +123,39 @@ def _plain_json_string(v: str) -> bool:
 
 
 def encode_meta(values: Sequence[str], encoding: str) -> np.ndarray:
-    """(n,) JSON texts → the (n,) object array stored in a meta array of ``encoding``. In a
-    "string" array null is absent ("") and a later non-string value keeps its JSON text (``3`` →
-    ``"3"``: its type is lost, its text kept)."""
-    if encoding != "string":
-        return np.asarray(list(values), dtype=object)
+    """(n,) JSON texts → the (n,) array stored in a meta array of ``encoding`` (see
+    :func:`encode_meta_block`, whose texts of values a numeric array cannot hold this drops)."""
+    return encode_meta_block(values, encoding)[0]
+
+
+def encode_meta_block(values: Sequence[str], encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n,) JSON texts → ((n,) stored values, (n,) texts for ``meta/<field>~json`` or None).
+
+    "json": the texts as given. "string": the strings; null is absent (""), and a later
+    non-string value keeps its JSON text (``3`` → ``"3"``: its type is lost, its text kept).
+    "number"/"integer": float64, NaN for absent or null; a value that is not a number (a string,
+    a bool, NaN, an integer beyond 2**53) is NaN here and its JSON text goes to the second array
+    ("" on the other rows), which is None when every value fits.
+    """
     import json
 
+    if encoding in ("number", "integer"):
+        out, texts = np.full(len(values), np.nan), None
+        for i, v in enumerate(values):
+            if v in ("", "null"):
+                continue
+            try:
+                x = _number(json.loads(v))
+            except ValueError:
+                x = None
+            if x is None:
+                texts = np.full(len(values), "", dtype=object) if texts is None else texts
+                texts[i] = v
+            else:
+                out[i] = x
+        return out, texts
+    if encoding != "string":
+        return np.asarray(list(values), dtype=object), None
     out = []
     for v in values:
         if _plain_json_string(v):
@@ -114,11 +163,20 @@ def encode_meta(values: Sequence[str], encoding: str) -> np.ndarray:
             continue
         decoded = json.loads(v) if v not in ("", "null") else ""
         out.append(decoded if isinstance(decoded, str) else v)
-    return np.asarray(out, dtype=object)
+    return np.asarray(out, dtype=object), None
 
 
-def meta_as_json(stored: np.ndarray, encoding: str) -> np.ndarray:
-    """Stored meta values → JSON texts ("" = absent), the form :mod:`geopipe.pipeline.store.reader` returns."""
+def meta_as_json(stored: np.ndarray, encoding: str, texts: np.ndarray | None = None) -> np.ndarray:
+    """Stored meta values → JSON texts ("" = absent), the form :mod:`geopipe.pipeline.store.reader`
+    returns. ``texts``: the rows of a numeric field's ``~json`` array (non-empty ones win)."""
+    if encoding in ("number", "integer"):
+        integer = encoding == "integer"
+        out = np.asarray(["" if x != x else (str(int(x)) if integer and x.is_integer() else repr(x))
+                          for x in np.asarray(stored, dtype=np.float64).tolist()], dtype=object)
+        if texts is not None:
+            texts = np.asarray(texts, dtype=object)
+            out = np.where(texts != "", texts, out).astype(object)
+        return out
     if encoding != "string":
         return stored
     import json

@@ -29,14 +29,17 @@ from geopipe.schemas.store import (
     LABELLED_ATTR,
     META_ENCODING_ATTR,
     META_GROUP,
+    META_TEXT_ATTR,
+    META_TEXT_SUFFIX,
     STORE_SCHEMA,
     validate_store_attrs,
 )
 
 __all__ = ["META_NAME", "REJECTS_PARTS_DIR", "StoreError", "StoreData", "EmbeddingStore", "open_store", "read_store", "rejects_part_path"]
 
-#: Valid names of ``meta/<name>`` arrays; json fields with other names are not carried by default.
-META_NAME = re.compile(r"^(?!__)[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+#: Valid names of ``meta/<name>`` arrays (at most 200 characters; "keys" is the meta group's
+#: coordinate); json fields with other names are not carried by default.
+META_NAME = re.compile(r"^(?!__)(?!keys$)[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 #: Per-shard rejects parts (``part-<shard index>.parquet``), the source of ``rejects.parquet``.
 REJECTS_PARTS_DIR = "rejects"
 
@@ -92,13 +95,19 @@ class _Rows:
 
 
 class _JsonRows(_Rows):
-    """A "string"-encoded meta array read back as JSON texts ("" stays "")."""
+    """A "string", "number" or "integer" meta array read back as JSON texts ("" = absent); a numeric
+    field's ``~json`` array (``texts``, a view of the same rows) supplies the values that are not numbers."""
+
+    def __init__(self, view: _Rows, encoding: str, texts: _Rows | None = None):
+        super().__init__(view._array, view._rows, view._guard)
+        self.dtype, self._encoding, self._texts = np.dtype(object), encoding, texts
 
     def __getitem__(self, item) -> np.ndarray:
         out = super().__getitem__(item)
+        texts = None if self._texts is None else self._texts[item]
         if out.ndim == 0:
-            return meta_as_json(out.reshape(1), "string").reshape(())
-        return meta_as_json(out, "string")
+            return meta_as_json(out.reshape(1), self._encoding, None if texts is None else texts.reshape(1)).reshape(())
+        return meta_as_json(out, self._encoding, texts)
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,7 @@ class EmbeddingStore:
         if not fsio.isfile(fsio.join(self.path, "zarr.json")):
             raise StoreError(f"not a geopipe embedding store: {self.path} (no zarr.json; run `geopipe extract` first)")
         try:
-            self._group = zarr.open_group(self.path, mode="r")
+            self._group = zarr.open_group(self.path, mode="r", use_consolidated=False)  # the arrays as they are
         except Exception as exc:
             raise StoreError(f"cannot open embedding store {self.path}: {exc}") from None
         self.attrs: dict = dict(self._group.attrs)
@@ -213,12 +222,16 @@ class EmbeddingStore:
     @property
     def meta(self) -> dict[str, _Rows]:
         """Extra json fields: name → (N,) view of JSON-encoded strings ("" when absent), whatever
-        the array's stored encoding (schemas/store.py: "string" arrays are encoded on read)."""
+        the array's stored encoding (schemas/store.py: "string", "number" and "integer" arrays are
+        encoded on read; a number reads as its shortest float text, ``44.45``, an integer field's
+        whole numbers as integers)."""
         out = {}
+        text_fields = set(self.attrs.get(META_TEXT_ATTR, []))
         for name in self.attrs["meta_fields"]:
             view = self._array(f"{META_GROUP}/{name}")
-            string = view._array.attrs.get(META_ENCODING_ATTR, "json") == "string"
-            out[name] = _JsonRows(view._array, view._rows, view._guard) if string else view
+            encoding = view._array.attrs.get(META_ENCODING_ATTR, "json")
+            texts = self._array(f"{META_GROUP}/{name}{META_TEXT_SUFFIX}") if name in text_fields else None
+            out[name] = view if encoding == "json" else _JsonRows(view, encoding, texts)
         return out
 
     def __len__(self) -> int:
@@ -235,6 +248,7 @@ class EmbeddingStore:
         d, rows = self.attrs.get("embed_dim"), self.rows
         names = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD]
         names += [f"{META_GROUP}/{m}" for m in self.attrs.get("meta_fields", [])]
+        names += [f"{META_GROUP}/{m}{META_TEXT_SUFFIX}" for m in self.attrs.get(META_TEXT_ATTR, [])]
         for name in names:
             try:
                 arr = self._group[name]

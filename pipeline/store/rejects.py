@@ -17,7 +17,15 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.rejects import REJECT_REASONS, REJECTS_SCHEMA
 
-__all__ = ["Reject", "rejects_table", "write_rejects", "read_rejects", "count_reasons"]
+__all__ = ["Reject", "RejectsReadError", "rejects_table", "write_rejects", "read_rejects", "count_reasons"]
+
+
+class RejectsReadError(GeopipeError):
+    """A rejects Parquet file that cannot be read; ``path`` names it, ``reason`` is what the reader said."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"rejects file {path} cannot be read ({reason}); check the store with `geopipe store verify`")
+        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,8 @@ def read_rejects(path: str) -> pa.Table:
     try:
         return pq.read_table(io.BytesIO(fsio.read_bytes(path)), schema=REJECTS_SCHEMA)
     except (pa.ArrowException, OSError) as exc:  # a damaged file: one line naming it, not a pyarrow traceback
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GeopipeError(f"rejects file {path} cannot be read ({text}); check the store with `geopipe store verify`") from None
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RejectsReadError(path, f"{type(exc).__name__}: {text}" if text else type(exc).__name__) from None
 
 
 def count_reasons(rejects: Iterable[Reject] | pa.Table) -> dict[str, int]:

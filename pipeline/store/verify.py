@@ -6,8 +6,11 @@ shape and dtype; completion records contiguous over [0, rows) with the ``shard``
 to their index; finite embeddings, of unit norm when normalised (|‖e‖ − 1| ≤ 2e-3 for
 float16, 1e-4 for float32); latitudes in [−90, 90] and longitudes in [−180, 180) degrees, or
 (NaN, NaN) for an unlabelled record (one NaN or an infinity is damage); the ``labelled`` counts
-of the records and the store against the rows with a location; non-empty unique keys; each shard's digest and the chained store fingerprint; rejects parts
-matching the records' counts and ``attrs["rejects"]``, and ``rejects.parquet`` consolidated.
+of the records and the store against the rows with a location; non-empty unique keys (and
+``meta/keys`` equal to them); each shard's digest and the chained store fingerprint; rejects parts
+matching the records' counts and ``attrs["rejects"]``, ``rejects.parquet`` consolidated from them,
+and the consolidated metadata of the root ``zarr.json`` describing the arrays. The last two are
+rebuilt by ``geopipe store repair`` (:attr:`StoreCheck.rebuild`) without dropping anything.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import numpy as np
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.store.chunks import MISSING_CHUNK, bytes_digest, check_chunks, chunk_refs, decode_chunks_safely
 from geopipe.pipeline.store.format import chain_fingerprint, labelled_rows, shard_digest, unlabelled_rows
+from geopipe.pipeline.store.hierarchy import consolidated_status, stale_temporaries
+from geopipe.pipeline.store.layout import has_keys_coordinate
 from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
-from geopipe.pipeline.store.rejects import count_reasons, read_rejects
-from geopipe.schemas.store import LABELLED_ATTR, LEGACY_REJECTS_FILE, REJECTS_FILE
+from geopipe.pipeline.store.rejects import RejectsReadError, count_reasons, read_rejects
+from geopipe.schemas.store import LABELLED_ATTR, LEGACY_REJECTS_FILE, META_GROUP, META_KEYS, REJECTS_FILE
 
 __all__ = ["NORM_TOLERANCE", "StoreInfo", "store_info", "StoreCheck", "check_store", "verify_store"]
 
@@ -114,9 +119,10 @@ def _check_rows(s: EmbeddingStore, start: int, stop: int, where: str) -> tuple[l
 
 
 def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> list[str]:
-    """Per-record checks (rows, shard index, digest) plus keys unique and the fingerprint chain;
-    shards whose record index is in ``unreadable`` (a chunk of theirs cannot be decoded) are skipped."""
+    """Per-record checks (rows, shard index, digest, meta keys) plus keys unique and the fingerprint
+    chain; shards whose record index is in ``unreadable`` (a chunk of theirs cannot be decoded) are skipped."""
     problems, seen, dups, digests, labelled = [], set(), [], [], 0
+    meta_keys = s._array(f"{META_GROUP}/{META_KEYS}") if has_keys_coordinate(s._group, s.attrs) else None
     records = sorted(s.attrs["shards"].items(), key=lambda kv: kv[1]["index"])
     for url, rec in records:
         start, stop, where = rec["start"], rec["stop"], f"shard {rec['index']} ({url})"
@@ -136,6 +142,8 @@ def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> lis
             problems.append(f"{where}: the shard array is not {rec['index']} on rows [{start}, {stop})")
         if rec.get("digest") and shard_digest(keys.tolist(), emb, ll) != rec["digest"]:
             problems.append(f"{where}: rows differ from the digest recorded when it was written")
+        if meta_keys is not None and (meta_keys[start:stop] != keys).any():
+            problems.append(f"{where}: meta/keys differs from keys on rows [{start}, {stop})")
         for k in keys.tolist():
             (dups.append(k) if k in seen else seen.add(k))
     if dups:
@@ -147,9 +155,14 @@ def _check_shards(s: EmbeddingStore, unreadable: frozenset = frozenset()) -> lis
     return problems
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's text, at most ``limit`` characters, cut between words ("…")."""
+    text = exc.reason if isinstance(exc, RejectsReadError) else str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return (cut if len(cut) > limit // 2 else line[:limit]) + " …"
 
 
 def _part_damage(part: str, rec: dict) -> str:
@@ -160,8 +173,12 @@ def _part_damage(part: str, rec: dict) -> str:
     try:
         read_rejects(part)
     except Exception as exc:  # pyarrow raises several types for damaged Parquet
-        return f"cannot be read ({type(exc).__name__}: {_first_line(exc)})"
+        return f"cannot be read ({_reason(exc)})"
     return ""
+
+
+def _reason(exc: BaseException) -> str:
+    return _first_line(exc) if isinstance(exc, RejectsReadError) else f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _check_rejects(s: EmbeddingStore, damaged_parts: list | None = None) -> list[str]:
@@ -188,17 +205,21 @@ def _check_rejects(s: EmbeddingStore, damaged_parts: list | None = None) -> list
     if not damaged_parts and dict(total) != dict(s.attrs["rejects"]):
         problems.append(f"attrs rejects {s.attrs['rejects']} differ from the rejects parts {dict(total)}")
     whole = pa.concat_tables(parts) if parts and not damaged_parts else None
-    name = REJECTS_FILE if fsio.exists(fsio.join(s.path, REJECTS_FILE)) else LEGACY_REJECTS_FILE  # stores from before the rejects group
+    legacy = not fsio.exists(fsio.join(s.path, REJECTS_FILE)) and fsio.exists(fsio.join(s.path, LEGACY_REJECTS_FILE))
+    name = LEGACY_REJECTS_FILE if legacy else REJECTS_FILE  # stores from before the rejects folder kept it at the root
     try:
         consolidated = read_rejects(fsio.join(s.path, name))
     except Exception as exc:  # pyarrow raises several types for damaged Parquet
-        problems.append(f"{name} cannot be read ({type(exc).__name__}: {_first_line(exc)}); run extract/import again "
-                        f"(it rebuilds {name} from the parts)")
+        problems.append(f"{name} cannot be read ({_reason(exc)}); {_REBUILD}")
         return problems
     if whole is not None and not consolidated.equals(whole):
-        problems.append(f"{name} is stale ({consolidated.num_rows} rows, parts hold {whole.num_rows}); "
-                        f"an interrupted run: run extract/import again to finish and consolidate it")
+        missing = "is missing" if not fsio.exists(fsio.join(s.path, name)) else "is stale"
+        problems.append(f"{name} {missing} ({consolidated.num_rows} rows, parts hold {whole.num_rows}); {_REBUILD}")
     return problems
+
+
+#: What verify says of a consolidated rejects file that does not match its parts.
+_REBUILD = "`geopipe store repair` rebuilds it from the parts"
 
 
 @dataclass(frozen=True)
@@ -206,7 +227,10 @@ class StoreCheck:
     """What :func:`check_store` found.
 
     problems: one line each (empty = valid); notes: lines that are not problems (arrays that
-    older stores do not cover with chunk digests); rows, labelled: the store's committed rows and
+    older stores do not cover with chunk digests, no consolidated metadata, temporary files of
+    killed writes); rebuild: the problems a writer rebuilds from what the store holds
+    (``rejects.parquet``, consolidated metadata: ``geopipe store repair``, nothing dropped);
+    rows, labelled: the store's committed rows and
     those with a location (-1 when it cannot be opened); damaged_shards: record indices of shards
     whose chunks or rejects part are damaged (re-extracting them repairs the store);
     damaged_files: those chunk files and parts; fixed_damage: damage that re-extraction cannot
@@ -220,6 +244,7 @@ class StoreCheck:
     fixed_damage: bool = False
     rows: int = -1
     labelled: int = -1
+    rebuild: tuple[str, ...] = ()
 
 
 def _shards_of(records: list[dict], start: int, stop: int) -> list[int]:
@@ -273,8 +298,26 @@ def check_store(path: str) -> StoreCheck:
     files += [rejects_part_path(s.path, i) for i in damaged_parts]
     damaged = shards_hit | set(damaged_parts)
     labelled = s.labelled if LABELLED_ATTR in s.attrs or not unreadable else -1  # older stores: counted from latlon
-    return StoreCheck(tuple(rows + rejects + chunk_problems), tuple(notes), tuple(sorted(damaged)), tuple(files), fixed,
-                      s.rows, labelled)
+    hierarchy = _check_hierarchy(s, notes)
+    rebuild = [p for p in rejects if p.endswith(_REBUILD)] + hierarchy
+    return StoreCheck(tuple(rows + rejects + chunk_problems + hierarchy), tuple(notes), tuple(sorted(damaged)), tuple(files),
+                      fixed, s.rows, labelled, tuple(rebuild))
+
+
+def _check_hierarchy(s: EmbeddingStore, notes: list[str]) -> list[str]:
+    """Problems of the consolidated metadata (each ending in the repair advice); notes on its absence
+    and on temporary files that killed writes left."""
+    status, problems = consolidated_status(s.path, s._group, s.rows)
+    if status == "absent":
+        notes.append("no consolidated metadata (a store written before geopipe kept it): xarray warns when opening it; "
+                     "`geopipe store repair` (or the next extract/import) adds it")
+    leftovers = stale_temporaries(s.path)
+    if leftovers:
+        notes.append(f"{len(leftovers)} temporary file(s) of killed writes (first: {leftovers[0]}); the next extract, "
+                     f"import or `geopipe store repair` removes them")
+    return [f"{p}; `geopipe store repair` rewrites it" for p in problems[:_SHOWN]] + (
+        [f"consolidated metadata: {len(problems) - _SHOWN} more differences; `geopipe store repair` rewrites it"]
+        if len(problems) > _SHOWN else [])
 
 
 def verify_store(path: str) -> list[str]:

@@ -6,12 +6,15 @@ Commit protocol of :meth:`StoreWriter.append_shard` (one shard's rows ``[start, 
    ``attrs["rows"]``) and write rows ``[start, stop)`` of every array, meta included;
 2. write the shard's rejects part ``rejects/part-<index>.parquet`` (atomic rename);
 3. update the group attributes — ``rows``, the shard's completion record, reject counts,
-   ``labelled``, ``meta_fields``, ``fingerprint`` — in one atomic write of ``zarr.json``. This is the commit.
+   ``labelled``, ``meta_fields``, ``fingerprint``, chunk digests — and the consolidated metadata of
+   every node in one atomic write of ``zarr.json``. This is the commit.
 
 A crash before 3 leaves only data past ``attrs["rows"]`` and parts past the last record, which
 the next writer overwrites or deletes, so a resumed extract ends with the same store as an
 uninterrupted one. ``rejects.parquet`` is consolidated from the parts when a writer opens and
 closes; :meth:`geopipe.pipeline.store.reader.EmbeddingStore.rejects` reads the parts directly.
+Opening a writer also removes the temporary files killed writes left (older than its lock) and
+brings an older store's ``rejects`` node and consolidated metadata up to date.
 
 :meth:`StoreWriter.truncate` drops the last shards (re-extraction of changed shards) with the
 same single atomic commit. Stores may live behind fsspec urls (:mod:`geopipe.pipeline.core.fsio`); the
@@ -35,25 +38,32 @@ from geopipe.pipeline.store.format import (
     ShardStat,
     chain_fingerprint,
     count_labelled,
-    encode_meta,
     labelled_rows,
-    meta_encoding,
     prepare_embeddings,
     shard_digest,
-    usable_embeddings,
+)
+from geopipe.pipeline.store.hierarchy import (
+    check_attrs_size,
+    consolidated_status,
+    ensure_rejects_node,
+    open_group,
+    remove_stale_temporaries,
+    write_root,
 )
 from geopipe.pipeline.store.layout import (
+    MetaBlocks,
     StoreMismatchError,
     check_compatible,
+    check_shard,
     consolidate_rejects,
-    create_meta_array,
-    create_rejects_group,
     create_store,
     drop_rejects_parts,
+    has_keys_coordinate,
     is_fresh_dir,
     lock_store,
+    meta_array_paths,
 )
-from geopipe.pipeline.store.reader import META_NAME, EmbeddingStore, StoreError, rejects_part_path
+from geopipe.pipeline.store.reader import EmbeddingStore, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import Reject, count_reasons, read_rejects, write_rejects
 from geopipe.schemas.store import (
     ARRAY_EMBEDDINGS,
@@ -62,9 +72,9 @@ from geopipe.schemas.store import (
     ARRAY_SHARD,
     LABELLED_ATTR,
     LEGACY_REJECTS_FILE,
-    META_ENCODING_ATTR,
+    MAX_ATTR_BYTES,
     META_GROUP,
-    REJECTS_GROUP,
+    META_TEXT_ATTR,
 )
 
 __all__ = ["StoreMismatchError", "StoreWriter", "prepare_embeddings", "shard_digest", "chain_fingerprint", "DTYPES"]
@@ -76,26 +86,30 @@ _BLOCK_CHUNKS = 2
 class StoreWriter:
     """Single writer of one store (holds ``STORE/.lock``); create with :meth:`open`, then ``append_shard``, ``close``."""
 
-    def __init__(self, path: str, group, lock: DirLock | NullLock):
-        self.path, self._group, self._lock = path, group, lock
+    def __init__(self, path: str, group, lock: DirLock | NullLock, max_attr_bytes: int = MAX_ATTR_BYTES):
+        self.path, self._group, self._lock, self.max_attr_bytes = path, group, lock, max_attr_bytes
         self.attrs: dict = dict(group.attrs)
         self._keys_seen: set[str] | None = None  # read on first use (a repair truncates before reading keys)
+        self._meta_keys = has_keys_coordinate(group, self.attrs)
+        #: What opening found and fixed: temporary files removed, rejects.parquet rebuilt, rejects node and
+        #: consolidated metadata written (names of the repairs; see :meth:`_repair`).
+        self.housekeeping: dict[str, int] = {}
 
     lock = staticmethod(lock_store)
 
     @classmethod
     def open(cls, path: str, *, backbone: dict, embed_dim: int, dtype: str = "float16", normalize: bool = True,
              created_by: dict | None = None, chunk_rows: int = 4096,
-             lock: DirLock | NullLock | None = None) -> StoreWriter:
+             lock: DirLock | NullLock | None = None, max_attr_bytes: int = MAX_ATTR_BYTES) -> StoreWriter:
         """Create ``path`` or open it for appending.
 
         backbone: the backbone identity dict (``Backbone.identity``); created_by: provenance
         and config recorded at creation; lock: a held :meth:`lock` of ``path`` to take over
-        (taken here otherwise; released by :meth:`close`). Raises :class:`StoreMismatchError`
-        when the existing store's backbone identity, dtype or normalisation differ.
+        (taken here otherwise; released by :meth:`close`); max_attr_bytes: bound on the group
+        attributes that do not grow with the store (:func:`~geopipe.pipeline.store.hierarchy.check_attrs_size`).
+        Raises :class:`StoreMismatchError` when the existing store's backbone identity, dtype or
+        normalisation differ.
         """
-        import zarr
-
         if dtype not in DTYPES:
             raise ConfigError(f"unknown embedding dtype {dtype!r}; choose one of {list(DTYPES)}")
         path = fsio.normalize(path)
@@ -103,13 +117,13 @@ class StoreWriter:
         try:
             if fsio.isfile(fsio.join(path, "zarr.json")):
                 EmbeddingStore(path)  # raises StoreError if not a valid store
-                group = zarr.open_group(path, mode="r+")
+                group = open_group(path, mode="r+")
                 check_compatible(path, dict(group.attrs), backbone, dtype, normalize)
             elif is_fresh_dir(path):
-                group = create_store(path, backbone, embed_dim, dtype, normalize, created_by or {}, chunk_rows)
+                group = create_store(path, backbone, embed_dim, dtype, normalize, created_by or {}, chunk_rows, max_attr_bytes)
             else:
                 raise StoreError(f"{path} exists, is not empty and is not a geopipe store; choose a new store path")
-            writer = cls(path, group, lock)
+            writer = cls(path, group, lock, max_attr_bytes)
             writer._repair()
         except BaseException:
             lock.release()
@@ -139,18 +153,34 @@ class StoreWriter:
         return self.attrs["shards"]
 
     def _repair(self) -> None:
-        """Drop what an interrupted run left uncommitted, and rebuild rejects.parquet."""
+        """Drop what an interrupted run left uncommitted (arrays, rows, rejects parts, temporary files),
+        rebuild rejects.parquet, and bring the rejects node and consolidated metadata up to date."""
         meta = self._group.require_group(META_GROUP)
+        keep = set(meta_array_paths(self.attrs, self._meta_keys))
         for name in list(meta.array_keys()):
-            if name not in self.attrs["meta_fields"]:
+            if f"{META_GROUP}/{name}" not in keep:
                 del meta[name]
         self._restore_last_chunks()
         self._trim()
         drop_rejects_parts(self.path, len(self.shards))
-        if not fsio.isfile(fsio.join(self.path, REJECTS_GROUP, "zarr.json")):  # a store from before the rejects group
-            create_rejects_group(self.path)
+        lock = self._lock.path if isinstance(self._lock, DirLock) and self._lock.held else None
+        self._note("temporary files removed", remove_stale_temporaries(self.path, lock))
+        self._note("rejects node written", ensure_rejects_node(self.path))
+        if fsio.exists(fsio.join(self.path, LEGACY_REJECTS_FILE)):  # a store from before the rejects folder
             fsio.remove(fsio.join(self.path, LEGACY_REJECTS_FILE))
-        consolidate_rejects(self.path, len(self.shards))
+        self._note("rejects.parquet rebuilt from its parts", consolidate_rejects(self.path, len(self.shards)))
+        self._note("consolidated metadata written", self._consolidate())
+
+    def _note(self, what: str, count: int | bool) -> None:
+        if count:
+            self.housekeeping[what] = int(count)
+
+    def _consolidate(self) -> bool:
+        """Rewrite the root zarr.json (same attributes) when its consolidated metadata is not current."""
+        if consolidated_status(self.path, self._group, self.rows)[0] == "current":
+            return False
+        self._commit({})
+        return True
 
     def _restore_last_chunks(self) -> None:
         """Rewrite the chunks an interrupted append left past the committed rows
@@ -164,7 +194,7 @@ class StoreWriter:
     def _trim(self) -> None:
         """Cut every array to the committed rows (the store's rows rule): rows an interrupted or
         truncating run left past ``attrs["rows"]`` go."""
-        names = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + [f"{META_GROUP}/{m}" for m in self.attrs["meta_fields"]]
+        names = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + meta_array_paths(self.attrs, self._meta_keys)
         for name in names:
             arr = self._group[name]
             if arr.shape[0] > self.rows:
@@ -189,22 +219,17 @@ class StoreWriter:
         ll = np.asarray(latlon, dtype=np.float64)
         if n == 0:  # a shard whose samples were all rejected
             raw, ll = np.asarray(raw[0:0]).reshape(0, self.attrs["embed_dim"]), ll.reshape(0, 2)
-        self._check_shard(url, raw, ll, keys, meta)
+        check_attrs_size(self.path, {"shards": {url: None}}, self.max_attr_bytes)  # before anything is written
+        check_shard(self.path, url, raw, ll, keys, meta, self.attrs, self.keys_seen, list(self._blocks(self.rows, len(keys))))
         lat, lon = wrap_latlon(ll[:, 0], ll[:, 1])
         coords = np.stack([lat, lon], axis=1)
         labelled = labelled_rows(coords)
         coords[~labelled] = np.nan  # unlabelled rows: (NaN, NaN) with one bit pattern, so digests are reproducible
         start, index = self.rows, len(self.shards)
-        fields = list(self.attrs["meta_fields"]) + [m for m in meta if m not in self.attrs["meta_fields"]]
-        for name in fields:
-            if name not in self.attrs["meta_fields"]:  # new field: "" for every earlier row
-                encoding = (meta_encodings or {}).get(name) or meta_encoding(meta[name])
-                create_meta_array(self.path, name, start, self._chunk_rows(), encoding)
-        arrays = [ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD] + [f"{META_GROUP}/{name}" for name in fields]
-        arrs = {name: self._group[name] for name in arrays}
-        encodings = {name: arrs[f"{META_GROUP}/{name}"].attrs.get(META_ENCODING_ATTR, "json") for name in fields}
+        metas = MetaBlocks(self.path, self._group, self.attrs, meta, start, n, self._chunk_rows(), meta_encodings, self._meta_keys)
+        arrs = {name: self._group[name] for name in (ARRAY_EMBEDDINGS, ARRAY_LATLON, ARRAY_KEYS, ARRAY_SHARD)}
         digest = hashlib.sha256("\n".join(keys).encode())
-        for arr in arrs.values():
+        for arr in [*arrs.values(), *metas.arrays.values()]:
             if arr.shape[0] != start + n:
                 arr.resize((start + n, *arr.shape[1:]))
         for a, b in self._blocks(start, n):  # every array a block of rows at a time: memory holds a block, not the shard
@@ -212,11 +237,10 @@ class StoreWriter:
             arrs[ARRAY_EMBEDDINGS][start + a:start + b] = emb
             digest.update(np.ascontiguousarray(emb).tobytes())
             arrs[ARRAY_LATLON][start + a:start + b] = coords[a:b]
-            arrs[ARRAY_KEYS][start + a:start + b] = np.asarray(keys[a:b], dtype=object)
+            block_keys = np.asarray(keys[a:b], dtype=object)
+            arrs[ARRAY_KEYS][start + a:start + b] = block_keys
             arrs[ARRAY_SHARD][start + a:start + b] = np.full(b - a, index, dtype=np.int32)
-            for name in fields:
-                values = meta[name][a:b] if name in meta else [""] * (b - a)
-                arrs[f"{META_GROUP}/{name}"][start + a:start + b] = encode_meta(values, encodings[name])
+            metas.write(a, b, meta, block_keys)
         part = rejects_part_path(self.path, index)
         if rejects:
             write_rejects(part, rejects)
@@ -229,9 +253,11 @@ class StoreWriter:
         counts = dict(self.attrs["rejects"])
         for reason, c in count_reasons(rejects).items():
             counts[reason] = counts.get(reason, 0) + c
-        update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": fields,
+        update = {"rows": start + n, "shards": {**self.shards, url: record}, "rejects": counts, "meta_fields": metas.fields,
                   "fingerprint": chain_fingerprint(self.attrs.get("fingerprint", ""), [digest]),
                   LABELLED_ATTR: self._labelled(start) + record["labelled"]}
+        if metas.text_fields:
+            update[META_TEXT_ATTR] = metas.text_fields
         if rejects:
             record["rejects_digest"] = bytes_digest(fsio.read_bytes(part))
         self._record_chunk_digests(update, start, start + n)
@@ -263,6 +289,7 @@ class StoreWriter:
         self._commit(update)
         self.attrs.update(update)
         self._trim()
+        self._consolidate()
         self._keys_seen = None
         drop_rejects_parts(self.path, index)
         consolidate_rejects(self.path, len(self.shards))
@@ -285,29 +312,6 @@ class StoreWriter:
             yield a, b
             a = b
 
-    def _check_shard(self, url: str, raw, ll: np.ndarray, keys: list[str], meta: Mapping) -> None:
-        """Validate one shard's rows (embeddings a block at a time) before anything is written."""
-        n, d = len(keys), self.attrs["embed_dim"]
-        if url in self.shards:
-            raise ValueError(f"shard {url} is already in store {self.path}")
-        if raw.shape != (n, d) or ll.shape != (n, 2) or any(len(v) != n for v in meta.values()):
-            raise ValueError(f"shard {url}: expected ({n}, {d}) embeddings, ({n}, 2) latlon and {n} meta values per field, "
-                             f"got {raw.shape}, {ll.shape}")
-        bad = sum(int((~usable_embeddings(np.asarray(raw[a:b]), self.attrs["dtype"], self.attrs["normalized"])).sum())
-                  for a, b in self._blocks(self.rows, n))
-        if bad:
-            raise ValueError(f"shard {url}: {bad} embeddings are non-finite, zero or overflow {self.attrs['dtype']}")
-        mixed = ~(labelled_rows(ll) | np.isnan(ll).all(axis=1))
-        if mixed.any():
-            raise ValueError(f"shard {url}: {int(mixed.sum())} rows with non-finite coordinates (first: {keys[int(np.flatnonzero(mixed)[0])]!r}); "
-                             f"a row has both coordinates or, unlabelled, neither (NaN, NaN)")
-        dup = self.keys_seen.intersection(keys)
-        if dup or len(set(keys)) != n:
-            raise ValueError(f"shard {url}: keys must be new and unique; repeated: {sorted(dup)[:5] or 'within the shard'}")
-        bad = [m for m in meta if not META_NAME.match(m)]
-        if bad:
-            raise ValueError(f"shard {url}: invalid meta field names {bad[:5]} (letters, digits, '_', '-', '.')")
-
     def _record_chunk_digests(self, update: dict, start: int, stop: int) -> None:
         """Digests of the chunks rows [start, stop) touch, into ``update`` (committed with it; see
         :mod:`geopipe.pipeline.store.chunks`). Stores created before digests stay without them."""
@@ -316,9 +320,11 @@ class StoreWriter:
         update[CHUNK_DIGESTS_ATTR] = record_digests(self.path, self._group, stop, start, stop, self.attrs.get(CHUNK_DIGESTS_ATTR))
 
     def _commit(self, update: dict) -> None:
-        # One write of zarr.json (LocalStore: temp file + rename; object stores: one PUT).
-        # Not ``attrs.update``: zarr's MutableMapping.update rewrites zarr.json once per key.
-        self._group.update_attributes({**self.attrs, **update})
+        # One write of zarr.json (local: temp file, fsync, rename; object stores: one PUT) holding the
+        # attributes and the consolidated metadata of the arrays as they are now.
+        attrs = {**self.attrs, **update}
+        check_attrs_size(self.path, attrs, self.max_attr_bytes)
+        write_root(self.path, self._group, attrs)
 
     def _chunk_rows(self) -> int:
         return int(self._group[ARRAY_KEYS].chunks[0])

@@ -19,9 +19,9 @@ from geopipe.pipeline.store import chunks
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import StoreError, read_store
 from geopipe.pipeline.store.rejects import Reject
-from geopipe.pipeline.store.repair import repair_store
 from geopipe.pipeline.store.verify import check_store, verify_store
 from geopipe.pipeline.store.writer import StoreWriter
+from geopipe.stages.store_tools import StoreRepairConfig, run_store_repair
 
 D, PER, CHUNK = 8, 20, 16  # 4 shards of 20 rows in chunks of 16 rows: chunk 1 = rows [16, 32) spans shards 0 and 1
 
@@ -156,7 +156,7 @@ def test_repair_drops_the_damaged_shards_and_a_rerun_restores_the_store(store, g
     a, b = read_store(str(store)), read_store(str(good))
     assert np.array_equal(a.embeddings, b.embeddings) and list(a.keys) == list(b.keys)
     assert list(a.meta["city"]) == list(b.meta["city"])
-    assert repair_store(str(store)).dropped == ()
+    assert run_store_repair(StoreRepairConfig(str(store))).dropped == ()
 
 
 def test_an_interrupted_append_is_restored_when_the_next_writer_opens(tmp_path):

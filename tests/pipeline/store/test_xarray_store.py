@@ -32,9 +32,9 @@ def test_xarray_opens_the_store_with_dimensions_coordinates_and_units(tmp_path):
     xr = pytest.importorskip("xarray")
     path = _store(tmp_path / "s.zarr")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "not recognized as a component of a Zarr hierarchy"
-        ds = xr.open_zarr(path, consolidated=False)
-        meta = xr.open_zarr(path, group="meta", consolidated=False)
+        warnings.simplefilter("error")  # no "not recognized as a component of a Zarr hierarchy", no consolidated-metadata warning
+        ds = xr.open_zarr(path)
+        meta = xr.open_zarr(path, group="meta")
     assert dict(ds.sizes) == {"record": 4, "dim": 4, "coord": 2}
     assert ds["latlon"].dims == ("record", "coord") and ds["embeddings"].dims == ("record", "dim")
     assert list(ds["coord"].values) == ["lat", "lon"] and "keys" in ds.coords
@@ -46,6 +46,7 @@ def test_xarray_opens_the_store_with_dimensions_coordinates_and_units(tmp_path):
     assert ds.attrs["rows"] == 4 and ds.attrs["schema"] == "geopipe.store/1"
     assert list(meta["country"].values) == ["fr", "au", "", ""]  # string fields are stored as strings
     assert meta["country"].attrs["encoding"] == "string" and meta["country"].dims == ("record",)
+    assert list(meta["keys"].values) == ["k0", "k1", "k2", "k3"] and "keys" in meta.coords  # the meta fields' coordinate
 
 
 def test_string_meta_fields_are_stored_typed_and_read_back_as_json(tmp_path):
@@ -59,7 +60,8 @@ def test_string_meta_fields_are_stored_typed_and_read_back_as_json(tmp_path):
 
     g = zarr.open_group(path, mode="r")
     assert g["meta/city"].attrs["encoding"] == "string" and g["meta/city"][:].tolist() == ["Zürich", "", "", "3"]
-    assert g["meta/year"].attrs["encoding"] == "json" and g["meta/year"][:].tolist() == ["2001", "2002", "", ""]
+    assert g["meta/year"].attrs["encoding"] == "integer"  # numbers are stored as numbers (NaN: absent)
+    np.testing.assert_array_equal(g["meta/year"][:], [2001.0, 2002.0, np.nan, np.nan])
     # geopipe's readers see JSON texts whatever the encoding (a number in a string field keeps its text)
     s = open_store(path)
     assert s.meta["city"][:].tolist() == ['"Zürich"', "", "", '"3"'] and s.meta["city"][0] == '"Zürich"'
@@ -84,10 +86,12 @@ def test_arrays_are_trimmed_to_the_committed_rows(tmp_path):
 
 
 def test_a_store_from_before_the_rejects_group_reads_verifies_and_migrates(tmp_path):
-    path = _store(tmp_path / "s.zarr")
-    os.remove(os.path.join(path, "rejects", "zarr.json"))  # the old layout: rejects.parquet at the root
+    path = str(tmp_path / "s.zarr")  # written by the code of 2026-12 (rejects group, no consolidated metadata) ...
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "store_2026_12.zarr"), path)
+    os.remove(os.path.join(path, "rejects", "zarr.json"))  # ... moved to the layout before it: rejects.parquet at the root
     shutil.move(os.path.join(path, "rejects", "rejects.parquet"), os.path.join(path, "rejects.parquet"))
-    assert open_store(path).rejects().num_rows == 1 and verify_store(path) == []
-    StoreWriter.open(path, backbone={"name": "t"}, embed_dim=4, dtype="float32").close()
-    assert sorted(os.listdir(os.path.join(path, "rejects"))) == ["part-000000.parquet", "rejects.parquet", "zarr.json"]
+    assert open_store(path).rejects().num_rows == 2 and verify_store(path) == []
+    StoreWriter.open(path, backbone={"name": "fixture", "pretrained": None, "embed_dim": 4}, embed_dim=4, dtype="float16").close()
+    assert sorted(os.listdir(os.path.join(path, "rejects"))) == ["part-000000.parquet", "part-000002.parquet", "rejects.parquet",
+                                                                 "zarr.json"]
     assert not os.path.exists(os.path.join(path, "rejects.parquet")) and verify_store(path) == []
