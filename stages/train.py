@@ -133,8 +133,10 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
     }
 
 
-#: Training options that may change on resume without --allow-changes (train longer, log differently).
-_RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes")
+#: Training options that may change on resume without --allow-changes (train longer, log differently;
+#: where the checkpoint and the store are: the checkpoint resumes wherever it was moved, and the
+#: store is compared by its ``data_fingerprint``, never by how its path is spelled).
+_RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes", "out", "store")
 
 
 def _config_changes(saved: dict, config: dict, defaults: dict) -> dict:

@@ -159,3 +159,27 @@ def test_weights_of_another_shape_are_one_line(tmp_path):
                                    "--device", "cpu"])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
     assert "the weights do not match config.json's network" in res.output and "weights (24" in res.output
+
+
+def test_resume_does_not_depend_on_path_spelling_and_a_moved_checkpoint_resumes(tmp_path, monkeypatch):
+    """./s.zarr --out ./m_p/, absolute paths, from the parent directory, and after `mv m_p moved`:
+    each resume is accepted and gives the weights of the same resumes spelled one way (before:
+    refused as "different settings (train.out: ...)")."""
+    work = tmp_path / "work"
+    work.mkdir()
+    store = small_store(work / "s.zarr")
+    monkeypatch.chdir(work)
+    assert run_train(_cfg("./s.zarr", "./m_p/", steps=10)).step == 10
+    assert run_train(_cfg(str(work / "s.zarr"), str(work / "m_p"), steps=20)).step == 20
+    monkeypatch.chdir(tmp_path)
+    assert run_train(_cfg("work/s.zarr", "work/m_p", steps=30)).step == 30
+    os.rename(work / "m_p", tmp_path / "moved")
+    assert run_train(_cfg("work/./s.zarr", "moved", steps=40)).step == 40
+    saved = load_checkpoint_config(tmp_path / "moved")
+    assert saved["step"] == 40 and not saved.get("changes")
+    for steps in (10, 20, 30, 40):  # the same resumes, spelled one way, never moved
+        run_train(_cfg(store, tmp_path / "ref", steps=steps))
+    a, b = load_model_weights(tmp_path / "moved"), load_model_weights(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(GeopipeError, match="with a different store"):  # the store itself is still compared
+        run_train(_cfg(small_store(tmp_path / "other.zarr", seed=1), tmp_path / "moved", steps=50))
