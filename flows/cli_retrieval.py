@@ -21,12 +21,13 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @click.option("--query", required=True, help="Embedding store of the queries.")
 @click.option("--database", default=None, help="Embedding store of the geotagged database (default: split --query by --split).")
 @click.option("--out", "-o", required=True, help="Predictions Parquet file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
 @config_option("-k", "k", type=int, config=_RETRIEVE, help="Neighbours per query.")
 @config_option("--mode", type=click.Choice(["top1", "kernel"]), config=_RETRIEVE,
                help="Prediction: the top-1 position, or the densest neighbour of a vMF kernel mixture over the top-K "
                     "(also writes NLL, localizability and HDR ranks).")
 @click.option("--calibrate", is_flag=True, default=None,
-              help="--mode kernel: fit the calibrated density (two per-query kernel widths, softmax weights, a broad part "
+              help="--mode kernel: fit the calibrated density (three per-query kernel widths, softmax weights, a broad part "
                    "and a uniform floor) on held-out queries — the --val-store, or else database records queried "
                    "leave-capture-out — instead of one kernel width fitted on the database against itself.")
 @click.option("--val-store", default=None, help="--mode kernel: embedding store of held-out validation queries (same "
@@ -52,7 +53,7 @@ _SPLIT = "geopipe.pipeline.retrieval.split:SplitConfig"
 @config_option("--seed", type=int, config=_RETRIEVE, help="Random seed of the split and the sampled predictions.")
 @device_option
 @user_errors
-def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_mode, split_column, query_value, block_m, query_fraction,
+def retrieve_command(query, database, out, overwrite, k, mode, calibrate, val_store, split_mode, split_column, query_value, block_m, query_fraction,
                      capture_field, backend, radius_m, positives, bayescap, mc_passes, seed, device):
     """Retrieve the top-K database records of each query and write a predictions table that
     `geopipe evaluate` scores like any model (plus Recall@K)."""
@@ -63,7 +64,7 @@ def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_
                                 query_fraction=query_fraction, seed=seed, capture_field=capture_field))
     res = run_retrieve(RetrieveConfig(query=query, out=out, split=split, progress=progress_enabled(), device=device, **given(
         database=database, k=k, mode=mode, backend=backend, radius_m=radius_m, uncertainty_checkpoint=bayescap, mc_passes=mc_passes,
-        seed=seed, calibrate=calibrate, val_store=val_store, positives=positives)))
+        seed=seed, calibrate=calibrate, val_store=val_store, positives=positives, overwrite=overwrite or None)))
     rec = res.recall
     cells = ", ".join(f"R@{kk} {v:.3f}" for kk, v in rec["recall"].items() if v is not None) or "none (no query has one)"
     click.echo(f"retrieved {res.n_queries} queries against {res.n_database} records ({res.backend}, {res.seconds:.1f}s) → {res.out}")
@@ -74,8 +75,9 @@ def retrieve_command(query, database, out, k, mode, calibrate, val_store, split_
         click.echo(f"VPR recall: {format_vpr_recall(rec, 'utm')}")
     if res.kernel and res.kernel.get("calibrated"):
         sh = res.kernel["shares"]
-        click.echo(f"calibrated density: widths {res.kernel['width_km']:.3g} / {res.kernel['medium_width_km']:.3g} km (shares "
-                   f"{sh['sharp']:.2f} / {sh['medium']:.2f}), broad {res.kernel['broad_width_km']:.3g} km ({sh['broad']:.2f}), "
+        click.echo(f"calibrated density: widths {res.kernel['width_km']:.3g} / {res.kernel['medium_width_km']:.3g} / "
+                   f"{res.kernel['wide_width_km']:.3g} km (shares {sh['sharp']:.2f} / {sh['medium']:.2f} / {sh['wide']:.2f}), broad "
+                   f"{res.kernel['broad_width_km']:.3g} km ({sh['broad']:.2f}), "
                    f"uniform {sh['uniform']:.3f}, temperature {res.kernel['temperature']:.3g}; held-out NLL "
                    f"{res.kernel['val_nll']:.3f} nats/sr on {res.kernel['n_val']} queries ({res.kernel['source']})")
     elif res.kernel:

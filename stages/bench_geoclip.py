@@ -94,7 +94,7 @@ def _neighbours(p, store_path: str, rows: np.ndarray | None = None):
 def _fixed(width_km: float, temperature: float, n_val: int = 0, nll: float = math.nan) -> CalibratedKernel:
     """A single-width kernel with a 1 % uniform floor, as a CalibratedKernel (other parts off)."""
     t = dict.fromkeys(PARAMETERS, 0.0)
-    t.update(log_kappa=2 * math.log(EARTH_RADIUS_KM / width_km), log_temperature=math.log(temperature), medium_logit=-1e3,
+    t.update(log_kappa=2 * math.log(EARTH_RADIUS_KM / width_km), log_temperature=math.log(temperature), medium_logit=-1e3, wide_logit=-1e3,
              log_kappa_broad=0.0, broad_logit=-1e3, uniform_logit=math.log(_FLOOR / (1 - _FLOOR)))
     return CalibratedKernel(theta=tuple(t[n] for n in PARAMETERS), feature_mean=(0.0, 0.0), feature_std=(1.0, 1.0), val_nll=nll,
                             n_val=n_val, source="grid on the validation store")

@@ -2,26 +2,27 @@
 
 For a query with top-K neighbours at μ_k (unit vectors) and descriptor distances d_k:
 
-    p(x) = π₁ Σ_k w_k vMF(x; μ_k, κ_q) + π₂ Σ_k w_k vMF(x; μ_k, κ_q e^{−δ})
-         + π₃ Σ_k (1/K) vMF(x; μ_k, κ_b) + π₄ / 4π                                   (per steradian)
+    p(x) = Σ_{s=1..3} π_s Σ_k w_k vMF(x; μ_k, κ_s)  +  π_b Σ_k (1/K) vMF(x; μ_k, κ_b)  +  π_u / 4π   (per sr)
 
 * weights ``w = softmax(−d / T)`` of the descriptor distances;
-* a **per-query concentration** ``ln κ_q = a + b·z_q``, z_q the query's standardised similarity
-  features — the top-1 distance d₁ and the gap d₁₀ − d₁ to its 10th neighbour (a close,
-  distinct best match earns a sharper kernel) — and a second, e^{δ/2} times wider scale on the
-  same neighbours (place-level errors are heavy-tailed; one Gaussian width cannot hold both);
+* three scales on those neighbours: a **per-query concentration** ``ln κ₁ = a + b·z_q``, z_q the
+  query's standardised similarity features — the top-1 distance d₁ and the gap d₁₀ − d₁ to its
+  10th neighbour (a close, distinct best match earns a sharper kernel) — and two wider ones,
+  κ₂ = κ₁e^{−δ₂}, κ₃ = κ₂e^{−δ₃} (place-level errors are heavy-tailed: one Gaussian width
+  cannot hold both the right street and the right city);
 * a broad part: the same neighbours, equal weights, one broad concentration κ_b (the right
-  region when the best matches are the wrong place), its share depending on the query;
-* a uniform floor π₄ (no truth is ever impossible).
+  region when the best matches are the wrong place);
+* a uniform floor π_u (no truth is ever impossible).
 
-Share logits (0, ρ₂, ρ₃ + c·z_q, ρ₄). The eleven parameters θ = (a, b₁, b₂, ln T, δ, ρ₂, ln κ_b,
-ρ₃, c₁, c₂, ρ₄) minimise the mean NLL (nats/sr) of the true positions of **held-out queries** —
-a validation store searched against the database, or database records queried
-leave-capture-out — by L-BFGS from the best points of a small grid. The old fit
-(:func:`geopipe.pipeline.retrieval.density.fit_kernel`: one κ, database against itself, no
-tail) picks a kernel far too broad for queries that are not in the database.
+Share logits (0, ρ₂ + c₂·z_q, ρ₃, ρ_b + c_b·z_q, ρ_u): how much goes to the wider scales and the
+broad part depends on the query too. The fifteen parameters (:data:`PARAMETERS`) minimise the
+mean NLL (nats/sr) of the true positions of **held-out queries** — a validation store searched
+against the database, or database records queried leave-capture-out — by L-BFGS from the best
+points of a small grid. The old fit (:func:`geopipe.pipeline.retrieval.density.fit_kernel`: one
+κ, database against itself, no tail) picks a kernel far too broad for queries that are not in
+the database.
 
-The density is a vMF mixture of 3K + 1 components per query (the floor as κ → 0), so sampling,
+The density is a vMF mixture of 4K + 1 components per query (the floor as κ → 0), so sampling,
 localizability and HDR ranks follow exactly, and the point prediction is the neighbour with the
 highest expected GeoScore under it (:func:`calibrated_columns`).
 """
@@ -43,8 +44,10 @@ from geopipe.pipeline.sphere.vmf import sample_vmf_mixture
 __all__ = ["PARAMETERS", "CalibratedKernel", "fit_calibrated", "calibrated_log_density", "calibrated_columns"]
 
 #: Names of θ, in order.
-PARAMETERS = ("log_kappa", "kappa_slope_d1", "kappa_slope_gap", "log_temperature", "medium_log_ratio", "medium_logit",
+PARAMETERS = ("log_kappa", "kappa_slope_d1", "kappa_slope_gap", "log_temperature",
+              "medium_log_ratio", "medium_logit", "medium_slope_d1", "medium_slope_gap", "wide_log_ratio", "wide_logit",
               "log_kappa_broad", "broad_logit", "broad_slope_d1", "broad_slope_gap", "uniform_logit")
+_SHARES = ("sharp", "medium", "wide", "broad", "uniform")
 _LOG_4PI = math.log(4.0 * math.pi)
 _KAPPA_UNIFORM = 1e-9  # the floor as a vMF component when sampling (Wood's sampler is exactly uniform as κ → 0)
 _LOG_KAPPA = (-2.0, 23.0)  # κ in [0.14, 1e10] 1/rad²: widths from 17,000 km down to 0.06 km
@@ -81,12 +84,13 @@ class CalibratedKernel:
 
     def summary(self) -> dict:
         """JSON-ready description: θ by name, widths (km) and shares of a query with mean features."""
-        logits = [0.0, self.param("medium_logit"), self.param("broad_logit"), self.param("uniform_logit")]
+        logits = [0.0, self.param("medium_logit"), self.param("wide_logit"), self.param("broad_logit"), self.param("uniform_logit")]
         e = [math.exp(v - max(logits)) for v in logits]
-        return {"calibrated": True, "source": self.source, "val_nll": self.val_nll, "n_val": self.n_val,
-                "width_km": self.width_km, "medium_width_km": self.width_km * math.exp(0.5 * self.param("medium_log_ratio")),
+        medium = self.width_km * math.exp(0.5 * self.param("medium_log_ratio"))
+        return {"calibrated": True, "source": self.source, "val_nll": self.val_nll, "n_val": self.n_val, "width_km": self.width_km,
+                "medium_width_km": medium, "wide_width_km": medium * math.exp(0.5 * self.param("wide_log_ratio")),
                 "broad_width_km": EARTH_RADIUS_KM * math.exp(-0.5 * self.param("log_kappa_broad")), "temperature": self.temperature,
-                "shares": dict(zip(("sharp", "medium", "broad", "uniform"), (v / sum(e) for v in e))),
+                "shares": dict(zip(_SHARES, (v / sum(e) for v in e))),
                 "theta": dict(zip(PARAMETERS, self.theta)), "feature_mean": list(self.feature_mean), "feature_std": list(self.feature_std)}
 
 
@@ -102,25 +106,26 @@ def _features(d: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _parts(d: torch.Tensor, valid: torch.Tensor, theta: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """Per-query log weights (Q, K), log equal weights, log κ of the three scales and log π (4, Q) for θ."""
+    """Per-query log weights (Q, K), log equal weights, log κ of the three weighted scales (Q,) and
+    of the broad part, and log π (5, Q) in the order of ``_SHARES``, for parameters θ."""
     t = dict(zip(PARAMETERS, theta))
     z = (_features(d, valid) - stats[0]) / stats[1]
-    log_kq = (t["log_kappa"] + z[:, 0] * t["kappa_slope_d1"] + z[:, 1] * t["kappa_slope_gap"]).clamp(*_LOG_KAPPA)
+    slope = lambda name: z[:, 0] * t[f"{name}_slope_d1"] + z[:, 1] * t[f"{name}_slope_gap"]  # noqa: E731
+    log_k1 = (t["log_kappa"] + slope("kappa")).clamp(*_LOG_KAPPA)
+    log_k2 = (log_k1 - t["medium_log_ratio"]).clamp(*_LOG_KAPPA)
     logits = torch.zeros_like(d) if torch.isinf(t["log_temperature"]) else -torch.nan_to_num(d, nan=0.0) * torch.exp(-t["log_temperature"])
-    rho_b = t["broad_logit"] + z[:, 0] * t["broad_slope_d1"] + z[:, 1] * t["broad_slope_gap"]
-    share = torch.stack([torch.zeros_like(rho_b), t["medium_logit"].expand_as(rho_b), rho_b, t["uniform_logit"].expand_as(rho_b)])
+    rho = [torch.zeros_like(log_k1), t["medium_logit"] + slope("medium"), t["wide_logit"].expand_as(log_k1),
+           t["broad_logit"] + slope("broad"), t["uniform_logit"].expand_as(log_k1)]
     return {"log_w": torch.log_softmax(logits.masked_fill(~valid, -math.inf), dim=1),
             "log_eq": torch.log_softmax(torch.zeros_like(d).masked_fill(~valid, -math.inf), dim=1),
-            "log_k": (log_kq, (log_kq - t["medium_log_ratio"]).clamp(*_LOG_KAPPA), t["log_kappa_broad"].clamp(*_LOG_KAPPA)),
-            "log_pi": torch.log_softmax(share, dim=0)}
+            "log_k": (log_k1, log_k2, (log_k2 - t["wide_log_ratio"]).clamp(*_LOG_KAPPA)),
+            "log_kb": t["log_kappa_broad"].clamp(*_LOG_KAPPA), "log_pi": torch.log_softmax(torch.stack(rho), dim=0)}
 
 
 def _log_p(cos: torch.Tensor, p: dict) -> torch.Tensor:
     """log p at points with cosines ``cos`` (Q, S, K) to the neighbours → (Q, S) nats/sr."""
-    k1, k2, kb = p["log_k"]
-    terms = [torch.logsumexp(p["log_w"][:, None] + _log_vmf(cos, torch.exp(k1)[:, None, None]), dim=-1),
-             torch.logsumexp(p["log_w"][:, None] + _log_vmf(cos, torch.exp(k2)[:, None, None]), dim=-1),
-             torch.logsumexp(p["log_eq"][:, None] + _log_vmf(cos, torch.exp(kb)), dim=-1)]
+    terms = [torch.logsumexp(p["log_w"][:, None] + _log_vmf(cos, torch.exp(lk)[:, None, None]), dim=-1) for lk in p["log_k"]]
+    terms.append(torch.logsumexp(p["log_eq"][:, None] + _log_vmf(cos, torch.exp(p["log_kb"])), dim=-1))
     terms.append(torch.full_like(terms[0], -_LOG_4PI))
     return torch.logsumexp(torch.stack([p["log_pi"][i][:, None] + v for i, v in enumerate(terms)]), dim=0)
 
@@ -149,8 +154,11 @@ def fit_calibrated(blocks, source: str = "held-out queries", max_iter: int = 200
     f = _features(d, valid)
     stats = (f.mean(dim=0), f.std(dim=0).nan_to_num(1.0).clamp_min(1e-6))
     nll = lambda th: -_log_p(cos, _parts(d, valid, th, stats))[:, 0].mean()  # noqa: E731
-    grid = [torch.tensor([2 * math.log(EARTH_RADIUS_KM / w), 0.0, 0.0, math.log(t), 3.0, 0.0, 2 * math.log(EARTH_RADIUS_KM / 1000.0),
-                          math.log(0.1), 0.0, 0.0, math.log(0.01)], dtype=torch.float64) for w in _GRID_WIDTH_KM for t in _GRID_T]
+    start = dict.fromkeys(PARAMETERS, 0.0)
+    start.update(medium_log_ratio=3.0, wide_log_ratio=2.0, wide_logit=-1.0, log_kappa_broad=2 * math.log(EARTH_RADIUS_KM / 1000.0),
+                 broad_logit=math.log(0.1), uniform_logit=math.log(0.01))
+    grid = [torch.tensor([{**start, "log_kappa": 2 * math.log(EARTH_RADIUS_KM / w), "log_temperature": math.log(t)}[n] for n in PARAMETERS],
+                         dtype=torch.float64) for w in _GRID_WIDTH_KM for t in _GRID_T]
     with torch.no_grad():
         starts = sorted(grid, key=lambda th: float(nll(th)))[:3]
     best = None
@@ -199,19 +207,17 @@ def calibrated_log_density(fit: CalibratedKernel, x: torch.Tensor, nb_latlon: np
 
 
 def _mixture(fit: CalibratedKernel, nb_latlon, distances, indices):
-    """The density as a (Q, 3K + 1)-component vMF mixture (μ, κ, w), for sampling."""
+    """The density as a (Q, 4K + 1)-component vMF mixture (μ, κ, w), for sampling."""
     mu, d, valid = _tensors(nb_latlon, distances, indices)
     p = _parts(d, valid, torch.tensor(fit.theta, dtype=torch.float64), (torch.tensor(fit.feature_mean), torch.tensor(fit.feature_std)))
     q, k = d.shape
-    pi = torch.exp(p["log_pi"])
-    w = torch.cat([pi[0][:, None] * torch.exp(p["log_w"]), pi[1][:, None] * torch.exp(p["log_w"]),
-                   pi[2][:, None] * torch.exp(p["log_eq"]), pi[3][:, None]], dim=1)
-    k1, k2, kb = (torch.exp(v) for v in p["log_k"])
-    kappa = torch.cat([k1[:, None].expand(q, k), k2[:, None].expand(q, k), kb.expand(q, k),
+    pi, w, log_eq = torch.exp(p["log_pi"]), torch.exp(p["log_w"]), p["log_eq"]
+    weights = torch.cat([pi[0][:, None] * w, pi[1][:, None] * w, pi[2][:, None] * w, pi[3][:, None] * torch.exp(log_eq), pi[4][:, None]], dim=1)
+    kappa = torch.cat([*(torch.exp(lk)[:, None].expand(q, k) for lk in p["log_k"]), torch.exp(p["log_kb"]).expand(q, k),
                        torch.full((q, 1), _KAPPA_UNIFORM, dtype=torch.float64)], dim=1)
     pole = torch.zeros((q, 1, 3), dtype=torch.float64)
     pole[..., 2] = 1.0
-    return torch.cat([mu, mu, mu, pole], dim=1), kappa, w
+    return torch.cat([mu, mu, mu, mu, pole], dim=1), kappa, weights
 
 
 def _expected_geoscore(xs: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class GeoclipWorldConfig:
     mixed_fraction: float = 0.1
     mix_min_km: float = 3000.0
     noise: float = 0.5
-    dup_km: float = 1.0
+    dup_km: float = 0.1
     heldout_box: tuple[float, float, float, float] = (-48.0, -34.0, 165.0, 179.9)
     heldout_name: str = "new_zealand"
 

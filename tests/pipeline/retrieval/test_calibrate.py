@@ -24,8 +24,10 @@ from geopipe.pipeline.sphere.vmf import sample_vmf_mixture, vmf_mixture_log_dens
 
 
 def _kernel(**theta) -> CalibratedKernel:
-    base = dict(zip(PARAMETERS, (2 * math.log(EARTH_RADIUS_KM / 300.0), 0.0, 0.0, math.log(0.1), 2.0, 0.0,
-                                 2 * math.log(EARTH_RADIUS_KM / 2000.0), -1.0, 0.0, 0.0, -3.0)))
+    base = dict.fromkeys(PARAMETERS, 0.0)
+    base.update(log_kappa=2 * math.log(EARTH_RADIUS_KM / 300.0), log_temperature=math.log(0.1), medium_log_ratio=2.0,
+                wide_log_ratio=1.5, wide_logit=-1.0, log_kappa_broad=2 * math.log(EARTH_RADIUS_KM / 2000.0), broad_logit=-1.0,
+                uniform_logit=-3.0)
     base.update(theta)
     return CalibratedKernel(theta=tuple(base[p] for p in PARAMETERS), feature_mean=(0.5, 0.2), feature_std=(0.2, 0.1),
                             val_nll=0.0, n_val=1)
@@ -42,7 +44,7 @@ def test_one_sharp_component_is_the_vmf_closed_form_and_the_floor_is_uniform():
     nb, dist, idx = _neighbours()
     x = fibonacci_sphere(500)[None]
     off = -600.0  # shares of e^-600: far below every sharp density on the grid
-    only_sharp = _kernel(medium_logit=off, broad_logit=off, uniform_logit=off, kappa_slope_d1=0.7)
+    only_sharp = _kernel(medium_logit=off, wide_logit=off, broad_logit=off, uniform_logit=off, kappa_slope_d1=0.7)
     got = calibrated_log_density(only_sharp, x, nb, dist, idx)[0]
     z = (0.2 - 0.5) / 0.2
     kappa = math.exp(only_sharp.param("log_kappa") + 0.7 * z)
@@ -50,7 +52,7 @@ def test_one_sharp_component_is_the_vmf_closed_form_and_the_floor_is_uniform():
     mu = neighbour_xyz(nb)[0].expand(500, -1, -1)
     want = vmf_mixture_log_density(x[0], mu, torch.full((500, 4), kappa, dtype=torch.float64), w.expand(500, -1))
     assert torch.allclose(got, want, atol=1e-6)
-    only_floor = _kernel(medium_logit=-200.0, broad_logit=-200.0, uniform_logit=200.0)
+    only_floor = _kernel(medium_logit=-200.0, wide_logit=-200.0, broad_logit=-200.0, uniform_logit=200.0)
     assert torch.allclose(calibrated_log_density(only_floor, x, nb, dist, idx), torch.full((1, 500), -math.log(4 * math.pi), dtype=torch.float64), atol=1e-12)
 
 
@@ -58,7 +60,7 @@ def test_one_sharp_component_is_the_vmf_closed_form_and_the_floor_is_uniform():
 def test_integrates_to_one(width_km):
     nb, dist, idx = _neighbours()
     grid = fibonacci_sphere(400_000)[None]
-    fit = _kernel(log_kappa=2 * math.log(EARTH_RADIUS_KM / width_km), kappa_slope_gap=0.3, broad_slope_d1=0.5)
+    fit = _kernel(log_kappa=2 * math.log(EARTH_RADIUS_KM / width_km), kappa_slope_gap=0.3, broad_slope_d1=0.5, medium_slope_gap=-0.4)
     logp = calibrated_log_density(fit, grid, nb, dist, idx)
     assert float(4 * math.pi / grid.shape[1] * logp.exp().sum()) == pytest.approx(1.0, abs=3e-3)
 
