@@ -67,10 +67,15 @@ _EXTRACT = "geopipe.stages.extract:ExtractConfig"
                     "them (blind geolocation). Tar samples keep their json.")
 @config_option("--images-per-source", type=click.IntRange(min=1), config=_EXTRACT,
                help="Most image files of a folder extracted as one source (a store record: the unit of resume and --dask).")
+@config_option("--max-member-mb", type=click.IntRange(min=1), config=_EXTRACT,
+               help="Largest tar member read, MiB decompressed (from its header): a bigger one makes its sample a member_too_large reject.")
+@config_option("--max-image-pixels", type=click.IntRange(min=1), config=_EXTRACT,
+               help="Largest image decoded (width x height, from its header): a bigger one is an image_too_large reject.")
 @device_option
 @user_errors
 def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, lon_key, meta_fields, dtype, no_normalize, max_reject_fraction,
-            precision, on_changed, verify_hash, embedding_key, device, dask_address=None, labels=None, images_per_source=None):
+            precision, on_changed, verify_hash, embedding_key, device, dask_address=None, labels=None, images_per_source=None,
+            max_member_mb=None, max_image_pixels=None):
     """Embed INPUTS with a frozen backbone into a Zarr store: WebDataset tars, image files (jpg, png,
     webp, tif, bmp, ...), folders of them (walked recursively), globs and brace patterns, paths or
     fsspec urls. A record's key is the file's path under its folder without the extension; photos
@@ -82,7 +87,8 @@ def extract(shards, store, backbone, pretrained, batch_size, workers, lat_key, l
         num_workers=workers, lat_key=lat_key, lon_key=lon_key, meta_fields=tuple(meta_fields) or None,
         dtype=dtype, normalize=not no_normalize, device=device, max_reject_fraction=max_reject_fraction,
         precision=precision, on_changed=on_changed, verify_hash=verify_hash, embedding_key=embedding_key, progress=progress_enabled(),
-        dask=dask_address, **given(labels=labels, images_per_source=images_per_source),
+        dask=dask_address, **given(labels=labels, images_per_source=images_per_source, max_member_mb=max_member_mb,
+                                   max_image_pixels=max_image_pixels),
     )
     res = run_extract(cfg)  # prints its summary (counts, rejects by reason, changed/missing shards) on stderr
     if res.all_unlabelled():  # say so before train finds nothing (blind photos to geolocate: geopipe locate)

@@ -18,6 +18,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "corrupt_shard",  # the tar itself ended early; the key is the last good one or ""
     "invalid_embedding",  # embedding with wrong shape, non-finite, zero or overflowing values
     "missing_key",  # imported row whose key is null or empty
+    "member_too_large",  # a tar member whose header size is over the limit (skipped unread; --max-member-mb)
+    "image_too_large",  # an image whose width x height is over the limit (found before decoding; --max-image-pixels)
     "invalid_name",  # an image file name that --labels vpr-name cannot read as @utm_east@utm_north@...@.jpg
 )
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.limits import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from geopipe.pipeline.core.parallel import parse_dask_spec
 from geopipe.pipeline.ingest.images import LABELS
 from geopipe.pipeline.ingest.plan import ShardChangedError, TooManyRejectsError
@@ -59,6 +60,9 @@ class ExtractConfig:
     this process commits them in order (:mod:`geopipe.pipeline.ingest.distributed`); the store
     equals a single-process run's. Workers decode in a thread beside the backbone (a Dask worker
     starts no processes), so ``num_workers`` applies to the single-process run only.
+    max_member_mb: largest tar member read, MiB decompressed (from its header; a bigger one is a
+    ``member_too_large`` reject, skipped unread); max_image_pixels: largest image decoded,
+    width × height (a bigger one is an ``image_too_large`` reject) — :mod:`geopipe.pipeline.core.limits`.
     """
 
     shards: tuple[str, ...]
@@ -82,6 +86,8 @@ class ExtractConfig:
     dask: str | None = None
     labels: str = "auto"
     images_per_source: int = PER_SOURCE
+    max_member_mb: int = MAX_MEMBER_BYTES >> 20
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", (self.shards,) if isinstance(self.shards, str) else tuple(self.shards))
@@ -92,6 +98,8 @@ class ExtractConfig:
         check_int(self.batch_size, "batch_size", 1)
         check_int(self.num_workers, "num_workers", 0)
         check_int(self.images_per_source, "images_per_source", 1)
+        check_int(self.max_member_mb, "max_member_mb", 1)
+        check_int(self.max_image_pixels, "max_image_pixels", 1)
         if self.labels not in LABELS:
             raise ConfigError(f"unknown labels {self.labels!r}; choose one of {list(LABELS)}")
         if self.precision not in PRECISIONS:
@@ -159,7 +167,6 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
     mismatch, changed shard, too many rejects).
     """
     from geopipe.pipeline.core.device import resolve_device
-    from geopipe.pipeline.ingest.decode import SampleSpec
     from geopipe.pipeline.ingest.embed import LoopOptions, embed_shards
 
     t0 = time.perf_counter()
@@ -175,15 +182,22 @@ def run_extract(cfg: ExtractConfig, *, backbone=None) -> ExtractResult:
 
     def write(writer, todo, ctx, on_commit):
         bb, device = ctx
-        spec = SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key)
+        spec = _spec(cfg)
         opts = LoopOptions(cfg.batch_size, cfg.num_workers, cfg.precision, progress=cfg.progress)
-        reader = inputs.reader([u for u, _ in todo], cfg.lat_key, cfg.lon_key)
+        reader = inputs.reader([u for u, _ in todo], cfg.lat_key, cfg.lon_key, spec.max_member_bytes)
         embed_shards(todo, writer, bb, spec, opts, device, on_commit, samples=reader)
 
     return run_ingest(_given(inputs, store), cfg.store, _ingest_options(cfg), prepare=prepare, write=write, t0=t0,
                       stat_fn=inputs.stat, hash_fn=inputs.sha256, same_source=_same_source(cfg, backbone),
                       on_done=functools.partial(_clean_staging, store),
                       finish=lambda common, per_s: ExtractResult(**common, images_per_s=per_s, on_changed=cfg.on_changed))
+
+
+def _spec(cfg: ExtractConfig):
+    """The samples' decoding options (:class:`geopipe.pipeline.ingest.decode.SampleSpec`)."""
+    from geopipe.pipeline.ingest.decode import SampleSpec
+
+    return SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key, cfg.max_member_mb << 20, cfg.max_image_pixels)
 
 
 def _inputs(cfg: ExtractConfig):
@@ -237,11 +251,9 @@ def _run_distributed(cfg: ExtractConfig, inputs, store: str, t0: float) -> Extra
     import contextlib
 
     from geopipe.pipeline.core.parallel import dask_client
-    from geopipe.pipeline.ingest.decode import SampleSpec
     from geopipe.pipeline.ingest.distributed import StageJob, embed_distributed, worker_identity
 
-    job = StageJob(cfg.backbone, cfg.pretrained, SampleSpec(cfg.lat_key, cfg.lon_key, cfg.meta_fields, cfg.embedding_key),
-                   cfg.batch_size, cfg.precision, cfg.device, labels=cfg.labels)
+    job = StageJob(cfg.backbone, cfg.pretrained, _spec(cfg), cfg.batch_size, cfg.precision, cfg.device, labels=cfg.labels)
     with contextlib.ExitStack() as stack:
         def prepare():  # the store is locked: start the cluster, ask a worker for the backbone's identity
             client = stack.enter_context(dask_client(cfg.dask))

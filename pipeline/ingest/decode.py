@@ -24,10 +24,12 @@ A part is a plain dict (so DataLoader pin-memory handles it)::
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.core.limits import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from geopipe.pipeline.ingest.shards import CorruptShardError, iter_tar_samples
 from geopipe.pipeline.sphere.geometry import LAT_LIMIT, LON_LIMIT, coordinate_problem
 from geopipe.pipeline.store.reader import META_NAME
@@ -61,12 +64,17 @@ class SampleSpec:
     field other than the coordinates whose name is a valid array name (:data:`META_NAME`).
     embedding_key: sample extension holding a precomputed ``.npy`` embedding (e.g.
     ``"street_clip.npy"``) to read instead of decoding and embedding the image.
+    max_member_bytes: largest tar member read (decompressed bytes, from its header; a bigger one
+    is a ``member_too_large`` reject); max_image_pixels: largest image decoded (width × height;
+    a bigger one is an ``image_too_large`` reject, found from the header before decoding).
     """
 
     lat_key: str = "latitude"
     lon_key: str = "longitude"
     meta_fields: tuple[str, ...] | None = None
     embedding_key: str | None = None
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 class SampleError(ValueError):
@@ -126,19 +134,38 @@ def parse_record(raw: bytes | None, spec: SampleSpec) -> tuple[tuple[float, floa
     return latlon, {k: json.dumps(v, ensure_ascii=False) for k, v in items}
 
 
-def decode_image(raw: bytes, preprocess: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-    """Image bytes → preprocessed (3, H, W) tensor; raises :class:`SampleError` (corrupt_image)."""
+def decode_image(raw: bytes, preprocess: Callable[[Any], torch.Tensor], max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Image bytes → preprocessed (3, H, W) tensor; raises :class:`SampleError` (corrupt_image;
+    image_too_large when width × height, read from the header before decoding, is over
+    ``max_pixels``: a decompression bomb never reaches memory)."""
     from PIL import Image
 
     if not raw:
         raise SampleError("corrupt_image", "image entry is empty (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # a raised limit: Pillow's own bomb check must not refuse first
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below names the limit
+            img = Image.open(io.BytesIO(raw))
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise SampleError("image_too_large", _too_many_pixels(width, height, max_pixels))
             img.load()  # decode fully now: truncated data fails here, not later
             rgb = img.convert("RGB")
         return preprocess(rgb)
+    except SampleError:
+        raise
+    except Image.DecompressionBombError:  # over twice Pillow's threshold: refused inside open()
+        raise SampleError("image_too_large", f"image over {2 * Image.MAX_IMAGE_PIXELS} pixels, over the {max_pixels} "
+                          "pixel limit (raise it with --max-image-pixels)") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise SampleError("corrupt_image", _one_line(exc)) from None
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> str:
+    return f"image is {width} x {height} = {width * height} pixels, over the {limit} pixel limit (raise it with --max-image-pixels)"
 
 
 def decode_embedding(raw: bytes | None, embed_dim: int | None, name: str = "npy") -> np.ndarray:
@@ -203,7 +230,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
                  embed_dim: int | None = None, samples: Callable[[str, dict], Iterator[dict]] | None = None):
         super().__init__()
         self.urls, self.preprocess, self.spec, self.batch_size = list(urls), preprocess, spec, int(batch_size)
-        self.embed_dim, self.samples = embed_dim, samples or iter_tar_samples
+        self.embed_dim = embed_dim
+        self.samples = samples or functools.partial(iter_tar_samples, max_member=spec.max_member_bytes)
 
     def __iter__(self) -> Iterator[ShardPart]:
         info = torch.utils.data.get_worker_info()
@@ -228,7 +256,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         ekey = self.spec.embedding_key
         if ekey:
             return decode_embedding(sample.get(ekey), self.embed_dim, ekey)
-        return decode_image(_image_bytes(sample), self.preprocess)
+        return decode_image(_image_bytes(sample), self.preprocess, self.spec.max_image_pixels)
 
     def _shard(self, pos: int, url: str) -> Iterator[ShardPart]:
         rows, rejects, seq, n, idx, info = [], [], 0, 0, 0, {}

@@ -198,7 +198,8 @@ def stage_shard(job: StageJob, url: str, stat: ShardStat, frag: str, image: Imag
     tune_worker_process()  # glibc's malloc thresholds on workers a Dask nanny started (once per process)
     if not fragment_complete(frag, url, stat):
         bb = _backbone(job) if job.spec.embedding_key is None else None
-        reader = SampleReader({url: image}, job.labels, job.spec.lat_key, job.spec.lon_key) if image is not None else None
+        reader = (SampleReader({url: image}, job.labels, job.spec.lat_key, job.spec.lon_key, job.spec.max_member_bytes)
+                  if image is not None else None)
         rows, sha256, n = shard_rows(url, bb, job.spec, job.batch_size, job.precision, int(job.embed_dim), reader)
         write_fragment(frag, url, stat, rows, sha256, n)
     return frag

@@ -25,6 +25,7 @@ import numpy as np
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.limits import MAX_MEMBER_BYTES
 from geopipe.pipeline.store.format import ShardStat
 
 __all__ = [
@@ -177,11 +178,40 @@ class _CutMember(Exception):
         self.name = name
 
 
-def _members(fh) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member in order; raises on a broken or truncated stream."""
+class _TooLarge:
+    """Stands for a member skipped unread because its header size is over the limit."""
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+    def detail(self, name: str) -> str:
+        return (f"member {name!r} is {self.size / 2**20:.1f} MiB decompressed, over the {self.limit / 2**20:.0f} MiB "
+                f"limit (raise it with --max-member-mb)")
+
+
+def _skip(stream, info, block: int = 4 << 20) -> None:
+    """Read past member ``info``'s data in blocks (tarfile's own forward seek in stream mode reads
+    10 KiB at a time and re-joins its decompressed buffer each time: hours for a GiB of zeros)."""
+    try:
+        member = stream.extractfile(info)
+        while member.read(block):
+            pass
+    except Exception as exc:
+        raise _CutMember(info.name, exc) from None
+
+
+def _members(fh, limit: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes | _TooLarge]]:
+    """(name, bytes) of each regular member in order — a :class:`_TooLarge` instead of the bytes of
+    a member whose header says it is over ``limit`` bytes (skipped in blocks, never held); raises
+    on a broken or truncated stream."""
     stream = tarfile.open(fileobj=fh, mode="r|*")
     for info in stream:
         if info.isreg():
+            if info.size > limit:
+                _skip(stream, info)
+                yield info.name, _TooLarge(info.size, limit)
+                stream.members = []
+                continue
             try:
                 data = stream.extractfile(info).read()
             except Exception as exc:
@@ -207,18 +237,21 @@ class _Grouper:
     def feed(self, members) -> Iterator[dict]:
         for name, data in members:
             key, ext = _split(name)
-            if key is None or _META_KEY.match(os.path.basename(key)):
-                continue
+            if key is None or _META_KEY.match(os.path.basename(key)) or ext.startswith("__"):
+                continue  # shard metadata; an entry named like the reader's own __error__/__url__ fields
             if _starts_new(self.current, key, ext):
                 done, self.current = self.current, None
                 self.last_key = done["__key__"]
                 yield done
             if self.current is None:
                 self.current = {"__key__": key}
+            if isinstance(data, _TooLarge):  # the sample is a reject; its entry stays empty
+                self.current.setdefault("__error__", ("member_too_large", data.detail(name)))
+                data = b""
             self.current[ext] = data
 
 
-def iter_tar_samples(url: str, info: dict | None = None) -> Iterator[dict]:
+def iter_tar_samples(url: str, info: dict | None = None, max_member: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Yield the samples of one shard in tar order: ``{"__key__": key, ext: bytes, ...}``.
 
     Consecutive members with the same key form one sample; a key reappearing with an
@@ -228,7 +261,10 @@ def iter_tar_samples(url: str, info: dict | None = None) -> Iterator[dict]:
     in a later sample's member, and :class:`CorruptShardError` is raised after every complete
     sample before it was yielded. info: a dict that receives ``info["sha256"]``, the sha256
     hex of the file's bytes hashed while reading (None when the file itself could not be read
-    to the end), once the generator is exhausted.
+    to the end), once the generator is exhausted. max_member: a member whose tar header says it
+    is over this many bytes (decompressed) is skipped unread and its sample carries
+    ``__error__`` ("member_too_large", detail naming the limit) — memory stays bounded whatever
+    a hostile tar declares.
     """
     group, error = _Grouper(), None
     if info is not None:
@@ -237,7 +273,7 @@ def iter_tar_samples(url: str, info: dict | None = None) -> Iterator[dict]:
         with fsio.open_read(url) as raw:
             fh = _Hashing(raw, hashlib.sha256()) if info is not None else raw
             try:
-                yield from group.feed(_members(fh))
+                yield from group.feed(_members(fh, max_member))
             except Exception as exc:  # a broken tar: the file itself may still be readable to the end
                 error = exc
             if info is not None:

@@ -34,6 +34,7 @@ from urllib.parse import unquote
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, check_int
+from geopipe.pipeline.core.limits import MAX_MEMBER_BYTES
 from geopipe.pipeline.ingest.images import IMAGE_FILE_EXTS, LABELS, ImageSource, image_source_sha256, iter_image_samples, list_files, list_sidecars
 from geopipe.pipeline.ingest.shards import ShardNotFoundError, file_sha256, iter_tar_samples, shard_stat
 from geopipe.pipeline.store.format import ShardStat
@@ -68,17 +69,19 @@ def _wanted(name: str) -> bool:
 class SampleReader:
     """``reader(url, info)`` → the samples of source ``url``: its image files when ``images``
     holds it, else the tar's (:func:`~geopipe.pipeline.ingest.shards.iter_tar_samples`). Picklable
-    (DataLoader and Dask workers); holds only the file lists of the sources given to it."""
+    (DataLoader and Dask workers); holds only the file lists of the sources given to it.
+    max_member: largest tar member read (bytes; see :func:`iter_tar_samples`)."""
 
     images: Mapping[str, ImageSource] = field(default_factory=dict)
     labels: str = "auto"
     lat_key: str = "latitude"
     lon_key: str = "longitude"
+    max_member: int = MAX_MEMBER_BYTES
 
     def __call__(self, url: str, info: dict | None = None) -> Iterator[dict]:
         src = self.images.get(url)
         if src is None:
-            return iter_tar_samples(url, info)
+            return iter_tar_samples(url, info, self.max_member)
         return iter_image_samples(src, self.labels, self.lat_key, self.lon_key, info)
 
 
@@ -135,10 +138,11 @@ class Inputs:
         src = self._made.get(url)
         return image_source_sha256(src, self.labels) if src is not None else file_sha256(url)
 
-    def reader(self, urls: Sequence[str] | None = None, lat_key: str = "latitude", lon_key: str = "longitude") -> SampleReader:
+    def reader(self, urls: Sequence[str] | None = None, lat_key: str = "latitude", lon_key: str = "longitude",
+               max_member: int = MAX_MEMBER_BYTES) -> SampleReader:
         """A :class:`SampleReader` for ``urls`` (default: every source made so far)."""
         wanted = self._made if urls is None else {u: self._made[u] for u in urls if u in self._made}
-        return SampleReader(dict(wanted), self.labels, lat_key, lon_key)
+        return SampleReader(dict(wanted), self.labels, lat_key, lon_key, max_member)
 
     def _sources(self, root: str, reldir: str, spans: list[tuple[str, str, str]], members) -> list[ImageSource]:
         """A folder's files split into its recorded sources (``spans``: (first, last, url)) and
