@@ -310,7 +310,7 @@ def _check_hierarchy(s: EmbeddingStore, notes: list[str]) -> list[str]:
     status, problems = consolidated_status(s.path, s._group, s.rows)
     if status == "absent":
         notes.append("no consolidated metadata (a store written before geopipe kept it): xarray warns when opening it; "
-                     "`geopipe store repair` (or the next extract/import) adds it")
+                     "`geopipe store repair` adds it (so does the next extract/import that writes to the store)")
     leftovers = stale_temporaries(s.path)
     if leftovers:
         notes.append(f"{len(leftovers)} temporary file(s) of killed writes (first: {leftovers[0]}); the next extract, "
