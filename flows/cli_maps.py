@@ -21,8 +21,9 @@ __all__ = ["map_command", "calibration_plot_command"]
               help="Folder for map-<key>.png, map-<key>.tif (GeoTIFF, probability per km²) and map-<key>.geojson (HDR region).")
 @click.option("--key", "keys", multiple=True, help="Record key to draw (repeat); default: the first --n-records records.")
 @click.option("--n-records", "--n", "n_records", default=4, show_default=True, help="Records to draw when no --key is given.")
-@click.option("--mode", type=click.Choice(["loglik", "kde"]), default="loglik", show_default=True,
-              help="Density: exact log-likelihood on the grid, or a KDE of model samples.")
+@click.option("--mode", type=click.Choice(["auto", "loglik", "kde"]), default="auto", show_default=True,
+              help="Density: exact log-likelihood on the grid (an ODE per cell: a GPU job), or a KDE of model samples; "
+                   "auto = kde on a CPU, loglik on a GPU.")
 @click.option("--resolution", "resolution_deg", default=3.0, show_default=True, help="Grid cell size in degrees (divides 180).")
 @click.option("--kde-samples", default=2048, show_default=True, help="Model samples for --mode kde.")
 @click.option("--bandwidth-km", default=None, type=float, help="KDE kernel width in km (default: k-nearest-neighbour rule).")

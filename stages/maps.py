@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -39,10 +40,10 @@ from geopipe.pipeline.viz.density_grid import (
 from geopipe.pipeline.viz.gis import point_feature, region_features, write_density_geotiff, write_geojson
 from geopipe.pipeline.viz.render import render_calibration_plot, render_density_map
 
-__all__ = ["MAP_MODES", "MapConfig", "MapResult", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
+__all__ = ["MAP_MODES", "MapConfig", "MapResult", "map_mode", "run_maps", "CalibrationPlotConfig", "CalibrationPlotResult", "run_calibration_plot"]
 
-#: Density sources: exact log-likelihood on the grid, or a KDE of model samples.
-MAP_MODES = ("loglik", "kde")
+#: Density sources: auto (kde on a CPU, loglik on a GPU), exact log-likelihood on the grid, or a KDE of model samples.
+MAP_MODES = ("auto", "loglik", "kde")
 _GRID_CHUNK = 1024  # grid points per likelihood solve: progress every few seconds on a CPU
 
 
@@ -50,7 +51,9 @@ _GRID_CHUNK = 1024  # grid points per likelihood solve: progress every few secon
 class MapConfig:
     """Options of ``geopipe map``.
 
-    keys: records to draw (empty: the first ``n_records`` of the store); mode: "loglik" (exact
+    keys: records to draw (empty: the first ``n_records`` of the store); mode: "auto" (default:
+    "kde" when the model runs on a CPU, "loglik" on a GPU — the exact grid solves an ODE per cell,
+    about a minute per map of a small model on a CPU), "loglik" (exact
     log p on every cell centre, rtol/atol for the ODE) or "kde" (``kde_samples`` model samples
     smoothed with a vMF kernel of ``bandwidth_km``, default: k-NN rule of
     :func:`geopipe.pipeline.viz.density_grid.kde_bandwidth_km`); resolution_deg: grid cell size, degrees (must divide
@@ -68,7 +71,7 @@ class MapConfig:
     out_dir: str
     keys: tuple[str, ...] = ()
     n_records: int = 4
-    mode: str = "loglik"
+    mode: str = "auto"
     resolution_deg: float = 3.0
     kde_samples: int = 2048
     bandwidth_km: float | None = None
@@ -107,6 +110,12 @@ class MapResult:
     masses: tuple[float, ...]
     rasters: tuple[str, ...] = ()
     regions: tuple[str | None, ...] = ()
+
+
+def map_mode(device) -> str:
+    """The density source of mode "auto" on ``device`` (a torch.device): the exact likelihood grid
+    on a GPU, the KDE of model samples on a CPU."""
+    return "loglik" if device.type == "cuda" else "kde"
 
 
 class _Drawn(NamedTuple):
@@ -208,6 +217,11 @@ def run_maps(cfg: MapConfig) -> MapResult:
     if not rows:
         raise GeopipeError(f"store {cfg.store} has no records to draw")
     p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")
+    if cfg.mode == "auto":
+        cfg = replace(cfg, mode=map_mode(p.device))
+        if cfg.progress:
+            print(f"map: density by {cfg.mode} on {p.device.type}" + (" (--mode loglik draws the exact likelihood grid: a GPU job)"
+                                                                       if cfg.mode == "kde" else ""), file=sys.stderr)
     os.makedirs(cfg.out_dir, exist_ok=True)
     drawn = []
     n_grid = int(np.prod([len(a) for a in latlon_grid(cfg.resolution_deg)]))
