@@ -22,12 +22,14 @@ def store_group():
 
 @store_group.command("info")
 @click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of name: value lines.")
 @user_errors
-def store_info_command(store):
+def store_info_command(store, as_json):
     """Counts, embedding format, backbone, shards, rejects and size on disk of STORE (path or fsspec url)."""
     from geopipe.stages.store_tools import StoreInfoConfig, run_store_info
 
-    click.echo(run_store_info(StoreInfoConfig(store=store)).text)
+    res = run_store_info(StoreInfoConfig(store=store))
+    click.echo(res.to_json() if as_json else res.text)
 
 
 @store_group.command("verify")

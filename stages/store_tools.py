@@ -51,6 +51,15 @@ class StoreInfoResult:
     info: StoreInfo
     text: str
 
+    def to_json(self) -> str:
+        """The summary as one JSON object (``geopipe store info --json``): the fields of
+        :class:`~geopipe.pipeline.store.verify.StoreInfo` (size in bytes, rejects by reason) and
+        ``unlabelled``."""
+        import json
+        from dataclasses import asdict
+
+        return json.dumps({**asdict(self.info), "unlabelled": self.info.rows - self.info.labelled}, indent=2, default=str)
+
 
 def run_store_info(cfg: StoreInfoConfig) -> StoreInfoResult:
     """Summarise a store; raises StoreError (a GeopipeError) when it is not one."""
