@@ -20,7 +20,7 @@ from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.store import CONSOLIDATED, MAX_ATTR_BYTES, REJECTS_GROUP, REJECTS_NODE_VALUE
 
 __all__ = ["checked", "open_group", "root_json", "write_root", "consolidated_status", "ensure_rejects_node",
-           "stale_temporaries", "remove_stale_temporaries", "check_attrs_size", "GROWING_ATTRS"]
+           "is_temporary", "stale_temporaries", "remove_stale_temporaries", "check_attrs_size", "GROWING_ATTRS"]
 
 #: Group attributes that grow with the store's shards (not bounded by :data:`MAX_ATTR_BYTES`).
 GROWING_ATTRS = frozenset({"shards", "chunk_digests", "rejects", "meta_fields", "meta_text"})
@@ -128,6 +128,11 @@ def ensure_rejects_node(path: str) -> bool:
             pass  # unreadable: write it anew
     fsio.write_atomic(url, _rejects_node_json())
     return True
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is that of an atomic write's temporary file (geopipe's or zarr-python's)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def stale_temporaries(path: str, before: float | None = None) -> list[str]:

@@ -20,7 +20,7 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.lockfile import DirLock, NullLock
 from geopipe.pipeline.store.format import encode_meta_block, labelled_rows, meta_encoding, usable_embeddings
-from geopipe.pipeline.store.hierarchy import check_attrs_size, checked, ensure_rejects_node, write_root
+from geopipe.pipeline.store.hierarchy import check_attrs_size, checked, ensure_rejects_node, is_temporary, write_root
 from geopipe.pipeline.store.reader import META_NAME, REJECTS_PARTS_DIR, StoreError, rejects_part_path
 from geopipe.pipeline.store.rejects import read_rejects, write_rejects
 from geopipe.schemas.rejects import REJECTS_SCHEMA
@@ -66,8 +66,9 @@ _META_KEYS_ATTRS = {"long_name": "record key, as in the root's keys array (the c
 
 
 def is_fresh_dir(path: str) -> bool:
-    """Empty, or holding only what an interrupted store creation leaves (no root zarr.json)."""
-    return set(fsio.listdir(path)) <= _CREATION_LEFTOVERS
+    """Empty, or holding only what an interrupted store creation leaves (no root zarr.json; temporary
+    files of its killed writes)."""
+    return {name for name in fsio.listdir(path) if not is_temporary(name)} <= _CREATION_LEFTOVERS
 
 
 def lock_store(path: str) -> DirLock | NullLock:

@@ -127,3 +127,11 @@ def test_a_huge_value_in_the_store_attributes_is_refused_in_one_line(tmp_path):
                                    "--backbone-name", "B" * (2 << 20)])  # a 2 MiB model name
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output[:500]
     assert "2.0 MiB of the store's zarr.json (limit 1.0 MiB" in res.output
+
+
+def test_a_creation_killed_while_writing_the_root_is_started_again(tmp_path):
+    path = tmp_path / "s.zarr"
+    path.mkdir()
+    (path / ("zarr." + "ef" * 16 + ".partial")).write_bytes(b"{")  # zarr's temporary root metadata, its writer killed
+    (path / "embeddings").mkdir()
+    assert verify_store(_write(path, shards=(0,))) == [] and stale_temporaries(str(path)) == []
