@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from geopipe.pipeline.world.demo_world import DemoWorldConfig, write_demo_world
 
-__all__ = ["DemoDataConfig", "DemoDataResult", "run_demo_data", "write_demo_photos"]
+__all__ = ["STAMP_SCHEMA", "DemoDataConfig", "DemoDataResult", "run_demo_data", "write_demo_photos"]
 
 
 @dataclass(frozen=True)
@@ -36,20 +37,57 @@ def _existing(cfg: DemoDataConfig) -> tuple[str, ...]:
     return tuple(sorted(glob.glob(os.path.join(cfg.out, "*.tar"))))
 
 
-def run_demo_data(cfg: DemoDataConfig) -> DemoDataResult:
-    """Write the demo world to ``cfg.out`` unless a complete one with the same settings is there."""
-    stamp = os.path.join(cfg.out, "demo_world.json")
+#: Schema id of the stamp ``demo_world.json`` beside a complete demo world.
+STAMP_SCHEMA = "geopipe.demo_world/1"
+
+
+def _stamp(cfg: DemoDataConfig) -> dict:
+    """The stamp's JSON object: what the world was made from (its folder aside)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    return {"schema": STAMP_SCHEMA, "settings": settings}
+
+
+def _legacy_stamp(cfg: DemoDataConfig) -> str:
+    """The stamp written before it was JSON: ``repr(cfg)`` (single-view worlds without the view options)."""
     settings = repr(cfg)
-    if cfg.views_per_place == 1:  # stamps of single-view worlds read as before the option existed
+    if cfg.views_per_place == 1:
         settings = settings.replace(", views_per_place=1, test_views_per_place=None)", ")")
-    if os.path.exists(stamp) and open(stamp).read() == settings:
+    return settings
+
+
+def _stamp_matches(path: str, cfg: DemoDataConfig) -> bool:
+    """True when the stamp at ``path`` records ``cfg``'s settings (a legacy repr stamp is upgraded to JSON)."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if text == _legacy_stamp(cfg):
+        _write_stamp(path, cfg)
+        return True
+    try:
+        return json.loads(text) == _stamp(cfg)
+    except ValueError:
+        return False
+
+
+def _write_stamp(path: str, cfg: DemoDataConfig) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(_stamp(cfg), fh, indent=2)
+        fh.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def run_demo_data(cfg: DemoDataConfig) -> DemoDataResult:
+    """Write the demo world to ``cfg.out`` unless a complete one with the same settings is there
+    (``demo_world.json``, a JSON object ``{"schema", "settings"}`` written last)."""
+    stamp = os.path.join(cfg.out, "demo_world.json")
+    if _stamp_matches(stamp, cfg):
         return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), True)
     os.makedirs(cfg.out, exist_ok=True)
     world = DemoWorldConfig(n_train=cfg.n_train, n_test=cfg.n_test, shard_size=cfg.shard_size, image_size=cfg.image_size, seed=cfg.seed,
                             views_per_place=cfg.views_per_place, test_views_per_place=cfg.test_views_per_place)
     write_demo_world(cfg.out, world)
-    with open(stamp, "w") as fh:  # written last: a crash mid-write regenerates next time
-        fh.write(settings)
+    _write_stamp(stamp, cfg)  # written last: a crash mid-write regenerates next time
     return DemoDataResult(cfg.out, cfg.n_train, cfg.n_test, _existing(cfg), False)
 
 
