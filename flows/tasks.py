@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.eval.table import as_markdown
 from geopipe.stages.demo import run_demo_data
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
 from geopipe.stages.extract import run_extract
@@ -149,7 +150,7 @@ def evaluate_task(cfg: EvaluateConfig):
 
     res = run_evaluate(cfg)
     create_markdown_artifact(key="geopipe-evaluation", description="evaluation of the predictions",
-                             markdown=f"# geopipe evaluation\n\n```\n{res.table}\n```\n")
+                             markdown=f"# geopipe evaluation\n\n{as_markdown(res.table)}")
     return res
 
 
@@ -189,7 +190,7 @@ def evaluate_uncertainty_task(cfg: EvaluateConfig):
     res = run_evaluate(cfg)
     plots = "".join(f"- {p}\n" for p in res.plots)
     create_markdown_artifact(key="geopipe-uncertainty", description="retrieval and failure prediction",
-                             markdown=f"# geopipe retrieval evaluation\n\n```\n{res.table}\n```\n\n"
-                                      f"## Failure prediction\n\n```\n{res.uncertainty_table}\n```\n"
+                             markdown=f"# geopipe retrieval evaluation\n\n{as_markdown(res.table)}\n"
+                                      f"## Failure prediction\n\n{as_markdown(res.uncertainty_table)}"
                                       + (f"\n## Plots\n\n{plots}" if plots else ""))
     return res

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from geopipe.pipeline.eval.prdc import prdc_collapse_note
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "as_markdown"]
 
 _SPACE_TAG = {"sphere": "S²", "r3": "R³"}
 _RADII = (1, 25, 200, 750, 2500)
@@ -127,3 +127,47 @@ def _recall_line(e: dict) -> str:
     return (f"\n{e.get('name')}: Recall@K (%) at {rec['radius_m']:g} m: {cells} "
             f"({rec['n_unanswerable']} of {rec['n']} queries without a positive dropped"
             + (f"; {rec['n_unlabelled']} unlabelled queries left out" if rec.get("n_unlabelled") else "") + f"); at 25 km: {km}")
+
+
+def _spans(rule: str) -> list[tuple[int, int]] | None:
+    """Column spans of a ``----  ------`` rule line (None when the line is not one)."""
+    import re
+
+    if not rule.strip() or set(rule.strip()) - {"-", " "} or "--" not in rule:
+        return None
+    return [m.span() for m in re.finditer(r"-+", rule)]
+
+
+def _fits(line: str, spans: list[tuple[int, int]]) -> bool:
+    """A row of the table: blank between the columns and not longer than the rule."""
+    gaps = [line[b:a] for (_, b), (a, _) in zip(spans, spans[1:])]
+    return len(line.rstrip()) <= spans[-1][1] and all(not g.strip() for g in gaps)
+
+
+def _cut(line: str, spans: list[tuple[int, int]]) -> list[str]:
+    return [line[a:b].strip() for a, b in spans]
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def as_markdown(text: str) -> str:
+    """The plain-text tables of :func:`format_table` and the failure table (a header line, a rule
+    of dashes, aligned rows) as Markdown pipe tables; other lines become paragraphs. Cells are cut
+    at the rule's dash runs, so aligned columns survive whatever their justification."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        spans = _spans(lines[i + 1]) if i + 1 < len(lines) else None
+        if spans and len(spans) > 1:
+            out += ["", _md_row(_cut(lines[i], spans)), "|" + "|".join("---" for _ in spans) + "|"]
+            i += 2
+            while i < len(lines) and lines[i].strip() and _fits(lines[i], spans):
+                out.append(_md_row(_cut(lines[i], spans)))
+                i += 1
+            out.append("")
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out).strip() + "\n"
+
