@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.geopipe-installed
 
-.PHONY: demo test bench bench-geoclip clean-demo
+.PHONY: demo test bench gpu-check bench-geoclip clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/geopipe bench
+
+# One prepared run on a CUDA machine (<= 8 min): every CUDA path against its bare baseline and the
+# CPU path; writes bench-data/gpu-check.json and .txt; exit 1 when a check raised or disagreed.
+gpu-check: $(STAMP)
+	$(BIN)/geopipe bench --what gpu --device cuda --workdir bench-data -o bench-data/gpu-check.json
 
 # the realistic geoclip world (pip install --no-deps geoclip) and one table of every method on it (README)
 bench-geoclip: $(STAMP)

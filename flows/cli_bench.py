@@ -17,13 +17,15 @@ __all__ = ["bench_command"]
 
 @click.command("bench")
 @click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "retrieval-queries", "bayescap", "stream",
-                                           "dask", "import", "extract-dask"]),
+                                           "dask", "import", "extract-dask", "gpu"]),
               default="all", show_default=True,
               help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
                    "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
                    "geopipe import vs np.load + zarr write; extract-dask: extract on local:2 vs one process; retrieval-queries: peak RSS and "
                    "queries/s of geopipe retrieve -k 64 at 1K, 10K, 50K queries against 80,689 x 512 float16 records vs a bare "
-                   "matmul + top-k loop, a process per point). stream/dask/import/retrieval-queries write their inputs under --workdir.")
+                   "matmul + top-k loop, a process per point; gpu: every CUDA path vs its bare baseline and the CPU path, at most ~8 min on one "
+                   "GPU, writes --out (default WORKDIR/gpu-check.json) and a .txt table beside it). stream/dask/import/retrieval-queries/gpu "
+                   "write their inputs under --workdir.")
 @click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
               help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
 @click.option("--rows", default=200_000, show_default=True, help="Store rows of the stream benchmark.")
@@ -36,11 +38,14 @@ __all__ = ["bench_command"]
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", "-o", default=None, help="Write the figures as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of the table of targets and verdicts.")
+@click.option("--tiny", is_flag=True, help="gpu: toy sizes, the same code paths (the CI dry run: --what gpu --device cpu --tiny).")
 @device_option
 @user_errors
-def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, as_json, device):
+def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, as_json, tiny, device):
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s); prints one
     table row per figure with its baseline, ratio, target and verdict (--json: the raw figures)."""
+    if what == "gpu":
+        return _gpu(workdir, out, tiny, threads, device)
     from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
     cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device,
@@ -86,3 +91,21 @@ def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repe
     click.echo(format_bench_table(results))
     if out:
         click.echo(f"figures → {out}")
+
+
+def _gpu(workdir, out, tiny, threads, device):
+    """``--what gpu``: the table on stdout, one line per check on stderr as it finishes; exit 1
+    when a check raised or disagreed with the CPU (a missed target is a finding, not a failure)."""
+    import os
+    import sys
+
+    from geopipe.stages.bench_gpu import run_gpu_bench
+    from geopipe.stages.bench_gpu_spec import GpuBenchConfig, format_gpu_table
+
+    cfg = GpuBenchConfig(device="cuda" if device == "auto" and not tiny else device, tiny=tiny, workdir=workdir,
+                         out=out or os.path.join(workdir, "gpu-check.json"), threads=threads, progress=progress_enabled())
+    res = run_gpu_bench(cfg, on_row=lambda r: print(f"geopipe: bench gpu: {r.check}: {r.verdict} ({r.what})", file=sys.stderr))
+    click.echo(format_gpu_table(res.rows))
+    click.echo(f"{len(res.rows)} rows in {res.seconds:.1f} s on {res.device} → {res.json_path}, {res.table_path}")
+    if not res.ok:
+        raise SystemExit(1)

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-__all__ = ["bench_extract", "bench_extract_dask"]
+__all__ = ["write_bench_shards", "bench_extract", "bench_extract_dask"]
 
 _RSS_CHILD = """
 import json, sys, threading
@@ -77,7 +77,9 @@ def _image(rng: np.random.Generator, px: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_shards(out: str, n_shards: int, per_shard: int, px: int, seed: int = 0) -> list[str]:
+def write_bench_shards(out: str, n_shards: int, per_shard: int, px: int, seed: int = 0) -> list[str]:
+    """``n_shards`` WebDataset tars of ``per_shard`` photo-like ``px``-pixel JPEGs with random
+    coordinates under ``out``; returns their paths."""
     from geopipe.pipeline.ingest.shards import write_shards
 
     rng = np.random.default_rng(seed)
@@ -107,7 +109,7 @@ def _bare(bb, batch_size: int, n_batches: int, precision: str) -> float:
 
 def _peak_rss(workdir: str, n_shards: int, per_shard: int, px: int, opts: dict) -> dict:
     """Peak RSS (MiB) of a child extracting ``n_shards`` shards (n_shards=0: baseline, no extract)."""
-    shards = _write_shards(os.path.join(workdir, f"rss{n_shards}"), max(n_shards, 1), per_shard, px, seed=n_shards)
+    shards = write_bench_shards(os.path.join(workdir, f"rss{n_shards}"), max(n_shards, 1), per_shard, px, seed=n_shards)
     args = {**opts, "shards": shards, "store": os.path.join(workdir, f"rss{n_shards}.zarr"), "progress": False,
             "baseline": n_shards == 0}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +138,7 @@ def bench_extract(*, backbone: str = "ViT-B-32", pretrained: str | None = "rando
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        shards = _write_shards(os.path.join(tmp, "shards"), n_shards, -(-n_images // n_shards), image_px)
+        shards = write_bench_shards(os.path.join(tmp, "shards"), n_shards, -(-n_images // n_shards), image_px)
         cfg = ExtractConfig(shards=tuple(shards), store=os.path.join(tmp, "bench.zarr"), backbone=backbone,
                             pretrained=pretrained, batch_size=batch_size, num_workers=num_workers, device=device,
                             precision=precision, progress=False)
@@ -178,7 +180,7 @@ def bench_extract_dask(*, backbone: str = "ViT-B-32", pretrained: str | None = "
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        shards = _write_shards(os.path.join(tmp, "shards"), n_shards, -(-n_images // n_shards), image_px)
+        shards = write_bench_shards(os.path.join(tmp, "shards"), n_shards, -(-n_images // n_shards), image_px)
         runs = {}
         for name, dask in (("single", None), ("dask", f"local:{workers}")):
             cfg = ExtractConfig(shards=tuple(shards), store=os.path.join(tmp, f"{name}.zarr"), backbone=backbone,
