@@ -354,7 +354,21 @@ def serve(config, cron, interval, name):
         except KeyboardInterrupt:
             pass
         finally:
+            _unschedule(config, name)
             click.echo("geopipe serve: stopped", err=True)
+
+
+def _unschedule(config: str, name: str | None) -> None:
+    """On stop: the deployment paused and its runs still SCHEDULED deleted (one line says how many)."""
+    from geopipe.flows.pipeline_flow import deployment_name, scheduled_flow
+    from geopipe.flows.serve import remove_scheduled_runs
+
+    try:
+        n = remove_scheduled_runs(scheduled_flow.name, deployment_name(config, name))
+    except Exception as exc:  # the server may be gone already: say so, never hide why serve stopped
+        click.echo(f"geopipe serve: could not remove the scheduled runs ({type(exc).__name__}: {exc})", err=True)
+        return
+    click.echo(f"geopipe serve: removed {n} scheduled run(s) and paused deployment {deployment_name(config, name)}", err=True)
 
 
 def _register_subcommands() -> None:

@@ -21,7 +21,7 @@ from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.stages.config import PipelineConfig
 from geopipe.stages.evaluate import store_mean_direction
 
-__all__ = ["PipelineResult", "geopipe_flow", "run_pipeline", "scheduled_flow", "scheduled_deployment"]
+__all__ = ["PipelineResult", "geopipe_flow", "run_pipeline", "scheduled_flow", "scheduled_deployment", "deployment_name"]
 
 
 @dataclass(frozen=True)
@@ -107,16 +107,27 @@ def scheduled_flow(config_path: str) -> PipelineResult:
         return geopipe_flow(load_pipeline_config(config_path))
 
 
+def deployment_name(config_path: str, name: str | None = None) -> str:
+    """The deployment's name: ``name``, else ``geopipe-<config stem>``."""
+    return name or f"geopipe-{os.path.splitext(os.path.basename(config_path))[0]}"
+
+
 def scheduled_deployment(config_path: str, *, cron: str | None = None, interval_s: float | None = None, name: str | None = None):
-    """A Prefect deployment of :func:`scheduled_flow` for ``config_path`` on a cron or interval schedule."""
+    """A Prefect deployment of :func:`scheduled_flow` for ``config_path`` on a cron or interval schedule.
+    Its entrypoint is the module path ``geopipe.flows.pipeline_flow.scheduled_flow`` (not a file path
+    relative to the directory serve was started in), and it is unpaused when served again."""
+    from prefect.deployments.runner import EntrypointType
+
     path = os.path.abspath(config_path)
     if not os.path.exists(path):
         raise GeopipeError(f"config not found: {config_path}")
     if (cron is None) == (interval_s is None):
         raise ConfigError("give exactly one of --cron or --interval")
     return scheduled_flow.to_deployment(
-        name=name or f"geopipe-{os.path.splitext(os.path.basename(path))[0]}",
+        name=deployment_name(config_path, name),
         parameters={"config_path": path},
         cron=cron,
         interval=interval_s,
+        paused=False,
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 from geopipe.pipeline.core.errors import GeopipeError
 
-__all__ = ["scheduling_api", "STARTUP_TIMEOUT_S"]
+__all__ = ["scheduling_api", "remove_scheduled_runs", "STARTUP_TIMEOUT_S"]
 
 #: Seconds to wait for a started server to answer (a busy 2-core machine needs ~30).
 STARTUP_TIMEOUT_S = 240
@@ -67,6 +67,38 @@ def _stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def remove_scheduled_runs(flow_name: str, deployment_name: str) -> int:
+    """When serve stops: pause deployment ``flow_name/deployment_name`` (no new runs are scheduled)
+    and delete its runs still SCHEDULED (the scheduler queues ~100 ahead, which would otherwise
+    sit in the server's database, and run if it is served again). Returns how many were deleted;
+    0 when the deployment is not there."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+
+    async def remove() -> int:
+        async with get_client() as client:
+            try:
+                dep = await client.read_deployment_by_name(f"{flow_name}/{deployment_name}")
+            except ObjectNotFound:
+                return 0
+            await client.pause_deployment(dep.id)
+            scheduled = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+            n = 0
+            while runs := await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                                      flow_run_filter=scheduled, sort=FlowRunSort.ID_DESC, limit=200):
+                for run in runs:
+                    await client.delete_flow_run(run.id)
+                n += len(runs)
+            return n
+
+    return asyncio.run(remove())
 
 
 @contextlib.contextmanager

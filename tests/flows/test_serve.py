@@ -78,6 +78,8 @@ def test_serve_produces_a_real_scheduled_run(demo_stores, tmp_path):
         time.sleep(0.5)
     assert not _alive(server_pid), "the Prefect server outlived geopipe serve"
     assert "geopipe serve: stopped" in text
+    # on stop, the runs the scheduler had queued ahead are deleted and the deployment paused
+    assert re.search(r"geopipe serve: removed \d+ scheduled run\(s\) and paused deployment geopipe-pipeline", text), text
 
 
 def test_serve_refuses_an_api_url_that_does_not_answer(monkeypatch):
