@@ -92,10 +92,7 @@ def import_command(sources, store, backbone_name, key_col, lat_col, lon_col, met
                        lon_col=lon_col, meta_fields=tuple(meta_fields) or None, dtype=dtype, normalize=not no_normalize,
                        max_reject_fraction=max_reject_fraction, on_changed=on_changed, verify_hash=verify_hash,
                        progress=progress_enabled())
-    res = run_import(cfg)
+    res = run_import(cfg)  # prints its one summary line (counts, rejects by reason, pairs done, throughput) on stderr
     if res.all_unlabelled():  # say so before train finds nothing
         click.echo(f"geopipe: warning: none of the {res.n_ok} records added to {store} has a location (all unlabelled); if the "
                    f"coordinates are named otherwise, pass --lat-col/--lon-col", err=True)
-    unlabelled = f"{res.n_unlabelled} unlabelled, " if res.n_unlabelled else ""
-    click.echo(f"imported {res.n_ok} records ({unlabelled}{res.n_rejected} rejected) from {res.shards_done} pairs "
-               f"({res.shards_skipped} already done) in {res.seconds:.1f} s → {res.store}")

@@ -104,7 +104,7 @@ def test_plain_pairs_misaligned_pair_writes_nothing(tmp_path):
     assert out.exit_code == 1 and out.output.strip().splitlines()[-1] == f"geopipe: error: {msg}"
     _write_pair(str(src / "b.npy"), str(src / "b.parquet"), _emb(3, 1), _table(["b0", "b1", "b2"], [0.0] * 3, [1.0] * 3))
     out = runner.invoke(cli, ["import", str(src / "{a,b}.npy"), "--store", str(store), "--backbone-name", "StreetCLIP"])
-    assert out.exit_code == 0 and "imported 3 records (0 rejected) from 1 pairs (1 already done)" in out.output
+    assert out.exit_code == 0 and ": 3 ok, 0 rejected; 1 pairs imported, 1 already done;" in out.output
     assert read_store(str(store)).keys.tolist() == ["a0", "a1", "a2", "b0", "b1", "b2"]
 
 

@@ -250,5 +250,5 @@ def test_import_keeps_rows_without_coordinates_as_unlabelled(tmp_path):
     with pytest.raises(PairError, match=r"columns \['longitude'\] not found"):
         run_import(ImportConfig(sources=(c,), store=store, backbone_name="E", progress=False))
     out = CliRunner().invoke(cli, ["import", b, "--store", str(tmp_path / "cli.zarr"), "--backbone-name", "E"])
-    assert out.exit_code == 0 and "imported 2 records (2 unlabelled, 0 rejected)" in out.output
+    assert out.exit_code == 0 and ": 2 ok (0 labelled, 2 unlabelled), 0 rejected;" in out.output
     assert "none of the 2 records added" in out.output  # all unlabelled: said, not silent
