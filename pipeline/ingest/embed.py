@@ -189,23 +189,25 @@ def embed_shards(todo: Sequence[tuple[str, ShardStat]], writer: StoreWriter, bac
     embed_dim = int(writer.attrs["embed_dim"])
     preprocess = backbone.preprocess if backbone is not None else None
     dataset = ShardBatches([u for u, _ in todo], preprocess, spec, opts.batch_size, embed_dim=embed_dim, samples=samples)
-    total_bytes, bytes_done = sum(s.size for _, s in todo), 0
+    total_bytes, bytes_done, images_done = sum(s.size for _, s in todo), 0, 0
     bar = Progress(None, "extract", "img", enabled=opts.progress)
     pending: dict[int, list] = {}  # shard position → [(seq, part, embeddings)] until its last part
     done, nxt, in_flight = set(), 0, None
 
     def finish(part, handle) -> None:
-        nonlocal nxt, bytes_done
+        nonlocal nxt, bytes_done, images_done
         pending.setdefault(part["shard"], []).append((part["seq"], part, _collect(handle)))
         done.update([part["shard"]] if part["last"] else [])
         bar.update(part["n_samples"])
         while nxt in done:
             url, stat = todo[nxt]
-            rows, sha256 = _rows(pending.pop(nxt))
+            parts = pending.pop(nxt)
+            images_done += sum(p["n_samples"] for _, p, _ in parts)
+            rows, sha256 = _rows(parts)
             n_ok, rejects = commit_rows(writer, url, dataclasses.replace(stat, sha256=sha256), rows)
             bytes_done += stat.size
-            if bytes_done and total_bytes:  # ETA from the shards' bytes per image so far
-                bar.total = max(bar.n, int(bar.n * total_bytes / bytes_done))
+            if bytes_done and total_bytes:  # ETA from the committed shards' bytes per image (not later shards' parts)
+                bar.total = max(bar.n, round(images_done * total_bytes / bytes_done))
             nxt += 1
             on_commit(url, n_ok, rejects)
 
