@@ -200,6 +200,8 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
 @click.option("--bayescap", default=None, help="BayesCap checkpoint (geopipe bayescap train) trained on embeddings "
               "of the store's backbone: also write log_u, log_u_alea, log_u_epi of each record.")
 @config_option("--mc-passes", type=int, config=_PREDICT, help="MC-dropout passes of the --bayescap scores.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file, or a dataset of other predictions (a dataset of "
+              "the same predictions resumes without it).")
 @click.option("--region", default=None, type=float,
               help="Probability mass q in (0, 1), e.g. 0.9: store each record's highest-density region of mass q as a polygon "
                    "(GeoParquet geometry column region, with region_mass and region_area_km2; S² methods).")
@@ -209,14 +211,14 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
 @device_option
 @user_errors
 def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
-            batch_size, seed, dask_address, bayescap, mc_passes, device, region, region_density=None):
+            batch_size, seed, dask_address, bayescap, mc_passes, device, overwrite, region, region_density=None):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
     cfg = PredictConfig(checkpoint=checkpoint, store=store, out=out, device=device, progress=progress_enabled(), **given(
         steps=steps, guidance=guidance, sampler=sampler, samples=samples, ensemble=ensemble, nll=nll or None,
         localizability=localizability, rtol=rtol, atol=atol, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
-        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, region=region, region_density=region_density))
+        dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, overwrite=overwrite or None, region=region, region_density=region_density))
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")
 
@@ -227,6 +229,7 @@ _EVALUATE = "geopipe.stages.evaluate:EvaluateConfig"
 @cli.command()
 @click.argument("predictions", nargs=-1, required=True)
 @click.option("--out", "-o", default=None, help="Write the JSON report here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o report.")
 @click.option("--name", "names", multiple=True, help="Label per predictions file (repeat).")
 @click.option("--baseline-store", default=None, help="Add a constant-prediction row (mean direction of this store).")
 @click.option("--store", default=None,
@@ -244,7 +247,7 @@ _EVALUATE = "geopipe.stages.evaluate:EvaluateConfig"
 @config_option("--failure-km", type=float, config=_EVALUATE, help="With --uncertainty: a record fails when its error exceeds this.")
 @click.option("--plots", "plots_dir", default=None, help="With --uncertainty: write sparsification and reliability PNGs here.")
 @user_errors
-def evaluate(predictions, out, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks,
+def evaluate(predictions, out, overwrite, names, baseline_store, store, geocode, country_field, region_field, city_field, prdc_k, prdc_chunks,
              uncertainty, failure_km, plots_dir):
     """Score one or several prediction files; several files print one row per model."""
     from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
@@ -257,7 +260,7 @@ def evaluate(predictions, out, names, baseline_store, store, geocode, country_fi
     res = run_evaluate(EvaluateConfig(predictions=tuple(predictions), **given(
         out=out, names=tuple(names) or None, baseline_latlon=baseline, store=store, geocode=geocode or None,
         country_field=country_field, region_field=region_field, city_field=city_field, prdc_k=prdc_k, prdc_chunks=prdc_chunks,
-        uncertainty=uncertainty or None, failure_km=failure_km, plots_dir=plots_dir)))
+        uncertainty=uncertainty or None, failure_km=failure_km, plots_dir=plots_dir, overwrite=overwrite or None)))
     click.echo(res.table)
     if res.uncertainty_table:
         click.echo("\n" + res.uncertainty_table)

@@ -19,6 +19,7 @@ __all__ = ["map_command", "calibration_plot_command"]
 @click.option("--store", required=True, help="Embedding store holding the records.")
 @click.option("--out-dir", "--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for map-<key>.png, map-<key>.tif (GeoTIFF, probability per km²) and map-<key>.geojson (HDR region).")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier map of the same records in --out-dir.")
 @click.option("--key", "keys", multiple=True, help="Record key to draw (repeat); default: the first --n-records records.")
 @click.option("--n-records", "--n", "n_records", default=4, show_default=True, help="Records to draw when no --key is given.")
 @click.option("--mode", type=click.Choice(["auto", "loglik", "kde"]), default="auto", show_default=True,
@@ -37,7 +38,7 @@ __all__ = ["map_command", "calibration_plot_command"]
               help="Probability mass q of the highest-density region written as map-<key>.geojson (0 = none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @user_errors
-def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_deg, kde_samples, bandwidth_km, steps, guidance,
+def map_command(checkpoint, store, out_dir, overwrite, keys, n_records, mode, resolution_deg, kde_samples, bandwidth_km, steps, guidance,
                 seed, rtol, atol, world, region, device):
     """Draw world maps (PNG) of the predicted density, true location and prediction for chosen records, with the
     density grid as GeoTIFF and its highest-density region as GeoJSON beside each."""
@@ -46,7 +47,7 @@ def map_command(checkpoint, store, out_dir, keys, n_records, mode, resolution_de
     cfg = MapConfig(checkpoint=checkpoint, store=store, out_dir=out_dir, keys=tuple(keys), n_records=n_records, mode=mode,
                     resolution_deg=resolution_deg, kde_samples=kde_samples, bandwidth_km=bandwidth_km, steps=steps,
                     guidance=guidance, seed=seed, rtol=rtol, atol=atol, zoom=not world, device=device,
-                    progress=progress_enabled(), region=None if region == 0 else region)
+                    progress=progress_enabled(), region=None if region == 0 else region, overwrite=overwrite)
     res = run_maps(cfg)
     for key, path, mass, raster, geojson in zip(res.keys, res.paths, res.masses, res.rasters, res.regions):
         click.echo(f"{key}: {path} (grid mass {mass:.3f}), {raster}" + (f", {geojson}" if geojson else ""))

@@ -2,7 +2,8 @@
 condition, Prefect's settings for an offline run and the brief logging of user errors.
 
 Tasks are thin wrappers around the stage functions: each logs one line and, where useful,
-publishes an artifact. Caching by inputs is left to the stages (NO_CACHE here), which see
+publishes an artifact. A pipeline run replaces its own outputs (``overwrite``): which steps run
+again is the rerun plan's decision (:mod:`geopipe.stages.rerun`), not an existing file's. Caching by inputs is left to the stages (NO_CACHE here), which see
 through deleted or changed outputs. Nothing here runs at import: the settings and the log
 filter apply inside :func:`prefect_defaults` and :func:`brief_user_errors` only.
 """
@@ -10,6 +11,7 @@ filter apply inside :func:`prefect_defaults` and :func:`brief_user_errors` only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -148,7 +150,7 @@ def predict_task(cfg):
 def evaluate_task(cfg: EvaluateConfig):
     from prefect.artifacts import create_markdown_artifact
 
-    res = run_evaluate(cfg)
+    res = run_evaluate(dataclasses.replace(cfg, overwrite=True))
     create_markdown_artifact(key="geopipe-evaluation", description="evaluation of the predictions",
                              markdown=f"# geopipe evaluation\n\n{as_markdown(res.table)}")
     return res
@@ -157,7 +159,7 @@ def evaluate_task(cfg: EvaluateConfig):
 @task(name="retrieve", task_run_name=run_name("retrieve", "out"), retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
 def retrieve_task(cfg: RetrieveConfig):
-    res = run_retrieve(cfg)
+    res = run_retrieve(dataclasses.replace(cfg, overwrite=True))
     cells = ", ".join(f"R@{k} {v:.3f}" for k, v in res.recall["recall"].items() if v is not None) or "no answerable query"
     get_run_logger().info("retrieve: %d queries against %d records (%s): %s", res.n_queries, res.n_database, res.backend, cells)
     return res
@@ -187,7 +189,7 @@ def score_task(cfg: ScoreFileConfig):
 def evaluate_uncertainty_task(cfg: EvaluateConfig):
     from prefect.artifacts import create_markdown_artifact
 
-    res = run_evaluate(cfg)
+    res = run_evaluate(dataclasses.replace(cfg, overwrite=True))
     plots = "".join(f"- {p}\n" for p in res.plots)
     create_markdown_artifact(key="geopipe-uncertainty", description="retrieval and failure prediction",
                              markdown=f"# geopipe retrieval evaluation\n\n{as_markdown(res.table)}\n"

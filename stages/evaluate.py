@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geopipe.pipeline.artifacts.outputs import check_output
 from geopipe.pipeline.artifacts.predictions import read_predictions
 from geopipe.pipeline.artifacts.report import build_report, json_safe, write_report
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
@@ -50,7 +51,8 @@ class EvaluateConfig:
     points (needs ``pip install 'geopipe-geolocation[geocode]'``), true labels from the store's
     ``meta/<field>`` arrays joined on key (or, without a store, by reverse geocoding the true
     points). Any subset of the areas works: a field left None is scored when the store has
-    ``unique_<area>``; a field given must exist.
+    ``unique_<area>``; a field given must exist. overwrite: replace an existing ``out`` (else
+    refused before any scoring).
     """
 
     predictions: tuple[str, ...]
@@ -67,6 +69,7 @@ class EvaluateConfig:
     uncertainty: bool = False
     failure_km: float = FailureOptions.failure_km
     plots_dir: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self):
         for name in ("predictions", "names", "baseline_latlon"):
@@ -119,6 +122,8 @@ def _labels(cfg: EvaluateConfig) -> list[str]:
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every predictions file of ``cfg``; write the JSON report when ``cfg.out`` is set."""
+    if cfg.out:
+        check_output(cfg.out, cfg.overwrite, example="report.json")
     opts = ScoreOptions(prdc_k=cfg.prdc_k, prdc_chunks=cfg.prdc_chunks, store=cfg.store, geocode=cfg.geocode,
                         admin_fields=cfg.admin_fields(), admin_optional=cfg.admin_optional())
     entries, first_truth, failures, skipped = [], None, [], []

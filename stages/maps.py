@@ -63,7 +63,8 @@ class MapConfig:
     second grid with as many cells as the world grid (so loglik mode costs up to twice as much).
     region: mass q of the highest-density region written as ``map-<key>.geojson`` (None: no file;
     loglik mode: of the model's density, S² methods only, ≈ 1000 draws and 20–40 k log-likelihoods
-    more per record; kde mode: of the KDE).
+    more per record; kde mode: of the KDE). overwrite: replace files of an earlier map in
+    ``out_dir`` (else refused before any drawing).
     """
 
     checkpoint: str
@@ -85,6 +86,7 @@ class MapConfig:
     device: str = "auto"
     progress: bool = True
     region: float | None = 0.9
+    overwrite: bool = False
 
     def __post_init__(self):
         if isinstance(self.keys, (list, str)):
@@ -209,6 +211,17 @@ def _write_region(cfg: MapConfig, p: Predictor, cond, g, key: str, truth, pred, 
     return write_geojson(path, features)
 
 
+def _check_outputs(cfg: MapConfig, keys: list[str]) -> None:
+    """Refuse, before any drawing, to replace the files of an earlier map unless ``cfg.overwrite``."""
+    if cfg.overwrite:
+        return
+    names = [f"map-{_safe_name(k)}{ext}" for k in keys for ext in (".png", ".tif", ".geojson")]
+    there = [n for n in names if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if there:
+        raise GeopipeError(f"{cfg.out_dir} already holds {len(there)} file(s) this map writes ({there[0]}, ...); "
+                           "pass --overwrite to replace them, or choose another --out-dir")
+
+
 def run_maps(cfg: MapConfig) -> MapResult:
     """Draw one density map per selected record into ``cfg.out_dir`` (``map-<key>.png``, ``.tif``, ``.geojson``)."""
     store = open_store(cfg.store)
@@ -216,6 +229,7 @@ def run_maps(cfg: MapConfig) -> MapResult:
     rows = _select_rows(cfg, keys)
     if not rows:
         raise GeopipeError(f"store {cfg.store} has no records to draw")
+    _check_outputs(cfg, [str(keys[r]) for r in rows])
     p = load_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")
     if cfg.mode == "auto":
         cfg = replace(cfg, mode=map_mode(p.device))

@@ -11,13 +11,14 @@ directory*: each partition is scored and written as ``part-<start>-<stop>.parque
 process that scored it (a Dask worker loads the model once: ``cached_predictor``), the client
 receives only each part's row range and name, reads the part's footer (a few kB) and writes
 ``_metadata``/``_common_metadata`` last.
-A rerun skips the parts already written. Otherwise (``-o x.parquet`` in process, the default)
-one file, written partition by partition and renamed into place at the end.
+A rerun skips the parts already written; parts of other predictions are refused unless
+``overwrite``. Otherwise (``-o x.parquet`` in process, the default) one file, streamed partition
+by partition (one row group each, one partition in memory) into a hidden file beside it and
+moved into place at the end; an existing file is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import pickle
 import sys
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.parquet as pq
 
+from geopipe.pipeline.artifacts.outputs import PredictionsStream, check_output
 from geopipe.pipeline.artifacts.predictions import (
     DATASET_METADATA,
     finish_dataset,
@@ -44,7 +46,7 @@ from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.infer.predictor import PredictOptions, cached_predictor, predict_rows
 from geopipe.pipeline.store.reader import open_store
 from geopipe.pipeline.store.space import store_space
-from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA
+from geopipe.schemas.predictions import METADATA_KEY
 
 __all__ = ["PredictConfig", "PredictResult", "PartDone", "run_predict", "partition_bounds", "writes_dataset"]
 
@@ -75,7 +77,7 @@ class PredictConfig:
     partition_batches: int = 8
     min_partitions: int = 16
     seed: int = 3407
-    overwrite: bool = False  # a dataset of other predictions at ``out`` is replaced instead of refused
+    overwrite: bool = False  # an existing file, or a dataset of other predictions, at ``out`` is replaced instead of refused
     dask: str | None = None  # None: in process; "local:N": LocalCluster(N); else a scheduler address
     device: str = "auto"
     progress: bool = True
@@ -217,18 +219,12 @@ def _run_dataset(cfg: PredictConfig, bounds, metadata: dict, existing: dict, bar
 
 
 def _run_file(cfg: PredictConfig, bounds, metadata: dict, bar: Progress) -> None:
-    """One file, written partition by partition (at most one partition's table in memory)."""
-    if fsio.is_local(cfg.out) and fsio.exists(cfg.out) and not fsio.isfile(cfg.out):
-        raise GeopipeError(f"output {cfg.out!r} is a directory; give a file path ending in .parquet, or drop .parquet for a dataset")
-    schema = PREDICTIONS_SCHEMA.with_metadata(dict(metadata))
-    buf = io.BytesIO()
-    with pq.ParquetWriter(buf, schema) as writer:
+    """One file, streamed partition by partition (at most one partition's table in memory)."""
+    with PredictionsStream(cfg.out, overwrite=cfg.overwrite) as out:
         for s, e in bounds:
-            writer.write_table(_predict_table(cfg, s, e).replace_schema_metadata(dict(metadata)))
+            out.write_table(_predict_table(cfg, s, e))
             bar.update(e - s)
-        if not bounds:
-            writer.write_table(PREDICTIONS_SCHEMA.empty_table().replace_schema_metadata(dict(metadata)))
-    fsio.write_atomic(cfg.out, buf.getvalue())
+        out.finish(metadata)
 
 
 def run_predict(cfg: PredictConfig) -> PredictResult:
@@ -239,6 +235,10 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     if writes_dataset(cfg) and fsio.is_local(cfg.out) and fsio.isfile(cfg.out):
         raise GeopipeError(f"output {cfg.out!r} is a file; a dataset output (-o without .parquet, or --dask) is a directory: "
                            f"give a new path, or one ending in .parquet for a single file")
+    if not writes_dataset(cfg):  # before any work: an existing file is replaced only with --overwrite
+        if fsio.is_local(cfg.out) and fsio.exists(cfg.out) and not fsio.isfile(cfg.out):
+            raise GeopipeError(f"output {cfg.out!r} is a directory; give a file path ending in .parquet, or drop .parquet for a dataset")
+        check_output(cfg.out, cfg.overwrite)
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")  # fail fast on mismatch
     if cfg.uncertainty_checkpoint:

@@ -7,7 +7,8 @@ matmul streaming the database or faiss when installed; with ``mode="kernel"`` a 
 mixture over the top-K fitted on database records queried leave-one-out, giving NLL,
 localizability and HDR ranks on S²), then the queries block by block — search, columns,
 training-free scores, Recall@K, BayesCap scores — each block's rows streamed to the output
-Parquet (:class:`geopipe.pipeline.retrieval.output.PredictionsStream`). Memory does not grow
+Parquet (:class:`geopipe.pipeline.artifacts.outputs.PredictionsStream`; an existing output is
+refused before any work unless ``overwrite``). Memory does not grow
 with the number of queries, nor with ``k`` beyond one block. ``geopipe evaluate`` scores the
 output like any model (plus Recall@K).
 
@@ -31,13 +32,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from geopipe.pipeline.artifacts.outputs import PredictionsStream, check_output
 from geopipe.pipeline.artifacts.predictions import TRUTH_COLUMNS, predictions_metadata
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.parallel import trim_heap
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M
-from geopipe.pipeline.retrieval.output import PredictionsStream
 from geopipe.pipeline.retrieval.predictor import MODES, RecallTally, RetrievalOptions, load_retrieval, predict_block
 from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
 from geopipe.pipeline.store.format import labelled_rows
@@ -62,7 +63,7 @@ class RetrieveConfig:
     calibrate / val_store (mode kernel): the calibrated density (pipeline/retrieval/calibrate.py)
     fitted on up to ``kernel_val`` records of ``val_store`` (held-out queries searched against
     the database; giving one turns calibrate on), or without one on database records queried
-    leave-capture-out."""
+    leave-capture-out. overwrite: replace an existing ``out`` (else refused before any work)."""
 
     query: str
     out: str
@@ -84,6 +85,7 @@ class RetrieveConfig:
     calibrate: bool = False
     val_store: str | None = None
     positives: str = "auto"  # utm | sphere | auto (utm when both stores carry UTM positions of one zone)
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -182,6 +184,7 @@ def _val_store(cfg: RetrieveConfig, db: EmbeddingStore) -> EmbeddingStore | None
 def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     """Search, predict, score and write the predictions table (see the module docstring)."""
     t0 = time.perf_counter()
+    check_output(cfg.out, cfg.overwrite)  # before any work
     from geopipe.pipeline.core.device import resolve_device
 
     resolve_device(cfg.device)  # a bad --device is one line before any work (it places a faiss index only)
@@ -195,7 +198,7 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     rule, db_utm, q_utm = resolve_positives(cfg.positives, qs, db)
     p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups, val_store=_val_store(cfg, db), utm=db_utm)
     tally, n, n_unlabelled = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size), 0
-    with PredictionsStream(cfg.out) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
+    with PredictionsStream(cfg.out, overwrite=cfg.overwrite) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
         for a, b in p.blocks(n):
             rows = qd.query_rows[a:b]
             groups = None if qd.query_groups is None else qd.query_groups[a:b]

@@ -29,8 +29,8 @@ from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
-__all__ = ["TRUTH_COLUMNS", "wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "write_predictions", "read_predictions",
-           "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
+__all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "write_table_file", "wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "BboxAccumulator",
+           "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
            "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
 
 _REQUIRED = ("key", "lat", "lon")
@@ -42,6 +42,10 @@ TRUTH_COLUMNS = ("true_lat", "true_lon", "distance_km", "log_likelihood", "hdr_r
 #: The dataset's summary files, written last (their presence marks a complete dataset).
 DATASET_METADATA = ("_common_metadata", "_metadata")
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
+#: ``pyarrow.parquet.ParquetWriter`` options of every predictions file. No ``ARROW:schema`` entry:
+#: the schema is plain Parquet, and the key-value metadata added as a file is closed (its bbox,
+#: numbers known at the end) is then what every reader sees (:func:`write_table_file`).
+WRITE_OPTIONS = {"store_schema": False}
 
 
 def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
@@ -51,24 +55,28 @@ def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
     return [head + row.tobytes() for row in xy]
 
 
-def predictions_table(columns: Mapping[str, Sequence | np.ndarray | None], n: int) -> pa.Table:
-    """A table of :data:`PREDICTIONS_SCHEMA` from column values (missing columns are null; NaN in
-    the :data:`TRUTH_COLUMNS` is written as null); ``geometry`` is filled from ``lat``/``lon``
-    when not given."""
+def _arrow(value, field: pa.Field, n: int) -> pa.Array:
+    """One column of :data:`PREDICTIONS_SCHEMA` from None (nulls), a pyarrow array, a numpy
+    array or a list; NaN in a :data:`TRUTH_COLUMNS` column becomes null."""
+    if value is None:
+        return pa.nulls(n, type=field.type)
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        value = value.cast(field.type)
+        return value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
+    if field.name in TRUTH_COLUMNS:
+        values = np.asarray(value, dtype=np.float64)  # None → NaN
+        return pa.array(values, type=field.type, mask=np.isnan(values))
+    return pa.array(value if isinstance(value, np.ndarray) else list(value), type=field.type)
+
+
+def predictions_table(columns: Mapping[str, Sequence | np.ndarray | pa.Array | None], n: int) -> pa.Table:
+    """A table of :data:`PREDICTIONS_SCHEMA` of ``n`` rows from column values (numpy arrays,
+    pyarrow arrays or lists; missing columns are null; NaN in the :data:`TRUTH_COLUMNS` is written
+    as null); ``geometry`` is filled from ``lat``/``lon`` when not given."""
     cols = dict(columns)
     if cols.get("geometry") is None:
         cols["geometry"] = wkb_points(cols["lat"], cols["lon"])
-    arrays = []
-    for f in PREDICTIONS_SCHEMA:
-        value = cols.get(f.name)
-        if value is None:
-            arrays.append(pa.nulls(n, type=f.type))
-        elif f.name in TRUTH_COLUMNS:
-            values = np.asarray(value, dtype=np.float64)  # None → NaN
-            arrays.append(pa.array(values, type=f.type, mask=np.isnan(values)))
-        else:
-            arrays.append(pa.array(list(value), type=f.type))
-    return pa.Table.from_arrays(arrays, schema=PREDICTIONS_SCHEMA)
+    return pa.Table.from_arrays([_arrow(cols.get(f.name), f, n) for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
 
 
 def predictions_metadata(config: Mapping, model: Mapping, provenance: Mapping) -> dict[bytes, bytes]:
@@ -78,13 +86,44 @@ def predictions_metadata(config: Mapping, model: Mapping, provenance: Mapping) -
     return {METADATA_KEY: json.dumps(meta, default=str).encode(), b"geo": json.dumps(geo_metadata()).encode()}
 
 
+def _point_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
+    """(min lon, min lat, max lon, max lat) of the finite predicted points of ``table``, or None."""
+    lat, lon = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("lat", "lon"))
+    ok = np.isfinite(lat) & np.isfinite(lon)
+    return (lon[ok].min(), lat[ok].min(), lon[ok].max(), lat[ok].max()) if ok.any() else None
+
+
+def _union(a, b):
+    """The box holding boxes ``a`` and ``b`` (either may be None)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
 def with_bbox(table: pa.Table, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
     """``metadata`` with the GeoParquet ``bbox`` of ``table``'s predicted points and of its HDR
     ``region`` polygons (degrees; none for a column without finite points or polygons)."""
-    lat, lon = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("lat", "lon"))
-    ok = np.isfinite(lat) & np.isfinite(lon)
-    bbox = (lon[ok].min(), lat[ok].min(), lon[ok].max(), lat[ok].max()) if ok.any() else None
-    return {**metadata, b"geo": json.dumps(geo_metadata(bbox, _region_bbox(table))).encode()}
+    acc = BboxAccumulator()
+    acc.add(table)
+    return acc.metadata(metadata)
+
+
+class BboxAccumulator:
+    """The GeoParquet bboxes of a file written block by block: :meth:`add` each block's table,
+    then :meth:`metadata` gives the key-value metadata with them."""
+
+    def __init__(self):
+        self.points = None  # (min lon, min lat, max lon, max lat) degrees, or None
+        self.regions = None
+
+    def add(self, table: pa.Table) -> None:
+        self.points = _union(self.points, _point_bbox(table))
+        self.regions = _union(self.regions, _region_bbox(table))
+
+    def metadata(self, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+        """``metadata`` with its ``geo`` entry replaced by the one with these bboxes."""
+        boxes = [None if b is None else tuple(float(v) for v in b) for b in (self.points, self.regions)]
+        return {**metadata, b"geo": json.dumps(geo_metadata(*boxes)).encode()}
 
 
 def _region_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
@@ -101,20 +140,30 @@ def _region_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
     return (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
 
 
+def write_table_file(table: pa.Table, where, metadata: Mapping[bytes, bytes], collector: list | None = None) -> None:
+    """Write ``table`` (:data:`PREDICTIONS_SCHEMA`) to ``where`` (a path or a writable file object)
+    with ``metadata`` as its key-value metadata, options :data:`WRITE_OPTIONS`; ``collector``
+    receives the file's footer (``pyarrow.parquet.FileMetaData``)."""
+    extra = {} if collector is None else {"metadata_collector": collector}
+    with pq.ParquetWriter(where, PREDICTIONS_SCHEMA, **WRITE_OPTIONS, **extra) as writer:
+        writer.write_table(table.replace_schema_metadata(None))
+        writer.add_key_value_metadata(dict(metadata))
+
+
 def write_predictions(table: pa.Table, path: str, metadata: Mapping[bytes, bytes]) -> None:
     """Write ``table`` with ``metadata`` to ``path`` (a local path or an fsspec url) atomically
     (old file or new, never half)."""
     path = fsio.normalize(path)
     if fsio.is_local(path) and os.path.isdir(path):
         raise GeopipeError(f"output {path!r} is a directory; give a file path such as {os.path.join(path, 'predictions.parquet')!r}")
-    table = table.replace_schema_metadata(with_bbox(table, metadata))
+    metadata = with_bbox(table, metadata)
     if not fsio.is_local(path):  # one PUT: all-or-nothing on an object store
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        write_table_file(table, buf, metadata)
         fsio.write_atomic(path, buf.getvalue())
         return
     with fsio.atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        write_table_file(table, tmp, metadata)
 
 
 def part_name(start: int, stop: int) -> str:
@@ -147,7 +196,7 @@ def write_part(table: pa.Table, dataset: str, start: int, stop: int, metadata: M
         raise ValueError(f"part [{start}, {stop}) has {table.num_rows} rows")
     collector: list = []
     buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(with_bbox(table, metadata)), buf, metadata_collector=collector)
+    write_table_file(table, buf, with_bbox(table, metadata), collector)
     name = part_name(start, stop)
     fsio.write_atomic(fsio.join(dataset, name), buf.getvalue())
     collector[0].set_file_path(name)

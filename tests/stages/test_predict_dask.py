@@ -81,7 +81,7 @@ def test_dask_dataset_equals_in_process_row_for_row(model, tmp_path):
         import duckdb
     except ImportError:
         return
-    assert duckdb.sql(f"select count(*) from read_parquet('{res.out}/*.parquet')").fetchone()[0] == N
+    assert duckdb.sql(f"select count(*) from read_parquet('{res.out}/*.parquet')").fetchall()[0][0] == N
 
 
 def test_rerun_skips_written_parts_and_refuses_foreign_ones(model, tmp_path):

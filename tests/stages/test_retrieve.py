@@ -83,5 +83,5 @@ def test_cli_retrieve_and_errors(store, tmp_path):
     r = CliRunner().invoke(cli, ["retrieve", "--query", path, "-o", out, "-k", "3", "--split", "blocks", "--block-m", "300"])
     assert r.exit_code == 0, r.output
     assert "Recall at 25 m" in r.output
-    r = CliRunner().invoke(cli, ["retrieve", "--query", path, "-o", out, "--split", "column", "--split-column", "nope"])
+    r = CliRunner().invoke(cli, ["retrieve", "--query", path, "-o", out, "--split", "column", "--split-column", "nope", "--overwrite"])
     assert r.exit_code == 1 and "no metadata field 'nope'" in r.output
