@@ -81,3 +81,28 @@ def demo_command(workdir, steps):
     if unc is not None and unc.uncertainty_table:
         click.echo(f"\nFailure prediction (error > {cfg.uncertainty.evaluate.failure_km:g} km), one row per score; "
                    f"plots in {cfg.uncertainty.evaluate.plots_dir}:\n{unc.uncertainty_table}")
+    _locate_demo_photos(workdir, cfg)
+
+
+def _locate_demo_photos(workdir: str, cfg) -> None:
+    """The job geopipe exists for, on the demo: eight test photos with their coordinates stripped
+    (plain JPEG files in WORKDIR/photos) → ``geopipe locate`` with the demo model → GeoParquet."""
+    import os
+
+    from geopipe.flows.cli_common import progress_enabled
+    from geopipe.flows.cli_locate import format_table
+    from geopipe.flows.locate import LocateConfig, LocateResult, default_store, located_rows, run_locate
+    from geopipe.stages.demo import write_demo_photos
+
+    photos = os.path.join(workdir, "photos")
+    test = next(e for e in cfg.extract if e.store == cfg.predict.store)  # the test split's shards
+    write_demo_photos(test.shards[0], photos, n=8)
+    out = os.path.join(workdir, "located.parquet")
+    model_saved = os.path.getmtime(os.path.join(cfg.train.out, "config.json"))
+    if os.path.exists(out) and os.path.getmtime(out) > model_saved:  # located by this model already: never redo finished work
+        n, rows = located_rows(out)
+        res = LocateResult(out, default_store(out), n, 0, rows, (), 0.0)
+    else:
+        res = run_locate(LocateConfig(model=cfg.train.out, inputs=(photos,), out=out, region=0.9, overwrite=True, device="cpu",
+                                      progress=progress_enabled()))
+    click.echo(f"\nUnlabelled photos located (geopipe locate -c {cfg.train.out} {photos} -o {out} --region 0.9):\n{format_table(res)}")

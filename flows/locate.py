@@ -22,7 +22,7 @@ from geopipe.pipeline.store.space import check_same_space, store_space
 from geopipe.stages.extract import ExtractConfig, run_extract
 from geopipe.stages.predict import PredictConfig, run_predict
 
-__all__ = ["LocateConfig", "LocateResult", "LocatedRow", "run_locate", "default_store"]
+__all__ = ["LocateConfig", "LocateResult", "LocatedRow", "run_locate", "default_store", "located_rows"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def default_store(out: str) -> str:
     return base + ".zarr"
 
 
-def _summary(out: str, head: int) -> tuple[int, tuple[LocatedRow, ...]]:
+def located_rows(out: str, head: int = 20) -> tuple[int, tuple[LocatedRow, ...]]:
+    """(number of photos, the first ``head`` rows) of predictions written by locate at ``out``."""
     import pyarrow.dataset as ds
 
     data = ds.dataset(out, format="parquet")
@@ -133,7 +134,7 @@ def run_locate(cfg: LocateConfig, head: int = 20) -> LocateResult:
                               overwrite=cfg.overwrite, dask=cfg.dask, device=cfg.device, progress=cfg.progress,
                               region_density=cfg.region_density,
                               **({"region": cfg.region} if cfg.region is not None else {})))
-    n, rows = _summary(cfg.out, head)
+    n, rows = located_rows(cfg.out, head)
     rej = tuple((r.get("key", ""), r.get("shard", ""), r.get("reason", ""), r.get("detail", "")) for r in rejects)
     return LocateResult(cfg.out, store, n, len(rej), rows, rej, time.perf_counter() - t0)
 
