@@ -2,7 +2,9 @@
 
 Coordinates are degrees; distances km; log-likelihoods nats per record (per steradian on
 S², per unit volume in R³ — not comparable across the two, see docs/methods.md#units). Optional columns
-are null when the quantity was not requested. ``geometry`` is a WKB point (GeoParquet 1.1,
+are null — never NaN — where a quantity was not requested or not computed for a record (an
+unlabelled record's truth, the rows ``--likelihood-every`` skips, an R³ model's area), so SQL and
+Arrow aggregates skip them. ``geometry`` is a WKB point (GeoParquet 1.1,
 lon/lat order, WGS 84) so GIS tools open the file directly: the ``geo`` metadata names no
 ``crs``, which GeoParquet defines as OGC:CRS84 (WGS 84 longitude/latitude, what geopandas reads
 as ``OGC:CRS84`` and reprojects with ``to_crs``; an explicit null would mean "unknown CRS"), and
@@ -74,7 +76,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("log_likelihood", pa.float64()),  # log p(truth | image), nats
         pa.field("neg_entropy_nats", pa.float64()),  # localizability −H, nats (R³ models: per unit volume)
         pa.field("entropy_bits", pa.float64()),
-        pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E² (S² models; NaN for R³ ones)
+        pa.field("effective_area_km2", pa.float64()),  # exp(H)·R_E² (S² models; null for R³ ones)
         pa.field("hdr_rank", pa.float64()),  # fraction of samples denser than the truth (docs/methods.md#calibration)
         pa.field("sample_lat", pa.list_(pa.float64())),  # optional extra samples, degrees
         pa.field("sample_lon", pa.list_(pa.float64())),

@@ -72,7 +72,7 @@ class PredictConfig:
     localizability: int = 0
     rtol: float = 1e-5
     atol: float = 1e-5
-    likelihood_every: int = 1  # exact NLL / localizability for every k-th store row only (others NaN)
+    likelihood_every: int = 1  # exact NLL / localizability for every k-th store row only (others null)
     batch_size: int = 4096
     partition_batches: int = 8
     min_partitions: int = 16

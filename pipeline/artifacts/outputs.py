@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geopipe.pipeline.artifacts.predictions import WRITE_OPTIONS, BboxAccumulator, predictions_table
+from geopipe.pipeline.artifacts.predictions import WRITE_OPTIONS, BboxAccumulator, conform, predictions_table
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import PREDICTIONS_SCHEMA
@@ -88,7 +88,7 @@ class PredictionsStream:
 
     def write_table(self, table: pa.Table) -> None:
         """Append a :data:`PREDICTIONS_SCHEMA` table as one row group (written to disk now)."""
-        table = table.replace_schema_metadata(None)
+        table = conform(table)
         self._writer.write_table(table)
         self._bbox.add(table)
         self.rows += table.num_rows

@@ -23,21 +23,24 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
-__all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "write_table_file", "wkb_points", "predictions_table", "predictions_metadata", "with_bbox", "BboxAccumulator",
-           "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts", "write_part", "read_part_footer",
+__all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "conform", "write_table_file", "wkb_points", "predictions_table", "predictions_metadata",
+           "with_bbox", "BboxAccumulator", "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts",
+           "write_part", "read_part_footer",
            "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
 
 _REQUIRED = ("key", "lat", "lon")
 #: Float columns :func:`read_predictions` returns when present (as float64 arrays, NaN for null).
 NUMERIC_COLUMNS = ("lat", "lon", "true_lat", "true_lon", "log_likelihood", "neg_entropy_nats", "hdr_rank")
 #: Columns about the truth: null (not NaN) where a record has no known location (an unlabelled
-#: record) or the quantity was not computed for it, so Parquet readers see a missing value.
+#: record) or the quantity was not computed for it, so Parquet readers see a missing value (as
+#: every optional float column: :func:`predictions_table` writes no NaN into any of them).
 TRUTH_COLUMNS = ("true_lat", "true_lon", "distance_km", "log_likelihood", "hdr_rank")
 #: The dataset's summary files, written last (their presence marks a complete dataset).
 DATASET_METADATA = ("_common_metadata", "_metadata")
@@ -55,15 +58,24 @@ def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
     return [head + row.tobytes() for row in xy]
 
 
+def _not_computed(field: pa.Field) -> bool:
+    """True for the optional float columns, where NaN means "not computed" and is written as null."""
+    return field.nullable and pa.types.is_floating(field.type)
+
+
 def _arrow(value, field: pa.Field, n: int) -> pa.Array:
     """One column of :data:`PREDICTIONS_SCHEMA` from None (nulls), a pyarrow array, a numpy
-    array or a list; NaN in a :data:`TRUTH_COLUMNS` column becomes null."""
+    array or a list; NaN in an optional float column becomes null (SQL and Arrow aggregates
+    skip nulls; NaN would poison them)."""
     if value is None:
         return pa.nulls(n, type=field.type)
     if isinstance(value, (pa.Array, pa.ChunkedArray)):
         value = value.cast(field.type)
-        return value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
-    if field.name in TRUTH_COLUMNS:
+        value = value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
+        if _not_computed(field):
+            value = pc.if_else(pc.is_nan(value), pa.scalar(None, field.type), value)
+        return value
+    if _not_computed(field):
         values = np.asarray(value, dtype=np.float64)  # None → NaN
         return pa.array(values, type=field.type, mask=np.isnan(values))
     return pa.array(value if isinstance(value, np.ndarray) else list(value), type=field.type)
@@ -71,8 +83,9 @@ def _arrow(value, field: pa.Field, n: int) -> pa.Array:
 
 def predictions_table(columns: Mapping[str, Sequence | np.ndarray | pa.Array | None], n: int) -> pa.Table:
     """A table of :data:`PREDICTIONS_SCHEMA` of ``n`` rows from column values (numpy arrays,
-    pyarrow arrays or lists; missing columns are null; NaN in the :data:`TRUTH_COLUMNS` is written
-    as null); ``geometry`` is filled from ``lat``/``lon`` when not given."""
+    pyarrow arrays or lists; missing columns are null; NaN in any optional float column — the
+    :data:`TRUTH_COLUMNS` of an unlabelled record, a row ``--likelihood-every`` skipped — is
+    written as null); ``geometry`` is filled from ``lat``/``lon`` when not given."""
     cols = dict(columns)
     if cols.get("geometry") is None:
         cols["geometry"] = wkb_points(cols["lat"], cols["lon"])
@@ -140,13 +153,21 @@ def _region_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
     return (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
 
 
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` with the columns of :data:`PREDICTIONS_SCHEMA`, in its order and types, without
+    metadata (a column it lacks — a file of an older geopipe — is null)."""
+    names = set(table.column_names)
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
+                                 for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
+
+
 def write_table_file(table: pa.Table, where, metadata: Mapping[bytes, bytes], collector: list | None = None) -> None:
     """Write ``table`` (:data:`PREDICTIONS_SCHEMA`) to ``where`` (a path or a writable file object)
     with ``metadata`` as its key-value metadata, options :data:`WRITE_OPTIONS`; ``collector``
     receives the file's footer (``pyarrow.parquet.FileMetaData``)."""
     extra = {} if collector is None else {"metadata_collector": collector}
     with pq.ParquetWriter(where, PREDICTIONS_SCHEMA, **WRITE_OPTIONS, **extra) as writer:
-        writer.write_table(table.replace_schema_metadata(None))
+        writer.write_table(conform(table))
         writer.add_key_value_metadata(dict(metadata))
 
 
@@ -291,8 +312,7 @@ def replace_columns(path: str, columns: Mapping[str, np.ndarray | None], model_e
     meta = dict(table.schema.metadata or {})
     for name, values in columns.items():
         i = table.schema.get_field_index(name)
-        typ = PREDICTIONS_SCHEMA.field(name).type
-        arr = pa.nulls(table.num_rows, typ) if values is None else pa.array(np.asarray(values), type=typ)
+        arr = _arrow(None if values is None else np.asarray(values), PREDICTIONS_SCHEMA.field(name), table.num_rows)
         table = table.set_column(i, name, arr) if i >= 0 else table.append_column(PREDICTIONS_SCHEMA.field(name), arr)
     if model_extra:
         doc = json.loads(meta[METADATA_KEY])
