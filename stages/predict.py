@@ -227,6 +227,21 @@ def _run_file(cfg: PredictConfig, bounds, metadata: dict, bar: Progress) -> None
         out.finish(metadata)
 
 
+def _say_likelihood_cost(cfg: PredictConfig, p, store, n: int) -> None:
+    """One stderr line: the expected time of --nll/--localizability from a timed probe on a few
+    labelled records, and the --likelihood-every that would shorten a long run."""
+    import numpy as np
+
+    from geopipe.pipeline.infer.cost import probe_likelihood_cost
+
+    latlon = np.asarray(store.latlon[: min(n, 256)])
+    rows = (np.flatnonzero(np.isfinite(latlon).all(axis=1)).tolist() or list(range(len(latlon))))[:4]
+    cost = probe_likelihood_cost(p, np.asarray(store.embeddings[: min(n, 256)])[rows], latlon[rows], cfg.options(), n)
+    if cost:
+        what = " and ".join(x for x in ("--nll" if cfg.nll else "", f"--localizability {cfg.localizability}" if cfg.localizability else "") if x)
+        print(cost.message("predict", what), file=sys.stderr)
+
+
 def run_predict(cfg: PredictConfig) -> PredictResult:
     """Predict every record of ``cfg.store`` and write ``cfg.out`` (file or dataset directory)."""
     t0 = time.perf_counter()
@@ -249,6 +264,8 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     if store.labelled < n:  # never silently: unlabelled records are predicted, their truth columns are null
         print(f"geopipe: predict: {n - store.labelled} of {n} records of {cfg.store} are unlabelled (no location): "
               f"predicted, with null truth columns", file=sys.stderr)
+    if cfg.nll or cfg.localizability:
+        _say_likelihood_cost(cfg, p, store, n)
     bounds = partition_bounds(n, store.chunk_rows, cfg.batch_size, cfg.partition_batches, cfg.min_partitions)
     metadata = predictions_metadata(asdict(cfg), _model_identity(cfg, p.config), provenance())
     written, skipped, largest = len(bounds), 0, 0
