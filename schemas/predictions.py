@@ -8,7 +8,12 @@ Arrow aggregates skip them. ``geometry`` is a WKB point (GeoParquet 1.1,
 lon/lat order, WGS 84) so GIS tools open the file directly: the ``geo`` metadata names no
 ``crs``, which GeoParquet defines as OGC:CRS84 (WGS 84 longitude/latitude, what geopandas reads
 as ``OGC:CRS84`` and reprojects with ``to_crs``; an explicit null would mean "unknown CRS"), and
-carries the column's ``bbox`` [min lon, min lat, max lon, max lat] as geopandas writes it. ``region``
+carries the column's ``bbox`` [min lon, min lat, max lon, max lat] (of the file; in a dataset's
+``_metadata``, of all its parts). Each geometry column has a GeoParquet 1.1 *bbox covering*
+column (:data:`COVERINGS`: ``bbox`` of ``geometry``, ``region_bbox`` of ``region``; a struct
+xmin/ymin/xmax/ymax in degrees, null where the geometry is) declared in its ``covering`` entry,
+so ``geopandas.read_parquet(p, bbox=…)`` and SQL filters on ``bbox.xmin`` … skip row groups by
+their statistics. ``region``
 is a second geometry column (WKB Polygon/MultiPolygon, same CRS, its own bbox): the highest-density
 region of mass q (``geopipe predict --region q``; q is in the config metadata), with
 ``region_mass`` and ``region_area_km2`` (km² on the sphere of radius R_E). Key-value metadata
@@ -21,11 +26,15 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "GEO_METADATA", "geo_metadata", "ScoreColumn",
-           "SCORE_SOURCES", "UNCERTAINTY_SCORES", "score_columns"]
+__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "BBOX_TYPE", "COVERINGS", "GEO_METADATA",
+           "geo_metadata", "ScoreColumn", "SCORE_SOURCES", "UNCERTAINTY_SCORES", "score_columns"]
 
 PREDICTIONS_SCHEMA_ID = "geopipe.predictions/1"
 METADATA_KEY = b"geopipe"
+#: A GeoParquet 1.1 bbox covering: one geometry's extent, degrees (x = longitude, y = latitude).
+BBOX_TYPE = pa.struct([pa.field(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
+#: Geometry column → its bbox covering column.
+COVERINGS = {"geometry": "bbox", "region": "region_bbox"}
 
 
 @dataclass(frozen=True)
@@ -89,20 +98,23 @@ PREDICTIONS_SCHEMA = pa.schema(
         # uncertainty scores (float64, higher = more uncertain), declared once in UNCERTAINTY_SCORES
         *(pa.field(score.name, pa.float64()) for score in UNCERTAINTY_SCORES),
         pa.field("geometry", pa.binary()),  # WKB point of the prediction
+        pa.field("bbox", BBOX_TYPE),  # its GeoParquet covering: xmin = xmax = lon, ymin = ymax = lat
         # highest-density region (geopipe predict --region q; pipeline/infer/regions.py): null when not requested
         pa.field("region", pa.binary()),  # WKB Polygon/MultiPolygon, lon/lat degrees (OGC:CRS84), cut at the antimeridian
+        pa.field("region_bbox", BBOX_TYPE),  # its GeoParquet covering (extent of the polygon's parts)
         pa.field("region_mass", pa.float64()),  # probability inside it (≈ q; on the grid it was contoured on)
         pa.field("region_area_km2", pa.float64()),  # its area on the sphere of radius 6371.0088 km
     ]
 )
 
 #: GeoParquet "geo" metadata value for the geometry columns (the point ``geometry``, primary, and the
-#: HDR polygon ``region``); no "crs" key: OGC:CRS84 (WGS 84 lon/lat).
+#: HDR polygon ``region``), each with its bbox covering column; no "crs" key: OGC:CRS84 (WGS 84 lon/lat).
 GEO_METADATA = {
     "version": "1.1.0",
     "primary_column": "geometry",
-    "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]},
-                "region": {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}},
+    "columns": {name: {"encoding": "WKB", "geometry_types": types,
+                       "covering": {"bbox": {k: [COVERINGS[name], k] for k in ("xmin", "ymin", "xmax", "ymax")}}}
+                for name, types in (("geometry", ["Point"]), ("region", ["Polygon", "MultiPolygon"]))},
 }
 
 

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geopipe.pipeline.artifacts.predictions import WRITE_OPTIONS, BboxAccumulator, conform, predictions_table
+from geopipe.pipeline.artifacts.geoparquet import BboxAccumulator
+from geopipe.pipeline.artifacts.predictions import WRITE_OPTIONS, conform, predictions_table
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import PREDICTIONS_SCHEMA

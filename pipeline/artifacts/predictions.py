@@ -26,12 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geopipe.pipeline.artifacts.geoparquet import BboxAccumulator, geo_boxes, point_covering, region_covering, with_bbox, wkb_points
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
-__all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "conform", "write_table_file", "wkb_points", "predictions_table", "predictions_metadata",
-           "with_bbox", "BboxAccumulator", "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts",
+__all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "conform", "write_table_file", "predictions_table", "predictions_metadata",
+           "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts",
            "write_part", "read_part_footer",
            "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
 
@@ -49,13 +50,6 @@ _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
 #: the schema is plain Parquet, and the key-value metadata added as a file is closed (its bbox,
 #: numbers known at the end) is then what every reader sees (:func:`write_table_file`).
 WRITE_OPTIONS = {"store_schema": False}
-
-
-def wkb_points(lat: np.ndarray, lon: np.ndarray) -> list[bytes]:
-    """Little-endian WKB points in (lon, lat) order, degrees: one ``bytes`` per record."""
-    head = b"\x01\x01\x00\x00\x00"
-    xy = np.stack([np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)], axis=1).astype("<f8")
-    return [head + row.tobytes() for row in xy]
 
 
 def _not_computed(field: pa.Field) -> bool:
@@ -81,14 +75,29 @@ def _arrow(value, field: pa.Field, n: int) -> pa.Array:
     return pa.array(value if isinstance(value, np.ndarray) else list(value), type=field.type)
 
 
+def _values(value):
+    """A column given as an Arrow array, numpy array or list, as something numpy or a list takes."""
+    return value.to_numpy(zero_copy_only=False) if isinstance(value, (pa.Array, pa.ChunkedArray)) else value
+
+
+def _fill_coverings(cols: dict) -> None:
+    """The GeoParquet bbox covering columns (``bbox``, ``region_bbox``) of ``cols`` where not given."""
+    if cols.get("bbox") is None:
+        cols["bbox"] = point_covering(_values(cols["lat"]), _values(cols["lon"]))
+    if cols.get("region_bbox") is None and cols.get("region") is not None:
+        cols["region_bbox"] = region_covering(list(_values(cols["region"])))
+
+
 def predictions_table(columns: Mapping[str, Sequence | np.ndarray | pa.Array | None], n: int) -> pa.Table:
     """A table of :data:`PREDICTIONS_SCHEMA` of ``n`` rows from column values (numpy arrays,
     pyarrow arrays or lists; missing columns are null; NaN in any optional float column — the
     :data:`TRUTH_COLUMNS` of an unlabelled record, a row ``--likelihood-every`` skipped — is
-    written as null); ``geometry`` is filled from ``lat``/``lon`` when not given."""
+    written as null); ``geometry`` is filled from ``lat``/``lon`` and the bbox coverings from the
+    geometry columns when not given."""
     cols = dict(columns)
     if cols.get("geometry") is None:
         cols["geometry"] = wkb_points(cols["lat"], cols["lon"])
+    _fill_coverings(cols)
     return pa.Table.from_arrays([_arrow(cols.get(f.name), f, n) for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
 
 
@@ -99,65 +108,13 @@ def predictions_metadata(config: Mapping, model: Mapping, provenance: Mapping) -
     return {METADATA_KEY: json.dumps(meta, default=str).encode(), b"geo": json.dumps(geo_metadata()).encode()}
 
 
-def _point_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
-    """(min lon, min lat, max lon, max lat) of the finite predicted points of ``table``, or None."""
-    lat, lon = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("lat", "lon"))
-    ok = np.isfinite(lat) & np.isfinite(lon)
-    return (lon[ok].min(), lat[ok].min(), lon[ok].max(), lat[ok].max()) if ok.any() else None
-
-
-def _union(a, b):
-    """The box holding boxes ``a`` and ``b`` (either may be None)."""
-    if a is None or b is None:
-        return b if a is None else a
-    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
-
-
-def with_bbox(table: pa.Table, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
-    """``metadata`` with the GeoParquet ``bbox`` of ``table``'s predicted points and of its HDR
-    ``region`` polygons (degrees; none for a column without finite points or polygons)."""
-    acc = BboxAccumulator()
-    acc.add(table)
-    return acc.metadata(metadata)
-
-
-class BboxAccumulator:
-    """The GeoParquet bboxes of a file written block by block: :meth:`add` each block's table,
-    then :meth:`metadata` gives the key-value metadata with them."""
-
-    def __init__(self):
-        self.points = None  # (min lon, min lat, max lon, max lat) degrees, or None
-        self.regions = None
-
-    def add(self, table: pa.Table) -> None:
-        self.points = _union(self.points, _point_bbox(table))
-        self.regions = _union(self.regions, _region_bbox(table))
-
-    def metadata(self, metadata: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
-        """``metadata`` with its ``geo`` entry replaced by the one with these bboxes."""
-        boxes = [None if b is None else tuple(float(v) for v in b) for b in (self.points, self.regions)]
-        return {**metadata, b"geo": json.dumps(geo_metadata(*boxes)).encode()}
-
-
-def _region_bbox(table: pa.Table) -> tuple[float, float, float, float] | None:
-    """(min lon, min lat, max lon, max lat) of the non-null WKB ``region`` polygons, or None."""
-    if "region" not in table.column_names or table.column("region").null_count == len(table):
-        return None
-    import shapely
-
-    wkb = [w for w in table.column("region").to_pylist() if w]
-    bounds = shapely.bounds(shapely.from_wkb(wkb))
-    bounds = bounds[np.isfinite(bounds).all(axis=1)]
-    if not len(bounds):
-        return None
-    return (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
-
-
 def conform(table: pa.Table) -> pa.Table:
     """``table`` with the columns of :data:`PREDICTIONS_SCHEMA`, in its order and types, without
-    metadata (a column it lacks — a file of an older geopipe — is null)."""
-    names = set(table.column_names)
-    return pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
+    metadata (a column it lacks — a file of an older geopipe — is null; its bbox coverings are
+    computed from its geometry)."""
+    cols: dict = {name: table.column(name) for name in table.column_names}
+    _fill_coverings(cols)
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) if cols.get(f.name) is not None else pa.nulls(table.num_rows, f.type)
                                  for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
 
 
@@ -233,9 +190,13 @@ def read_part_footer(dataset: str, name: str) -> bytes:
 
 
 def finish_dataset(dataset: str, footers: Sequence[bytes], metadata: Mapping[bytes, bytes]) -> None:
-    """Write ``_common_metadata`` and ``_metadata`` (from the parts' footers, in row order)."""
-    schema = PREDICTIONS_SCHEMA.with_metadata(dict(metadata))
+    """Write ``_common_metadata`` and ``_metadata`` (from the parts' footers, in row order), with
+    the GeoParquet ``bbox`` of every geometry column: the union of the parts' boxes."""
     mds = [pq.read_metadata(pa.BufferReader(f)) for f in footers]
+    boxes = BboxAccumulator()
+    for md in mds:
+        boxes.merge(geo_boxes(md.metadata))
+    schema = PREDICTIONS_SCHEMA.with_metadata(boxes.metadata(metadata))
     for name, collector in zip(DATASET_METADATA, ([], mds)):
         buf = io.BytesIO()
         pq.write_metadata(schema, buf, metadata_collector=collector)

@@ -51,7 +51,7 @@ def test_sigkill_while_writing_the_report_keeps_the_previous_one(tmp_path):
     assert res.exit_code == 0, res.output
     before = report.read_bytes()
     second, marker = _predictions(tmp_path / "b.parquet", 1), tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(marker), "evaluate", second, "-o", str(report)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, str(marker), "evaluate", second, "-o", str(report), "--overwrite"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

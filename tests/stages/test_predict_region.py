@@ -32,7 +32,9 @@ def test_predict_region_is_a_geoparquet_polygon_column(setup, tmp_path):
     run_predict(PredictConfig(ckpt, store, out, region=0.9, device="cpu", progress=False))
     geo = json.loads(pq.read_schema(out).metadata[b"geo"])
     assert geo["primary_column"] == "geometry"
-    assert geo["columns"]["region"] == {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}  # no crs: OGC:CRS84
+    region = geo["columns"]["region"]  # no crs: OGC:CRS84
+    assert {k: region[k] for k in ("encoding", "geometry_types")} == {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}
+    assert "crs" not in region and region["covering"]["bbox"]["xmin"] == ["region_bbox", "xmin"] and len(region["bbox"]) == 4
     gdf = gpd.read_parquet(out).set_geometry("region")
     assert gdf.crs is not None and gdf.crs.equals(CRS("OGC:CRS84"))
     assert len(gdf) == 5 and set(gdf.geom_type) <= {"Polygon", "MultiPolygon"} and gdf.is_valid.all()
@@ -80,5 +82,6 @@ def test_cli_predict_region(setup, tmp_path):
     bad = CliRunner().invoke(cli, ["predict", "-c", ckpt, "--store", store, "-o", out, "--region", "90", "--device", "cpu"])
     assert bad.exit_code != 0 and "--region must be a probability mass in (0, 1)" in bad.output
     r3 = untrained_checkpoint(tmp_path / "flow", "flow")
-    refused = CliRunner().invoke(cli, ["predict", "-c", r3, "--store", store, "-o", out, "--region", "0.9", "--device", "cpu"])
+    refused = CliRunner().invoke(cli, ["predict", "-c", r3, "--store", store, "-o", out, "--region", "0.9", "--device", "cpu",
+                                       "--overwrite"])
     assert refused.exit_code != 0 and "HDR regions need a density on the sphere" in refused.output
