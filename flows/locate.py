@@ -95,17 +95,17 @@ def default_store(out: str) -> str:
 
 
 def located_rows(out: str, head: int = 20) -> tuple[int, tuple[LocatedRow, ...]]:
-    """(number of photos, the first ``head`` rows) of predictions written by locate at ``out``."""
-    import pyarrow.dataset as ds
+    """(number of photos, the first ``head`` rows) of predictions written by locate at ``out``,
+    read by geopipe's reader (page checksums and part digests verified: a damaged output is one
+    line naming the file or part, not a table)."""
+    from geopipe.pipeline.artifacts.predictions import read_columns
 
-    data = ds.dataset(out, format="parquet")
-    names = [c for c in ("key", "lat", "lon", "effective_area_km2", "region_area_km2") if c in data.schema.names]
-    table = data.head(head, columns=names)
-    col = {n: table.column(n).to_pylist() for n in names}
-    none = [None] * table.num_rows
+    table = read_columns(out, ("key", "lat", "lon", "effective_area_km2", "region_area_km2"))
+    col = {n: table.column(n).slice(0, head).to_pylist() for n in table.column_names}
+    none = [None] * min(head, table.num_rows)
     rows = tuple(LocatedRow(k, la, lo, ea, ra) for k, la, lo, ea, ra in
                  zip(col["key"], col["lat"], col["lon"], col.get("effective_area_km2", none), col.get("region_area_km2", none)))
-    return data.count_rows(), rows
+    return table.num_rows, rows
 
 
 def run_locate(cfg: LocateConfig, head: int = 20) -> LocateResult:

@@ -18,6 +18,11 @@ is a second geometry column (WKB Polygon/MultiPolygon, same CRS, its own bbox): 
 region of mass q (``geopipe predict --region q``; q is in the config metadata), with
 ``region_mass`` and ``region_area_km2`` (km² on the sphere of radius R_E). Key-value metadata
 ``geopipe`` holds JSON: {"schema", "config", "model", "version", "git_rev"}.
+
+Integrity: every data page carries a CRC-32 (Parquet page checksums, verified on read), and a
+dataset directory's ``_metadata`` holds :data:`PARTS_KEY`: JSON {"algorithm": "sha256",
+"parts": {part name: {"sha256", "bytes", "rows"}}}, each part's digest, checked before a part is
+read.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "BBOX_TYPE", "COVERINGS", "GEO_METADATA",
+__all__ = ["PREDICTIONS_SCHEMA_ID", "PREDICTIONS_SCHEMA", "METADATA_KEY", "PARTS_KEY", "BBOX_TYPE", "COVERINGS", "GEO_METADATA",
            "geo_metadata", "ScoreColumn", "SCORE_SOURCES", "UNCERTAINTY_SCORES", "score_columns"]
 
 PREDICTIONS_SCHEMA_ID = "geopipe.predictions/1"
 METADATA_KEY = b"geopipe"
+#: Key-value metadata of a dataset's ``_metadata``: the digest of each part (see the module docstring).
+PARTS_KEY = b"geopipe.parts"
 #: A GeoParquet 1.1 bbox covering: one geometry's extent, degrees (x = longitude, y = latitude).
 BBOX_TYPE = pa.struct([pa.field(name, pa.float64()) for name in ("xmin", "ymin", "xmax", "ymax")])
 #: Geometry column → its bbox covering column.

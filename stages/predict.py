@@ -11,8 +11,9 @@ directory*: each partition is scored and written as ``part-<start>-<stop>.parque
 process that scored it (a Dask worker loads the model once: ``cached_predictor``), the client
 receives only each part's row range and name, reads the part's footer (a few kB) and writes
 ``_metadata``/``_common_metadata`` last.
-A rerun skips the parts already written; parts of other predictions are refused unless
-``overwrite``. Otherwise (``-o x.parquet`` in process, the default) one file, streamed partition
+A rerun skips the parts already written, once each is read whole and found intact (its
+recorded SHA-256, every page's checksum; a damaged part is said on stderr and scored again);
+parts of other predictions are refused unless ``overwrite``. Otherwise (``-o x.parquet`` in process, the default) one file, streamed partition
 by partition (one row group each, one partition in memory) into a hidden file beside it and
 moved into place at the end; an existing file is refused unless ``overwrite``.
 """
@@ -27,16 +28,9 @@ from dataclasses import asdict, dataclass
 
 import pyarrow.parquet as pq
 
+from geopipe.pipeline.artifacts.dataset import PartRecord, finish_dataset, read_part_footer, verified_parts, write_part
 from geopipe.pipeline.artifacts.outputs import PredictionsStream, check_output
-from geopipe.pipeline.artifacts.predictions import (
-    DATASET_METADATA,
-    finish_dataset,
-    list_parts,
-    part_name,
-    predictions_metadata,
-    read_part_footer,
-    write_part,
-)
+from geopipe.pipeline.artifacts.predictions import DATASET_METADATA, list_parts, predictions_metadata
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError
@@ -117,11 +111,13 @@ class PredictResult:
 
 @dataclass(frozen=True)
 class PartDone:
-    """What a partition sends back: its row range and file name, never its rows."""
+    """What a partition sends back: its row range, file name, SHA-256 and size, never its rows."""
 
     start: int
     stop: int
     name: str
+    sha256: str = ""
+    bytes: int = 0
 
 
 def writes_dataset(cfg: PredictConfig) -> bool:
@@ -160,8 +156,8 @@ def _predict_table(cfg: PredictConfig, start: int, stop: int):
 def _predict_part(cfg: PredictConfig, start: int, stop: int, metadata: dict) -> PartDone:
     """Score rows [start, stop) and write them as one part of the dataset ``cfg.out``; runs in a
     Dask worker (or this process) and returns only where the part is."""
-    write_part(_predict_table(cfg, start, stop), cfg.out, start, stop, metadata)
-    return PartDone(start, stop, part_name(start, stop))
+    record = write_part(_predict_table(cfg, start, stop), cfg.out, start, stop, metadata)
+    return PartDone(start, stop, record.name, record.sha256, record.bytes)
 
 
 def _model_identity(cfg: PredictConfig, config: dict) -> dict:
@@ -179,19 +175,22 @@ def _same_run(a: dict, b: dict) -> bool:
 
 
 def _existing_parts(cfg: PredictConfig, bounds, metadata: dict) -> dict:
-    """Parts a previous run of the same predictions already wrote; GeopipeError when ``cfg.out``
-    holds parts of other predictions (another checkpoint, store or option)."""
+    """(start, stop) → :class:`PartRecord` of the intact parts a previous run of the same
+    predictions already wrote (damaged ones are removed, to be scored again); GeopipeError when
+    ``cfg.out`` holds parts of other predictions (another checkpoint, store or option)."""
     import json
 
-    existing = list_parts(cfg.out)
+    existing, damaged = verified_parts(cfg.out, list_parts(cfg.out))
+    for name in damaged:  # never silently
+        print(f"geopipe: predict: part {name} of {cfg.out} is damaged; scoring it again", file=sys.stderr)
     if not existing:
         return {}
-    name = next(iter(existing.values()))
+    name = next(iter(existing.values())).name
     with fsio.open_read(fsio.join(cfg.out, name)) as fh:
         theirs = json.loads(pq.read_schema(fh).metadata[METADATA_KEY])
     stray = sorted(set(existing) - set(bounds))
     if (stray or not _same_run(theirs, json.loads(metadata[METADATA_KEY]))) and cfg.overwrite:
-        for name in [*existing.values(), *DATASET_METADATA]:
+        for name in [*(r.name for r in existing.values()), *DATASET_METADATA]:
             if fsio.exists(fsio.join(cfg.out, name)):
                 fsio.remove(fsio.join(cfg.out, name))
         return {}
@@ -203,18 +202,19 @@ def _existing_parts(cfg: PredictConfig, bounds, metadata: dict) -> dict:
 
 def _run_dataset(cfg: PredictConfig, bounds, metadata: dict, existing: dict, bar: Progress) -> tuple[int, int, int]:
     todo = [b for b in bounds if b not in existing]
-    footers = {b: read_part_footer(cfg.out, existing[b]) for b in bounds if b in existing}
+    records = dict(existing)
     largest = 0
 
     def done(_i, part: PartDone) -> None:
         nonlocal largest
         largest = max(largest, len(pickle.dumps(part)))
-        footers[(part.start, part.stop)] = read_part_footer(cfg.out, part.name)  # a few kB, read here
+        footer = read_part_footer(cfg.out, part.name)  # a few kB, read here
+        records[(part.start, part.stop)] = PartRecord(part.name, footer, part.sha256, part.bytes)
         bar.update(part.stop - part.start)
 
     fsio.makedirs(cfg.out)
     map_partitions(_predict_part, [(cfg, s, e, metadata) for s, e in todo], cfg.dask, on_done=done, keep_results=False)
-    finish_dataset(cfg.out, [footers[b] for b in bounds], metadata)
+    finish_dataset(cfg.out, [records[b] for b in bounds], metadata)
     return len(todo), len(existing), largest
 
 

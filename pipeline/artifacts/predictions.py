@@ -1,20 +1,25 @@
-"""The predictions table (``schemas.predictions``): build, write atomically, read back.
+"""The predictions table (``schemas.predictions``): build, write, read back.
 
-One reader and one writer for every stage that emits or scores predictions (predict,
-evaluate, and later retrieval), so the GeoParquet geometry and the ``geopipe`` key-value
-metadata are encoded in one place.
+One reader and one writer for every stage that emits or scores predictions (predict, locate,
+retrieve, evaluate, BayesCap re-scoring), so the GeoParquet geometry, the ``geopipe`` key-value
+metadata and the integrity checks are encoded in one place (streamed files:
+:mod:`geopipe.pipeline.artifacts.outputs`; dataset parts: :mod:`geopipe.pipeline.artifacts.dataset`).
 
 Predictions are one Parquet file, or a *dataset directory* written part by part (by Dask
 workers): ``part-<start>-<stop>.parquet`` per row range [start, stop) of the store (12-digit
 zero-padded, so name order is row order), each written atomically with the full metadata, then
-``_common_metadata`` (schema and metadata) and ``_metadata`` (also every part's row groups)
-written last by one process. pandas, pyarrow, duckdb (``dir/*.parquet``) and geopandas read the
-directory as one table; :func:`read_predictions` reads exactly the parts ``_metadata`` lists, so
-a dataset without it (a run still going, or interrupted) is refused rather than read half.
+``_common_metadata`` (schema and metadata) and ``_metadata`` (also every part's row groups and
+SHA-256) written last by one process. pandas, pyarrow, duckdb (``dir/*.parquet``) and geopandas
+read the directory as one table; :func:`read_predictions` reads exactly the parts ``_metadata``
+lists, so a dataset without it (a run still going, or interrupted) is refused rather than read
+half. Every page carries a CRC-32, verified as it is read, and each part of a dataset is checked
+against its recorded SHA-256 before it is read: damage is a one-line error naming the file or
+part, never other numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,15 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from geopipe.pipeline.artifacts.geoparquet import BboxAccumulator, geo_boxes, point_covering, region_covering, with_bbox, wkb_points
+from geopipe.pipeline.artifacts.geoparquet import point_covering, region_covering, with_bbox, wkb_points
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.schemas.predictions import METADATA_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
+from geopipe.schemas.predictions import METADATA_KEY, PARTS_KEY, PREDICTIONS_SCHEMA, PREDICTIONS_SCHEMA_ID, geo_metadata
 
 __all__ = ["TRUTH_COLUMNS", "WRITE_OPTIONS", "conform", "write_table_file", "predictions_table", "predictions_metadata",
            "write_predictions", "read_predictions", "NUMERIC_COLUMNS", "part_name", "parse_part_name", "list_parts",
-           "write_part", "read_part_footer",
-           "finish_dataset", "DATASET_METADATA", "read_columns", "replace_columns"]
+           "DATASET_METADATA", "file_digest", "dataset_listing", "read_columns", "replace_columns"]
 
 _REQUIRED = ("key", "lat", "lon")
 #: Float columns :func:`read_predictions` returns when present (as float64 arrays, NaN for null).
@@ -48,8 +52,9 @@ DATASET_METADATA = ("_common_metadata", "_metadata")
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
 #: ``pyarrow.parquet.ParquetWriter`` options of every predictions file. No ``ARROW:schema`` entry:
 #: the schema is plain Parquet, and the key-value metadata added as a file is closed (its bbox,
-#: numbers known at the end) is then what every reader sees (:func:`write_table_file`).
-WRITE_OPTIONS = {"store_schema": False}
+#: numbers known at the end) is then what every reader sees (:func:`write_table_file`). Every
+#: page carries a CRC-32 that the readers here verify (a damaged page is an error, not numbers).
+WRITE_OPTIONS = {"store_schema": False, "write_page_checksum": True}
 
 
 def _not_computed(field: pa.Field) -> bool:
@@ -161,66 +166,43 @@ def list_parts(dataset: str) -> dict[tuple[int, int], str]:
     return {rng: name for name in fsio.listdir(dataset) if (rng := parse_part_name(name)) is not None}
 
 
-def _footer_bytes(md) -> bytes:
-    sink = pa.BufferOutputStream()
-    md.write_metadata_file(sink)
-    return sink.getvalue().to_pybytes()
+def file_digest(url: str) -> dict:
+    """What a dataset's ``_metadata`` records of a part (:data:`PARTS_KEY`): {"sha256", "bytes"}."""
+    h, size = hashlib.sha256(), 0
+    with fsio.open_read(url) as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
 
 
-def write_part(table: pa.Table, dataset: str, start: int, stop: int, metadata: Mapping[bytes, bytes]) -> bytes:
-    """Write rows [start, stop) atomically as ``dataset/part-<start>-<stop>.parquet``; returns its
-    Parquet footer (a few kB, file path set), as :func:`read_part_footer` would."""
-    if table.num_rows != stop - start:
-        raise ValueError(f"part [{start}, {stop}) has {table.num_rows} rows")
-    collector: list = []
-    buf = io.BytesIO()
-    write_table_file(table, buf, with_bbox(table, metadata), collector)
-    name = part_name(start, stop)
-    fsio.write_atomic(fsio.join(dataset, name), buf.getvalue())
-    collector[0].set_file_path(name)
-    return _footer_bytes(collector[0])
-
-
-def read_part_footer(dataset: str, name: str) -> bytes:
-    """The footer of an existing part (as :func:`write_part` returns it), reading only the footer."""
-    with fsio.open_read(fsio.join(dataset, name)) as fh:
-        md = pq.ParquetFile(fh).metadata
-    md.set_file_path(name)
-    return _footer_bytes(md)
-
-
-def finish_dataset(dataset: str, footers: Sequence[bytes], metadata: Mapping[bytes, bytes]) -> None:
-    """Write ``_common_metadata`` and ``_metadata`` (from the parts' footers, in row order), with
-    the GeoParquet ``bbox`` of every geometry column: the union of the parts' boxes."""
-    mds = [pq.read_metadata(pa.BufferReader(f)) for f in footers]
-    boxes = BboxAccumulator()
-    for md in mds:
-        boxes.merge(geo_boxes(md.metadata))
-    schema = PREDICTIONS_SCHEMA.with_metadata(boxes.metadata(metadata))
-    for name, collector in zip(DATASET_METADATA, ([], mds)):
-        buf = io.BytesIO()
-        pq.write_metadata(schema, buf, metadata_collector=collector)
-        fsio.write_atomic(fsio.join(dataset, name), buf.getvalue())
-
-
-def _dataset_parts(path: str) -> list[str]:
-    """Part names listed in a complete dataset's ``_metadata``, in row order."""
-    if not fsio.exists(fsio.join(path, "_metadata")):
+def dataset_listing(path: str) -> tuple[list[str], dict[str, dict]]:
+    """(part names listed in a complete dataset's ``_metadata``, in row order; name → the digest
+    recorded for it, empty for datasets written before digests)."""
+    where = fsio.join(path, DATASET_METADATA[1])
+    if not fsio.exists(where):
         raise GeopipeError(f"predictions dataset {path!r} is incomplete (no _metadata); rerun `geopipe predict` to finish it")
-    with fsio.open_read(fsio.join(path, "_metadata")) as fh:
-        md = pq.read_metadata(fh)
-    names = [md.row_group(i).column(0).file_path for i in range(md.num_row_groups)]
-    return sorted(dict.fromkeys(names), key=lambda n: parse_part_name(n) or (0, 0))
+    try:
+        with fsio.open_read(where) as fh:
+            md = pq.read_metadata(fh)
+        names = [md.row_group(i).column(0).file_path for i in range(md.num_row_groups)]
+        digests = json.loads((md.metadata or {}).get(PARTS_KEY, b"{}")).get("parts", {})
+    except (pa.ArrowException, OSError, ValueError, AttributeError) as exc:
+        raise GeopipeError(f"predictions dataset {path!r}: its _metadata is damaged ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                           "delete it and rerun the same `geopipe predict` to write it again") from None
+    return sorted(dict.fromkeys(names), key=lambda n: parse_part_name(n) or (0, 0)), digests
 
 
-def _files(path: str) -> list[str]:
-    """The Parquet files of a predictions file or complete dataset directory, in row order."""
+def _files(path: str) -> list[tuple[str, dict | None]]:
+    """(Parquet file, its recorded digest or None) of a predictions file or complete dataset
+    directory, in row order."""
     is_dir = fsio.exists(fsio.join(path, DATASET_METADATA[0])) or (fsio.is_local(path) and os.path.isdir(path))
     if is_dir:
-        return [fsio.join(path, p) for p in _dataset_parts(path)]
+        names, digests = dataset_listing(path)
+        return [(fsio.join(path, p), digests.get(p)) for p in names]
     if not fsio.isfile(path):
         raise GeopipeError(f"predictions file {path!r} does not exist")
-    return [path]
+    return [(path, None)]
 
 
 def _open_parquet(url: str):
@@ -231,31 +213,41 @@ def _open_parquet(url: str):
     return pa.OSFile(url) if fsio.is_local(url) else fsio.open_read(url)
 
 
-def _read_file(path: str, f: str, columns: Sequence[str] | None):
-    """``columns`` of one Parquet file ``f`` of the predictions ``path`` (None: its schema only);
-    a missing or damaged part of a dataset directory is a one-line error naming it."""
+def _damaged(path: str, f: str, why: str) -> GeopipeError:
+    """The one-line error for a damaged file ``f`` of the predictions ``path``."""
+    if f == path:
+        return GeopipeError(f"predictions file {path!r} is damaged ({why}); write it again (the command that made it, "
+                            "with --overwrite)")
+    return GeopipeError(f"predictions dataset {path!r}: part {f!r} is damaged ({why}); rerun the same `geopipe predict` "
+                        "to write it again")
+
+
+def _read_file(path: str, f: str, columns: Sequence[str] | None, digest: dict | None = None):
+    """``columns`` of one Parquet file ``f`` of the predictions ``path`` (None: its schema only),
+    every page's checksum verified, and first the file's SHA-256 when ``digest`` (from a dataset's
+    ``_metadata``) is given; a missing or damaged file is a one-line error naming it."""
     try:
+        if digest is not None and columns is not None and file_digest(f)["sha256"] != digest.get("sha256"):
+            raise _damaged(path, f, "its SHA-256 differs from the one recorded in _metadata")
         with _open_parquet(f) as fh:
-            return pq.read_schema(fh) if columns is None else pq.read_table(fh, columns=list(columns))
+            return pq.read_schema(fh) if columns is None else pq.read_table(fh, columns=list(columns), page_checksum_verification=True)
     except FileNotFoundError:
         raise GeopipeError(f"predictions dataset {path!r}: part {f!r} listed in its _metadata is missing; rerun the same "
                            "`geopipe predict` to write it again") from None
     except (pa.ArrowException, OSError) as exc:
-        what = f"predictions dataset {path!r}: part {f!r}" if f != path else f"predictions file {path!r}"
-        raise GeopipeError(f"{what} is not a readable Parquet file ({str(exc).splitlines()[0]}); delete it and rerun "
-                           "`geopipe predict` to write it again") from None
+        raise _damaged(path, f, f"not a readable Parquet file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def _read_files(path: str, files: Sequence[str], columns: Sequence[str]) -> list[pa.Table]:
-    """:func:`_read_file` of each file, in order."""
-    return [_read_file(path, f, columns) for f in files]
+def _read_files(path: str, files: Sequence[tuple[str, dict | None]], columns: Sequence[str]) -> list[pa.Table]:
+    """:func:`_read_file` of each (file, digest), in order."""
+    return [_read_file(path, f, columns, digest) for f, digest in files]
 
 
 def read_columns(path: str, names: Sequence[str]) -> pa.Table:
     """The columns of ``names`` that a predictions file or complete dataset directory has (in
     its row order, as :func:`read_predictions`); a table without columns when it has none."""
     files = _files(path)
-    head = files[0] if files else fsio.join(path, DATASET_METADATA[0])
+    head = files[0][0] if files else fsio.join(path, DATASET_METADATA[0])
     present = [n for n in names if n in _read_file(path, head, None).names]
     if not present:
         return pa.table({})
@@ -268,8 +260,11 @@ def replace_columns(path: str, columns: Mapping[str, np.ndarray | None], model_e
     and ``model_extra`` merged into the ``model`` entry of its metadata."""
     if not fsio.isfile(path):
         raise GeopipeError(f"predictions file {path!r} does not exist (only a single .parquet file can be re-scored)")
-    with _open_parquet(path) as fh:
-        table = pq.read_table(fh)
+    try:
+        with _open_parquet(path) as fh:
+            table = pq.read_table(fh, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise _damaged(path, path, f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
     meta = dict(table.schema.metadata or {})
     for name, values in columns.items():
         i = table.schema.get_field_index(name)
@@ -291,7 +286,7 @@ def read_predictions(path: str) -> tuple[dict, dict]:
         raise GeopipeError(f"predictions file {path!r} does not exist")
     head = fsio.join(path, DATASET_METADATA[0]) if is_dir else path
     if is_dir:
-        parts = _dataset_parts(path)
+        parts, digests = dataset_listing(path)
     try:
         with fsio.open_read(head) as fh:
             schema = pq.read_schema(fh)
@@ -309,7 +304,7 @@ def read_predictions(path: str) -> tuple[dict, dict]:
     if meta.get("schema", PREDICTIONS_SCHEMA_ID) != PREDICTIONS_SCHEMA_ID:
         raise GeopipeError(f"{path!r} has predictions schema {meta.get('schema')!r}; this geopipe reads {PREDICTIONS_SCHEMA_ID!r}")
     names = [c for c in ("key", *NUMERIC_COLUMNS) if c in schema.names]
-    files = [fsio.join(path, p) for p in parts] if is_dir else [path]
+    files = [(fsio.join(path, p), digests.get(p)) for p in parts] if is_dir else [(path, None)]
     tables = _read_files(path, files, names)
     table = pa.concat_tables(tables) if tables else PREDICTIONS_SCHEMA.empty_table().select(names)
     cols: dict = {"key": [str(k) for k in table.column("key").to_pylist()]}

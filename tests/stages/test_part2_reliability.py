@@ -118,14 +118,14 @@ def dataset(stores):
     """A predictions dataset directory of three parts (as `predict --dask` writes them)."""
     import pyarrow.parquet as pq
 
-    from geopipe.pipeline.artifacts.predictions import finish_dataset, write_part
+    from geopipe.pipeline.artifacts.dataset import finish_dataset, write_part
 
     single = stores["root"] / "single.parquet"
     run_retrieve(RetrieveConfig(query=stores["db"], database=stores["q"], out=str(single), k=2, progress=False))
     table = pq.read_table(single)
     ds = stores["root"] / "ds"
-    footers = [write_part(table.slice(a, b - a), str(ds), a, b, table.schema.metadata) for a, b in ((0, 7), (7, 14), (14, 20))]
-    finish_dataset(str(ds), footers, table.schema.metadata)
+    parts = [write_part(table.slice(a, b - a), str(ds), a, b, table.schema.metadata) for a, b in ((0, 7), (7, 14), (14, 20))]
+    finish_dataset(str(ds), parts, table.schema.metadata)
     return ds
 
 
@@ -142,7 +142,7 @@ def test_a_missing_or_damaged_part_is_one_line(dataset, tmp_path):
     (torn / part).write_bytes((dataset / part).read_bytes()[:300])
     with pytest.raises(GeopipeError, match=f"part .*{part}' listed in its _metadata is missing"):
         read_predictions(str(gone))
-    with pytest.raises(GeopipeError, match=f"part .*{part}' is not a readable Parquet file"):
+    with pytest.raises(GeopipeError, match=f"part .*{part}' is damaged"):
         read_predictions(str(torn))
     from geopipe.pipeline.eval.failure import read_optional_columns
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from synthetic_views import SyntheticConfig, write_synthetic_store
 
 from geopipe.flows.cli import cli
-from geopipe.pipeline.artifacts.predictions import finish_dataset, write_part
+from geopipe.pipeline.artifacts.dataset import finish_dataset, write_part
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.retrieval.split import SplitConfig
 from geopipe.stages.evaluate import EvaluateConfig, run_evaluate
@@ -90,8 +90,8 @@ def test_evaluate_reads_retrieval_columns_of_a_dataset_directory(models, tmp_pat
     table = pq.read_table(single)
     meta = table.schema.metadata
     dataset, bounds = str(tmp_path / "rdir"), [(0, 10), (10, table.num_rows)]
-    footers = [write_part(table.slice(s, e - s), dataset, s, e, meta) for s, e in bounds]
-    finish_dataset(dataset, footers, meta)
+    parts = [write_part(table.slice(s, e - s), dataset, s, e, meta) for s, e in bounds]
+    finish_dataset(dataset, parts, meta)
     ev_file = run_evaluate(EvaluateConfig(predictions=(single,), names=("r",), uncertainty=True))
     ev_dir = run_evaluate(EvaluateConfig(predictions=(dataset,), names=("r",), uncertainty=True))
     assert ev_dir.reports[0]["retrieval"] == ev_file.reports[0]["retrieval"] is not None
