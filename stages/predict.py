@@ -13,7 +13,9 @@ receives only each part's row range and name, reads the part's footer (a few kB)
 ``_metadata``/``_common_metadata`` last.
 A rerun skips the parts already written, once each is read whole and found intact (its
 recorded SHA-256, every page's checksum; a damaged part is said on stderr and scored again);
-parts of other predictions are refused unless ``overwrite``. Otherwise (``-o x.parquet`` in process, the default) one file, streamed partition
+parts of other predictions are refused unless ``overwrite``. A run holds the output's lock
+(:func:`geopipe.pipeline.artifacts.outputs.output_lock`) from before it loads the model to its
+end: a second predict or locate into the same output is refused in one line. Otherwise (``-o x.parquet`` in process, the default) one file, streamed partition
 by partition (one row group each, one partition in memory) into a hidden file beside it and
 moved into place at the end; an existing file is refused unless ``overwrite``.
 """
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from geopipe.pipeline.artifacts.dataset import PartRecord, finish_dataset, read_part_footer, verified_parts, write_part
-from geopipe.pipeline.artifacts.outputs import PredictionsStream, check_output
+from geopipe.pipeline.artifacts.outputs import PredictionsStream, check_output, output_lock
 from geopipe.pipeline.artifacts.predictions import DATASET_METADATA, list_parts, predictions_metadata
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.device import resolve_device
@@ -254,6 +256,12 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         if fsio.is_local(cfg.out) and fsio.exists(cfg.out) and not fsio.isfile(cfg.out):
             raise GeopipeError(f"output {cfg.out!r} is a directory; give a file path ending in .parquet, or drop .parquet for a dataset")
         check_output(cfg.out, cfg.overwrite)
+    with output_lock(cfg.out, dataset=writes_dataset(cfg)):  # one writer at a time: a second is refused in one line
+        return _predict_locked(cfg, t0)
+
+
+def _predict_locked(cfg: PredictConfig, t0: float) -> PredictResult:
+    """:func:`run_predict` once it holds the output's lock."""
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")  # fail fast on mismatch
     if cfg.uncertainty_checkpoint:

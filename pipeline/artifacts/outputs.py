@@ -27,9 +27,10 @@ from geopipe.pipeline.artifacts.geoparquet import BboxAccumulator
 from geopipe.pipeline.artifacts.predictions import WRITE_OPTIONS, conform, predictions_table
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.lockfile import DirLock, NullLock
 from geopipe.schemas.predictions import PREDICTIONS_SCHEMA
 
-__all__ = ["check_output", "PredictionsStream"]
+__all__ = ["check_output", "output_lock", "PredictionsStream"]
 
 
 def check_output(path: str, overwrite: bool, *, option: str = "-o", example: str = "predictions.parquet") -> None:
@@ -41,6 +42,23 @@ def check_output(path: str, overwrite: bool, *, option: str = "-o", example: str
         raise GeopipeError(f"output {path!r} is a directory; give a file path such as {os.path.join(path, example)!r}")
     if not overwrite and fsio.exists(path):
         raise GeopipeError(f"{path} exists; pass --overwrite to replace it, or choose another {option}")
+
+
+def output_lock(path: str, *, dataset: bool, command: str = "predict or locate") -> DirLock | NullLock:
+    """The exclusive run marker of the output ``path``, to hold while writing it: ``<path>/.lock``
+    for a dataset directory (made here), ``.<name>.lock`` beside a file; a second writer's
+    ``acquire`` is refused at once in one line naming the process holding it (the kernel drops
+    a dead holder's lock). Object-store URLs have no locks (:class:`NullLock`)."""
+    path = fsio.normalize(str(path))
+    if not fsio.is_local(path):
+        return NullLock(path)
+    holder = f"another {command} is writing it"
+    if dataset:
+        os.makedirs(path, exist_ok=True)
+        return DirLock(path, ".lock", target=path, holder=holder)
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return DirLock(parent, f".{name}.lock", target=path, holder=holder)
 
 
 def _publish(tmp: str, path: str, overwrite: bool) -> None:

@@ -54,8 +54,11 @@ def writer_note(directory: str, name: str = ".lock") -> str:
 class DirLock:
     """``<directory>/.lock`` held with ``flock``; use as a context manager or acquire/release."""
 
-    def __init__(self, directory: str, name: str = ".lock"):
+    def __init__(self, directory: str, name: str = ".lock", *, target: str | None = None,
+                 holder: str = "another extract or import is writing it"):
         self.path = os.path.join(directory, name)
+        self.target = target or directory  # what a refusal names
+        self.holder = holder  # what the holder is doing, in a refusal
         self.held = False
         self._lock = None
         self._inode: int | None = None
@@ -77,8 +80,7 @@ class DirLock:
             except filelock.Timeout:
                 pid, host = _read_owner(self.path)
                 who = f"process {pid} on {host or 'an unknown host'}" if pid else "another process"
-                raise LockedError(f"{os.path.dirname(self.path)} is locked by {who} (another extract or import is "
-                                  f"writing it); wait for it to finish") from None
+                raise LockedError(f"{self.target} is locked by {who} ({self.holder}); wait for it to finish") from None
             try:  # a releasing holder may have removed the file we locked: then lock the new one
                 same = os.stat(self.path).st_ino == self._inode
             except FileNotFoundError:

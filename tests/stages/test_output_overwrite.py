@@ -64,7 +64,7 @@ def test_predict_file_streams_row_groups_to_disk(tiny, tmp_path, monkeypatch):
     score = predict_stage._predict_table
 
     def watched(cfg, start, stop):
-        on_disk.append(sum(e.stat().st_size for e in os.scandir(tmp_path) if e.name.startswith(".p.parquet.")))
+        on_disk.append(sum(e.stat().st_size for e in os.scandir(tmp_path) if e.name.startswith(".p.parquet.") and e.name.endswith(".tmp")))
         held.append(tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0)
         tracemalloc.reset_peak()
         table = score(cfg, start, stop)
