@@ -126,7 +126,8 @@ def _retrieval_rows(cfg: GeoclipBenchConfig, stores: dict, out: str) -> dict[str
             path = os.path.join(out, f"{s}-{'calibrated' if extra else 'kernel'}.parquet")
             t0 = time.perf_counter()
             run_retrieve(RetrieveConfig(query=stores[s], database=stores["train"], out=path, k=cfg.k, mode="kernel",
-                                        kernel_samples=cfg.kernel_samples, seed=cfg.seed, progress=cfg.progress, **extra))
+                                        kernel_samples=cfg.kernel_samples, seed=cfg.seed, progress=cfg.progress, overwrite=True,
+                                        **extra))
             files[s].append((name, path, time.perf_counter() - t0))
     t0 = time.perf_counter()
     p = load_retrieval(open_store(stores["train"]), RetrievalOptions(k=cfg.k, mode="top1", seed=cfg.seed), "ip")
