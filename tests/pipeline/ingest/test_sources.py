@@ -76,7 +76,7 @@ def test_sources_hold_at_most_per_source_files_in_name_order(tmp_path):
     assert urls == [f"{root}#IMG_00.jpg:IMG_02.jpg", f"{root}#IMG_03.jpg:IMG_05.jpg", f"{root}#IMG_06.jpg"]
     with pytest.raises(ConfigError, match="per_source must be an integer >= 1"):
         resolve_inputs([root], per_source=0)
-    with pytest.raises(ConfigError, match=r"unknown labels 'gps'; choose one of \['auto', 'sidecar', 'exif', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"unknown labels 'gps'; choose one of \['auto', 'sidecar', 'exif', 'vpr-name', 'none'\]"):
         resolve_inputs([root], labels="gps")
 
 
@@ -122,7 +122,7 @@ def test_sidecar_exif_and_none_labels(tmp_path):
     _image(root / "void.jpg", 3, exif=_gps_exif((10.0, 0.0, 0.0), "N", (10.0, 0.0, 0.0), "E", status="V"))
     _image(root / "plain.png", 4, "PNG")
     records = {}
-    for labels in LABELS:
+    for labels in ("auto", "sidecar", "exif", "none"):  # vpr-name: tests/pipeline/vpr (these names are its rejects)
         inputs = resolve_inputs([str(root)], labels=labels)
         records[labels] = {s["__key__"]: json.loads(s["json"]) for s in _samples(inputs, inputs.urls())}
     lat, lon = -(33 + 52 / 60 + 4 / 3600), -(151 + 12 / 60 + 36 / 3600)
@@ -224,4 +224,4 @@ def test_image_extensions_and_cli_choices():
 
     assert {"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp"} <= set(IMAGE_FILE_EXTS)
     out = CliRunner().invoke(cli, ["extract", "--help"]).output
-    assert "[auto|sidecar|exif|none]" in out and list(LABELS) == ["auto", "sidecar", "exif", "none"]
+    assert "[auto|sidecar|exif|vpr-name|none]" in out and list(LABELS) == ["auto", "sidecar", "exif", "vpr-name", "none"]
