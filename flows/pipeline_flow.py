@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 
+from geopipe.flows.serve import check_schedule
 from geopipe.flows.tasks import brief_user_errors, demo_data_task, evaluate_task, extract_task, predict_task, prefect_defaults, train_task
 from geopipe.flows.uncertainty_flow import UncertaintyResult, run_uncertainty_branch
-from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.stages.config import PipelineConfig
 from geopipe.stages.evaluate import store_mean_direction
 
@@ -121,8 +122,7 @@ def scheduled_deployment(config_path: str, *, cron: str | None = None, interval_
     path = os.path.abspath(config_path)
     if not os.path.exists(path):
         raise GeopipeError(f"config not found: {config_path}")
-    if (cron is None) == (interval_s is None):
-        raise ConfigError("give exactly one of --cron or --interval")
+    check_schedule(cron, interval_s)
     return scheduled_flow.to_deployment(
         name=deployment_name(config_path, name),
         parameters={"config_path": path},

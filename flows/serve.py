@@ -23,12 +23,64 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 
-__all__ = ["scheduling_api", "remove_scheduled_runs", "STARTUP_TIMEOUT_S"]
+__all__ = ["scheduling_api", "remove_scheduled_runs", "check_schedule", "STARTUP_TIMEOUT_S", "MAX_INTERVAL_S"]
 
 #: Seconds to wait for a started server to answer (a busy 2-core machine needs ~30).
 STARTUP_TIMEOUT_S = 240
+#: Longest --interval (one year): a longer schedule is a calendar one, a --cron.
+MAX_INTERVAL_S = 366 * 86400.0
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_CRON_NAMES = {3: "jan feb mar apr may jun jul aug sep oct nov dec".split(), 4: "sun mon tue wed thu fri sat".split()}
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
+
+
+def _cron_value(text: str, field: int) -> int:
+    names = _CRON_NAMES.get(field)
+    if names and text.lower() in names:
+        return names.index(text.lower()) + (1 if field == 3 else 0)
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _cron_problem(cron: str) -> str | None:
+    """Why ``cron`` is not a standard 5-field cron expression (minute hour day-of-month month
+    day-of-week: ``*``, numbers, names, ranges ``a-b``, lists, steps ``/n``) or alias; None if it is."""
+    parts = cron.split()
+    if len(parts) == 1 and parts[0].lower() in _CRON_ALIASES:
+        return None
+    if len(parts) != 5:
+        return f"it has {len(parts)} fields, a cron expression has 5 (minute hour day-of-month month day-of-week) or is one of {list(_CRON_ALIASES)}"
+    for i, (part, (name, lo, hi)) in enumerate(zip(parts, _CRON_FIELDS)):
+        for item in part.split(","):
+            body, _, step = item.partition("/")
+            try:
+                if step and (not step.isdigit() or int(step) < 1):
+                    raise ValueError(step)
+                ends = (lo, hi) if body == "*" else [_cron_value(x, i) for x in body.split("-", 1)]
+            except ValueError:
+                return f"{name} field {part!r} is not *, a number, a name, a range a-b, a list or a step /n"
+            if not all(lo <= v <= hi for v in ends):
+                return f"{name} field {part!r} is outside {lo}-{hi}"
+            if ends[0] > ends[-1]:
+                return f"{name} field {part!r} is a range that runs backwards"
+    return None
+
+
+def check_schedule(cron: str | None, interval_s: float | None) -> None:
+    """ConfigError (one line) unless exactly one of ``cron`` (a 5-field cron expression or an
+    alias such as ``@daily``) and ``interval_s`` (seconds, finite, in (0, :data:`MAX_INTERVAL_S`])
+    is given: ``geopipe serve`` checks this before it starts anything."""
+    if (cron is None) == (interval_s is None):
+        raise ConfigError("give exactly one of --cron or --interval")
+    if cron is not None:
+        problem = _cron_problem(cron)
+        if problem:
+            raise ConfigError(f"--cron {cron!r} is not a cron schedule: {problem}; e.g. '0 3 * * *' (daily at 03:00)")
+    elif isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not (0 < interval_s <= MAX_INTERVAL_S):
+        raise ConfigError(f"--interval must be a number of seconds in (0, {MAX_INTERVAL_S:.0f}] (a year; longer: --cron), got {interval_s!r}")
 
 
 def _healthy(api_url: str, timeout: float = 5.0) -> bool:

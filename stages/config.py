@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tomllib
 import typing
 from dataclasses import dataclass, field
 
@@ -290,13 +289,11 @@ def parse_pipeline_config(doc: dict) -> PipelineConfig:
 
 
 def load_pipeline_config(path: str) -> PipelineConfig:
-    """Read and validate a pipeline TOML file."""
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise GeopipeError(f"{path}: not valid TOML ({exc})") from None
-    return parse_pipeline_config(doc)
+    """Read and validate a pipeline TOML file (size, depth and encoding checked by
+    :func:`geopipe.pipeline.core.limits.load_toml`: every problem is one line naming the file)."""
+    from geopipe.pipeline.core.limits import load_toml
+
+    return parse_pipeline_config(load_toml(path, "pipeline config"))
 
 
 def demo_pipeline_config(workdir: str, train_steps: int = 3000, n_train: int = 3000, n_test: int = 500,

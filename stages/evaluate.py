@@ -27,6 +27,7 @@ import numpy as np
 from geopipe.pipeline.artifacts.outputs import check_output
 from geopipe.pipeline.artifacts.predictions import read_predictions
 from geopipe.pipeline.artifacts.report import build_report, json_safe, write_report
+from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.failure import FailureOptions, failure_rows, format_failure_table
@@ -124,6 +125,8 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score every predictions file of ``cfg``; write the JSON report when ``cfg.out`` is set."""
     if cfg.out:
         check_output(cfg.out, cfg.overwrite, example="report.json")
+    if cfg.uncertainty and cfg.plots_dir:  # before any scoring: a folder that cannot be made is one line now
+        fsio.makedirs(cfg.plots_dir, "plots folder")
     opts = ScoreOptions(prdc_k=cfg.prdc_k, prdc_chunks=cfg.prdc_chunks, store=cfg.store, geocode=cfg.geocode,
                         admin_fields=cfg.admin_fields(), admin_optional=cfg.admin_optional())
     entries, first_truth, failures, skipped = [], None, [], []
@@ -200,7 +203,7 @@ def _failure_plots(rows: list[dict], folder: str) -> tuple[str, ...]:
     the oracle and random references belong to one model's records."""
     from geopipe.pipeline.viz.failure_plots import render_reliability_plot, render_sparsification_plot
 
-    os.makedirs(folder, exist_ok=True)
+    fsio.makedirs(folder, "plots folder")
     slug = lambda text: "".join(ch if ch.isalnum() else "_" for ch in text.replace("<=", "le").replace("@", "at")).strip("_")  # noqa: E731
     paths = []
     for label, model in dict.fromkeys((r["failure"], r["model"]) for r in rows):

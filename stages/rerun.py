@@ -84,11 +84,14 @@ def _options(cfg) -> dict:
 
 def load_run_state(workdir: str) -> dict | None:
     """The last successful run's state, or None (no run yet, or an unreadable file)."""
+    from geopipe.pipeline.core.limits import load_json
+
     path = os.path.join(workdir, STATE_FILE)
+    if not os.path.isfile(path):
+        return None
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
+        return load_json(path, "run state")  # size and depth limits: a hostile file is no state
+    except ConfigError:
         return None
 
 

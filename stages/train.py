@@ -30,6 +30,7 @@ from geopipe.pipeline.artifacts.checkpoint import (
 )
 from geopipe.pipeline.core.device import resolve_device
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.limits import MAX_STEPS
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.model.conditioning import CondStats
@@ -83,7 +84,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "val_every"):
-            check_int(getattr(self, name), name, 1)
+            check_int(getattr(self, name), name, 1, maximum=MAX_STEPS if name == "steps" else None)
         if not 0 <= self.warmup < self.steps:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
         if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:

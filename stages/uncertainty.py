@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config, save_checkpoint
+from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
+from geopipe.pipeline.core.limits import MAX_STEPS
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.retrieval.split import decode_meta, group_ids
 from geopipe.pipeline.retrieval.viewpoints import PairConfig, PairSet, class_pair_set, mine_pairs
@@ -84,7 +86,7 @@ class BayesCapStageConfig:
         if self.no_pairs_policy not in NO_PAIRS_POLICIES:
             raise ConfigError(f"unknown no_pairs_policy {self.no_pairs_policy!r}; choose one of {list(NO_PAIRS_POLICIES)}")
         for name, option in (("steps", "--steps"), ("batch", "--batch-size"), ("val_every", "--val-every")):
-            check_int(getattr(self, name), option, 1, where=self.method)
+            check_int(getattr(self, name), option, 1, where=self.method, maximum=MAX_STEPS if name == "steps" else None)
         check_int(self.pairs.min_pairs, "--min-pairs", 1, where=self.method)
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{self.method}: --lr must be a finite number > 0, got {self.lr!r}")
@@ -150,8 +152,11 @@ def _identity_pairs(emb: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray,
 
 def _refuse_generative_out(out: str) -> None:
     """A BayesCap run replaces the checkpoint in ``out`` (it is retrained, not resumed), but never
-    a generative model's."""
+    a generative model's; an ``out`` that is a file or cannot be created is refused before training."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise GeopipeError(f"--out {out} exists and is not a directory; give a checkpoint directory")
     if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
+        fsio.makedirs(out, "checkpoint folder")
         return
     saved = load_checkpoint_config(out)
     if saved["kind"] == GENERATIVE:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import uuid
@@ -32,7 +33,8 @@ from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor, nn
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
+from geopipe.pipeline.core.limits import load_json
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.schemas.checkpoint import (
     CHECKPOINT_KINDS,
@@ -122,7 +124,7 @@ def save_checkpoint(
         raise CheckpointError(f"cannot save checkpoint {out}: give train_state and train_meta together, or neither")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"cannot save checkpoint {out}: it exists and is not a directory; choose another output directory")
-    out.mkdir(parents=True, exist_ok=True)
+    fsio.makedirs(str(out), "checkpoint folder")  # a location that cannot take it: one line
     token = uuid.uuid4().hex[:8]
     files = {role: _versioned_name(role, step, token) for role in (["model"] + (["train_state", "train_state_json"] if train_state is not None else []))}
     if train_state is not None:
@@ -166,9 +168,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} not found; is {path.parent} a geopipe checkpoint directory?")
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+        obj = load_json(str(path), "checkpoint config")  # size, depth and encoding limits: one line
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc}; the checkpoint is corrupt") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(obj).__name__}")
     return obj
@@ -211,6 +213,22 @@ def _check_network(path: Path, cfg: Mapping[str, Any]) -> None:
     embed_dim, cond_dim = cfg["embed_dim"], cfg["network"].get("cond_dim")
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1 or (cond_dim is not None and cond_dim != embed_dim):
         raise CheckpointError(f"{path}: embed_dim {embed_dim!r} must be a positive integer equal to network cond_dim {cond_dim!r}")
+    _check_condition(path, cfg.get("condition"), embed_dim)
+
+
+def _check_condition(path: Path, condition: Any, dim: int) -> None:
+    """``condition`` (the embeddings' z-score statistics; absent or null in older checkpoints)
+    must hold ``mean`` and ``std``: ``dim`` finite numbers each, every std > 0."""
+    if condition is None:
+        return
+    ok = isinstance(condition, dict)
+    for key in ("mean", "std"):
+        values = condition.get(key) if ok else None
+        ok = ok and isinstance(values, list) and len(values) == dim and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or key == "mean") for v in values)
+    if not ok:
+        raise CheckpointError(f"{path}: condition must hold mean and std, {dim} finite numbers each (std > 0); the config is "
+                              "damaged or was edited, restore it or retrain")
 
 
 def weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Mapping
 
 import pyarrow as pa
@@ -92,8 +91,7 @@ class PredictionsStream:
         check_output(self.path, self.overwrite)
         local = fsio.is_local(self.path)
         where = os.path.dirname(os.path.abspath(self.path)) if local else tempfile.gettempdir()
-        os.makedirs(where, exist_ok=True)
-        self._tmp = os.path.join(where, f".{os.path.basename(self.path)}.{uuid.uuid4().hex[:12]}.tmp")
+        self._tmp = fsio.temporary_beside(os.path.join(where, os.path.basename(self.path)))  # one line if it cannot be made
         self._writer = pq.ParquetWriter(self._tmp, PREDICTIONS_SCHEMA, **WRITE_OPTIONS)
         self._bbox = BboxAccumulator()
         self.rows = 0

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.limits import load_json
 from geopipe.schemas.report import COMPARISON_COLUMNS, REPORT_SCHEMA_ID, validate_report
 
 __all__ = ["json_safe", "comparison_row", "build_report", "write_report", "read_report"]
@@ -57,13 +58,9 @@ def write_report(doc: dict, path: str) -> None:
 
 def read_report(path: str) -> dict:
     """A report written by :func:`write_report`, or GeopipeError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except FileNotFoundError:
-        raise GeopipeError(f"report {path!r} does not exist; write it with `geopipe evaluate ... --out {path}`") from None
-    except (OSError, ValueError) as exc:
-        raise GeopipeError(f"report {path!r} is not readable JSON ({exc})") from None
+    if not fsio.exists(path):
+        raise GeopipeError(f"report {path!r} does not exist; write it with `geopipe evaluate ... --out {path}`")
+    doc = load_json(path, "report")  # size, depth and encoding limits: ConfigError naming the file
     if not isinstance(doc, dict) or doc.get("schema") != REPORT_SCHEMA_ID or not isinstance(doc.get("reports"), list):
         raise GeopipeError(f"{path!r} is not a geopipe evaluation report (schema {REPORT_SCHEMA_ID!r})")
     return doc

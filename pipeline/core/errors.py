@@ -20,9 +20,11 @@ class ConfigError(GeopipeError, ValueError):
     values the standard way keep catching it."""
 
 
-def check_int(value, name: str, minimum: int = 1, *, where: str = "") -> int:
-    """``value`` when it is an ``int`` (not a ``bool``) of at least ``minimum``; else
-    ConfigError ``"<where>: <name> must be an integer >= <minimum>, got <value>"``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where + ': ' if where else ''}{name} must be an integer >= {minimum}, got {value!r}")
+def check_int(value, name: str, minimum: int = 1, *, where: str = "", maximum: int | None = None) -> int:
+    """``value`` when it is an ``int`` (not a ``bool``) of at least ``minimum`` (and at most
+    ``maximum`` when given); else ConfigError ``"<where>: <name> must be an integer >= <minimum>,
+    got <value>"`` (``in [<minimum>, <maximum>]`` with a maximum)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum:,}]"
+        raise ConfigError(f"{where + ': ' if where else ''}{name} must be an integer {bound}, got {value!r}")
     return value

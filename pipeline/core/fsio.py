@@ -19,7 +19,10 @@ import uuid
 from collections.abc import Iterator
 from typing import IO
 
+from geopipe.pipeline.core.errors import GeopipeError
+
 __all__ = [
+    "OutputPathError",
     "normalize",
     "is_local",
     "url_to_fs",
@@ -31,12 +34,24 @@ __all__ = [
     "remove",
     "read_bytes",
     "write_atomic",
+    "temporary_beside",
     "atomic_path",
     "open_read",
     "disk_usage",
 ]
 
 _FILE = "file://"
+
+
+class OutputPathError(GeopipeError, OSError):
+    """An output that cannot be created (a missing parent on a read-only or virtual filesystem such
+    as ``/proc``, no permission, a file in the way); one line naming the path. Also an
+    ``OSError``, so callers that handle file-system errors keep catching it."""
+
+
+def _cannot_create(url: str, exc: OSError, what: str) -> OutputPathError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputPathError(f"cannot create {what} {url}: {reason}; choose a writable location")
 
 
 def normalize(url: str) -> str:
@@ -92,13 +107,21 @@ def listdir(url: str) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
-def makedirs(url: str) -> None:
+def makedirs(url: str, what: str = "folder") -> None:
+    """Create the folder ``url`` and its parents (nothing when it exists); :class:`OutputPathError`
+    ("cannot create <what> <url>: <reason>") when it cannot be created — the one place outputs'
+    folders are made."""
     url = normalize(url)
-    if is_local(url):
-        os.makedirs(url, exist_ok=True)
-    else:
-        fs, path = url_to_fs(url)
-        fs.makedirs(path, exist_ok=True)
+    try:
+        if is_local(url):
+            os.makedirs(url, exist_ok=True)
+        else:
+            fs, path = url_to_fs(url)
+            fs.makedirs(path, exist_ok=True)
+    except OutputPathError:
+        raise
+    except OSError as exc:
+        raise _cannot_create(url, exc, what) from None
 
 
 def remove(url: str) -> None:
@@ -138,14 +161,27 @@ def write_atomic(url: str, data: bytes) -> None:
             fh.write(data)
 
 
+def temporary_beside(path: str) -> str:
+    """Create (empty) and return ``.<name>.<12 hex>.tmp`` in the folder of the local ``path``,
+    making the folder first: the one place an output's file is first created, so a location that
+    cannot take it is :class:`OutputPathError` naming ``path`` (never a traceback from a writer)."""
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(tmp, "xb").close()
+    except OSError as exc:
+        raise _cannot_create(path, exc, "file") from None
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """A temporary local path beside ``path`` to write into; on a clean exit it is fsynced and
     renamed over ``path`` in one step (readers, and a process killed mid-write, see the old file
     or the new one, never half of it); on an error it is removed and ``path`` is untouched."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temporary_beside(path)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

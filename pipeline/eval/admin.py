@@ -122,11 +122,15 @@ def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str
     """
     import zarr
 
+    checked = _checked_store(store)  # a geopipe store: every chunk read is checked against its commit-time digest
     try:
         group = zarr.open_group(store, mode="r")
         rows = int(group.attrs.get("rows", group["keys"].shape[0]))
-        index = {str(k): i for i, k in enumerate(np.asarray(group["keys"][:rows]).tolist())}
+        keys_read = checked.keys[:] if checked is not None else group["keys"][:rows]
+        index = {str(k): i for i, k in enumerate(np.asarray(keys_read).tolist())}
         available = list(group.attrs.get("meta_fields", []))
+    except GeopipeError:
+        raise  # a damaged chunk, named
     except Exception as exc:  # zarr raises several types for a missing / foreign path
         raise GeopipeError(f"cannot read embedding store {store!r} for admin labels ({type(exc).__name__}: {exc})") from None
     out: dict[str, list] = {}
@@ -137,14 +141,37 @@ def store_admin_labels(store: str, fields: Mapping[str, str], keys: Sequence[str
     for area, field in fields.items():
         if field not in available:
             raise GeopipeError(f"store {store!r} has no meta field {field!r} for {area} labels; available: {available}")
+        if checked is not None:  # JSON texts whatever the stored encoding ("" = absent)
+            decoded = [_decode_meta(str(v)) for v in np.asarray(checked.meta[field][:]).tolist()]
+        else:
+            decoded = _raw_meta(store, group, field, rows)
+        out[area] = [decoded[index[k]] if k in index else None for k in keys]
+    return out
+
+
+def _checked_store(store: str):
+    """The store opened by geopipe's reader (digest-checked reads), or None for a Zarr group that
+    is not a geopipe store (read as it is)."""
+    from geopipe.pipeline.store.reader import StoreError, open_store
+
+    try:
+        return open_store(store)
+    except StoreError:
+        return None
+
+
+def _raw_meta(store: str, group, field: str, rows: int) -> list:
+    """Decoded labels of ``meta/<field>`` of a plain Zarr group; a chunk that cannot be decoded is
+    one line naming the store and the field."""
+    try:
         arr = group["meta"][field]
         raw = np.asarray(arr[:rows]).tolist()
         if arr.attrs.get("encoding") in ("number", "integer"):  # float64 numbers (schemas/store.py): their JSON texts
             texts = group["meta"][field + META_TEXT_SUFFIX][:rows] if field in group.attrs.get(META_TEXT_ATTR, []) else None
             raw = meta_as_json(np.asarray(raw), arr.attrs["encoding"], texts).tolist()
-        if arr.attrs.get("encoding") == "string":  # the strings themselves (schemas/store.py)
-            decoded = [str(v) if v != "" else None for v in raw]
-        else:
-            decoded = [_decode_meta(str(v)) for v in raw]
-        out[area] = [decoded[index[k]] if k in index else None for k in keys]
-    return out
+    except Exception as exc:  # codecs raise RuntimeError, ValueError, ...: the bytes on disk are damaged
+        raise GeopipeError(f"store {store}: cannot read meta/{field} ({type(exc).__name__}: {exc}); "
+                           f"run `geopipe store verify {store}`") from None
+    if arr.attrs.get("encoding") == "string":  # the strings themselves (schemas/store.py)
+        return [str(v) if v != "" else None for v in raw]
+    return [_decode_meta(str(v)) for v in raw]

@@ -16,14 +16,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from geopipe.pipeline.artifacts.checkpoint import checkpoint_identity, load_checkpoint_config, load_model_weights, weight_shapes
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError
 from geopipe.pipeline.store.space import checkpoint_space
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE
 
@@ -63,10 +62,13 @@ class ModelSource:
 
 
 def _is_geopipe_dir(path: Path) -> bool:
+    from geopipe.pipeline.core.limits import load_json
+
     try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("schema") == CHECKPOINT_SCHEMA
-    except (OSError, ValueError, AttributeError):
+        doc = load_json(str(path / CONFIG_FILE), "checkpoint config")  # size and depth limits: no RecursionError
+    except ConfigError:
         return False
+    return isinstance(doc, dict) and doc.get("schema") == CHECKPOINT_SCHEMA
 
 
 def _geopipe(source: str, path: Path) -> ModelSource:

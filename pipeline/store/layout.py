@@ -85,7 +85,7 @@ def lock_store(path: str) -> DirLock | NullLock:
         return NullLock(path).acquire()
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreError(f"{path} exists and is not a directory; choose another store path")
-    os.makedirs(path, exist_ok=True)
+    fsio.makedirs(path, "store")  # a location that cannot take it: one line
     return DirLock(path).acquire()
 
 
