@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from prefect import flow, get_run_logger
 
 from geopipe.flows.serve import check_schedule
-from geopipe.flows.tasks import brief_user_errors, demo_data_task, evaluate_task, extract_task, predict_task, prefect_defaults, train_task
+from geopipe.flows.tasks import brief_user_errors, console_on_success, demo_data_task, evaluate_task, extract_task, predict_task, prefect_defaults, train_task
 from geopipe.flows.uncertainty_flow import UncertaintyResult, run_uncertainty_branch
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.stages.config import PipelineConfig
@@ -49,7 +49,7 @@ def run_pipeline(cfg: PipelineConfig, *, debug: bool = False) -> PipelineResult:
 
     name = generate_slug(2)  # chosen here, so the error can name it (Prefect's own style: "witty-otter")
     try:
-        with prefect_defaults(), brief_user_errors(debug):
+        with prefect_defaults(), brief_user_errors(debug), console_on_success(debug):  # a failed run: one line
             return geopipe_flow.with_options(flow_run_name=name)(cfg)
     except GeopipeError as exc:
         if debug:

@@ -29,7 +29,8 @@ from geopipe.stages.retrieve import RetrieveConfig, run_retrieve
 from geopipe.stages.train import run_train
 from geopipe.stages.uncertainty import BayesCapStageConfig, ScoreFileConfig, run_score_file, run_train_bayescap
 
-__all__ = ["PAIR_STATS", "run_name", "retry_unless_user_error", "prefect_defaults", "brief_user_errors", "demo_data_task",
+__all__ = ["PAIR_STATS", "run_name", "retry_unless_user_error", "prefect_defaults", "brief_user_errors", "console_on_success",
+           "demo_data_task",
            "extract_task", "train_task", "predict_task", "evaluate_task", "retrieve_task", "bayescap_task", "score_task",
            "evaluate_uncertainty_task"]
 
@@ -97,6 +98,64 @@ def brief_user_errors(debug: bool = False) -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
+
+
+class _Hold(logging.Filter):
+    """Keeps the records a console handler would print (see :func:`console_on_success`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The handlers that print Prefect's log lines on the terminal (Prefect's logging config puts
+    its console handler on the root and uvicorn loggers)."""
+    found = []
+    for logger in (logging.getLogger(), logging.getLogger("uvicorn")):
+        found += [h for h in logger.handlers if type(h).__name__ == "PrefectConsoleHandler" and h not in found]
+    return found
+
+
+def _quiet_console_at_exit() -> None:
+    """At interpreter exit (before Prefect stops its temporary server): no more console lines."""
+    for handler in _console_handlers():
+        handler.setLevel(logging.CRITICAL + 1)
+
+
+@contextlib.contextmanager
+def console_on_success(debug: bool = False) -> Iterator[None]:
+    """While inside, Prefect's console lines are held; they are printed when the block ends
+    normally, and dropped when it raises a GeopipeError (its one ``geopipe: error:`` line says what
+    failed; the temporary server's stop line at exit is dropped too). With ``debug``: live, as
+    Prefect prints them. The API log handler (the Prefect UI) is untouched."""
+    if debug:
+        yield
+        return
+    holds = [(handler, _Hold()) for handler in _console_handlers()]
+    for handler, hold in holds:
+        handler.addFilter(hold)
+    failed = False
+    try:
+        yield
+    except GeopipeError:
+        failed = True
+        raise
+    finally:
+        for handler, hold in holds:
+            handler.removeFilter(hold)
+        if failed:
+            import atexit
+
+            atexit.register(_quiet_console_at_exit)  # runs before Prefect's own exit hooks (last in, first out)
+        else:
+            for handler, hold in holds:
+                for record in hold.records:
+                    handler.handle(record)
 
 
 def _store_summary_artifact(res) -> None:

@@ -13,6 +13,7 @@ keeps no thumbnails, so galleries are maps and metadata only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from geopipe.pipeline.core import fsio
-from geopipe.pipeline.core.errors import GeopipeError
+from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.inspection.galleries import ProbeSet, centroid_probes, concat_probes, direction_probes, record_probes, search_gallery
 from geopipe.pipeline.inspection.kmeans import spherical_kmeans, store_source
@@ -69,6 +70,20 @@ class InspectConfig:
     chunk_rows: int = 65536
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, flag, lo in (("n_probes", "--probes", 1), ("k", "-k", 1), ("clusters", "--clusters", 1),
+                               ("n_iter", "--iterations", 1), ("n_members", "n_members", 1),
+                               ("max_probe_records", "--max-probe-records", 1), ("max_plots", "max_plots", 0),
+                               ("chunk_rows", "chunk_rows", 1)):
+            check_int(getattr(self, name), flag, lo)
+        for name, flag, lo in (("purity_radius_m", "--purity-radius-m", False), ("radius_m", "--radius-m", False),
+                               ("block_m", "--block-m", True)):
+            v = self.probe_split.block_m if name == "block_m" else getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not lo):
+                raise ConfigError(f"{flag} must be a finite number {'>= 0' if lo else '> 0'} (metres), got {v!r}")
+        if not all(isinstance(t, (int, float)) and math.isfinite(t) for t in self.direction_steps):
+            raise ConfigError(f"--direction-steps must be finite numbers, got {self.direction_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +212,7 @@ def run_inspect(cfg: InspectConfig) -> InspectResult:
     unknown = [f for f in (cfg.probe_fields or ()) if f not in st.meta]
     if unknown:
         raise GeopipeError(f"store {st.path} has no metadata field {unknown[0]!r} (--probe-fields); fields are {sorted(st.meta)}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    fsio.makedirs(cfg.out_dir)
     meta_out = {"config": {**asdict(cfg), "probe_split": asdict(cfg.probe_split)}, "store": st.path, "database": db.path,
                 "backbone": st.attrs.get("backbone"), **provenance()}
     latlon, keys = st.latlon[:].astype(np.float64), st.keys[:]

@@ -53,10 +53,10 @@ def output_lock(path: str, *, dataset: bool, command: str = "predict or locate")
         return NullLock(path)
     holder = f"another {command} is writing it"
     if dataset:
-        os.makedirs(path, exist_ok=True)
+        fsio.makedirs(path, "predictions folder")  # a location that cannot take it: one line
         return DirLock(path, ".lock", target=path, holder=holder)
     parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    fsio.makedirs(parent, "the output folder")
     return DirLock(parent, f".{name}.lock", target=path, holder=holder)
 
 

@@ -73,6 +73,13 @@ class DirLock:
         """Take the lock or raise :class:`LockedError` at once (never waits)."""
         import filelock
 
+        try:  # a folder that takes no file is not "locked by another process": say so in one line
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError as exc:
+            from geopipe.pipeline.core.fsio import OutputPathError
+
+            raise OutputPathError(f"cannot create {self.target}: its lock file {self.path} cannot be made "
+                                  f"({exc.strerror or exc}); choose a writable location") from None
         for _ in range(3):
             lock = filelock.FileLock(self.path, timeout=0, thread_local=False, fallback_to_soft=False, on_acquired=self._owned)
             try:

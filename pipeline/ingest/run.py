@@ -227,6 +227,7 @@ def run_ingest(
             lock.release()
     writer, ctx = _open_writer(path, opts, prepare)
     unlabelled = [0]  # rows committed without a location, this run
+    committed: list[tuple[str, int, int]] = []  # this run's shards in order: (url, rows kept, rejects)
 
     def on_commit(url: str, n_ok: int, rejects: Sequence[Reject]) -> None:
         if n_ok == 0 and not rejects:
@@ -234,6 +235,7 @@ def run_ingest(
                   file=sys.stderr)
         unlabelled[0] += n_ok - int(writer.shards[url].get("labelled", n_ok))
         budget.add(n_ok, [r.reason for r in rejects])
+        committed.append((url, n_ok, len(rejects)))
         try:
             budget.check(final=False)
         except TooManyRejectsError as exc:  # the shard that crossed the limit is not kept: a rerun redoes it
@@ -249,10 +251,35 @@ def run_ingest(
         t_loop = time.perf_counter()
         if plan.todo:
             write(writer, plan.todo, ctx, on_commit)
+            _drop_crossing_shard(writer, committed, budget)
         t_loop = time.perf_counter() - t_loop
         if on_done is not None:  # every planned shard is in (write raises otherwise)
             on_done()
     return _report(plan, writer.attrs, budget, store, opts, finish, t0, t_loop, unlabelled[0])
+
+
+def _drop_crossing_shard(writer, committed: list[tuple[str, int, int]], budget: RejectBudget) -> None:
+    """The whole-store reject check once this run's shards are in: when the store is over the
+    limit, the first of this run's shards with which it crossed the limit is not kept (nor any
+    after it), so the store never holds more rejects than allowed and a rerun redoes that shard;
+    TooManyRejectsError says which. A store that was over the limit before this run is left to
+    the final check of :func:`_report` (it says which limit would accept it)."""
+    rows, rejects = int(writer.attrs["rows"]), writer.attrs["rejects"]
+    try:
+        budget.check(final=True, rows=rows, store_rejects=rejects)
+        return
+    except TooManyRejectsError as exc:
+        error = exc
+    ok, bad = rows - sum(c[1] for c in committed), sum(rejects.values()) - sum(c[2] for c in committed)
+    over = lambda ok, bad: ok + bad > 0 and bad / (ok + bad) > budget.max_fraction  # noqa: E731
+    if over(ok, bad):
+        return
+    for url, n_ok, n_bad in committed:
+        ok, bad = ok + n_ok, bad + n_bad
+        if over(ok, bad):
+            writer.truncate(writer.shards[url]["index"])
+            raise TooManyRejectsError(f"{error}; {url} was not kept (shards before it were): fix or drop the bad data, "
+                                      f"or rerun with a higher --max-reject-fraction") from None
 
 
 def _report(plan, attrs: dict, budget: RejectBudget, store: str, opts: IngestOptions, finish, t0: float,

@@ -27,6 +27,7 @@ import numpy as np
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.sphere.knn import array_chunks, knn
+from geopipe.pipeline.store.format import nonfinite_records
 
 __all__ = ["INITS", "EmbeddingSource", "KMeansResult", "array_source", "store_source", "normalise_rows", "spherical_kmeans"]
 
@@ -52,16 +53,27 @@ def array_source(x, chunk_rows: int = 65536) -> EmbeddingSource:
 
 def store_source(store, chunk_rows: int = 65536) -> EmbeddingSource:
     """The embeddings of an opened store (:class:`geopipe.pipeline.store.reader.EmbeddingStore`),
-    read in whole stored chunks of about ``chunk_rows`` rows."""
+    read in whole stored chunks of about ``chunk_rows`` rows; a non-finite row (an older store
+    written before the writer refused them) is a GeopipeError naming its record."""
     view = store.embeddings
     step = max(chunk_rows // store.chunk_rows, 1) * store.chunk_rows
+
+    def checked(rows, block):
+        bad = nonfinite_records(store.keys[rows], block)
+        if bad:
+            raise GeopipeError(f"store {store.path}: {bad}; the store is damaged: run `geopipe store verify {store.path}`")
+        return block
 
     def chunks():
         for start in range(0, len(store), step):
             stop = min(len(store), start + step)
-            yield np.arange(start, stop, dtype=np.int64), view[start:stop]
+            yield np.arange(start, stop, dtype=np.int64), checked(slice(start, stop), view[start:stop])
 
-    return EmbeddingSource(n=len(store), dim=store.embed_dim, chunks=chunks, take=lambda rows: view[np.asarray(rows)])
+    def take(rows):
+        rows = np.asarray(rows)
+        return checked(rows, view[rows])
+
+    return EmbeddingSource(n=len(store), dim=store.embed_dim, chunks=chunks, take=take)
 
 
 def normalise_rows(x) -> np.ndarray:

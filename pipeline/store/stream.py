@@ -251,7 +251,8 @@ class StoreStream:
 def store_chunks(store, rows: np.ndarray, chunk_rows: int):
     """(row ids (C,) int64, embeddings (C, D) as stored) of the selected ``rows`` (sorted) of an
     opened store, in store order: one read of whole stored chunks per ``chunk_rows`` rows
-    (rounded to the store's chunking), so memory is one read whatever the store's size."""
+    (rounded to the store's chunking), so memory is one read whatever the store's size. A
+    non-finite embedding (an older store) is a StoreError naming its record."""
     n = len(store)
     step = max(chunk_rows // store.chunk_rows, 1) * store.chunk_rows
     keep = np.zeros(n, dtype=bool)
@@ -260,11 +261,22 @@ def store_chunks(store, rows: np.ndarray, chunk_rows: int):
         stop = min(n, start + step)
         sel = keep[start:stop]
         if sel.any():
-            emb = store.embeddings[start:stop]
-            yield np.arange(start, stop, dtype=np.int64)[sel], emb[sel]
+            ids = np.arange(start, stop, dtype=np.int64)[sel]
+            yield ids, _finite(store, ids, store.embeddings[start:stop][sel])
 
 
 def read_rows(store, rows: np.ndarray) -> np.ndarray:
-    """Embeddings (R, D) as stored of the store rows ``rows`` (R,) (an empty (0, D) float32 for none)."""
+    """Embeddings (R, D) as stored of the store rows ``rows`` (R,) (an empty (0, D) float32 for
+    none); a non-finite one is a StoreError naming its record."""
     rows = np.asarray(rows, dtype=np.int64)
-    return store.embeddings[rows] if rows.size else np.zeros((0, store.embed_dim), np.float32)
+    return _finite(store, rows, store.embeddings[rows]) if rows.size else np.zeros((0, store.embed_dim), np.float32)
+
+
+def _finite(store, rows: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """``emb`` (the embeddings of store rows ``rows``), or StoreError naming the first non-finite record."""
+    with np.errstate(invalid="ignore"):
+        ok = bool(np.isfinite(emb).all())
+    if not ok:
+        bad = nonfinite_records(np.asarray(store.keys[rows]), emb)
+        raise StoreError(f"store {store.path}: {bad}; the store is damaged: run `geopipe store verify {store.path}`")
+    return emb

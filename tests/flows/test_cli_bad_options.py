@@ -4,6 +4,9 @@ is geopipe's validation (config dataclasses, inputs on disk)."""
 
 from __future__ import annotations
 
+import re
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,7 +45,60 @@ def inputs(tmp_path_factory):
     (root / "dir").mkdir()
     (root / "dir.parquet").mkdir()
     return {"store": str(store), "model": str(model), "bayescap": str(bayescap), "preds": str(preds), "bad_lat": str(root / "bad_lat.parquet"),
-            "file": str(root / "file"), "dir": str(root / "dir"), "missing": str(root / "missing"), "root": root}
+            "file": str(root / "file"), "dir": str(root / "dir"), "missing": str(root / "missing"), "root": root,
+            **_hostile(root, store, model, preds)}
+
+
+def _hostile(root, store, model, preds) -> dict:
+    """Damaged and hostile inputs (issue 22): a store whose meta/country chunk has 16 zeroed bytes,
+    an older store (no chunk digests) with NaN embeddings, checkpoints whose config.json has
+    condition.mean = "oops" or is nested 100,000 deep, a binary and a deeply nested TOML,
+    retrieval predictions with uncertainty scores (for --plots)."""
+    import json
+    import shutil
+
+    rng = np.random.default_rng(1)
+    meta = root / "meta.zarr"
+    with StoreWriter.open(str(meta), backbone={"name": "t", "pretrained": None}, embed_dim=8, dtype="float32") as w:
+        ll = np.column_stack([rng.uniform(-80, 80, 64), rng.uniform(-170, 170, 64)])
+        w.append_shard("a.tar", rng.normal(size=(64, 8)), ll, [f"k{i}" for i in range(64)],
+                       {"country": [json.dumps("FR" if i % 2 else "DE") for i in range(64)]}, [], ShardStat(1, 0.0))
+    chunk = next(p for p in (meta / "meta" / "country").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(16)
+    chunk.write_bytes(bytes(data))
+    nan = root / "nan.zarr"  # a store written before chunk digests, with 5 NaN embeddings
+    shutil.copytree(store, nan)
+    doc = json.loads((nan / "zarr.json").read_text())
+    doc["attributes"].pop("chunk_digests", None)
+    (nan / "zarr.json").write_text(json.dumps(doc))
+    import zarr
+
+    emb = zarr.open_group(str(nan), mode="r+")["embeddings"]
+    values = emb[:]
+    values[3:8] = np.nan
+    emb[:] = values
+    oops, deep = root / "m_oops", root / "m_deep"
+    for path in (oops, deep):
+        shutil.copytree(model, path)
+    cfg = json.loads((oops / "config.json").read_text())
+    cfg["condition"]["mean"] = "oops"
+    (oops / "config.json").write_text(json.dumps(cfg))
+    (deep / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (root / "binary.toml").write_bytes(bytes(range(256)) * 8)
+    (root / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
+    (root / "ok.toml").write_text(f'[extract.t]\nshards = ["{root}/none-*.tar"]\nstore = "{root}/x.zarr"\n')
+    scored = root / "scored.parquet"
+    res = CliRunner().invoke(cli, ["retrieve", "--query", str(store), "--split", "leave_one_out", "-o", str(scored), "--mode", "kernel",
+                                   "--bayescap", str(root / "bc")])
+    assert res.exit_code == 0, res.output
+    from samples import good_sample
+
+    from geopipe.pipeline.ingest.shards import write_shards
+
+    (tar,) = write_shards(root / "shards", [good_sample(f"g{i}", i) for i in range(3)], "g", 3)
+    return {"tar": tar, "meta_store": str(meta), "nan_store": str(nan), "oops": str(oops), "deep": str(deep), "binary_toml": str(root / "binary.toml"),
+            "deep_toml": str(root / "deep.toml"), "ok_toml": str(root / "ok.toml"), "scored": str(scored)}
 
 
 TRAIN = ["--dim", "16", "--depth", "1", "--steps", "4", "--warmup", "1", "--batch-size", "16", "--device", "cpu"]
@@ -93,8 +149,28 @@ CASES = {
         ["--keys", "nope"], ["--direction", "nope=x"], ["-k", "0"], ["--clusters", "0"], ["--probe-fields", "nope"],
         ["--store", "{missing}"], ["--database", "{missing}"])],
     "bench": [["--what", "predict", "--dim", "12"], ["--what", "predict", "--batch", "0"], ["--device", "bogus"]],
-    "run": [["{file}"]],
+    "run": [["{file}"], ["{binary_toml}"], ["{deep_toml}"]],
+    "serve": [["{ok_toml}", *bad] for bad in (["--cron", "not a cron"], ["--cron", "61 25 * * *"], ["--interval", "0"],
+                                              ["--interval", "-5"], ["--interval", "nan"], ["--cron", "0 3 * * *", "--interval", "60"])]
+             + [["{binary_toml}", "--cron", "0 3 * * *"], ["{deep_toml}", "--interval", "60"]],
 }
+# issue 22: hostile inputs and outputs that cannot be created, each one line
+PROC = "/proc/geopipe-x" if sys.platform.startswith("linux") else "{file}/proc"  # cannot be created; "{file}/x": a file in the way
+CASES["train"] += [["--steps", str(10**20)], ["--out", f"{PROC}/m"], ["--out", "{file}/m"]]
+CASES["predict"] += [["--steps", str(10**20)], ["--checkpoint", "{oops}"], ["--checkpoint", "{deep}"], ["-o", f"{PROC}/p.parquet"],
+                     ["-o", f"{PROC}.parquet"], ["-o", f"{PROC}/ds"], ["-o", "{file}/p.parquet"]]
+CASES["evaluate"] += [["{preds}", "--store", "{meta_store}", "--country-field", "country"], ["{preds}", "-o", f"{PROC}/r.json"],
+                      ["{preds}", "-o", "{file}/r.json"], ["{scored}", "--uncertainty", "--plots", f"{PROC}/plots"],
+                      ["{scored}", "--uncertainty", "--plots", "{file}/plots"]]
+CASES["extract"] += [["{tar}", "--store", f"{PROC}/s.zarr", "--workers", "0"], ["{tar}", "--store", "{file}/s.zarr", "--workers", "0"]]
+CASES["inspect"] += [["--store", "{store}", "-o", "{root}/insp", *bad] for bad in (
+    ["--block-m", "-1"], ["--block-m", "nan"], ["--max-probe-records", "0"], ["--radius-m", "0"], ["--store", "{nan_store}"],
+    ["-o", f"{PROC}/i"])]
+CASES["retrieve"] += [["--query", "{store}", "--database", "{nan_store}", "-o", "{root}/r.parquet"],
+                      ["--query", "{nan_store}", "--database", "{store}", "-o", "{root}/r.parquet"],
+                      ["--query", "{store}", "--database", "{store}", "-o", f"{PROC}/r.parquet"],
+                      ["--query", "{store}", "--database", "{store}", "-o", "{file}/r.parquet"]]
+CASES["train-bayescap"] += [["--steps", str(10**20)]]
 
 
 def _base(command: str, x: dict) -> list[str]:
@@ -158,3 +234,22 @@ def test_dask_specs_are_checked_before_anything_loads():
         with pytest.raises(GeopipeError, match=why):
             _check_reachable(unreachable)
     assert __import__("time").monotonic() - t0 < 10  # no client connect timeout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["inspect", "--store", "{nan_store}", "-o", "{root}/insp_nan", "--clusters", "2"], r"store .*nan.zarr: record 'k3': embedding has NaN \(\+4 more records\)"),
+    (["retrieve", "--query", "{store}", "--database", "{nan_store}", "-o", "{root}/r_nan.parquet"], r"record 'k3': embedding has NaN"),
+    (["retrieve", "--query", "{nan_store}", "--database", "{store}", "-o", "{root}/r_nan.parquet"], r"record 'k3': embedding has NaN"),
+    (["evaluate", "{preds}", "--store", "{meta_store}", "--country-field", "country"], r"store .*meta.zarr: array meta/country, chunk .* is damaged"),
+    (["predict", "-c", "{oops}", "--store", "{store}", "-o", "{root}/oops.parquet"], r"m_oops/config.json: condition must hold mean and std"),
+    (["predict", "-c", "{deep}", "--store", "{store}", "-o", "{root}/deep.parquet"], r"m_deep/config.json is nested deeper than 64 levels"),
+    (["run", "{deep_toml}"], r"pipeline config .*deep.toml is nested deeper than 64 levels"),
+    (["train", "--store", "{store}", "-o", "{root}/m_steps", "--steps", str(10**20)], r"steps must be an integer in \[1, 1,000,000,000\]"),
+    (["inspect", "--store", "{store}", "-o", "{root}/i", "--block-m", "-1"], r"--block-m must be a finite number >= 0 \(metres\), got -1.0"),
+    (["inspect", "--store", "{store}", "-o", "{root}/i", "--max-probe-records", "0"], r"--max-probe-records must be an integer >= 1, got 0"),
+])
+def test_hostile_inputs_name_what_is_wrong(inputs, args, says):
+    """Each drill case of issue 22 names the record, chunk, file or option at fault."""
+    res = CliRunner().invoke(cli, [a.format(**inputs) for a in args])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert re.search(says, res.output), res.output

@@ -1,5 +1,6 @@
-"""The reject limit: the shard that crosses it mid-run is not kept (a rerun redoes it); a store
-that fails the whole-store check says how to proceed; empty shards are warned about."""
+"""The reject limit: the shard that crosses it, mid-run or in the whole-store check at the end,
+is not kept (a rerun redoes it); a store already over a lower limit says how to proceed; empty
+shards are warned about."""
 
 from __future__ import annotations
 
@@ -47,13 +48,33 @@ def test_shard_crossing_the_limit_mid_run_is_not_kept(tmp_path, monkeypatch):
     assert (res.shards_done, res.shards_skipped) == (2, 2) and open_store(str(store)).rows == 30
 
 
+def test_whole_store_limit_drops_the_shard_that_crossed_it(tmp_path):
+    """Below the mid-run check's sample count the whole-store check decides, and it too keeps
+    nothing over the limit (before: the shard was kept, and every rerun failed with nothing to do)."""
+    for i, bad in enumerate((0, 1, 9, 0)):
+        _pair(tmp_path / "emb", i, 10, bad)
+    store = tmp_path / "s.zarr"
+    for _ in range(2):  # the same limit: the rerun redoes pair 2 and refuses it again
+        with pytest.raises(TooManyRejectsError, match=r"10 of 40 .*img_emb_2\.npy was not kept \(shards before it were\)"):
+            run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.2))
+        s = open_store(str(store))
+        assert s.rows == 19 and len(s.attrs["shards"]) == 2 and s.attrs["rejects"] == {"invalid_coordinates": 1}
+        assert verify_store(str(store)) == []
+    res = run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.3))  # a higher limit: redone and kept
+    assert (res.shards_done, res.shards_skipped) == (2, 2) and open_store(str(store)).rows == 30
+
+
 def test_whole_store_limit_says_how_to_proceed(tmp_path):
     _pair(tmp_path / "emb", 0, 10, 6)
     store = tmp_path / "s.zarr"
-    for _ in range(2):  # the rerun has nothing left to do: the message says what helps
+    with pytest.raises(TooManyRejectsError, match=r"6 of 10 .*img_emb_0\.npy was not kept"):
+        run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.5))
+    assert open_store(str(store)).rows == 0
+    assert run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.6)).shards_done == 1
+    for _ in range(2):  # a store over a lower limit with every shard in: the message says what helps
         with pytest.raises(TooManyRejectsError, match=r"6 of 10 .*accept it with --max-reject-fraction 0\.60"):
             run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.5))
-    assert run_import(_cfg(tmp_path / "emb", store, max_reject_fraction=0.6)).shards_skipped == 1
+    assert open_store(str(store)).rows == 4
 
 
 def test_empty_shard_is_warned_about(tmp_path, capsys):
