@@ -87,7 +87,10 @@ def _hostile(root, store, model, preds) -> dict:
     (deep / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
     (root / "binary.toml").write_bytes(bytes(range(256)) * 8)
     (root / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000)
-    (root / "ok.toml").write_text(f'[extract.t]\nshards = ["{root}/none-*.tar"]\nstore = "{root}/x.zarr"\n')
+    (root / "ok.toml").write_text(  # a valid pipeline config: only the schedule is wrong in the serve rows
+        f'[extract.t]\nshards = ["{root}/none-*.tar"]\nstore = "{root}/x.zarr"\n[train]\nstore = "{root}/x.zarr"\nout = "{root}/xm"\n'
+        f'[predict]\ncheckpoint = "{root}/xm"\nstore = "{root}/x.zarr"\nout = "{root}/xp.parquet"\n'
+        f'[evaluate]\npredictions = ["{root}/xp.parquet"]\n')
     scored = root / "scored.parquet"
     res = CliRunner().invoke(cli, ["retrieve", "--query", str(store), "--split", "leave_one_out", "-o", str(scored), "--mode", "kernel",
                                    "--bayescap", str(root / "bc")])
