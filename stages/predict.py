@@ -147,7 +147,7 @@ def _predict_table(cfg: PredictConfig, start: int, stop: int):
         import numpy as np
         import pyarrow as pa
 
-        from geopipe.stages.uncertainty import score_rows
+        from geopipe.pipeline.uncertainty.scoring import score_rows
 
         scores = score_rows(cfg.uncertainty_checkpoint, store, np.arange(start, stop), passes=cfg.mc_passes, seed=cfg.seed + start)
         for name, values in scores.items():
@@ -265,7 +265,7 @@ def _predict_locked(cfg: PredictConfig, t0: float) -> PredictResult:
     store = open_store(cfg.store)
     p = cached_predictor(cfg.checkpoint, resolve_device(cfg.device), store_space(store), f"store {cfg.store}")  # fail fast on mismatch
     if cfg.uncertainty_checkpoint:
-        from geopipe.stages.uncertainty import check_bayescap
+        from geopipe.pipeline.uncertainty.scoring import check_bayescap
 
         check_bayescap(cfg.uncertainty_checkpoint, store)  # another backbone or dimension: refused before any work
     n = len(store)

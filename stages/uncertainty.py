@@ -17,6 +17,7 @@ headings (VPR datasets extracted with ``--labels vpr-name``), else viewpoint pai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -156,7 +157,11 @@ def _refuse_generative_out(out: str) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise GeopipeError(f"--out {out} exists and is not a directory; give a checkpoint directory")
     if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
-        fsio.makedirs(out, "checkpoint folder")
+        existed = os.path.isdir(out)
+        fsio.makedirs(out, "checkpoint folder")  # one line now when it cannot be created
+        if not existed:  # made again by the save: a run that trains nothing leaves nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
         return
     saved = load_checkpoint_config(out)
     if saved["kind"] == GENERATIVE:

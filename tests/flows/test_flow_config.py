@@ -103,7 +103,7 @@ def test_prefect_logs_user_errors_without_traceback():
         user, bug = record(ShardNotFoundError("shard not found: x.tar")), record(RuntimeError("bug"))
         assert logger.filter(user) and logger.filter(bug)
     assert user.exc_info is None and bug.exc_info is not None  # bugs keep their traceback
-    assert not logger.filters
+    assert not [f for f in logger.filters if type(f).__module__.startswith("geopipe")]  # Prefect may install its own
 
 
 def test_prefect_console_lines_are_held_and_dropped_when_the_run_fails(monkeypatch):
