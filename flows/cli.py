@@ -189,6 +189,8 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
 @config_option("--localizability", type=int, config=_PREDICT, help="Monte-Carlo samples for −entropy (0 = off).")
 @config_option("--rtol", type=float, config=_PREDICT, help="Relative tolerance of the likelihood ODE solver.")
 @config_option("--atol", type=float, config=_PREDICT, help="Absolute tolerance of the likelihood ODE solver.")
+@config_option("--solver", type=click.Choice(["dopri5", "bosh3", "adaptive_heun", "dopri8"]), config=_PREDICT,
+               help="Adaptive ODE solver of the likelihoods (--nll, --localizability, --ensemble, exact --region).")
 @config_option("--likelihood-every", type=int, config=_PREDICT,
                help="Compute --nll and --localizability for every K-th record only (store rows 0, K, 2K, …; the others "
                     "get null): a K-times cheaper estimate of the set's NLL, localizability and calibration.")
@@ -210,14 +212,14 @@ _PREDICT = "geopipe.stages.predict:PredictConfig"
                    "ODE solves for flows) or a KDE of 1000 draws (no likelihoods). [default: auto = exact for vmf/vmf_mixture, kde for flows]")
 @device_option
 @user_errors
-def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, likelihood_every,
-            batch_size, seed, dask_address, bayescap, mc_passes, device, overwrite, region, region_density=None):
+def predict(checkpoint, store, out, steps, guidance, sampler, samples, ensemble, nll, localizability, rtol, atol, solver,
+            likelihood_every, batch_size, seed, dask_address, bayescap, mc_passes, device, overwrite, region, region_density=None):
     """Sample location predictions (and optionally likelihoods, localizability) for a store."""
     from geopipe.stages.predict import PredictConfig, run_predict
 
     cfg = PredictConfig(checkpoint=checkpoint, store=store, out=out, device=device, progress=progress_enabled(), **given(
         steps=steps, guidance=guidance, sampler=sampler, samples=samples, ensemble=ensemble, nll=nll or None,
-        localizability=localizability, rtol=rtol, atol=atol, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
+        localizability=localizability, rtol=rtol, atol=atol, solver=solver, likelihood_every=likelihood_every, batch_size=batch_size, seed=seed,
         dask=dask_address, uncertainty_checkpoint=bayescap, mc_passes=mc_passes, overwrite=overwrite or None, region=region, region_density=region_density))
     res = run_predict(cfg)
     click.echo(f"predicted {res.n_records} records in {res.seconds:.1f} s ({res.records_per_s:.0f} records/s) → {res.out}")

@@ -17,14 +17,16 @@ __all__ = ["bench_command"]
 
 @click.command("bench")
 @click.option("--what", type=click.Choice(["predict", "nll", "extract", "all", "retrieval", "retrieval-queries", "bayescap", "stream",
-                                           "dask", "import", "extract-dask", "gpu"]),
+                                           "dask", "import", "extract-dask", "gpu", "nll-settings"]),
               default="all", show_default=True,
               help="Benchmark to run (all = predict, nll, extract; retrieval: 10^6 x 512 float16 database; bayescap: 10^5 pairs; "
                    "stream: training streamed from a store vs in memory; dask: predict on local:2 vs in process; import: "
                    "geopipe import vs np.load + zarr write; extract-dask: extract on local:2 vs one process; retrieval-queries: peak RSS and "
                    "queries/s of geopipe retrieve -k 64 at 1K, 10K, 50K queries against 80,689 x 512 float16 records vs a bare "
                    "matmul + top-k loop, a process per point; gpu: every CUDA path vs its bare baseline and the CPU path, at most ~8 min on one "
-                   "GPU, writes --out (default WORKDIR/gpu-check.json) and a .txt table beside it). stream/dask/import/retrieval-queries/gpu "
+                   "GPU, writes --out (default WORKDIR/gpu-check.json) and a .txt table beside it; nll-settings: NLL of --nll-batch true "
+                   "locations of --rows records of the --store and model draws, in batches of --nll-batch, under ODE solvers and "
+                   "tolerances vs the old default dopri5 1e-5, model --checkpoint). stream/dask/import/retrieval-queries/gpu "
                    "write their inputs under --workdir.")
 @click.option("--workdir", default="bench-data", show_default=True, type=click.Path(file_okay=False),
               help="Where stream/dask/import write their synthetic inputs (reused by later runs).")
@@ -38,14 +40,19 @@ __all__ = ["bench_command"]
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", "-o", default=None, help="Write the figures as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of the table of targets and verdicts.")
+@click.option("--checkpoint", default=None, help="nll-settings: the trained model.")
+@click.option("--store", default=None, help="nll-settings: a store of labelled records of the model's space.")
 @click.option("--tiny", is_flag=True, help="gpu: toy sizes, the same code paths (the CI dry run: --what gpu --device cpu --tiny).")
 @device_option
 @user_errors
-def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, as_json, tiny, device):
+def bench_command(what, workdir, rows, dim, depth, batch, steps, nll_batch, repeats, threads, out, as_json, checkpoint, store, tiny,
+                  device):
     """Measure throughput against bare baselines in the same run (ratios, records/s, images/s); prints one
     table row per figure with its baseline, ratio, target and verdict (--json: the raw figures)."""
     if what == "gpu":
         return _gpu(workdir, out, tiny, threads, device)
+    if what == "nll-settings":
+        return _nll_settings(checkpoint, store, rows, nll_batch, threads, out, device)
     from geopipe.stages.bench import BenchConfig, bench_nll, bench_predict
 
     cfg = BenchConfig(dim=dim, depth=depth, batch=batch, steps=steps, nll_batch=nll_batch, repeats=repeats, threads=threads, device=device,
@@ -109,3 +116,21 @@ def _gpu(workdir, out, tiny, threads, device):
     click.echo(f"{len(res.rows)} rows in {res.seconds:.1f} s on {res.device} → {res.json_path}, {res.table_path}")
     if not res.ok:
         raise SystemExit(1)
+
+
+def _nll_settings(checkpoint, store, records, batch, threads, out, device):
+    """``--what nll-settings``: the table on stdout, the figures as JSON in --out."""
+    from geopipe.pipeline.core.errors import ConfigError
+    from geopipe.stages.bench_likelihood import bench_likelihood_settings, format_likelihood_table
+
+    if not (checkpoint and store):
+        raise ConfigError("bench --what nll-settings needs --checkpoint MODEL and --store STORE (labelled records of its space)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    res = bench_likelihood_settings(checkpoint, store, records=records, batch=batch, device=device)
+    if out:
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=2)
+    click.echo(format_likelihood_table(res))

@@ -217,13 +217,14 @@ def check_nll(cfg: GpuBenchConfig, device) -> list:
 
     method, model, cpu_model, cond = _pair(cfg, device)
     opts, x = PredictOptions(), _unit(cfg.sizes.agree, 10)
-    b = method.log_likelihood(cpu_model, x, cond, rtol=opts.rtol, atol=opts.atol).double()
-    a = method.log_likelihood(model, x.to(device), cond.to(device), rtol=opts.rtol, atol=opts.atol).double().cpu()
+    ode = {"rtol": opts.rtol, "atol": opts.atol, "method": opts.solver}
+    b = method.log_likelihood(cpu_model, x, cond, **ode).double()
+    a = method.log_likelihood(model, x.to(device), cond.to(device), **ode).double().cpu()
     diff = float((a - b).abs().max())  # first, so torch's one-off forward-AD set-up (seconds) is not in the timing below
     r = bench_nll(_bench_config(cfg, device))
     return [gpu_check_row("nll", f"exact NLL, batch {cfg.sizes.nll_batch}, {r['function_evals']} evaluations", unit="records/s",
                           measured=r["records_per_s"], baseline=cfg.sizes.nll_batch / r["forward_s"], ratio=r["cost_per_eval_over_forward"],
                           at_most=5.0, agreed=diff <= NLL_ATOL,
-                          agreement=f"max |dNLL| {diff:.1e} nats <= {NLL_ATOL:g} (rtol {opts.rtol:g})",
+                          agreement=f"max |dNLL| {diff:.1e} nats <= {NLL_ATOL:g} ({opts.solver} {opts.rtol:g})",
                           details={"ratio_is": "cost of one evaluation in forwards", "baseline_is": "records/s of one forward",
                                    "nll_s": r["nll_s"], "function_evals": r["function_evals"]})]

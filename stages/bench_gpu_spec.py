@@ -42,7 +42,7 @@ class GpuBenchSizes:
     repeats: int = 2
     db_rows: int = 1_000_000
     db_dim: int = 512
-    queries: int = 10_000
+    queries: int = 4096
     k: int = 10
     dask_workers: int = 2
     dask_images: int = 512

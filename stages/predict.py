@@ -66,8 +66,8 @@ class PredictConfig:
     ensemble: int = 0
     nll: bool = False
     localizability: int = 0
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    rtol: float = 1e-5  # tolerances and solver of the likelihood ODE (README, "Likelihood cost")
+    atol: float = 1e-4
     likelihood_every: int = 1  # exact NLL / localizability for every k-th store row only (others null)
     batch_size: int = 4096
     partition_batches: int = 8
@@ -81,6 +81,7 @@ class PredictConfig:
     mc_passes: int = 15  # MC-dropout passes of those scores
     region: float | None = None  # mass q: each record's q-HDR polygon and its mass and area (columns region, region_mass, region_area_km2)
     region_density: str = "auto"  # exact | kde | auto (exact for closed-form densities, a KDE of the draws for flows)
+    solver: str = "bosh3"  # adaptive ODE solver of the likelihoods (dopri5, bosh3, adaptive_heun, dopri8)
 
     def __post_init__(self) -> None:
         self.options()  # sampling options: ConfigError naming the option
@@ -94,7 +95,7 @@ class PredictConfig:
     def options(self) -> PredictOptions:
         return PredictOptions(self.steps, self.guidance, self.sampler, self.samples, self.ensemble,
                               self.nll, self.localizability, self.rtol, self.atol, self.likelihood_every, self.region,
-                              self.region_density)
+                              self.region_density, solver=self.solver)
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,9 @@ def _say_likelihood_cost(cfg: PredictConfig, p, store, n: int) -> None:
 
     latlon = np.asarray(store.latlon[: min(n, 256)])
     rows = (np.flatnonzero(np.isfinite(latlon).all(axis=1)).tolist() or list(range(len(latlon))))[:4]
-    cost = probe_likelihood_cost(p, np.asarray(store.embeddings[: min(n, 256)])[rows], latlon[rows], cfg.options(), n)
+    part = partition_bounds(n, store.chunk_rows, cfg.batch_size, cfg.partition_batches, cfg.min_partitions)[0]
+    batch = max(1, min(cfg.batch_size, part[1] - part[0]) // cfg.likelihood_every)  # records per likelihood batch in the run
+    cost = probe_likelihood_cost(p, np.asarray(store.embeddings[: min(n, 256)])[rows], latlon[rows], cfg.options(), n, batch=batch)
     if cost:
         what = " and ".join(x for x in ("--nll" if cfg.nll else "", f"--localizability {cfg.localizability}" if cfg.localizability else "") if x)
         print(cost.message("predict", what), file=sys.stderr)

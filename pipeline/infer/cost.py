@@ -6,8 +6,10 @@ batched), about a second per record on a CPU: scoring 10K records can take hours
 torch's forward-mode AD sets itself up on first use (seconds) — as the difference between
 :func:`~geopipe.pipeline.infer.predictor.predict_batch` with and without them, and
 :class:`LikelihoodCost` turns that into the expected time of the run and, when it is long, the
-``--likelihood-every K`` that brings it under :data:`SUGGEST_AFTER_S`. Small probes batch
-worse than a run's 4096-record batches, so the estimate errs on the long side.
+``--likelihood-every K`` that brings it under :data:`SUGGEST_AFTER_S`. An ODE solve of a batch
+costs a fixed part (the solver's steps) plus a part per record, so the probe times 1 and 4
+records, fits time = a + b·records, and charges each record b + a / (the run's records per
+likelihood batch): 4 records alone would cost 3× the per-record time of 32-record batches.
 """
 
 from __future__ import annotations
@@ -61,20 +63,21 @@ class LikelihoodCost:
 
     def message(self, what: str, options: str) -> str:
         """One line for stderr, e.g. ``geopipe: predict: --nll take about 0.8 s per record (…)``."""
-        line = (f"geopipe: {what}: {options} take about {self.seconds_per_record:.2g} s per record (timed on {self.probed} records): "
+        line = (f"geopipe: {what}: {options} take about {self.seconds_per_record:.2g} s per record (probe of {self.probed} records): "
                 f"about {_duration(self.expected_s)} for {self.records:,} records")
         k = self.suggested_every()
         if k:
             n = self.records * self.every
-            line += (f"; --likelihood-every {k} scores every {k}-th record only "
+            line += (f"; --likelihood-every {k} scores one record in {k} "
                      f"(about {_duration(self.seconds_per_record * likelihood_records(n, k))})")
         return line
 
 
-def probe_likelihood_cost(p, embeddings, latlon, opts, n_rows: int, *, probe: int = 4) -> LikelihoodCost | None:
-    """Time the likelihood columns of ``opts`` on the first ``probe`` records of (P, D)
-    ``embeddings`` / (P, 2) ``latlon`` degrees with predictor ``p``; None when ``opts`` asks for
-    none or the run has fewer than :data:`MIN_PROBED_RUN` likelihood records among ``n_rows``."""
+def probe_likelihood_cost(p, embeddings, latlon, opts, n_rows: int, *, batch: int = 4096, probe: int = 4) -> LikelihoodCost | None:
+    """Time the likelihood columns of ``opts`` on the first 1 and ``probe`` records of (P, D)
+    ``embeddings`` / (P, 2) ``latlon`` degrees with predictor ``p``; ``batch``: records per
+    likelihood batch in the run. None when ``opts`` asks for none or the run has fewer than
+    :data:`MIN_PROBED_RUN` likelihood records among ``n_rows``."""
     import torch
 
     from geopipe.pipeline.infer.predictor import predict_batch
@@ -93,5 +96,8 @@ def probe_likelihood_cost(p, embeddings, latlon, opts, n_rows: int, *, probe: in
         return time.perf_counter() - t0
 
     timed(full, 1)  # warm-up
-    spent = timed(full, k) - timed(point, k)
-    return LikelihoodCost(max(spent, 0.0) / k, records, k, int(opts.likelihood_every))
+    one = max(timed(full, 1) - timed(point, 1), 0.0)
+    many = max(timed(full, k) - timed(point, k), one)
+    per_record = (many - one) / (k - 1) if k > 1 else many
+    per_batch = max(one - per_record, 0.0)
+    return LikelihoodCost(per_record + per_batch / max(1, min(int(batch), records)), records, k, int(opts.likelihood_every))

@@ -130,13 +130,14 @@ class Localization:
 
 def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true: torch.Tensor | None = None,
              steps: int = 16, sampler: str | None = None, batch_size: int = 4096, rtol: float = 1e-5,
-             atol: float = 1e-5, generator: torch.Generator | None = None, keys=None) -> Localization:
+             atol: float = 1e-5, generator: torch.Generator | None = None, keys=None, solver: str = "dopri5") -> Localization:
     """Draw ``n_samples`` unguided samples per record of cond (B, C) and score them exactly.
 
     Records are processed in chunks of ⌈batch_size / n_samples⌉, each chunk's records × samples
     flattened into one sampling batch and one likelihood batch. Draws are scored where the density
     lives (R³ models: unprojected, see the module docstring); ``samples`` are the unit vectors.
     ``x_true`` (B, 3) unit vectors additionally gives the truth's log density and HDR rank.
+    ``solver``, ``rtol``, ``atol``: the likelihood ODE's (:data:`geopipe.pipeline.model.likelihood.ADAPTIVE_SOLVERS`).
     """
     import torch
 
@@ -148,14 +149,15 @@ def localize(method, model, cond: torch.Tensor, n_samples: int = 1024, *, x_true
         c = cond[i : i + per]
         y = method.sample_native(model, c, n_samples, steps=steps, guidance=0.0, sampler=sampler, generator=generator,
                                  keys=None if keys is None else keys[i : i + per])
-        lp = method.log_likelihood(model, y.reshape(-1, 3), c.repeat_interleave(n_samples, dim=0), rtol=rtol, atol=atol)
+        lp = method.log_likelihood(model, y.reshape(-1, 3), c.repeat_interleave(n_samples, dim=0), rtol=rtol, atol=atol,
+                                   method=solver)
         xs.append(project(y))
         lps.append(lp.reshape(-1, n_samples))
     samples, sample_logp = torch.cat(xs), torch.cat(lps)
     true_logp = rank = None
     if x_true is not None:
         true_logp = torch.cat([
-            method.log_likelihood(model, x_true[i : i + batch_size], cond[i : i + batch_size], rtol=rtol, atol=atol)
+            method.log_likelihood(model, x_true[i : i + batch_size], cond[i : i + batch_size], rtol=rtol, atol=atol, method=solver)
             for i in range(0, cond.shape[0], batch_size)
         ])
         rank = hdr_rank(true_logp, sample_logp)

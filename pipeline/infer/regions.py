@@ -170,7 +170,8 @@ def _region(grids, q: float, log_tau: float, tau: str, evaluations: int) -> HDRR
 
 def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None = None, tau: str = "grid", samples=None,
                 sample_logp=None, generator=None, steps: int = 16, sampler: str | None = None, rtol: float = 1e-5,
-                atol: float = 1e-5, guidance: float = 0.0, chunk: int = 4096, keys=None, density: str = "exact") -> list[HDRRegion]:
+                atol: float = 1e-5, guidance: float = 0.0, chunk: int = 4096, keys=None, density: str = "exact",
+                solver: str = "dopri5") -> list[HDRRegion]:
     """The q-HDR of each record of a batch under ``method``/``model`` (density at ``guidance``,
     default 0: unguided, as scored by NLL and calibration).
 
@@ -183,7 +184,7 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
     ODE solve per grid point for flows: minutes per record on a CPU); "kde" — a vMF-kernel density
     estimate of the N draws (:mod:`geopipe.pipeline.sphere.kde`, k-NN bandwidth floored at
     ``KDE_FLOOR_KM``): no likelihood evaluations at all, the region of the model smoothed by the
-    kernel (mass and area are the KDE's).
+    kernel (mass and area are the KDE's). solver, rtol, atol: the likelihood ODE's.
     """
     import torch
 
@@ -204,7 +205,7 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
             samples = method.sample(model, cond, opts.samples, steps=steps, guidance=guidance, sampler=sampler, generator=generator, keys=keys)
             flat = cond.repeat_interleave(samples.shape[1], dim=0)
             sample_logp = method.log_likelihood(model, samples.reshape(-1, 3), flat, rtol=rtol, atol=atol,
-                                                guidance=guidance).reshape(samples.shape[:2])
+                                                guidance=guidance, method=solver).reshape(samples.shape[:2])
         xs = torch.as_tensor(samples).double().cpu().numpy()
         lps = None if sample_logp is None else torch.as_tensor(sample_logp).double().cpu().numpy()
         param = next(iter(model.parameters()), None)
@@ -214,7 +215,7 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
             def log_density(xyz: np.ndarray) -> np.ndarray:
                 x = torch.as_tensor(xyz, dtype=dtype, device=cond.device)
                 out = [method.log_likelihood(model, x[s:s + chunk], cond[b:b + 1].expand(len(x[s:s + chunk]), -1), rtol=rtol, atol=atol,
-                                             guidance=guidance) for s in range(0, len(x), chunk)]
+                                             guidance=guidance, method=solver) for s in range(0, len(x), chunk)]
                 return torch.cat(out).double().cpu().numpy()
             return log_density
 

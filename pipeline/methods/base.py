@@ -94,8 +94,9 @@ class MethodBase(abc.ABC):
 
     @abc.abstractmethod
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                       guidance: float = 0.0) -> torch.Tensor:
-        """log p(x | c) (B,) in nats (per steradian on S², per unit volume in R³)."""
+                       guidance: float = 0.0, **ode) -> torch.Tensor:
+        """log p(x | c) (B,) in nats (per steradian on S², per unit volume in R³). ``ode``: solver
+        keywords of the ODE likelihoods (``method="bosh3"``, …; closed forms ignore them)."""
 
     def to_dict(self) -> dict:
         """JSON-able description for the checkpoint: {"name", "space", **options}."""

@@ -79,7 +79,7 @@ class _VMFBase(MethodBase):
 
     @torch.no_grad()
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                       guidance: float = 0.0) -> torch.Tensor:
+                       guidance: float = 0.0, **ode) -> torch.Tensor:
         """Closed-form log p(x | c) (B,) nats per steradian (tolerances and guidance unused: exact)."""
         p = model(cond)
         return self._log_density(x.to(p.mu.dtype), p)
@@ -143,6 +143,6 @@ class UniformMethod(MethodBase):
         return uniform_sphere(b * n, generator=generator, dtype=cond.dtype, device=cond.device).reshape(b, n, 3)
 
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
-                       guidance: float = 0.0) -> torch.Tensor:
+                       guidance: float = 0.0, **ode) -> torch.Tensor:
         """−ln 4π for every x (B, 3) → (B,) nats per steradian."""
         return torch.full(x.shape[:1], LOG_UNIFORM_SPHERE, dtype=x.dtype, device=x.device)

@@ -12,12 +12,12 @@ def test_records_and_suggestion():
     assert likelihood_records(10, 1) == 10 and likelihood_records(10, 3) == 4 and likelihood_records(0, 5) == 0
     short = LikelihoodCost(0.5, 100, 4)
     assert short.expected_s == 50 and short.suggested_every() is None
-    assert short.message("predict", "--nll") == ("geopipe: predict: --nll take about 0.5 s per record (timed on 4 records): "
+    assert short.message("predict", "--nll") == ("geopipe: predict: --nll take about 0.5 s per record (probe of 4 records): "
                                                  "about 50 s for 100 records")
     long = LikelihoodCost(1.2, 10_000, 4)  # 3 h 20 min
     k = long.suggested_every()
     assert k == 20 and long.seconds_per_record * likelihood_records(10_000, k) <= SUGGEST_AFTER_S
-    assert "about 3 h 20 min for 10,000 records; --likelihood-every 20 scores every 20-th record only (about 10 min)" in long.message(
+    assert "about 3 h 20 min for 10,000 records; --likelihood-every 20 scores one record in 20 (about 10 min)" in long.message(
         "predict", "--nll and --localizability 32")
     assert LikelihoodCost(1.2, 5_000, 4, every=2).suggested_every() == 2 * 10  # on top of the run's own K
 
