@@ -136,9 +136,13 @@ def test_bad_samples_are_skipped_counted_and_written(tmp_path, tiny):
     assert open_store(str(tmp_path / "s.zarr")).labelled == 7
     with pytest.raises(TooManyRejectsError, match="too many rejects: 11 of 16"):
         run_extract(_cfg([bad], tmp_path / "t.zarr", max_reject_fraction=0.5), backbone=tiny)
-    assert open_store(str(tmp_path / "t.zarr")).rows == 5  # what was committed stays valid
-    with pytest.raises(TooManyRejectsError, match="11 of 16"):  # a retry (all shards done) cannot hide them
+    # the shard that crossed the limit is not kept: the store stays valid, without it
+    assert open_store(str(tmp_path / "t.zarr")).rows == 0
+    with pytest.raises(TooManyRejectsError, match="11 of 16"):  # a retry redoes it and fails the same way
         run_extract(_cfg([bad], tmp_path / "t.zarr", max_reject_fraction=0.5), backbone=tiny)
+    assert open_store(str(tmp_path / "t.zarr")).rows == 0
+    res = run_extract(_cfg([bad], tmp_path / "t.zarr", max_reject_fraction=0.9), backbone=tiny)  # a higher limit redoes it
+    assert res.n_ok == 5 and res.n_rejected == 11 and open_store(str(tmp_path / "t.zarr")).rows == 5
 
 
 def test_truncated_tar_keeps_rows_before_the_break(tmp_path, tiny):

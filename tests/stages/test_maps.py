@@ -117,7 +117,7 @@ class _UniformLike:
     def __init__(self):
         self.calls = []
 
-    def log_likelihood(self, model, x, cond, *, rtol, atol, guidance=0.0):
+    def log_likelihood(self, model, x, cond, *, rtol, atol, guidance=0.0, method="dopri5"):
         self.calls.append((x.shape[0], cond.shape))
         return torch.full(x.shape[:1], LOG_UNIFORM_SPHERE, dtype=x.dtype)
 
@@ -128,7 +128,7 @@ class _VMFLike:
     name = "vmf-like"
     space = "sphere"
 
-    def log_likelihood(self, model, x, cond, *, rtol, atol, guidance=0.0):
+    def log_likelihood(self, model, x, cond, *, rtol, atol, guidance=0.0, method="dopri5"):
         return vmf_log_density(x, cond[:, :3], cond[:, 3])
 
     def sample(self, model, cond, n, *, generator=None, **kw):  # Wood draws: the HDR region of the map's GeoJSON
