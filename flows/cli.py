@@ -127,6 +127,9 @@ def _method_default(key: str):
                     "bayescap, bayescap-cycle: deprecated, use `geopipe bayescap train`.")
 @config_option("--dim", type=int, config=_TRAIN, help="Width of the denoiser network.")
 @config_option("--depth", type=int, config=_TRAIN, describe=_method_default("depth"), help="Residual blocks of the denoiser network.")
+@config_option("--location-features", type=click.Choice(["none", "rff"]), config=_TRAIN,
+               help="Encoding of the denoiser's noisy point (rfm, flow, diffusion): rff adds random Fourier features at "
+                    "3 scales (~1,000, 130, 16 km); see docs/methods.md#location-features.")
 @config_option("--schedule", type=click.Choice(SCHEDULE_NAMES), config=_TRAIN, help="Noise schedule of the diffusion-style methods.")
 @config_option("--steps", type=int, config=_TRAIN, help="Optimiser steps.")
 @config_option("--batch-size", type=int, config=_TRAIN, help="Records per training step.")
@@ -149,8 +152,8 @@ def _method_default(key: str):
               help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @device_option
 @user_errors
-def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay, val_every, seed, no_resume,
-          stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
+def train(store, out, method, dim, depth, location_features, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay,
+          val_every, seed, no_resume, stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
     """Train a generative geolocation model on a store's cached embeddings. Options left out
     take the method's defaults (docs/methods.md#training)."""
     if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty heads: their own command and defaults
@@ -163,7 +166,8 @@ def train(store, out, method, dim, depth, schedule, steps, batch_size, lr, warmu
     from geopipe.stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(store=store, out=out, device=device, stream=stream, progress=progress_enabled(), **given(
-        method=method, dim=dim, depth=depth, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+        method=method, dim=dim, depth=depth, location_features=location_features, schedule=schedule, steps=steps, batch_size=batch_size,
+        lr=lr, warmup=warmup,
         weight_decay=weight_decay, optimizer=optimizer, ema_decay=ema_decay, val_every=val_every, seed=seed,
         resume=False if no_resume else None, allow_changes=allow_changes or None))
     res = run_train(cfg)

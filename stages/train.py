@@ -59,6 +59,7 @@ class TrainConfig:
     dim: int = 512
     depth: int | None = None
     expansion: int = 4
+    location_features: str = "none"  # "rff": multi-scale random Fourier features of the noisy point (field methods)
     schedule: str = "sigmoid"
     schedule_params: dict = field(default_factory=dict)
     cond_drop: float | None = None  # None: 0.1 for generative methods, 0 for vMF baselines
@@ -87,6 +88,8 @@ class TrainConfig:
             check_int(getattr(self, name), name, 1, maximum=MAX_STEPS if name == "steps" else None)
         if not 0 <= self.warmup < self.steps:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
+        if self.location_features not in ("none", "rff"):
+            raise ConfigError(f"location_features must be 'none' or 'rff', got {self.location_features!r}")
         if (self.cond_drop is not None and not 0 <= self.cond_drop < 1) or not 0 <= self.val_fraction < 1:
             raise ConfigError("cond_drop and val_fraction must lie in [0, 1)")
         for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("ema_decay", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
@@ -129,7 +132,8 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
         "backbone": store.attrs.get("backbone", {}),
         "embedding_space": store_space(store),
         "data_fingerprint": _fingerprint(store),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device", "buffer_chunks")},
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device", "buffer_chunks")
+                  and not (k == "location_features" and v == "none")},  # as before the option: old runs resume
         **provenance(),
     }
 
@@ -292,7 +296,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
     defaults = method.TRAIN_DEFAULTS
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # recorded as resolved
-    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=cfg.depth, expansion=cfg.expansion, cond_dim=data.cond_dim)
+    net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=cfg.depth, expansion=cfg.expansion, cond_dim=data.cond_dim,
+                            location_features=cfg.location_features)
     torch.manual_seed(cfg.seed)
     model = method.build_model(net_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -8,6 +8,7 @@ the noise level ``γ(t) ∈ [0, 1]``. Parameter counts match the reference imple
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geopipe.pipeline.core.errors import ConfigError, check_int
+from geopipe.pipeline.model.location import (
+    DEFAULT_LOCATION_FREQUENCIES,
+    DEFAULT_LOCATION_SCALES,
+    LOCATION_FEATURES,
+    MAX_LOCATION_FREQUENCIES,
+    MAX_LOCATION_SCALES,
+    RandomFourierFeatures,
+)
 
 __all__ = [
     "NetworkConfig",
@@ -39,6 +48,11 @@ class NetworkConfig:
     dim: width d (must be a multiple of 8 so that C = d/4 time channels split into cos/sin);
     depth: number of residual AdaLN blocks L (12 for generative models, 11 for vMF baselines);
     expansion: MLP hidden width factor; cond_dim: embedding dimension of the image condition.
+    location_features: encoding of the noisy point added to its plain coordinates, ``"none"`` or
+    ``"rff"`` (random Fourier features at ``location_scales`` σ, ``location_frequencies`` K per
+    scale, drawn from ``location_seed``; :mod:`geopipe.pipeline.model.location`,
+    docs/methods.md#location-features). With ``"none"`` the location keys are left out of
+    :meth:`to_dict`, so such configs read and compare exactly as before the option existed.
     """
 
     input_dim: int = 3
@@ -46,27 +60,52 @@ class NetworkConfig:
     depth: int = 12
     expansion: int = 4
     cond_dim: int = 1024
+    location_features: str = "none"
+    location_scales: tuple[float, ...] = DEFAULT_LOCATION_SCALES
+    location_frequencies: int = DEFAULT_LOCATION_FREQUENCIES
+    location_seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check_int(getattr(self, f.name), f.name, 1, where="network config")
+        for name in ("input_dim", "dim", "depth", "expansion", "cond_dim"):
+            check_int(getattr(self, name), name, 1, where="network config")
         if self.dim % 8:
             raise ConfigError(f"network config: dim must be a multiple of 8 (time channels d/4 split in cos/sin), got {self.dim}")
+        _check_location(self)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (written into checkpoint config.json under "network")."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.location_features == "none":
+            return {k: v for k, v in d.items() if not k.startswith("location_")}
+        return {**d, "location_scales": list(self.location_scales)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkConfig:
-        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; missing keys take defaults (``location_features`` "none"),
+        unknown keys are an error."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"network config must be a mapping, got {type(d).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ConfigError(f"unknown network config key(s) {unknown}; valid keys are {valid}")
-        return cls(**dict(d))
+        d = dict(d)
+        if isinstance(d.get("location_scales"), list):
+            d["location_scales"] = tuple(d["location_scales"])
+        return cls(**d)
+
+
+def _check_location(cfg: NetworkConfig) -> None:
+    if cfg.location_features not in LOCATION_FEATURES:
+        raise ConfigError(f"network config: location_features must be one of {list(LOCATION_FEATURES)}, got {cfg.location_features!r}")
+    check_int(cfg.location_frequencies, "location_frequencies", 1, maximum=MAX_LOCATION_FREQUENCIES, where="network config")
+    check_int(cfg.location_seed, "location_seed", 0, where="network config")
+    scales = cfg.location_scales
+    ok = isinstance(scales, tuple) and 1 <= len(scales) <= MAX_LOCATION_SCALES and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales)
+    if not ok:
+        raise ConfigError(f"network config: location_scales must be 1 to {MAX_LOCATION_SCALES} positive finite numbers, got {scales!r}")
+    object.__setattr__(cfg, "location_scales", tuple(float(v) for v in scales))
 
 
 @dataclass(frozen=True)
@@ -152,7 +191,9 @@ def _check_cond(cond: Tensor, cond_dim: int, batch: int | None = None) -> None:
 class GeoAdaLNMLP(nn.Module):
     """ψ_θ(y, γ, c) (docs/methods.md#network): ε̂ (diffusion) or the γ-velocity (FM, RFM).
 
-    forward(y (B, D), gamma (B,) or scalar, cond (B, cond_dim)) -> (B, D).
+    forward(y (B, D), gamma (B,) or scalar, cond (B, cond_dim)) -> (B, D). With
+    ``cfg.location_features == "rff"`` the block input is W_y y + b + W_φ φ(y), φ the fixed random
+    Fourier features (``loc_features.freqs`` buffer) and W_φ (``loc_proj``, no bias) learnt.
     """
 
     def __init__(self, cfg: NetworkConfig) -> None:
@@ -161,6 +202,11 @@ class GeoAdaLNMLP(nn.Module):
         d = cfg.dim
         self.time_channels = d // 4
         self.in_proj = nn.Linear(cfg.input_dim, d)
+        if cfg.location_features == "rff":
+            self.loc_features = RandomFourierFeatures(cfg.location_scales, cfg.location_frequencies, cfg.location_seed, cfg.input_dim)
+            self.loc_proj = nn.Linear(self.loc_features.out_dim, d, bias=False)
+        else:
+            self.loc_features = self.loc_proj = None
         self.time_mlp = nn.Sequential(nn.Linear(self.time_channels, d), nn.SiLU(), nn.Linear(d, d))
         self.cond_proj = nn.Linear(cfg.cond_dim, d)
         self.trunk = _Trunk(d, cfg.depth, cfg.expansion)
@@ -178,7 +224,10 @@ class GeoAdaLNMLP(nn.Module):
         _check_cond(cond, self.cfg.cond_dim, batch)
         e_t = self.time_mlp(time_features(gamma, self.time_channels))
         s = self.cond_proj(cond) + e_t
-        return self.out_proj(self.trunk(self.in_proj(y), s))
+        h = self.in_proj(y)
+        if self.loc_proj is not None:
+            h = h + self.loc_proj(self.loc_features(y))
+        return self.out_proj(self.trunk(h, s))
 
 
 def _vmf_head(dim: int, out: int) -> nn.Sequential:
@@ -199,6 +248,9 @@ class GeoAdaLNMLPVonMises(nn.Module):
             raise ConfigError(f"components must be a positive integer (1 = vMF, 3 = paper mixture), got {components!r}")
         if cfg.input_dim != 3:
             raise ConfigError(f"vMF networks live on S² and need input_dim 3, got {cfg.input_dim}")
+        if cfg.location_features != "none":
+            raise ConfigError(f"location features {cfg.location_features!r} encode a denoiser's noisy point; vMF networks have "
+                              "none: use --location-features none with vmf / vmf_mixture")
         self.cfg = cfg
         self.components = components
         d = cfg.dim
