@@ -39,7 +39,8 @@ from geopipe.pipeline.core.parallel import trim_heap
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.core.provenance import provenance
 from geopipe.pipeline.eval.recall import POSITIVE_RADIUS_M
-from geopipe.pipeline.retrieval.predictor import MODES, RecallTally, RetrievalOptions, load_retrieval, predict_block
+from geopipe.pipeline.retrieval.predictor import MODES, RecallTally, RetrievalOptions, load_retrieval, predict_block, search_block
+from geopipe.pipeline.retrieval.search import TopK
 from geopipe.pipeline.retrieval.split import QueryDatabase, SplitConfig, split_rows
 from geopipe.pipeline.store.format import labelled_rows
 from geopipe.pipeline.store.reader import EmbeddingStore, open_store
@@ -181,6 +182,17 @@ def _val_store(cfg: RetrieveConfig, db: EmbeddingStore) -> EmbeddingStore | None
     return val
 
 
+def _searched(p, qs: EmbeddingStore, qd: QueryDatabase, n: int):
+    """(start, stop, the block's TopK) of every block of queries: each search block read and
+    searched at once (the database converted to float32 once for all its blocks), then cut."""
+    for s0, s1 in p.search_blocks(n):
+        groups = None if qd.query_groups is None else qd.query_groups[s0:s1]
+        top = search_block(p, read_rows(qs, qd.query_rows[s0:s1]), groups)
+        for a, b in p.blocks(s1 - s0):
+            yield s0 + a, s0 + b, TopK(indices=top.indices[a:b], distances=top.distances[a:b])
+        del top
+
+
 def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     """Search, predict, score and write the predictions table (see the module docstring)."""
     t0 = time.perf_counter()
@@ -199,12 +211,12 @@ def run_retrieve(cfg: RetrieveConfig) -> RetrieveResult:
     p = load_retrieval(db, _options(cfg), metric, qd.db_rows, qd.db_groups, val_store=_val_store(cfg, db), utm=db_utm)
     tally, n, n_unlabelled = RecallTally(p.ks, cfg.radius_m), int(qd.query_rows.size), 0
     with PredictionsStream(cfg.out, overwrite=cfg.overwrite) as out, Progress(total=n, desc="retrieve", unit="query", enabled=cfg.progress) as bar:
-        for a, b in p.blocks(n):
+        for a, b, top in _searched(p, qs, qd, n):
             rows = qd.query_rows[a:b]
             groups = None if qd.query_groups is None else qd.query_groups[a:b]
             true_ll = qs.latlon[rows]
-            block = predict_block(p, read_rows(qs, rows), qs.keys[rows], true_ll, groups, first=a,
-                                  query_utm=None if q_utm is None else q_utm[rows])
+            block = predict_block(p, None, qs.keys[rows], true_ll, groups, first=a, query_utm=None if q_utm is None else q_utm[rows],
+                                  top=top)
             if scorer is not None:
                 block.columns.update(scorer.scores(a, b))
             labelled = labelled_rows(true_ll)

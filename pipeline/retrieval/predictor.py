@@ -18,7 +18,11 @@ the official VPR metric, Euclidean UTM distance in metres, inclusive
 
 Memory does not grow with the number of queries: the caller feeds blocks of
 :meth:`RetrievalPredictor.block_size` queries, at most ``block_entries`` (query, neighbour)
-pairs each (one query at the least), so a huge ``k`` shrinks the block instead of growing it.
+pairs each (one query at the least), so a huge ``k`` shrinks the block instead of growing it;
+it may search several blocks at once (:meth:`RetrievalPredictor.search_blocks`, up to 4,096
+queries and ``4 * block_entries`` pairs) and hand each block its rows of the result (``top``),
+so the database is converted to float32 once per search rather than once per block. Positives
+of a query with a neighbour inside the radius need no scan of the database positions.
 The kernel's Monte-Carlo samples are seeded per group of queries
 (:func:`geopipe.pipeline.retrieval.density.sample_group`) and blocks are whole groups, so
 the numbers do not depend on the block size.
@@ -62,7 +66,9 @@ class RetrievalOptions:
     Recall@K (m); kernel_val / kernel_samples: records the kernel is fitted on and Monte-Carlo
     samples per query; chunk_rows: database rows per read; device: where a faiss index lives;
     block_entries / max_block: (query, neighbour) pairs and queries per block at most;
-    cache_bytes: the searched embeddings are held in memory up to this size (else streamed
+    search_block: queries searched at once, a whole number of blocks (the held database chunks
+    are converted to float32 once per search, so fewer, larger searches convert less; at most
+    ``4 * block_entries`` pairs); cache_bytes: the searched embeddings are held in memory up to this size (else streamed
     from the store for every block)."""
 
     k: int = 10
@@ -76,6 +82,7 @@ class RetrievalOptions:
     device: str = "auto"
     block_entries: int = 2**16
     max_block: int = 8192
+    search_block: int = 4096
     cache_bytes: int = 2**31
     calibrate: bool = False  # mode kernel: the calibrated density fitted on held-out queries (pipeline/retrieval/calibrate.py)
 
@@ -133,6 +140,14 @@ class RetrievalPredictor:
         """[start, stop) ranges of :meth:`block_size` covering [0, n)."""
         b = self.block_size()
         return [(a, min(n, a + b)) for a in range(0, n, b)]
+
+    def search_blocks(self, n: int) -> list[tuple[int, int]]:
+        """[start, stop) ranges covering [0, n), each searched at once and then predicted in
+        :meth:`blocks`: a whole number of :meth:`block_size`, up to ``search_block`` queries and
+        ``4 * block_entries`` (query, neighbour) pairs (one block at the least)."""
+        b = self.block_size()
+        s = max(b, min(self.opts.search_block, 4 * self.opts.block_entries // max(self.k, 1)) // b * b)
+        return [(a, min(n, a + s)) for a in range(0, n, s)]
 
     def chunks(self):
         """The searched database rows as (row ids, embeddings) chunks, from memory or the store."""
@@ -235,13 +250,28 @@ def _kernel_columns(p: RetrievalPredictor, top: TopK, nb: np.ndarray, true_ll: n
     return kernel_mode(mu, w, fit.kappa), loc
 
 
-def predict_block(p: RetrievalPredictor, queries: np.ndarray, keys, true_latlon: np.ndarray,
-                  query_groups: np.ndarray | None = None, first: int = 0, query_utm: np.ndarray | None = None) -> RetrievedBlock:
+def _answerable(p: RetrievalPredictor, true_ll: np.ndarray, dist_m: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """(B,) bool: a positive of each query in the database. A query with a neighbour well inside
+    the radius (``dist_m`` (B, K) metres to its top-K, 1 µm of margin for rounding) has one;
+    only the others are looked up among all the database positions."""
+    out = (np.nan_to_num(dist_m, nan=np.inf) <= p.opts.radius_m - 1e-6).any(axis=1)
+    rest = np.flatnonzero(~out)
+    if rest.size:
+        out[rest] = answerable(true_ll[rest], p.positive_latlon, p.opts.radius_m, None if groups is None else np.asarray(groups)[rest],
+                               p.positive_groups)
+    return out
+
+
+def predict_block(p: RetrievalPredictor, queries: np.ndarray | None, keys, true_latlon: np.ndarray,
+                  query_groups: np.ndarray | None = None, first: int = 0, query_utm: np.ndarray | None = None,
+                  top: TopK | None = None) -> RetrievedBlock:
     """Predictions of B queries: embeddings (B, D), keys (B,), true positions (B, 2) degrees (NaN
     when unknown), ``query_groups`` (B,) with a grouped database; ``first``: the position of the
     block's first query among all queries (a multiple of :meth:`RetrievalPredictor.block_size`);
-    ``query_utm`` (B, 2) metres: the queries' UTM positions when the predictor has ``utm``."""
-    top = search_block(p, queries, query_groups)
+    ``query_utm`` (B, 2) metres: the queries' UTM positions when the predictor has ``utm``;
+    ``top``: the block's rows of a larger search (:meth:`RetrievalPredictor.search_blocks`),
+    then ``queries`` is not searched (None will do)."""
+    top = search_block(p, queries, query_groups) if top is None else top
     if (top.indices[:, 0] < 0).any():
         raise GeopipeError(f"{int((top.indices[:, 0] < 0).sum())} queries have no eligible database record "
                            "(the database is empty after excluding their own captures)")
@@ -262,8 +292,9 @@ def predict_block(p: RetrievalPredictor, queries: np.ndarray, keys, true_latlon:
         positive = utm_answerable(q_utm, p.positive_utm, p.opts.radius_m, groups, p.positive_groups)
         hit = utm_hits(q_utm, _neighbour_latlon(p.utm, top.indices), p.opts.radius_m)
     else:
-        positive = answerable(true_ll, p.positive_latlon, p.opts.radius_m, groups, p.positive_groups)
-        hit = correct_at_k(haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1]), p.opts.radius_m)
+        dist_m = haversine_m(true_ll[:, 0:1], true_ll[:, 1:2], nb[..., 0], nb[..., 1])
+        positive = _answerable(p, true_ll, dist_m, groups)
+        hit = correct_at_k(dist_m, p.opts.radius_m)
     cols["answerable"] = positive
     return RetrievedBlock(columns=cols, hits=hit[:, [k - 1 for k in p.ks]], answerable=positive)
 

@@ -26,8 +26,8 @@ from geopipe.pipeline.sphere.knn import METRICS, array_chunks, knn
 __all__ = ["METRICS", "TopK", "array_chunks", "blocked_topk", "scores_to_distances"]
 
 #: Largest (query rows × chunk rows) float32 score block: 64 MiB is as fast as 256 MiB on a
-#: 512-d store (the matmul stays large) and, with the next block computed while the last one is
-#: still held, keeps the search's transient memory near 128 MiB instead of 512 MiB.
+#: 512-d store (the matmul stays large); the search writes every block into one reused buffer
+#: (sphere/knn.py), so its transient memory is that block plus one converted database chunk.
 _SCORE_BLOCK_BYTES = 64 * 2**20
 
 

@@ -10,7 +10,9 @@ q·d": no angles are formed while searching and the search is exact (no approxim
 Memory is bounded whatever N and Q are: the database is read in chunks of rows (an in-memory
 array is cut into ``db_block`` rows; a store can stream its own chunks), the queries in blocks
 of at most ``query_block`` rows, and one score block (query rows × chunk rows) of at most
-``block_bytes`` exists at a time, next to the running (Q, k) best. Work is O(Q·N·D).
+``block_bytes`` exists at a time (one reused buffer, as is the float32 copy of a float16
+chunk), next to the running (Q, k) best. Work is O(Q·N·D); the top-k of a wide score block
+looks only at the groups of 64 columns with the largest maxima (exact, see ``_candidates``).
 
 Ties are broken by the lower database row, so results do not depend on the chunking.
 A query never retrieves a database row of its own *group* (``query_groups`` / ``db_groups``):
@@ -31,6 +33,9 @@ __all__ = ["METRICS", "array_chunks", "knn"]
 #: i.e. by ascending squared Euclidean distance ‖q − d‖² (for vectors that are not unit).
 METRICS = ("ip", "l2")
 _BLOCK_BYTES = 256 * 2**20
+#: Columns per group of the top-k prefilter (:func:`_candidates`): 64 is fastest on (256, 65536)
+#: float32 blocks with k = 64 (0.6x the time of a plain top-k).
+_GROUP = 64
 
 
 def array_chunks(database, chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -50,13 +55,63 @@ def _as_matrix(x, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+class _Scratch:
+    """Reused flat buffers (one per name, grown as needed): a fresh 64 MiB score block or
+    converted chunk per step is a fresh mapping whose pages the kernel faults in and zeroes
+    every time, and the next one would be made while the last is still held."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = int(np.prod(shape))
+        buf = self._bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self._bufs.pop(name, None)  # the old one goes before the new one comes
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+def _chunk_matrix(rows, dtype: torch.dtype, scratch: _Scratch) -> torch.Tensor:
+    """A chunk as a contiguous ``dtype`` CPU tensor: the rows themselves when they already are
+    one, else converted (exactly: float16 → float32) into a reused buffer."""
+    t = torch.as_tensor(np.asarray(rows)) if not isinstance(rows, torch.Tensor) else rows.detach().cpu()
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    out = scratch.take("chunk", tuple(t.shape), dtype)
+    out.copy_(t)
+    return out
+
+
+def _candidates(s: torch.Tensor, places: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scores, their columns or None for all) of a (B, C) score block that hold its ``places``
+    best scores: with at least ``4 * places`` whole groups of :data:`_GROUP` columns, only the
+    ``places`` groups of largest maxima and the columns past the last whole group (a cheap
+    max pass and a top-k of a quarter or less of the block instead of a top-k of all of it).
+    Exact: ``places`` groups have maxima >= the ``places``-th largest maximum m, so the
+    ``places``-th best candidate is >= m >= every column left out."""
+    b, c = s.shape
+    g = c // _GROUP
+    if g < 4 * places:
+        return s, None
+    maxima = s[:, :g * _GROUP].unflatten(1, (g, _GROUP)).amax(dim=2)
+    groups = torch.topk(maxima, places, dim=1, sorted=False).indices
+    cols = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).flatten(1)
+    if g * _GROUP < c:
+        cols = torch.cat([cols, torch.arange(g * _GROUP, c).expand(b, -1)], dim=1)
+    return torch.gather(s, 1, cols), cols
+
+
 def _block_topk(s: torch.Tensor, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of a (B, C) score block, best first, with the lower id first among equal scores
     (exactly, also when a tie straddles the k-th place)."""
     kk = min(k, s.shape[1])
     # one extra place instead of a pass over the block: the k-th score is tied with a row left
-    # out iff the (k+1)-th equals it
-    v, i = torch.topk(s, min(kk + 1, s.shape[1]), dim=1)
+    # out iff the (k+1)-th equals it (a column not among the candidates is <= the (k+1)-th)
+    cand, cols = _candidates(s, min(kk + 1, s.shape[1]))
+    v, i = torch.topk(cand, min(kk + 1, s.shape[1]), dim=1)
+    if cols is not None:
+        i = torch.gather(cols, 1, i)
     if v.shape[1] > kk:
         ambiguous = (v[:, kk] == v[:, kk - 1]) & torch.isfinite(v[:, kk - 1])
         v, i = v[:, :kk], i[:, :kk]
@@ -68,6 +123,26 @@ def _block_topk(s: torch.Tensor, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
         order = np.lexsort((ids, -row))[:kk]
         vals[r], idx[r] = row[order], ids[order]
     return vals, idx
+
+
+def _search_chunk(q: torch.Tensor, d: torch.Tensor, ids: np.ndarray, k: int, step: int, metric: str, qg, dg,
+                  best_s: np.ndarray, best_i: np.ndarray, scratch: _Scratch) -> None:
+    """Merge one database chunk ``d`` (C, D) with row ids ``ids`` into the running best
+    (``best_s``, ``best_i``) (Q, k), ``step`` query rows at a time into one reused score block."""
+    dn = (d * d).sum(dim=1) if metric == "l2" else None
+    for a in range(0, q.shape[0], step):
+        b = min(q.shape[0], a + step)
+        s = torch.matmul(q[a:b], d.T, out=scratch.take("scores", (b - a, d.shape[0]), q.dtype))
+        if dn is not None:
+            s.mul_(2.0).sub_(dn)
+        if qg is not None:
+            s.masked_fill_(qg[a:b, None] == dg[None, :], -np.inf)
+        vals, idx = _block_topk(s, ids, k)
+        cand_s = np.concatenate([best_s[a:b], vals], axis=1)
+        cand_i = np.concatenate([best_i[a:b], idx], axis=1)
+        order = np.lexsort((np.where(cand_i < 0, np.iinfo(np.int64).max, cand_i), -cand_s), axis=-1)[:, :k]
+        best_s[a:b] = np.take_along_axis(cand_s, order, axis=1)
+        best_i[a:b] = np.take_along_axis(cand_i, order, axis=1)
 
 
 def knn(queries, database, k: int, *, metric: str = "ip", angles: bool = False,
@@ -113,29 +188,17 @@ def knn(queries, database, k: int, *, metric: str = "ip", angles: bool = False,
     qg = None if query_groups is None else torch.as_tensor(np.asarray(query_groups, dtype=np.int64))
     dg_all = None if db_groups is None else np.asarray(db_groups, dtype=np.int64)
     chunks = array_chunks(database, db_block) if hasattr(database, "shape") else database
+    scratch = _Scratch()
     for ids, rows in chunks:
         ids = np.asarray(ids, dtype=np.int64)
-        d = _as_matrix(rows, q.dtype)
+        d = _chunk_matrix(rows, q.dtype, scratch)
         if d.shape[0] == 0:
             continue
         if d.ndim != 2 or d.shape[1] != dim:
             raise ValueError(f"knn: database chunk has shape {tuple(d.shape)}; queries have dimension {dim}")
-        dn = (d * d).sum(dim=1) if metric == "l2" else None
         dg = None if dg_all is None else torch.as_tensor(dg_all[ids])
         step = max(1, min(int(query_block), int(block_bytes) // (d.element_size() * d.shape[0])))
-        for a in range(0, nq, step):
-            b = min(nq, a + step)
-            s = q[a:b] @ d.T
-            if dn is not None:
-                s = 2.0 * s - dn
-            if qg is not None:
-                s.masked_fill_(qg[a:b, None] == dg[None, :], -np.inf)
-            vals, idx = _block_topk(s, ids, k)
-            cand_s = np.concatenate([best_s[a:b], vals], axis=1)
-            cand_i = np.concatenate([best_i[a:b], idx], axis=1)
-            order = np.lexsort((np.where(cand_i < 0, np.iinfo(np.int64).max, cand_i), -cand_s), axis=-1)[:, :k]
-            best_s[a:b] = np.take_along_axis(cand_s, order, axis=1)
-            best_i[a:b] = np.take_along_axis(cand_i, order, axis=1)
+        _search_chunk(q, d, ids, k, step, metric, qg, dg, best_s, best_i, scratch)
     best_i[~np.isfinite(best_s)] = -1
     if angles:
         s = best_s.astype(np.float64)

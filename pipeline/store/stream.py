@@ -260,7 +260,10 @@ def store_chunks(store, rows: np.ndarray, chunk_rows: int):
     for start in range(0, n, step):
         stop = min(n, start + step)
         sel = keep[start:stop]
-        if sel.any():
+        if sel.all():  # the whole read, without a copy
+            ids = np.arange(start, stop, dtype=np.int64)
+            yield ids, _finite(store, ids, store.embeddings[start:stop])
+        elif sel.any():
             ids = np.arange(start, stop, dtype=np.int64)[sel]
             yield ids, _finite(store, ids, store.embeddings[start:stop][sel])
 
@@ -269,13 +272,26 @@ def read_rows(store, rows: np.ndarray) -> np.ndarray:
     """Embeddings (R, D) as stored of the store rows ``rows`` (R,) (an empty (0, D) float32 for
     none); a non-finite one is a StoreError naming its record."""
     rows = np.asarray(rows, dtype=np.int64)
-    return _finite(store, rows, store.embeddings[rows]) if rows.size else np.zeros((0, store.embed_dim), np.float32)
+    if not rows.size:
+        return np.zeros((0, store.embed_dim), np.float32)
+    if rows[0] >= 0 and rows[-1] - rows[0] + 1 == rows.size and (np.diff(rows) == 1).all():  # a run: a slice reads faster
+        return _finite(store, rows, store.embeddings[int(rows[0]):int(rows[-1]) + 1])
+    return _finite(store, rows, store.embeddings[rows])
+
+
+def _all_finite(emb: np.ndarray) -> bool:
+    """No NaN or infinity in ``emb``; float16 by its bits (exponent all ones), 4,096 rows at a
+    time (numpy's float16 isfinite converts every value and is 5x slower)."""
+    if emb.dtype != np.float16 or emb.ndim != 2 or not emb.flags.c_contiguous:
+        with np.errstate(invalid="ignore"):
+            return bool(np.isfinite(emb).all())
+    bits = emb.view(np.uint16)
+    return all(int((bits[a:a + 4096] & 0x7FFF).max(initial=0)) < 0x7C00 for a in range(0, bits.shape[0], 4096))
 
 
 def _finite(store, rows: np.ndarray, emb: np.ndarray) -> np.ndarray:
     """``emb`` (the embeddings of store rows ``rows``), or StoreError naming the first non-finite record."""
-    with np.errstate(invalid="ignore"):
-        ok = bool(np.isfinite(emb).all())
+    ok = _all_finite(emb)
     if not ok:
         bad = nonfinite_records(np.asarray(store.keys[rows]), emb)
         raise StoreError(f"store {store.path}: {bad}; the store is damaged: run `geopipe store verify {store.path}`")

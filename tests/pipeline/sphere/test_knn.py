@@ -102,3 +102,24 @@ def test_dtypes_and_streamed_chunks():
         knn(q, np.zeros((4, 5)), 1)
     with pytest.raises(ValueError, match="k must be"):
         knn(q, db, 0)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_wide_chunks_take_the_group_prefilter_and_stay_exact(metric):
+    # chunks of >= 4 (k + 1) groups of 64 columns search only the groups of largest maxima (and the
+    # columns past the last whole group); float16 chunks are converted into a reused buffer. Both
+    # must give the brute-force neighbours, with ties (8 directions) straddling the k-th place
+    # and exclusion groups.
+    rng = np.random.default_rng(6)
+    dirs = _unit(rng, 8, 4)
+    for db in (_unit(rng, 3000, 8), dirs[rng.integers(0, 8, 3000)]):
+        if metric == "l2":
+            db = db * rng.choice([0.5, 1.0, 2.0], size=(db.shape[0], 1))
+        db = db.astype(np.float16).astype(np.float64)  # exact in float16 and float32
+        q = db[rng.integers(0, db.shape[0], 40)]
+        for k in (1, 3, 9):
+            _, idx = knn(q.astype(np.float32), db.astype(np.float16), k, metric=metric, db_block=2900)
+            np.testing.assert_array_equal(idx, _brute(q, db, k, metric))
+        groups, qg = rng.integers(0, 50, db.shape[0]), rng.integers(0, 50, q.shape[0])
+        _, idx = knn(q.astype(np.float32), db.astype(np.float32), 5, metric=metric, query_groups=qg, db_groups=groups)
+        np.testing.assert_array_equal(idx, _brute(q, db, 5, metric, qg, groups))
