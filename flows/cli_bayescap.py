@@ -35,7 +35,8 @@ def bayescap_group():
 @config_option("--lr", type=float, config=_CONFIG, help="Learning rate (Adam, constant).")
 @config_option("--val-every", type=int, config=_CONFIG, help="Validate (and keep the best weights) every N steps.")
 @config_option("--seed", type=int, config=_CONFIG, help="Random seed (initialisation, batches, identity pairs).")
-@config_option("--min-pairs", type=int, config=_PAIRS, help="Fewest viewpoint pairs to train on.")
+@config_option("--min-pairs", type=int, config=_PAIRS, help="Fewest viewpoint pairs to train on (given: also lifts the floor of "
+               "5 percent of the records pairable). Stores without headings widen to place pairs (1-25 km) before giving up.")
 @config_option("--no-pairs-policy", type=click.Choice(["skip", "identity", "relaxed_radius"]), config=_CONFIG,
                help="What to do with too few pairs (skip: train nothing and say why).")
 @config_option("--pair-rule", type=click.Choice(["auto", "viewpoint", "cosplace_classes"]), config=_CONFIG,
@@ -59,10 +60,10 @@ def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int
     from geopipe.pipeline.core.errors import GeopipeError
     from geopipe.stages.uncertainty import BayesCapStageConfig, run_train_bayescap
 
-    if min_pairs is not None:
+    if min_pairs is not None:  # an explicit count of pairs is enough: no pairable-fraction floor on top
         from geopipe.pipeline.retrieval.viewpoints import PairConfig
 
-        options["pairs"] = PairConfig(min_pairs=min_pairs)
+        options["pairs"] = PairConfig(min_pairs=min_pairs, min_pairable_fraction=0.0)
     cfg = BayesCapStageConfig(store=store, out=out, progress=progress_enabled(), **options)
     if resolve_device(device).type != "cpu" and device != "auto":
         click.echo(f"note: {cfg.method} trains on the CPU; --device {device} is not used", err=True)
@@ -71,9 +72,11 @@ def train_bayescap(store: str, out: str, *, device: str = "auto", min_pairs: int
     click.echo(f"pairs: {p['n_pairs']} ({p['kind']}; {p['n_train']} train, {p['n_val']} validation), "
                f"{p['pairable_fraction']:.1%} of {p['n_records']} records pairable")
     if res.status != "trained":  # nothing to score with: a later `--bayescap OUT` would fail on a missing checkpoint
+        from geopipe.stages.uncertainty import insufficient_hint
+
         why = res.message.split("; not trained")[0]
         raise GeopipeError(f"{why}; trained nothing and wrote nothing to {out} (--no-pairs-policy {cfg.no_pairs_policy}): "
-                           "lower --min-pairs, or pass --no-pairs-policy identity to train on identity pairs")
+                           f"{insufficient_hint(res.pairs, cfg.pairs.min_pairs)}")
     last = res.history[-1] if res.history else (0, float("nan"), None)
     val = "-" if last[2] is None else f"{last[2]:.4f}"
     click.echo(f"trained {cfg.method} in {res.seconds:.1f} s, best step {res.best_step} (last train loss {last[1]:.4f}, "

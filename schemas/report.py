@@ -38,7 +38,8 @@ ENTRY (a section is ``null`` when its input columns are absent or empty)::
 ROW: the keys of :data:`COMPARISON_COLUMNS`, numbers or null. Optional top level
 "uncertainty": failure-prediction rows (model, score, failure, n, ausc, ause, aurg, spearman,
 auroc, auprc, curves) written by ``geopipe evaluate --uncertainty``; "uncertainty_not_scored":
-score columns without enough finite values for a row (model, score, n).
+score columns without enough finite values for a row (model, score, n); "uncertainty_ranking": per
+(failure, model) the scores ranked by AUROC then AURG (order, auroc, aurg, winner, runner_up, margins).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ OPTIONAL_ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "n_unlabelled": (int,),  # rows without a true location (null truth), left out of the metrics
 }
 #: Top-level keys that may be absent: "uncertainty" = failure-prediction rows of ``evaluate --uncertainty``.
-OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list, "uncertainty_not_scored": list}
+OPTIONAL_REPORT_KEYS: dict[str, type] = {"uncertainty": list, "uncertainty_not_scored": list, "uncertainty_ranking": list}
 ENTRY_KINDS: tuple[str, ...] = ("model", "baseline")
 
 #: Keys each non-null metric section must hold.

@@ -30,7 +30,7 @@ from geopipe.pipeline.artifacts.report import build_report, json_safe, write_rep
 from geopipe.pipeline.core import fsio
 from geopipe.pipeline.core.errors import ConfigError, GeopipeError, check_int
 from geopipe.pipeline.core.provenance import provenance
-from geopipe.pipeline.eval.failure import FailureOptions, failure_rows, format_failure_table
+from geopipe.pipeline.eval.failure import FailureOptions, failure_rows, format_failure_table, rank_failure_scores
 from geopipe.pipeline.eval.metrics import constant_baseline
 from geopipe.pipeline.eval.score import ScoreOptions, baseline_entry, report_notes, score_predictions, truth_mask
 from geopipe.pipeline.eval.table import format_table
@@ -150,7 +150,9 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     doc = build_report(entries, report_notes(entries), provenance()["version"])
     plots: tuple[str, ...] = ()
     if cfg.uncertainty:
+        ranking = rank_failure_scores(failures)  # also marks each row's rank in its group
         doc["uncertainty"] = json_safe(failures)
+        doc["uncertainty_ranking"] = json_safe(ranking)
         doc["uncertainty_not_scored"] = [{"model": m, "score": sc, "n": n} for m, sc, n in skipped]
         empty = _one_class_groups(failures)
         for line in _one_class_warnings(failures, empty, entries):

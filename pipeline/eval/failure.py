@@ -25,7 +25,7 @@ from geopipe.pipeline.sphere.geometry import haversine_km
 from geopipe.schemas.predictions import score_columns
 
 __all__ = ["RECALL_RADII_KM", "FailureOptions", "read_optional_columns", "retrieval_section",
-           "score_failure_rows", "failure_rows", "format_failure_table"]
+           "score_failure_rows", "failure_rows", "rank_failure_scores", "format_failure_table"]
 
 #: Distance thresholds (km) of the coarse Recall@K, as for the geolocation accuracies.
 RECALL_RADII_KM = (1, 25, 200, 750, 2500)
@@ -159,6 +159,45 @@ def failure_rows(name: str, path: str, cols: dict, opts: FailureOptions = Failur
     return rows
 
 
+def rank_failure_scores(rows: list[dict]) -> list[dict]:
+    """Every score of each (failure definition, model) group ranked by AUROC, then AURG (both
+    higher = better; rows whose AUROC is undefined, one class only, are left out). One dict per
+    group with a ranked score: ``{"failure", "model", "order": [score, …], "auroc": […], "aurg":
+    […], "winner", "runner_up" (None with one score), "margin_auroc", "margin_aurg"}`` (winner
+    minus runner-up). Also sets ``row["rank"]`` (1 = best of its group; None when unranked)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        r["rank"] = None
+        if r["auroc"] is not None:
+            groups.setdefault((r["failure"], r["model"]), []).append(r)
+    out = []
+    for (label, model), group in groups.items():
+        group = sorted(group, key=lambda r: (-r["auroc"], -r["aurg"]))  # stable: ties keep table order
+        for i, r in enumerate(group, 1):
+            r["rank"] = i
+        win, second = group[0], group[1] if len(group) > 1 else None
+        out.append({"failure": label, "model": model, "order": [r["score"] for r in group],
+                    "auroc": [r["auroc"] for r in group], "aurg": [r["aurg"] for r in group],
+                    "winner": win["score"], "runner_up": None if second is None else second["score"],
+                    "margin_auroc": None if second is None else win["auroc"] - second["auroc"],
+                    "margin_aurg": None if second is None else win["aurg"] - second["aurg"]})
+    return out
+
+
+def _ranking_line(g: dict) -> str:
+    """One line: which score wins a group, by how much over the runner-up, the whole order, and
+    the scores that rank failures inversely (AUROC < 0.45: higher where the records succeed)."""
+    head = f"best failure score of {g['model']} for '{g['failure']}': {g['winner']} (AUROC {g['auroc'][0]:.3f}, AURG {g['aurg'][0]:.3f})"
+    if g["auroc"][0] <= 0.55:
+        head += " — no better than random"
+    if g["runner_up"] is None:
+        return head + ", the only score ranked"
+    order = " > ".join(g["order"])
+    inverted = ", ".join(f"{sc} {a:.3f}" for sc, a in zip(g["order"], g["auroc"]) if a < 0.45)
+    return (f"{head}, ahead of {g['runner_up']} by {g['margin_auroc']:+.3f} AUROC / {g['margin_aurg']:+.3f} AURG; "
+            f"by AUROC: {order}" + (f"; ranks failures inversely (AUROC < 0.45): {inverted}" if inverted else ""))
+
+
 def _f(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -170,8 +209,10 @@ def _skipped_line(skipped) -> str:
 
 
 def format_failure_table(rows: list[dict], skipped=()) -> str:
-    """Plain-text failure-prediction table: one line per row of :func:`failure_rows`, then a
-    line naming the ``skipped`` (model, score, n) columns, if any."""
+    """Plain-text failure-prediction table: one line per row of :func:`failure_rows`, one line
+    per (failure definition, model) saying which score ranks its failures best
+    (:func:`rank_failure_scores`), then a line naming the ``skipped`` (model, score, n)
+    columns, if any."""
     if not rows:
         return "(no uncertainty scores with known truths)" + (f"\n{_skipped_line(skipped)}" if skipped else "")
     header = ["model", "score", "failure", "N", "acc", "AUSC", "oracle", "random", "AUSE", "AURG", "S", "R² ols",
@@ -185,6 +226,7 @@ def format_failure_table(rows: list[dict], skipped=()) -> str:
     lines.append("AUSC: area under the sparsification curve (accuracy of the kept records as the most uncertain are "
                  "removed; higher is better); AUSE = oracle − AUSC; AURG = AUSC − random; S: Spearman of binned "
                  "uncertainty vs accuracy (ideal −1); AUROC/AUPRC: the score detecting failures.")
+    lines += [_ranking_line(g) for g in rank_failure_scores(rows)]
     if skipped:
         lines.append(_skipped_line(skipped))
     return "\n".join(lines)

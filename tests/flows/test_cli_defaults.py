@@ -81,14 +81,14 @@ def test_bayescap_train_passes_only_what_was_given(store, tmp_path):
     assert res.exit_code == 0 and "trained bayescap-cycle" in res.output, res.output
     saved = json.loads((out / "config.json").read_text())
     assert saved["kind"] == "uncertainty" and saved["method"] == config_default("geopipe.stages.uncertainty:BayesCapStageConfig", "method")
-    assert (saved["train"]["steps"], saved["train"]["batch"], saved["train"]["lr"]) == (2, 96, 1e-4)
+    assert (saved["train"]["steps"], saved["train"]["batch"], saved["train"]["lr"]) == (2, 96, 1e-3)
     assert saved["train"]["pairs"]["min_pairs"] == 2000
     # the old spelling still works, says it is deprecated, and keeps the BayesCap defaults (not the generative ones)
     res = CliRunner().invoke(cli, ["train", "--method", "bayescap", "--store", store, "-o", str(tmp_path / "old"), "--steps", "2",
                                    "--val-every", "2", "--no-pairs-policy", "identity"])
     assert res.exit_code == 0 and "deprecated; use `geopipe bayescap train`" in res.output, res.output
     old = json.loads((tmp_path / "old" / "config.json").read_text())
-    assert (old["method"], old["train"]["batch"], old["train"]["lr"]) == ("bayescap", 96, 1e-4)
+    assert (old["method"], old["train"]["batch"], old["train"]["lr"]) == ("bayescap", 96, 1e-3)
 
 
 def _config_options():

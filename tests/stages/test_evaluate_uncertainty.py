@@ -51,3 +51,8 @@ def test_cli_evaluate_uncertainty(retrieval_file):
     r = CliRunner().invoke(cli, ["evaluate", retrieval_file, "--uncertainty"])
     assert r.exit_code == 0, r.output
     assert "AURG" in r.output and "u_geo_inconsistency" in r.output
+    # one line per failure definition with both classes says which score wins and by how much over the runner-up
+    r = CliRunner().invoke(cli, ["evaluate", retrieval_file, "--uncertainty", "--failure-km", "0.5"])
+    best = [line for line in r.output.splitlines() if line.startswith("best failure score of retrieval for ")]
+    assert [line.split("'")[1] for line in best] == ["correct@1 25 m", "error <= 0.5 km"]
+    assert all(" ahead of " in line and " AUROC / " in line and "entropy_nats" in line for line in best)

@@ -41,5 +41,42 @@ def test_visual_filter_and_insufficient_pairs():
     assert ps.stats["tau"] is not None and ps.stats["n_pairs"] <= 200 - 40
     none = mine_pairs(emb.astype(np.float32), ll, cfg=PairConfig(min_pairs=10, visual_filter="none"))
     assert 190 <= none.stats["n_pairs"] <= 200  # without capture ids, pairs closer than 0.5 m are duplicates
-    far = mine_pairs(emb.astype(np.float32), ll * np.array([1.0, 1.0]) + np.arange(n)[:, None] * 0.01)
+    far = mine_pairs(emb.astype(np.float32), ll * np.array([1.0, 1.0]) + np.arange(n)[:, None] * 0.01, cfg=PairConfig(widen_to_m=25.0))
     assert far.status == "insufficient_pairs" and far.stats["n_pairs"] == 0 and far.train.shape == (0, 2)
+
+
+def _photo_collection(n_places=60, per_place=12, spread_m=300.0, spacing_km=20.0, seed=0):
+    """Records of real-photo stores: places far apart, photos of a place hundreds of metres apart
+    (no two within 25 m), no headings, no capture ids; embeddings of one place alike."""
+    rng = np.random.default_rng(seed)
+    place = np.repeat(np.arange(n_places), per_place)
+    centre = np.stack([40 + (np.arange(n_places) // 8) * spacing_km / 111.2, 5 + (np.arange(n_places) % 8) * spacing_km / 85.0], 1)
+    ll = centre[place] + rng.normal(scale=spread_m / 111_195.0, size=(place.size, 2))
+    emb = rng.normal(size=(n_places, 16))[place] + 0.5 * rng.normal(size=(place.size, 16))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), ll, place
+
+
+def test_stores_without_headings_widen_to_place_pairs():
+    emb, ll, place = _photo_collection()
+    ps = mine_pairs(emb, ll, cfg=PairConfig(min_pairs=500))
+    assert ps.status == "ok" and ps.stats["radius_m"] == 1000.0 and ps.stats["widened_from_m"] == 25.0
+    assert ps.stats["tried"][0]["radius_m"] == 25.0 and ps.stats["tried"][0]["n_pairs"] < 500
+    assert ps.stats["pair_kind"] == "place" and ps.stats["visual_filter"] == "none" and ps.stats["tau"] is None
+    kept = np.concatenate([ps.train, ps.val])
+    d = haversine_m(ll[kept[:, 0], 0], ll[kept[:, 0], 1], ll[kept[:, 1], 0], ll[kept[:, 1], 1])
+    assert (d <= 1000.0).all() and (place[kept[:, 0]] == place[kept[:, 1]]).all()  # places 20 km apart never pair
+    # the street-scale radius keeps its visual filter; widening off, or headings (a VPR store): no place pairs
+    assert mine_pairs(emb, ll, cfg=PairConfig(min_pairs=500, widen_to_m=25.0)).status == "insufficient_pairs"
+    vpr = mine_pairs(emb, ll, heading_deg=np.zeros(len(ll)), cfg=PairConfig(min_pairs=500))
+    assert vpr.status == "insufficient_pairs" and vpr.stats["widened_from_m"] is None and len(vpr.stats["tried"]) == 1
+    # a sparser collection goes on to the next place radius
+    wide = mine_pairs(*_photo_collection(spread_m=3000.0)[:2], cfg=PairConfig(min_pairs=500))
+    assert wide.status == "ok" and wide.stats["radius_m"] == 2500.0 and [t["radius_m"] for t in wide.stats["tried"]] == [25.0, 1000.0, 2500.0]
+
+
+def test_max_pairs_keeps_a_seeded_subset():
+    emb, ll, _ = _photo_collection()
+    full = mine_pairs(emb, ll, cfg=PairConfig(min_pairs=10, val_fraction=0.0, pair_radius_m=1000.0))
+    cut = mine_pairs(emb, ll, cfg=PairConfig(min_pairs=10, val_fraction=0.0, pair_radius_m=1000.0, max_pairs=100))
+    assert cut.stats["n_pairs"] == 100 and cut.stats["n_found"] == full.stats["n_pairs"] > 100
+    assert set(map(tuple, cut.train.tolist())) <= set(map(tuple, full.train.tolist()))
