@@ -123,7 +123,7 @@ def test_rfm_with_features_integrates_to_one_on_the_sphere():
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(80):
         lab = torch.randint(0, 2, (256,), generator=g)
-        x = project(centers[lab] + 0.5 * torch.randn(256, 3, generator=g))
+        x = project(centers[lab] + 0.8 * torch.randn(256, 3, generator=g))  # broad clusters: 3,000 cells resolve the density
         loss = method.loss(net, x, torch.nn.functional.one_hot(lab, 4).float(), generator=g)
         opt.zero_grad()
         loss.backward()
