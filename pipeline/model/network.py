@@ -99,7 +99,7 @@ def _check_location(cfg: NetworkConfig) -> None:
     if cfg.location_features not in LOCATION_FEATURES:
         raise ConfigError(f"network config: location_features must be one of {list(LOCATION_FEATURES)}, got {cfg.location_features!r}")
     check_int(cfg.location_frequencies, "location_frequencies", 1, maximum=MAX_LOCATION_FREQUENCIES, where="network config")
-    check_int(cfg.location_seed, "location_seed", 0, where="network config")
+    check_int(cfg.location_seed, "location_seed", 0, maximum=2**63 - 1, where="network config")
     scales = cfg.location_scales
     ok = isinstance(scales, tuple) and 1 <= len(scales) <= MAX_LOCATION_SCALES and all(
         not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales)
