@@ -123,7 +123,8 @@ def _method_default(key: str):
 @click.option("--store", required=True, help="Training embedding store.")
 @click.option("--out", "-o", required=True, help="Checkpoint directory.")
 @config_option("--method", type=click.Choice([*METHOD_NAMES, "bayescap", "bayescap-cycle"]), config=_TRAIN,
-               help="Generative method (rfm, flow, diffusion) or baseline (vmf, vmf_mixture, uniform); see docs/methods.md. "
+               help="Generative method (rfm, flow, diffusion), hybrid (neighbour kernels + vMF, docs/methods.md#hybrid) or "
+                    "baseline (vmf, vmf_mixture, uniform); see docs/methods.md. "
                     "bayescap, bayescap-cycle: deprecated, use `geopipe bayescap train`.")
 @config_option("--dim", type=int, config=_TRAIN, help="Width of the denoiser network.")
 @config_option("--depth", type=int, config=_TRAIN, describe=_method_default("depth"), help="Residual blocks of the denoiser network.")
@@ -147,13 +148,19 @@ def _method_default(key: str):
 @click.option("--stream/--in-memory", "stream", default=None,
               help="Stream shuffled chunks from the store through a bounded buffer, or load it whole "
                    "(default: in memory when the store fits comfortably).")
+@config_option("--neighbours", type=int, config=_TRAIN, help="hybrid: gallery neighbours per record (docs/methods.md#hybrid).")
+@config_option("--exclude-km", type=float, config=_TRAIN,
+               help="hybrid: a training record's gallery rows within this distance (its own place) are not its neighbours.")
+@config_option("--place-field", config=_TRAIN,
+               help="hybrid: a metadata field of place ids (e.g. place_id); a record's own place is never its neighbour.")
 @click.option("--min-pairs", default=None, type=int, help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),
               help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @device_option
 @user_errors
 def train(store, out, method, dim, depth, location_features, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay,
-          val_every, seed, no_resume, stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None):
+          val_every, seed, no_resume, stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None, neighbours=None, exclude_km=None,
+          place_field=None):
     """Train a generative geolocation model on a store's cached embeddings. Options left out
     take the method's defaults (docs/methods.md#training)."""
     if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty heads: their own command and defaults
@@ -169,7 +176,8 @@ def train(store, out, method, dim, depth, location_features, schedule, steps, ba
         method=method, dim=dim, depth=depth, location_features=location_features, schedule=schedule, steps=steps, batch_size=batch_size,
         lr=lr, warmup=warmup,
         weight_decay=weight_decay, optimizer=optimizer, ema_decay=ema_decay, val_every=val_every, seed=seed,
-        resume=False if no_resume else None, allow_changes=allow_changes or None))
+        resume=False if no_resume else None, allow_changes=allow_changes or None, neighbours=neighbours, exclude_km=exclude_km,
+        place_field=place_field))
     res = run_train(cfg)
     click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")
 

@@ -40,6 +40,7 @@ from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
+from geopipe.pipeline.train.gallery import build_gallery, standardize_embedding_part, with_neighbours
 from geopipe.pipeline.train.loop import LoopConfig, LoopJob, LoopState, TensorBatches, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, GENERATIVE, checkpoint_method
@@ -82,10 +83,16 @@ class TrainConfig:
     stream: bool | None = None  # None: in memory when the store fits comfortably, else streamed from disk
     buffer_chunks: int = 4  # stored chunks per shuffled window when streaming
     allow_changes: bool = False  # resume although the store or training options differ (recorded in config.json "changes")
+    neighbours: int = 64  # hybrid: gallery neighbours per record (docs/methods.md#hybrid)
+    exclude_km: float = 0.1  # hybrid: a training record's near-duplicates (its own place) are not its neighbours
+    place_field: str | None = None  # hybrid: a metadata field of place ids (e.g. the geoclip world's place_id) instead of exclude_km
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "val_every"):
             check_int(getattr(self, name), name, 1, maximum=MAX_STEPS if name == "steps" else None)
+        check_int(self.neighbours, "neighbours", 1, maximum=1024)  # hybrid's (recorded in its method options, not "train")
+        if isinstance(self.exclude_km, bool) or not isinstance(self.exclude_km, (int, float)) or not 0 <= self.exclude_km < 20000:
+            raise ConfigError(f"--exclude-km must be a distance in [0, 20000) km, got {self.exclude_km!r}")
         if not 0 <= self.warmup < self.steps:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps}); pass a smaller --warmup")
         if self.location_features not in ("none", "rff"):
@@ -120,6 +127,10 @@ def _fingerprint(store) -> str:
     return hashlib.sha256(f"{len(store.keys)}|{shards}".encode()).hexdigest()[:16]
 
 
+#: Left out of config.json's "train" (the hybrid's neighbours and exclude_km are its method options there).
+_NOT_RECORDED = ("progress", "device", "buffer_chunks", "neighbours", "exclude_km")
+
+
 def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) -> dict:
     return {
         "condition": stats.to_dict(),
@@ -132,7 +143,7 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
         "backbone": store.attrs.get("backbone", {}),
         "embedding_space": store_space(store),
         "data_fingerprint": _fingerprint(store),
-        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "device", "buffer_chunks")
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_RECORDED
                   and not (k == "location_features" and v == "none")},  # as before the option: old runs resume
         **provenance(),
     }
@@ -211,6 +222,8 @@ class _Data:
     n_val: int
     batches: object
     n_unlabelled: int = 0
+    gallery: object = None  # hybrid: pipeline.train.gallery.Gallery of the labelled rows
+    condition: object = None  # raw batch conditioning → network input (None: stats.apply)
 
 
 #: The in-memory path needs about this many times the store's bytes (copies while loading).
@@ -225,8 +238,13 @@ def _fits_in_memory(store) -> bool:
     return _IN_MEMORY_FACTOR * store.rows * row_bytes < 0.5 * psutil.virtual_memory().available
 
 
-def _load_data(cfg: TrainConfig, device) -> _Data:
-    """The training split streamed from ``cfg.store`` or loaded whole (``cfg.stream``, None: auto)."""
+def _load_data(cfg: TrainConfig, device, gallery: bool = False) -> _Data:
+    """The training split streamed from ``cfg.store`` or loaded whole (``cfg.stream``, None: auto).
+    ``gallery`` (hybrid): in memory, with the gallery and each record's neighbour block."""
+    if gallery:
+        if cfg.stream:
+            raise ConfigError("method 'hybrid' trains in memory (its gallery is the whole store): leave out --stream")
+        return _memory_data(cfg, device, gallery=True)
     stream = cfg.stream if cfg.stream is not None else not _fits_in_memory(open_store(cfg.store))
     return _stream_data(cfg, device) if stream else _memory_data(cfg, device)
 
@@ -236,7 +254,7 @@ def _no_labelled(cfg: TrainConfig, rows: int) -> GeopipeError:
                         f"geotagged records: extract or import shards whose json/metadata has latitude and longitude")
 
 
-def _memory_data(cfg: TrainConfig, device) -> _Data:
+def _memory_data(cfg: TrainConfig, device, gallery: bool = False) -> _Data:
     store = read_store(cfg.store)
     bad = nonfinite_records(store.keys, store.embeddings, store.latlon)
     if bad:  # found before training: a NaN would only show up as a diverged loss
@@ -250,13 +268,28 @@ def _memory_data(cfg: TrainConfig, device) -> _Data:
     is_val = split_is_val(keys, cfg.val_fraction)
     x_all = latlon_to_xyz(torch.as_tensor(latlon, dtype=torch.float64)).float()
     c_all = torch.as_tensor(emb)  # kept in the store's dtype (float16 halves memory)
+    dim, found = int(c_all.shape[1]), None
+    if gallery:  # the rows followed by their neighbour blocks (float32)
+        found = build_gallery(c_all, x_all)
+        c_all = with_neighbours(c_all, found, cfg.neighbours, cfg.exclude_km, places=_places(cfg, store, labelled), progress=cfg.progress)
     x_tr, c_tr = x_all[~is_val].to(device), c_all[~is_val].to(device)
     x_va, c_va = x_all[is_val].to(device), c_all[is_val].to(device)
     if len(x_tr) == 0:
         raise GeopipeError(f"store {cfg.store} has no training records")
-    stats = CondStats.from_embeddings(emb[~is_val]) if cfg.standardize_cond else CondStats.identity(c_all.shape[1])
-    return _Data(store, (x_va, c_va), stats, int(c_all.shape[1]), int(len(x_tr)), int(len(x_va)),
-                 lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size), n_unlabelled)
+    stats = CondStats.from_embeddings(emb[~is_val]) if cfg.standardize_cond else CondStats.identity(dim)
+    return _Data(store, (x_va, c_va), stats, dim, int(len(x_tr)), int(len(x_va)),
+                 lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size), n_unlabelled, found,
+                 standardize_embedding_part(stats, dim) if found is not None else None)
+
+
+def _places(cfg: TrainConfig, store, labelled):
+    """The labelled rows' place ids from the metadata field ``cfg.place_field`` (None: not given)."""
+    if cfg.place_field is None:
+        return None
+    if cfg.place_field not in store.meta:
+        raise GeopipeError(f"store {cfg.store} has no metadata field {cfg.place_field!r} (it has {sorted(store.meta)}); "
+                           "leave out --place-field to chain places by --exclude-km")
+    return np.asarray(store.meta[cfg.place_field])[labelled]
 
 
 def _stream_data(cfg: TrainConfig, device) -> _Data:
@@ -288,18 +321,21 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.store`` and write the checkpoint directory ``cfg.out``."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    data = _load_data(cfg, device)
+    data = _load_data(cfg, device, gallery=cfg.method == "hybrid")
     if data.n_unlabelled:  # never silently: the skipped rows are counted here and in the checkpoint
         print(f"geopipe: train: skipping {data.n_unlabelled} unlabelled rows of {cfg.store} (no location); training on "
               f"{data.n_train + data.n_val} labelled rows ({data.n_train} train, {data.n_val} validation)", file=sys.stderr)
     store, (x_va, c_va), stats = data.store, data.val, data.stats
-    method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop)
+    own = {} if data.gallery is None else {"neighbours": cfg.neighbours, "exclude_km": cfg.exclude_km, "gallery_rows": len(data.gallery.xyz)}
+    method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop, **own)
     defaults = method.TRAIN_DEFAULTS
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # recorded as resolved
     net_cfg = NetworkConfig(input_dim=3, dim=cfg.dim, depth=cfg.depth, expansion=cfg.expansion, cond_dim=data.cond_dim,
                             location_features=cfg.location_features)
     torch.manual_seed(cfg.seed)
     model = method.build_model(net_cfg).to(device)
+    if data.gallery is not None:
+        data.gallery.attach(model)
     params = [p for p in model.parameters() if p.requires_grad]
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                       batch_size=cfg.batch_size, val_every=cfg.val_every, val_batches=cfg.val_batches, seed=cfg.seed)
@@ -316,7 +352,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     batches = data.batches(step)
     try:
-        job = LoopJob(method, model, optimizer, ema, batches, (x_va, c_va), stats.apply, loop, generator, save,
+        job = LoopJob(method, model, optimizer, ema, batches, (x_va, c_va), data.condition or stats.apply, loop, generator, save,
                       desc=f"train {cfg.method}", progress=cfg.progress)
         state = run_loop(job, LoopState(step=step, history=history))
     finally:

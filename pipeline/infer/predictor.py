@@ -87,8 +87,10 @@ class Predictor:
     space: dict | None = None  # the embedding space it expects (geopipe.pipeline.store.space)
 
     def condition(self, embeddings) -> torch.Tensor:
-        """(B, D) store embeddings → the network's conditioning input (standardised, float32)."""
-        return self.cond_stats.apply(torch.as_tensor(embeddings, device=self.device))
+        """(B, D) store embeddings → the network's conditioning input (standardised, float32; the
+        hybrid method appends each record's neighbours in the model's gallery)."""
+        raw = torch.as_tensor(embeddings, device=self.device)
+        return self.method.condition(self.model, raw, self.cond_stats.apply(raw))
 
 
 def load_predictor(source: str, device: torch.device, expect_space: dict | None = None, what: str = "the store") -> Predictor:

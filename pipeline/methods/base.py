@@ -98,6 +98,14 @@ class MethodBase(abc.ABC):
         """log p(x | c) (B,) in nats (per steradian on S², per unit volume in R³). ``ode``: solver
         keywords of the ODE likelihoods (``method="bosh3"``, …; closed forms ignore them)."""
 
+    #: the method conditions on retrieved neighbours of a gallery stored in its weights (hybrid)
+    needs_gallery = False
+
+    def condition(self, model, embeddings: torch.Tensor, standardized: torch.Tensor) -> torch.Tensor:
+        """The network's conditioning input from raw embeddings (B, D) and their z-scores (B, D):
+        the z-scores themselves here; the hybrid method appends the retrieved neighbours."""
+        return standardized
+
     def to_dict(self) -> dict:
         """JSON-able description for the checkpoint: {"name", "space", **options}."""
         return {"name": self.name, "space": self.space, **{k: self._option(k) for k in self.OPTIONS}}

@@ -8,5 +8,5 @@ from __future__ import annotations
 
 __all__ = ["METHOD_NAMES"]
 
-#: Generative methods (rfm, flow, diffusion) and baselines (vmf, vmf_mixture, uniform).
-METHOD_NAMES: tuple[str, ...] = ("rfm", "flow", "diffusion", "vmf", "vmf_mixture", "uniform")
+#: Generative methods (rfm, flow, diffusion), the hybrid (neighbour kernels + vMF) and baselines (vmf, vmf_mixture, uniform).
+METHOD_NAMES: tuple[str, ...] = ("rfm", "flow", "diffusion", "vmf", "vmf_mixture", "uniform", "hybrid")

@@ -9,7 +9,8 @@ Each method object has ``name``, ``space`` ("sphere" | "r3"), ``trainable`` and
 * ``log_likelihood(model, x (B, 3), cond, *, rtol=1e-5, atol=1e-5, guidance=0.0, ...) -> (B,)`` nats
 * ``to_dict()`` (checkpoint JSON) and :func:`method_from_dict` (its inverse).
 
-Options (all methods accept them; the closed-form baselines ignore the schedule):
+A family may add options of its own (its ``OPTIONS``; ``hybrid``: neighbours, components,
+exclude_km, gallery_rows). Options (all methods accept them; the closed-form baselines ignore the schedule):
 ``schedule`` (name, ``schedule_to_dict`` dict or Schedule; default skewed sigmoid −7, 3, 1),
 ``schedule_params`` (dict, with a schedule name), ``cond_drop`` (None = method default: 0.1 for
 generative methods, 0.0 for vMF baselines), ``sampler`` (None = method default).
@@ -22,6 +23,7 @@ from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.methods.base import MethodBase
 from geopipe.pipeline.methods.closed_form import UniformMethod, VMFMethod, VMFMixtureMethod
 from geopipe.pipeline.methods.field import DiffusionMethod, FlowMethod, RFMMethod, rfm_interpolant
+from geopipe.pipeline.methods.hybrid import HybridMethod
 
 __all__ = [
     "METHODS",
@@ -34,6 +36,7 @@ __all__ = [
     "VMFMethod",
     "VMFMixtureMethod",
     "UniformMethod",
+    "HybridMethod",
 ]
 
 METHODS: dict[str, type] = {
@@ -43,6 +46,7 @@ METHODS: dict[str, type] = {
     "vmf": VMFMethod,
     "vmf_mixture": VMFMixtureMethod,
     "uniform": UniformMethod,
+    "hybrid": HybridMethod,
 }
 
 _OPTIONS = ("schedule", "schedule_params", "cond_drop", "sampler")
@@ -52,9 +56,10 @@ def get_method(name: str, **options) -> MethodBase:
     """Build a method by registry name; unknown names or options raise ValueError listing valid ones."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    unknown = sorted(set(options) - set(_OPTIONS))
+    valid = (*_OPTIONS, *(o for o in METHODS[name].OPTIONS if o not in _OPTIONS))  # + the family's own (hybrid: neighbours, ...)
+    unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; valid: {list(_OPTIONS)}")
+        raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; valid: {list(valid)}")
     options = {k: v for k, v in options.items() if v is not None}
     return METHODS[name](**options)
 

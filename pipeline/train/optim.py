@@ -107,8 +107,11 @@ class EMA:
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"EMA decay must lie in [0, 1], got {decay}")
         self.decay = float(decay)
-        self._shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self._averaged = {n for n, p in module.named_parameters() if p.requires_grad and p.is_floating_point()}
+        # averaged weights are copies; everything else shares the module's tensor (a hybrid's gallery
+        # buffers are the size of the training store: copying them every step would cost a store's bytes)
+        self._shadow: dict[str, Tensor] = {k: v.detach().clone() if k in self._averaged else v.detach()
+                                           for k, v in module.state_dict().items()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -119,7 +122,7 @@ class EMA:
             shadow = self._shadow[k]
             if k in self._averaged:
                 shadow.mul_(self.decay).add_(v.detach().to(shadow.dtype), alpha=1.0 - self.decay)
-            else:
+            elif shadow.data_ptr() != v.data_ptr():
                 shadow.copy_(v)
 
     def state_dict(self) -> dict[str, Tensor]:

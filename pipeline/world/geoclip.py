@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from geopipe.pipeline.core.errors import ConfigError, check_int
+from geopipe.pipeline.sphere.places import place_ids
 
 __all__ = ["SPLITS", "GeoclipWorldConfig", "WorldPlan", "plan_world", "embed_world", "world_label", "config_dict", "to_xyz", "to_latlon"]
 
@@ -128,16 +129,7 @@ def _step(x: np.ndarray, sigma_km: np.ndarray, rng: np.random.Generator) -> np.n
 
 def _components(xyz: np.ndarray, dup_km: float) -> np.ndarray:
     """(G,) int64 ids of the places: points chained by links shorter than ``dup_km``."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
-    n = xyz.shape[0]
-    if dup_km <= 0:
-        return np.arange(n, dtype=np.int64)
-    pairs = cKDTree(xyz).query_pairs(2 * math.sin(dup_km / _R_KM / 2), output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1].astype(np.int64)
+    return place_ids(xyz, dup_km)
 
 
 def _splits(comp: np.ndarray, held: np.ndarray, cfg: GeoclipWorldConfig, rng: np.random.Generator) -> list[np.ndarray]:

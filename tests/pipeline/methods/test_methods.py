@@ -87,12 +87,24 @@ def _toy(n=512, seed=0):
     return x, cond
 
 
+def _built(name):
+    """The method and its network; a gallery method (hybrid) gets a seeded 30-row gallery, and its
+    conditioning is the embedding followed by the neighbour block (``method.condition``)."""
+    method = get_method(name, **({"gallery_rows": 30, "neighbours": 4} if name == "hybrid" else {}))
+    model = method.build_model(NET)
+    if method.needs_gallery:
+        g = torch.Generator().manual_seed(5)
+        model.gallery_emb.copy_(torch.nn.functional.normalize(torch.randn(30, 6, generator=g), dim=-1).half())
+        model.gallery_xyz.copy_(project(torch.randn(30, 3, generator=g)))
+    return method, model, lambda cond: method.condition(model, cond, cond)
+
+
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_loss_finite_and_decreases(name):
     torch.manual_seed(0)
-    method = get_method(name)
-    model = method.build_model(NET)
+    method, model, condition = _built(name)
     x, cond = _toy()
+    cond = condition(cond)
     fixed = lambda: method.loss(model, x, cond, generator=torch.Generator().manual_seed(123))
     before = fixed().item()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -110,9 +122,9 @@ def test_loss_finite_and_decreases(name):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_predict_and_sample_are_unit_vectors(name):
     torch.manual_seed(0)
-    method = get_method(name)
-    model = method.build_model(NET)
+    method, model, condition = _built(name)
     _, cond = _toy(8)
+    cond = condition(cond)
     g = torch.Generator().manual_seed(0)
     p = method.predict_point(model, cond, steps=4, generator=g)
     s = method.sample(model, cond, 5, steps=4, generator=g)

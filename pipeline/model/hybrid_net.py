@@ -1,0 +1,105 @@
+"""The hybrid network: a per-record mixture of neighbour kernels, embedding-driven vMF components
+and a uniform floor (docs/methods.md#hybrid).
+
+forward(cond (B, D + F·k)) reads the standardised embedding z (B, D) and the neighbour block
+(:mod:`geopipe.pipeline.model.neighbours`) and returns :class:`HybridParams`: k + M vMF
+components (the k neighbours' locations with a learned width each, and M means predicted from
+the embedding alone, which can reach places no neighbour is at) and k + M + 1 log weights, the
+last one of the uniform density. The gallery the neighbours come from travels in the state dict
+(``gallery_emb`` (N, D) float16 unit rows, ``gallery_xyz`` (N, 3)), so one checkpoint file is
+the whole model.
+
+Per-neighbour features: similarity, its gap to the best, rank, and the neighbour's support
+from the block (how much of the neighbour set lies around it; computed with the search).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geopipe.pipeline.model.neighbours import FEATURES_PER_NEIGHBOUR, split_block
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
+
+__all__ = ["HybridNet", "HybridParams", "WIDTH_RANGE_KM"]
+
+#: Kernel widths σ (km) the network can give a component: κ = (R/σ)².
+WIDTH_RANGE_KM = (0.02, 5000.0)
+_NEIGHBOUR_FEATURES = 3 + FEATURES_PER_NEIGHBOUR - 5
+_NEIGHBOUR_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class HybridParams:
+    """mu (B, C, 3) unit, kappa (B, C) float64, log_w (B, C + 1) float64 (last: the uniform's)."""
+
+    mu: Tensor
+    kappa: Tensor
+    log_w: Tensor
+
+
+def _width_to_kappa(raw: Tensor) -> Tensor:
+    lo, hi = (math.log(v) for v in WIDTH_RANGE_KM)
+    log_sigma = lo + (hi - lo) * torch.sigmoid(raw.double())
+    return torch.exp(2.0 * (math.log(EARTH_RADIUS_KM) - log_sigma))
+
+
+class _Residual(nn.Module):
+    def __init__(self, d: int, expansion: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, expansion * d), nn.GELU(), nn.Linear(expansion * d, d))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.mlp(self.norm(h))
+
+
+class HybridNet(nn.Module):
+    """cond (B, D + F·k) → :class:`HybridParams` with C = k + M components."""
+
+    def __init__(self, embed_dim: int, dim: int, depth: int, expansion: int, *, neighbours: int, components: int,
+                 gallery_rows: int) -> None:
+        super().__init__()
+        self.embed_dim, self.k, self.m = embed_dim, neighbours, components
+        self.inp = nn.Linear(embed_dim, dim)
+        self.trunk = nn.Sequential(*(_Residual(dim, expansion) for _ in range(depth)), nn.LayerNorm(dim))
+        self.global_head = nn.Linear(dim, 5 * components + 1)  # mu (3M), width (M), logit (M), uniform logit (1)
+        w = _NEIGHBOUR_WIDTH
+        self.nbr_feat = nn.Linear(_NEIGHBOUR_FEATURES, w)
+        self.nbr_ctx = nn.Linear(dim, w)
+        self.nbr_mlp = nn.Sequential(nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 2))  # logit, width
+        self.register_buffer("gallery_emb", torch.zeros(gallery_rows, embed_dim, dtype=torch.float16))
+        self.register_buffer("gallery_xyz", torch.zeros(gallery_rows, 3))
+
+    @property
+    def cond_dim(self) -> int:
+        return self.embed_dim + FEATURES_PER_NEIGHBOUR * self.k
+
+    def _neighbour_features(self, sim: Tensor, valid: Tensor, support: Tensor) -> Tensor:
+        """(B, k, F) features of each neighbour slot: similarity, gap to the best, rank, support."""
+        k = self.k
+        gap = sim.masked_fill(~valid, -1e4).amax(1, keepdim=True) - sim
+        rank = torch.arange(k, device=sim.device, dtype=sim.dtype).expand_as(sim) / max(k - 1, 1)
+        return torch.cat([torch.stack([sim, gap.masked_fill(~valid, 0.0), rank], dim=-1), support], dim=-1)
+
+    def forward(self, cond: Tensor) -> HybridParams:
+        if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
+            raise ValueError(f"condition must have shape (B, {self.cond_dim}), got {tuple(cond.shape)}")
+        b, m = len(cond), self.m
+        z, block = cond[:, : self.embed_dim].float(), cond[:, self.embed_dim :].float()
+        xyz, sim, valid, support = split_block(block, self.k)
+        h = self.trunk(self.inp(z))
+        g = self.global_head(h)
+        g_mu = F.normalize(g[:, : 3 * m].reshape(b, m, 3), dim=-1)
+        g_kappa = _width_to_kappa(g[:, 3 * m : 4 * m])
+        g_logit, u_logit = g[:, 4 * m : 5 * m], g[:, 5 * m :]
+        e = self.nbr_mlp(self.nbr_feat(self._neighbour_features(sim, valid, support)) + self.nbr_ctx(h)[:, None, :])
+        n_logit = e[..., 0].masked_fill(~valid, float("-inf"))
+        n_kappa = _width_to_kappa(e[..., 1])
+        mu = torch.cat([F.normalize(xyz + (~valid)[..., None] * torch.tensor([0.0, 0.0, 1.0], device=xyz.device), dim=-1), g_mu], 1)
+        log_w = torch.log_softmax(torch.cat([n_logit, g_logit, u_logit], 1).double(), dim=1)
+        return HybridParams(mu=mu, kappa=torch.cat([n_kappa, g_kappa], 1), log_w=log_w)

@@ -1,0 +1,192 @@
+"""The hybrid method: neighbour blocks (training's exclusions), an exact closed-form density that
+integrates to 1, the smoothed point, draws that follow the density, and a real train → predict
+round trip whose checkpoint carries its gallery."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.infer.predictor import PredictOptions, load_predictor, predict_batch
+from geopipe.pipeline.methods.hybrid import HybridMethod, hybrid_log_density, smoothed_log_score
+from geopipe.pipeline.methods.registry import get_method, method_from_dict
+from geopipe.pipeline.model.hybrid_net import HybridParams
+from geopipe.pipeline.model.neighbours import neighbour_block, split_block
+from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, fibonacci_sphere, latlon_to_xyz
+from geopipe.pipeline.store.format import ShardStat
+from geopipe.pipeline.store.writer import StoreWriter
+from geopipe.pipeline.train.gallery import build_gallery, with_neighbours
+from geopipe.stages.predict import PredictConfig, run_predict
+from geopipe.stages.train import TrainConfig, run_train
+
+
+def _kappa(width_km):
+    return torch.as_tensor((EARTH_RADIUS_KM / np.asarray(width_km, dtype=np.float64)) ** 2)
+
+
+def _unit(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _chord(km):
+    return 2.0 * math.sin(km / (2.0 * EARTH_RADIUS_KM))
+
+
+def test_neighbour_block_is_the_brute_force_top_k_without_the_excluded_rows():
+    rng = np.random.default_rng(0)
+    gal = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(300, 16)), dtype=torch.float32), dim=-1).half()
+    xyz = _unit(300, 1).float()
+    groups = torch.arange(300)
+    groups[:100] = 0  # one place of 100 rows: more than the extra candidates searched beyond k
+    q_rows = torch.tensor([0, 5, 177])
+    k = 10
+    block = neighbour_block(gal[q_rows].float(), gal.float(), xyz, k, groups=groups[q_rows], gallery_groups=groups)
+    nb_xyz, sim, valid, _ = split_block(block, k)
+    sims = (torch.nn.functional.normalize(gal[q_rows].float(), dim=-1) @ gal.float().T).numpy()  # queries are made unit
+    for i, r in enumerate(q_rows.tolist()):
+        ok = (groups != groups[r]).numpy()
+        want = np.argsort(-np.where(ok, sims[i], -np.inf), kind="stable")[:k]
+        assert valid[i].all()
+        np.testing.assert_allclose(sim[i].numpy(), sims[i][want], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(nb_xyz[i].numpy(), xyz[want].numpy(), atol=1e-6)
+    # a gallery smaller than k: the missing slots are invalid and zero
+    small = neighbour_block(gal[:3].float(), gal[:5].float(), xyz[:5], 8)
+    _, s_sim, s_valid, _ = split_block(small, 8)
+    assert s_valid.sum(1).tolist() == [5, 5, 5] and (s_sim[~s_valid] == 0).all()
+
+
+def test_training_blocks_never_hold_the_record_or_its_own_place():
+    emb = torch.as_tensor(np.random.default_rng(1).normal(size=(60, 8)), dtype=torch.float32)
+    xyz = _unit(60, 2).float()
+    step = torch.tensor([_chord(0.08), 0.0, 0.0])
+    for i in range(10, 20):  # a place chained 80 m by 80 m: its ends are 720 m apart
+        xyz[i] = torch.nn.functional.normalize(xyz[10] + (i - 10) * step, dim=0)
+    c = with_neighbours(emb, build_gallery(emb, xyz), 8, 0.1, progress=False)
+    assert c.shape == (60, 8 + 11 * 8)
+    nb_xyz, _, valid, _ = split_block(c[:, 8:], 8)
+    assert valid.all()
+    for i in range(60):
+        chained = (nb_xyz[i, :, None, :] - xyz[10:20][None]).norm(dim=-1).min(1).values < 1e-6
+        assert (nb_xyz[i] - xyz[i]).norm(dim=-1).min() > 1e-6  # never itself
+        assert not (10 <= i < 20 and chained.any())  # never its place
+
+
+def _params(widths_km, weights, uniform):
+    """One record's HybridParams: vMF components of the given widths at random means."""
+    n = len(widths_km)
+    log_w = torch.log(torch.tensor([*weights, uniform], dtype=torch.float64))[None]
+    return HybridParams(mu=_unit(n, 3)[None].float(), kappa=_kappa(widths_km)[None], log_w=log_w)
+
+
+def test_density_integrates_to_one_and_resolves_a_20_m_kernel():
+    p = _params([300.0, 800.0, 3000.0], [0.5, 0.3, 0.15], 0.05)
+    grid = fibonacci_sphere(400_000, dtype=torch.float64)
+    rep = HybridParams(p.mu.expand(len(grid), -1, -1), p.kappa.expand(len(grid), -1), p.log_w.expand(len(grid), -1))
+    mass = float(hybrid_log_density(grid, rep).exp().mean() * 4 * math.pi)
+    assert abs(mass - 1.0) < 1e-3
+    # a 20 m kernel: exact at its mean and 20 m away (float32 inputs), where 1 − cos underflows float32
+    k = _kappa([0.02])
+    sharp = HybridParams(mu=torch.tensor([[[0.0, 0.0, 1.0]]]), kappa=k[None], log_w=torch.log(torch.tensor([[1.0 - 1e-9, 1e-9]],
+                                                                                                          dtype=torch.float64)))
+    ang = 0.02 / EARTH_RADIUS_KM
+    x = torch.tensor([[0.0, 0.0, 1.0], [math.sin(ang), 0.0, math.cos(ang)]], dtype=torch.float32)
+    two = HybridParams(sharp.mu.expand(2, -1, -1), sharp.kappa.expand(2, -1), sharp.log_w.expand(2, -1))
+    got = hybrid_log_density(x, two)
+    want = torch.log(k) - math.log(2 * math.pi) - torch.tensor([0.0, 0.5]) * k * ang**2
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=2e-3 + 1e-9 * float(k))
+
+
+def test_smoothed_score_is_the_expected_kernel_and_a_thin_spike_does_not_win():
+    p = _params([200.0, 1500.0], [0.7, 0.25], 0.05)
+    grid = fibonacci_sphere(1_000_000, dtype=torch.float64)  # quadrature: E f = 4π · mean(p f) over an even grid
+    rep = HybridParams(p.mu.expand(len(grid), -1, -1), p.kappa.expand(len(grid), -1), p.log_w.expand(len(grid), -1))
+    dens = hybrid_log_density(grid, rep).exp()
+    cand = torch.cat([p.mu[0].double(), _unit(2, 9)])[None]
+    ks = (EARTH_RADIUS_KM / 400.0) ** 2
+    quad = 4 * math.pi * (dens[None] * torch.exp(ks * (cand[0] @ grid.T - 1.0))).mean(1)
+    got = smoothed_log_score(cand, p, 400.0)[0].exp()
+    np.testing.assert_allclose(got.numpy(), quad.numpy(), rtol=2e-3)
+    # a 20 m spike of 5 % mass against a 10 km kernel of 90 %: the density peaks at the spike, the point does not
+    q = HybridParams(mu=_unit(2, 4)[None].float(), kappa=_kappa([0.02, 10.0])[None],
+                     log_w=torch.log(torch.tensor([[0.05, 0.9, 0.05]], dtype=torch.float64)))
+    dens = hybrid_log_density(q.mu[0], HybridParams(q.mu.expand(2, -1, -1), q.kappa.expand(2, -1), q.log_w.expand(2, -1)))
+    assert dens[0] > dens[1] and smoothed_log_score(q.mu, q, 25.0)[0].argmax() == 1
+
+
+def _region_store(path, n_regions=40, per_region=6, d=24, seed=0, noise=0.05):  # regions: fixed (seed 7); records: seed
+    """Records at their own places, a few in each of some 20 km-wide regions; embeddings encode the
+    location (a fixed random smooth map of xyz plus noise), so a record's neighbours in embedding
+    space are the other records of its region."""
+    crng, rng = np.random.default_rng(7), np.random.default_rng(seed)
+    centres = latlon_to_xyz(torch.as_tensor(np.stack([crng.uniform(-60, 60, n_regions), crng.uniform(-180, 179, n_regions)], 1),
+                                            dtype=torch.float64)).numpy()
+    proj = np.random.default_rng(99).normal(size=(3, d)) * 3.0
+    idx = np.repeat(np.arange(n_regions), per_region)
+    xyz = centres[idx] + rng.normal(scale=20.0 / EARTH_RADIUS_KM, size=(len(idx), 3))
+    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+    emb = np.sin(xyz @ proj) + noise * rng.normal(size=(len(idx), d))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    ll = np.degrees(np.stack([np.arcsin(xyz[:, 2]), np.arctan2(xyz[:, 1], xyz[:, 0])], 1))
+    keys = [f"r{seed}-{i:05d}" for i in range(len(idx))]
+    with StoreWriter.open(str(path), backbone={"name": "test", "pretrained": None}, embed_dim=d, dtype="float32") as w:
+        w.append_shard("shard-0", emb, ll, keys, {}, [], ShardStat(1, 0.0))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    train = _region_store(root / "train.zarr")
+    test = _region_store(root / "test.zarr", seed=1, per_region=1)  # new photos in the same regions
+    out = str(root / "model")
+    res = run_train(TrainConfig(store=train, out=out, method="hybrid", dim=32, steps=150, batch_size=64, warmup=10, val_every=150,
+                                neighbours=8, seed=0, device="cpu", progress=False, resume=False))
+    return {"train": train, "test": test, "out": out, "res": res}
+
+
+def test_train_predict_round_trip_with_the_gallery_in_the_checkpoint(trained, tmp_path):
+    p = load_predictor(trained["out"], torch.device("cpu"))
+    assert p.method.name == "hybrid" and p.method.gallery_rows == 240 and p.method.neighbours == 8
+    assert tuple(p.model.gallery_emb.shape) == (240, 24) and p.model.gallery_emb.dtype == torch.float16
+    assert trained["res"].val_loss < math.log(4 * math.pi) - 6  # far below the uniform's ln 4π
+    out = str(tmp_path / "p.parquet")
+    run_predict(PredictConfig(checkpoint=trained["out"], store=trained["test"], out=out, nll=True, localizability=16, samples=4,
+                              region=0.9, device="cpu", progress=False))
+    t = pq.read_table(out).to_pandas()
+    assert len(t) == 40 and np.isfinite(t["log_likelihood"]).all() and np.isfinite(t["effective_area_km2"]).all()
+    # new records in the training regions: the points land in the region, the density is about its size
+    assert t["distance_km"].median() < 60 and t["log_likelihood"].mean() > 5
+    assert t["region_area_km2"].notna().all() and ((t["hdr_rank"] >= 0) & (t["hdr_rank"] <= 1)).all()
+
+
+def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
+    p = load_predictor(trained["out"], torch.device("cpu"))
+    emb = np.asarray(__import__("geopipe.pipeline.store.reader", fromlist=["read_store"]).read_store(trained["test"]).embeddings[:5])
+    cond = p.condition(emb)
+    x = p.method.sample(p.model, cond, 7, generator=torch.Generator().manual_seed(0))
+    flat = cond.repeat_interleave(7, dim=0)
+    fast = p.method.log_likelihood(p.model, x.reshape(-1, 3), flat)
+    slow = torch.cat([p.method.log_likelihood(p.model, x.reshape(-1, 3)[i : i + 1], flat[i : i + 1]) for i in range(len(flat))])
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-3, atol=5e-3)  # float32 network: batch-shape rounding
+    cols = predict_batch(p, emb, None, [f"k{i}" for i in range(5)], PredictOptions(), torch.Generator().manual_seed(0))
+    assert np.isfinite(cols["lat"]).all()
+
+
+def test_options_are_checked_and_recorded():
+    m = get_method("hybrid", neighbours=16, exclude_km=0.5, gallery_rows=10)
+    assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {"name": "hybrid", "space": "sphere", "neighbours": 16,
+                                                                      "components": 3, "exclude_km": 0.5, "gallery_rows": 10}
+    with pytest.raises(ConfigError, match="neighbours"):
+        HybridMethod(neighbours=0)
+    with pytest.raises(ConfigError, match="guidance"):
+        HybridMethod(cond_drop=0.1)
+    with pytest.raises(ConfigError, match="unknown option"):
+        get_method("rfm", neighbours=3)
+    with pytest.raises(ConfigError, match="in memory"):
+        run_train(TrainConfig(store="x.zarr", out="y", method="hybrid", stream=True, progress=False))
