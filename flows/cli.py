@@ -151,7 +151,7 @@ def _method_default(key: str):
 @config_option("--neighbours", type=int, config=_TRAIN, help="hybrid: gallery neighbours per record (docs/methods.md#hybrid).")
 @config_option("--exclude-km", type=float, config=_TRAIN,
                help="hybrid: a training record's gallery rows within this distance (its own place) are not its neighbours.")
-@config_option("--place-field", config=_TRAIN,
+@config_option("--place-field", config=_TRAIN, describe=lambda: "none: places chained by --exclude-km",
                help="hybrid: a metadata field of place ids (e.g. place_id); a record's own place is never its neighbour.")
 @click.option("--min-pairs", default=None, type=int, help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),

@@ -9,7 +9,9 @@ test split and the held-out region, in one run:
 * ``calibrated (--val-store)``: ``retrieve --mode kernel --val-store val.zarr``
   (:mod:`geopipe.pipeline.retrieval.calibrate`);
 * each generative method of ``generative`` trained ``steps`` steps on train.zarr (dim × depth),
-  predicted with exact NLL and 256-sample localizability.
+  predicted with exact NLL and 256-sample localizability (the flows: NLL of every 10th record, no
+  localizability: an ODE solve each); the hybrid excludes a record's own ``place_id`` from its
+  training neighbours.
 
 Scored by ``geopipe evaluate``; the table has GeoScore, median km, acc@25 km, NLL (nats/sr), HDR
 calibration error and seconds (fit + predict of the row's method; training counted once, on
@@ -41,6 +43,7 @@ from geopipe.stages.train import TrainConfig, run_train
 __all__ = ["GeoclipBenchConfig", "GeoclipBenchResult", "run_geoclip_bench", "format_rows"]
 
 _SPLITS = ("test", "heldout")
+_ODE_METHODS = ("rfm", "flow", "diffusion")
 _FLOOR = 0.01
 _WIDTHS_KM = tuple(float(w) for w in np.geomspace(1.0, 3000.0, 25))
 _TEMPERATURES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf)
@@ -56,7 +59,7 @@ class GeoclipBenchConfig:
     out: str | None = None
     k: int = 64
     kernel_samples: int = 256
-    generative: tuple[str, ...] = ("vmf_mixture",)
+    generative: tuple[str, ...] = ("vmf_mixture", "rfm", "hybrid")
     steps: int = 1000
     dim: int = 128
     depth: int = 4
@@ -143,13 +146,15 @@ def _retrieval_rows(cfg: GeoclipBenchConfig, stores: dict, out: str) -> dict[str
 def _generative_rows(cfg: GeoclipBenchConfig, stores: dict, out: str, files: dict) -> None:
     for method in cfg.generative:
         ckpt, t0 = os.path.join(out, f"model-{method}"), time.perf_counter()
+        own = {"place_field": "place_id"} if method == "hybrid" else {}  # the world's places: training matches a new photo
         run_train(TrainConfig(store=stores["train"], out=ckpt, method=method, dim=cfg.dim, depth=cfg.depth, steps=cfg.steps, lr=cfg.lr,
-                              warmup=min(500, cfg.steps // 10), val_every=cfg.steps, resume=False, progress=cfg.progress))
+                              warmup=min(500, cfg.steps // 10), val_every=cfg.steps, resume=False, progress=cfg.progress, **own))
         trained = time.perf_counter() - t0
+        # flows: an ODE per likelihood, so NLL on every 10th record and no localizability (no HDR calibration)
+        ode = {"likelihood_every": 10, "localizability": 0} if method in _ODE_METHODS else {"localizability": 256}
         for s in _SPLITS:
             path, t1 = os.path.join(out, f"{s}-{method}.parquet"), time.perf_counter()
-            run_predict(PredictConfig(checkpoint=ckpt, store=stores[s], out=path, nll=True, localizability=256, overwrite=True,
-                                      progress=cfg.progress))
+            run_predict(PredictConfig(checkpoint=ckpt, store=stores[s], out=path, nll=True, overwrite=True, progress=cfg.progress, **ode))
             label = f"{method} {cfg.dim}×{cfg.depth}, {cfg.steps} steps" + ("" if cfg.lr is None else f", lr {cfg.lr:g}")
             files[s].append((label, path, time.perf_counter() - t1 + (trained if s == "test" else 0.0)))
 

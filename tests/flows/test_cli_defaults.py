@@ -118,7 +118,7 @@ def test_help_shows_the_dataclass_defaults():
                 assert str(value) in help_text, (path, p.opts, help_text)
     assert found >= 40
     out = CliRunner().invoke(cli, ["train", "--help"]).output
-    assert "[default: 12 (vmf, vmf_mixture: 11)]" in " ".join(out.split())
+    assert "[default: 12 (vmf, vmf_mixture: 11; hybrid: 2)]" in " ".join(out.split())
 
 
 def test_checkpoint_kind_of_old_checkpoints():
