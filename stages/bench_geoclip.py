@@ -31,6 +31,7 @@ import torch
 from geopipe.pipeline.artifacts.predictions import predictions_metadata, predictions_table, write_predictions
 from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.core.provenance import provenance
+from geopipe.pipeline.methods.registry import METHODS
 from geopipe.pipeline.retrieval.calibrate import PARAMETERS, CalibratedKernel, calibrated_columns, calibrated_log_density
 from geopipe.pipeline.retrieval.predictor import RetrievalOptions, load_retrieval, search_block
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz
@@ -146,16 +147,18 @@ def _retrieval_rows(cfg: GeoclipBenchConfig, stores: dict, out: str) -> dict[str
 def _generative_rows(cfg: GeoclipBenchConfig, stores: dict, out: str, files: dict) -> None:
     for method in cfg.generative:
         ckpt, t0 = os.path.join(out, f"model-{method}"), time.perf_counter()
-        own = {"place_field": "place_id"} if method == "hybrid" else {}  # the world's places: training matches a new photo
-        run_train(TrainConfig(store=stores["train"], out=ckpt, method=method, dim=cfg.dim, depth=cfg.depth, steps=cfg.steps, lr=cfg.lr,
-                              warmup=min(500, cfg.steps // 10), val_every=cfg.steps, resume=False, progress=cfg.progress, **own))
+        own = {"place_field": "place_id", "depth": None} if method == "hybrid" else {}  # its own places; its default depth (2)
+        run_train(TrainConfig(store=stores["train"], out=ckpt, method=method, dim=cfg.dim, steps=cfg.steps, lr=cfg.lr,
+                              warmup=min(500, cfg.steps // 10), val_every=cfg.steps, resume=False, progress=cfg.progress,
+                              **{"depth": cfg.depth, **own}))
         trained = time.perf_counter() - t0
         # flows: an ODE per likelihood, so NLL on every 10th record and no localizability (no HDR calibration)
         ode = {"likelihood_every": 10, "localizability": 0} if method in _ODE_METHODS else {"localizability": 256}
         for s in _SPLITS:
             path, t1 = os.path.join(out, f"{s}-{method}.parquet"), time.perf_counter()
             run_predict(PredictConfig(checkpoint=ckpt, store=stores[s], out=path, nll=True, overwrite=True, progress=cfg.progress, **ode))
-            label = f"{method} {cfg.dim}×{cfg.depth}, {cfg.steps} steps" + ("" if cfg.lr is None else f", lr {cfg.lr:g}")
+            depth = own.get("depth", cfg.depth) or METHODS[method].TRAIN_DEFAULTS["depth"]
+            label = f"{method} {cfg.dim}×{depth}, {cfg.steps} steps" + ("" if cfg.lr is None else f", lr {cfg.lr:g}")
             files[s].append((label, path, time.perf_counter() - t1 + (trained if s == "test" else 0.0)))
 
 

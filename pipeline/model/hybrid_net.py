@@ -2,10 +2,10 @@
 and a uniform floor (docs/methods.md#hybrid).
 
 forward(cond (B, D + F·k)) reads the standardised embedding z (B, D) and the neighbour block
-(:mod:`geopipe.pipeline.model.neighbours`) and returns :class:`HybridParams`: k + M vMF
-components (the k neighbours' locations with a learned width each, and M means predicted from
-the embedding alone, which can reach places no neighbour is at) and k + M + 1 log weights, the
-last one of the uniform density. The gallery the neighbours come from travels in the state dict
+(:mod:`geopipe.pipeline.model.neighbours`) and returns :class:`HybridParams`: k·S + M vMF
+components (S kernels of learned widths and weights at each of the k neighbours' locations, a
+heavy-tailed kernel per neighbour, and M means predicted from the embedding alone, which can
+reach places no neighbour is at) and k·S + M + 1 log weights, the last one of the uniform's. The gallery the neighbours come from travels in the state dict
 (``gallery_emb`` (N, D) float16 unit rows, ``gallery_xyz`` (N, 3)), so one checkpoint file is
 the whole model.
 
@@ -59,19 +59,23 @@ class _Residual(nn.Module):
 
 
 class HybridNet(nn.Module):
-    """cond (B, D + F·k) → :class:`HybridParams` with C = k + M components."""
+    """cond (B, D + F·k) → :class:`HybridParams` with C = k·S + M components (S kernels per neighbour)."""
 
     def __init__(self, embed_dim: int, dim: int, depth: int, expansion: int, *, neighbours: int, components: int,
-                 gallery_rows: int) -> None:
+                 gallery_rows: int, scales: int = 1) -> None:
         super().__init__()
-        self.embed_dim, self.k, self.m = embed_dim, neighbours, components
+        self.embed_dim, self.k, self.m, self.s = embed_dim, neighbours, components, scales
         self.inp = nn.Linear(embed_dim, dim)
         self.trunk = nn.Sequential(*(_Residual(dim, expansion) for _ in range(depth)), nn.LayerNorm(dim))
         self.global_head = nn.Linear(dim, 5 * components + 1)  # mu (3M), width (M), logit (M), uniform logit (1)
         w = _NEIGHBOUR_WIDTH
         self.nbr_feat = nn.Linear(_NEIGHBOUR_FEATURES, w)
         self.nbr_ctx = nn.Linear(dim, w)
-        self.nbr_mlp = nn.Sequential(nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 2))  # logit, width
+        self.nbr_mlp = nn.Sequential(nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, 2 * scales))  # S logits, S widths
+        with torch.no_grad():  # the S kernels of a neighbour start at 2, 20, 200, ... km: a heavy-tailed kernel, not S equal ones
+            lo, hi = (math.log(v) for v in WIDTH_RANGE_KM)
+            start = torch.tensor([(math.log(2.0 * 10.0**i) - lo) / (hi - lo) for i in range(scales)])
+            self.nbr_mlp[-1].bias[scales:] = torch.logit(start.clamp(0.01, 0.99))
         self.register_buffer("gallery_emb", torch.zeros(gallery_rows, embed_dim, dtype=torch.float16))
         self.register_buffer("gallery_xyz", torch.zeros(gallery_rows, 3))
 
@@ -98,8 +102,10 @@ class HybridNet(nn.Module):
         g_kappa = _width_to_kappa(g[:, 3 * m : 4 * m])
         g_logit, u_logit = g[:, 4 * m : 5 * m], g[:, 5 * m :]
         e = self.nbr_mlp(self.nbr_feat(self._neighbour_features(sim, valid, support)) + self.nbr_ctx(h)[:, None, :])
-        n_logit = e[..., 0].masked_fill(~valid, float("-inf"))
-        n_kappa = _width_to_kappa(e[..., 1])
-        mu = torch.cat([F.normalize(xyz + (~valid)[..., None] * torch.tensor([0.0, 0.0, 1.0], device=xyz.device), dim=-1), g_mu], 1)
+        sc = self.s  # neighbour j's S kernels are components j·S … j·S + S − 1
+        n_logit = e[..., :sc].masked_fill(~valid[..., None], float("-inf")).reshape(b, -1)
+        n_kappa = _width_to_kappa(e[..., sc:]).reshape(b, -1)
+        n_mu = F.normalize(xyz + (~valid)[..., None] * torch.tensor([0.0, 0.0, 1.0], device=xyz.device), dim=-1)
+        mu = torch.cat([n_mu.repeat_interleave(sc, dim=1), g_mu], 1)
         log_w = torch.log_softmax(torch.cat([n_logit, g_logit, u_logit], 1).double(), dim=1)
         return HybridParams(mu=mu, kappa=torch.cat([n_kappa, g_kappa], 1), log_w=log_w)

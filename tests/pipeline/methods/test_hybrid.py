@@ -170,7 +170,7 @@ def test_train_predict_round_trip_with_the_gallery_in_the_checkpoint(trained, tm
     cols = predict_batch(p, np.asarray(st.embeddings[:6]), np.asarray(st.latlon[:6]), [str(k) for k in st.keys[:6]],
                          PredictOptions(region=0.9), torch.Generator().manual_seed(0))
     mass, area = cols["region_mass"], cols["region_area_km2"]
-    assert ((mass > 0) & (mass < 0.901)).all() and (area > 0).all() and np.median(mass) > 0.85, (mass, area)
+    assert ((mass > 0) & (mass < 0.901)).all() and (area > 0).all() and (mass > 0.85).sum() >= 3, (mass, area)
 
 
 def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
@@ -189,7 +189,8 @@ def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
 def test_options_are_checked_and_recorded():
     m = get_method("hybrid", neighbours=16, exclude_km=0.5, gallery_rows=10)
     assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {"name": "hybrid", "space": "sphere", "neighbours": 16,
-                                                                      "components": 3, "exclude_km": 0.5, "gallery_rows": 10}
+                                                                      "components": 3, "scales": 3, "exclude_km": 0.5,
+                                                                      "gallery_rows": 10}
     with pytest.raises(ConfigError, match="neighbours"):
         HybridMethod(neighbours=0)
     with pytest.raises(ConfigError, match="guidance"):
