@@ -11,7 +11,7 @@ test split and the held-out region, in one run:
 * each generative method of ``generative`` trained ``steps`` steps on train.zarr (dim × depth),
   predicted with exact NLL and 256-sample localizability (the flows: NLL of every 10th record, no
   localizability: an ODE solve each); the hybrid excludes a record's own ``place_id`` from its
-  training neighbours.
+  training neighbours and is calibrated on val.zarr (``train --val-store``), as the calibrated retrieval row is.
 
 Scored by ``geopipe evaluate``; the table has GeoScore, median km, acc@25 km, NLL (nats/sr), HDR
 calibration error and seconds (fit + predict of the row's method; training counted once, on
@@ -147,7 +147,8 @@ def _retrieval_rows(cfg: GeoclipBenchConfig, stores: dict, out: str) -> dict[str
 def _generative_rows(cfg: GeoclipBenchConfig, stores: dict, out: str, files: dict) -> None:
     for method in cfg.generative:
         ckpt, t0 = os.path.join(out, f"model-{method}"), time.perf_counter()
-        own = {"place_field": "place_id", "depth": None} if method == "hybrid" else {}  # its own places; its default depth (2)
+        # the hybrid: its own places excluded, its default depth (2), its widths and weights calibrated on val
+        own = {"place_field": "place_id", "depth": None, "val_store": stores["val"]} if method == "hybrid" else {}
         run_train(TrainConfig(store=stores["train"], out=ckpt, method=method, dim=cfg.dim, steps=cfg.steps, lr=cfg.lr,
                               warmup=min(500, cfg.steps // 10), val_every=cfg.steps, resume=False, progress=cfg.progress,
                               **{"depth": cfg.depth, **own}))

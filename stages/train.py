@@ -41,7 +41,7 @@ from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
 from geopipe.pipeline.train.gallery import build_gallery, standardize_embedding_part, with_neighbours
-from geopipe.pipeline.train.loop import LoopConfig, LoopJob, LoopState, TensorBatches, run_loop, split_is_val
+from geopipe.pipeline.train.loop import LoopConfig, LoopJob, LoopState, TensorBatches, ema_model, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, GENERATIVE, checkpoint_method
 
@@ -86,6 +86,7 @@ class TrainConfig:
     neighbours: int = 64  # hybrid: gallery neighbours per record (docs/methods.md#hybrid)
     exclude_km: float = 0.1  # hybrid: a training record's near-duplicates (its own place) are not its neighbours
     place_field: str | None = None  # hybrid: a metadata field of place ids (e.g. the geoclip world's place_id) instead of exclude_km
+    val_store: str | None = None  # hybrid: held-out queries on which its width scale, weight temperature and floor are fitted
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "val_every"):
@@ -152,6 +153,9 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
 #: Training options that may change on resume without --allow-changes (train longer, log differently;
 #: where the checkpoint and the store are: the checkpoint resumes wherever it was moved, and the
 #: store is compared by its ``data_fingerprint``, never by how its path is spelled).
+#: Method options fitted after training (the hybrid's held-out calibration): not settings a resume compares.
+_FITTED = ("width_scale", "weight_temperature", "floor")
+
 _RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes", "out", "store")
 
 
@@ -163,7 +167,8 @@ def _config_changes(saved: dict, config: dict, defaults: dict) -> dict:
     def flat(cfg):
         out = {"data_fingerprint": cfg.get("data_fingerprint"), "embed_dim": cfg.get("embed_dim")}
         for section in ("method", "network", "train"):
-            out.update({f"{section}.{k}": v for k, v in (cfg.get(section) or {}).items() if not (section == "train" and k in _RESUME_FREE)})
+            out.update({f"{section}.{k}": v for k, v in (cfg.get(section) or {}).items()
+                        if not (section == "train" and k in _RESUME_FREE) and not (section == "method" and k in _FITTED)})
         out.update({f"train.{k}": v for k, v in defaults.items() if out.get(f"train.{k}", v) is None})
         return out
 
@@ -317,6 +322,26 @@ def _stream_data(cfg: TrainConfig, device) -> _Data:
     return _Data(store, (x_va, torch.as_tensor(c_va).to(device)), stats, store.embed_dim, scan.n, n_val, batches, scan.unlabelled)
 
 
+def _calibrate_hybrid(cfg: TrainConfig, method, model, stats: CondStats, store, device, limit: int = 20000) -> None:
+    """Fit the hybrid's width scale, weight temperature and uniform floor on the labelled rows of
+    ``cfg.val_store`` (at most ``limit``) by NLL, with the trained (EMA) network fixed."""
+    from geopipe.pipeline.methods.hybrid import fit_calibration
+    from geopipe.pipeline.store.space import check_same_space
+
+    val = read_store(cfg.val_store)
+    check_same_space(f"training store {cfg.store}", store_space(store), f"--val-store {cfg.val_store}", store_space(open_store(cfg.val_store)))
+    rows = np.flatnonzero(labelled_rows(val.latlon))[:limit]
+    if len(rows) == 0:
+        raise GeopipeError(f"--val-store {cfg.val_store} has no labelled rows to calibrate on")
+    raw = torch.as_tensor(np.asarray(val.embeddings[rows])).to(device)
+    x = latlon_to_xyz(torch.as_tensor(val.latlon[rows], dtype=torch.float64)).to(device)
+    with torch.no_grad():
+        p = model(method.condition(model, raw, stats.apply(raw)))
+    method.width_scale, method.weight_temperature, method.floor = fit_calibration(p, x)
+    print(f"geopipe: train: calibrated on {len(rows):,} records of {cfg.val_store}: widths × {method.width_scale:.3g}, weight temperature "
+          f"{method.weight_temperature:.3g}, uniform floor {method.floor:.3g}", file=sys.stderr)
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.store`` and write the checkpoint directory ``cfg.out``."""
     t0 = time.perf_counter()
@@ -357,5 +382,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         state = run_loop(job, LoopState(step=step, history=history))
     finally:
         getattr(batches, "close", lambda: None)()
+    if cfg.val_store and method.name == "hybrid":  # held-out calibration, saved with the final weights
+        _calibrate_hybrid(cfg, method, ema_model(model, ema), stats, store, device)
+        config["method"] = method.to_dict()
+        save(state)
     return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, data.n_train, data.n_val,
                        time.perf_counter() - t0, tuple(state.history), data.n_unlabelled)

@@ -21,7 +21,7 @@ from geopipe.pipeline.model.neighbours import neighbour_block
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 from geopipe.pipeline.sphere.vmf import sample_vmf_mixture
 
-__all__ = ["HybridMethod", "hybrid_log_density", "smoothed_log_score", "POINT_WIDTHS_KM"]
+__all__ = ["HybridMethod", "hybrid_log_density", "smoothed_log_score", "calibrate_params", "fit_calibration", "POINT_WIDTHS_KM"]
 
 #: Scales of the point prediction: the candidate maximising the sum over these widths of the mass
 #: within about each (on the geoclip world's validation split, one width traded median km against
@@ -71,6 +71,46 @@ def smoothed_log_score(candidates: torch.Tensor, p, width_km: float) -> torch.Te
     return torch.logsumexp(torch.cat([terms, uni.expand(-1, c.shape[1], 1)], dim=2), dim=2)
 
 
+def calibrate_params(p, width_scale: float = 1.0, weight_temperature: float = 1.0, floor: float = 0.0):
+    """HybridParams with every width × ``width_scale`` (κ / scale²), log weights softened by
+    ``weight_temperature`` (log_softmax(log w / T)) and a uniform ``floor`` mixed in:
+    w ← (1 − floor) w, w_u ← (1 − floor) w_u + floor. Defaults: the identity."""
+    from geopipe.pipeline.model.hybrid_net import HybridParams
+
+    if width_scale == 1.0 and weight_temperature == 1.0 and floor == 0.0:
+        return p
+    lw = torch.log_softmax(p.log_w / weight_temperature, dim=1) + math.log1p(-floor)
+    if floor > 0:
+        lw = torch.cat([lw[:, :-1], torch.logaddexp(lw[:, -1:], torch.full_like(lw[:, -1:], math.log(floor)))], dim=1)
+    return HybridParams(p.mu, p.kappa / width_scale**2, lw)
+
+
+def fit_calibration(p, x: torch.Tensor, steps: int = 200) -> tuple[float, float, float]:
+    """(width_scale, weight_temperature, floor) minimising the NLL of held-out truths x (V, 3) under
+    the records' HybridParams ``p`` (from the trained network, no gradient into it): three numbers
+    fitted by L-BFGS, as the calibrated retrieval density fits its parameters on held-out queries."""
+    from geopipe.pipeline.model.hybrid_net import HybridParams
+
+    p = HybridParams(p.mu.detach(), p.kappa.detach(), p.log_w.detach())
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # ln scale, ln T, logit floor + 7
+    opt = torch.optim.LBFGS([theta], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def parts(t):
+        return t[0].exp(), t[1].exp(), torch.sigmoid(t[2] - 7.0)
+
+    def closure():
+        opt.zero_grad()
+        scale, temp, floor = parts(theta)
+        q = HybridParams(p.mu, p.kappa / scale**2, torch.log_softmax(p.log_w / temp, dim=1) + torch.log1p(-floor))
+        lw = torch.cat([q.log_w[:, :-1], torch.logaddexp(q.log_w[:, -1:], torch.log(floor).expand(len(x), 1))], dim=1)
+        loss = -hybrid_log_density(x, HybridParams(q.mu, q.kappa, lw)).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return tuple(float(v) for v in parts(theta.detach()))
+
+
 def _params(model, cond: torch.Tensor):
     """The network's parameters of each row of cond, computed once per run of equal rows (the
     likelihood of n draws per record repeats each record's row n times)."""
@@ -90,17 +130,19 @@ def _no_sampler(sampler) -> None:
 
 class HybridMethod(MethodBase):
     """Neighbour kernels + embedding vMF components + uniform floor; options: ``neighbours`` (k, 64),
-    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``exclude_km`` (training's near-duplicate radius, 0.1 km) and
+    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``width_scale`` / ``weight_temperature``
+    / ``floor`` (held-out calibration, fitted by ``train --val-store``; identity by default), ``exclude_km`` (training's near-duplicate radius, 0.1 km) and
     ``gallery_rows`` (set by training: the gallery stored in the weights)."""
 
     name = "hybrid"
     space = "sphere"
     closed_form_density = True
     needs_gallery = True
-    OPTIONS = ("neighbours", "components", "scales", "exclude_km", "gallery_rows")
+    OPTIONS = ("neighbours", "components", "scales", "exclude_km", "gallery_rows", "width_scale", "weight_temperature", "floor")
     TRAIN_DEFAULTS = {"depth": 2, "lr": 1e-3, "grad_clip": 1.0}
 
     def __init__(self, *, neighbours: int = 64, components: int = 3, scales: int = 3, exclude_km: float = 0.1, gallery_rows: int = 0,
+                 width_scale: float = 1.0, weight_temperature: float = 1.0, floor: float = 0.0,
                  cond_drop: float | None = None, schedule=None, schedule_params: dict | None = None, sampler: str | None = None):
         _no_sampler(sampler)
         if cond_drop:
@@ -112,6 +154,11 @@ class HybridMethod(MethodBase):
         if isinstance(exclude_km, bool) or not isinstance(exclude_km, (int, float)) or not 0 <= exclude_km < 20000:
             raise ConfigError(f"--exclude-km must be a distance in [0, 20000) km, got {exclude_km!r}")
         self.exclude_km = float(exclude_km)
+        for name, v, lo, hi in (("width_scale", width_scale, 0.0, math.inf), ("weight_temperature", weight_temperature, 0.0, math.inf),
+                                ("floor", floor, -1e-300, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v < hi or (name == "floor" and v == 0)):
+                raise ConfigError(f"hybrid {name} must be a finite number in ({lo:g}, {hi:g}), got {v!r}")
+        self.width_scale, self.weight_temperature, self.floor = float(width_scale), float(weight_temperature), float(floor)
         self.cond_drop = 0.0
 
     def build_model(self, net_cfg) -> torch.nn.Module:
@@ -133,6 +180,10 @@ class HybridMethod(MethodBase):
         with torch.no_grad():
             return torch.cat([standardized, self.neighbour_block(model, embeddings.to(standardized.device))], dim=1)
 
+    def params(self, model, cond: torch.Tensor):
+        """The records' HybridParams with the method's held-out calibration applied (:func:`calibrate_params`)."""
+        return calibrate_params(model(cond), self.width_scale, self.weight_temperature, self.floor)
+
     def loss(self, model, x: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean NLL in nats (scalar) of unit x (B, 3)."""
         return -hybrid_log_density(x, model(cond)).mean()  # rows differ: no _params
@@ -143,7 +194,7 @@ class HybridMethod(MethodBase):
         """The neighbour or component mean holding the most of the record's mass within ≈ 25, 100, 400
         and 1,500 km together (``POINT_WIDTHS_KM``, :func:`smoothed_log_score`): (B, 3)."""
         _no_sampler(sampler)
-        p = model(cond)
+        p = self.params(model, cond)
         b, ks = len(p.mu), self.neighbours * self.scales
         pick = torch.cat([torch.arange(0, ks, self.scales), torch.arange(ks, p.mu.shape[1])]).to(p.mu.device)  # one per location
         cand = p.mu[:, pick]
@@ -157,7 +208,7 @@ class HybridMethod(MethodBase):
                generator: torch.Generator | None = None, keys=None) -> torch.Tensor:
         """n draws per record (B, n, 3): a component from the weights, then a Wood draw (κ ≈ 0: uniform)."""
         _no_sampler(sampler)
-        p = model(cond)
+        p = self.params(model, cond)
         b = len(p.mu)
         mu = torch.cat([p.mu.double(), p.mu.new_zeros(b, 1, 3, dtype=torch.float64) + torch.tensor([0.0, 0.0, 1.0])], 1)
         kappa = torch.cat([p.kappa, p.kappa.new_full((b, 1), 1e-9)], 1)
@@ -168,7 +219,7 @@ class HybridMethod(MethodBase):
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
                        guidance: float = 0.0, **ode) -> torch.Tensor:
         """Closed-form log p(x | c) (B,) nats per steradian (tolerances, solver and guidance unused)."""
-        return hybrid_log_density(x, _params(model, cond))
+        return hybrid_log_density(x, calibrate_params(_params(model, cond), self.width_scale, self.weight_temperature, self.floor))
 
 
 def _gallery32(model) -> torch.Tensor:

@@ -188,9 +188,11 @@ def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
 
 def test_options_are_checked_and_recorded():
     m = get_method("hybrid", neighbours=16, exclude_km=0.5, gallery_rows=10)
-    assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {"name": "hybrid", "space": "sphere", "neighbours": 16,
-                                                                      "components": 3, "scales": 3, "exclude_km": 0.5,
-                                                                      "gallery_rows": 10}
+    assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {
+        "name": "hybrid", "space": "sphere", "neighbours": 16, "components": 3, "scales": 3, "exclude_km": 0.5, "gallery_rows": 10,
+        "width_scale": 1.0, "weight_temperature": 1.0, "floor": 0.0}
+    with pytest.raises(ConfigError, match="floor"):
+        HybridMethod(floor=1.0)
     with pytest.raises(ConfigError, match="neighbours"):
         HybridMethod(neighbours=0)
     with pytest.raises(ConfigError, match="guidance"):
@@ -199,3 +201,34 @@ def test_options_are_checked_and_recorded():
         get_method("rfm", neighbours=3)
     with pytest.raises(ConfigError, match="in memory"):
         run_train(TrainConfig(store="x.zarr", out="y", method="hybrid", stream=True, progress=False))
+
+
+def test_held_out_calibration_recovers_a_width_scale_and_is_the_identity_by_default():
+    from geopipe.pipeline.methods.hybrid import calibrate_params, fit_calibration
+    from geopipe.pipeline.sphere.vmf import sample_vmf
+
+    n = 3000
+    mu = _unit(n, 11)[:, None, :].float()
+    p = HybridParams(mu=mu, kappa=_kappa(np.full((n, 1), 20.0)), log_w=torch.log(torch.tensor([[0.999, 0.001]], dtype=torch.float64)).expand(n, 2))
+    x = sample_vmf(mu[:, 0].double(), _kappa(np.full(n, 50.0)), generator=torch.Generator().manual_seed(0))  # truths 2.5× wider
+    scale, temp, floor = fit_calibration(p, x)
+    assert scale == pytest.approx(2.5, rel=0.05) and floor < 0.01
+    assert calibrate_params(p) is p
+    q = calibrate_params(p, 2.0, 1.0, 0.1)
+    torch.testing.assert_close(q.kappa, p.kappa / 4)
+    torch.testing.assert_close(q.log_w.exp().sum(1), torch.ones(n, dtype=torch.float64))
+    assert float(q.log_w[0, -1].exp()) == pytest.approx(0.1 + 0.9 * 0.001)
+
+
+def test_train_with_a_val_store_records_the_fit_and_resumes(trained, tmp_path):
+    from geopipe.pipeline.artifacts.checkpoint import load_checkpoint_config
+
+    out = str(tmp_path / "cal")
+    kw = dict(store=trained["train"], out=out, method="hybrid", dim=16, steps=20, batch_size=32, warmup=2, val_every=20, neighbours=4,
+              seed=0, device="cpu", progress=False, val_store=trained["test"])
+    run_train(TrainConfig(**kw))
+    m = load_checkpoint_config(out)["method"]
+    assert m["width_scale"] != 1.0 and m["weight_temperature"] > 0 and 0 <= m["floor"] < 1
+    assert load_predictor(out, torch.device("cpu")).method.width_scale == m["width_scale"]
+    again = run_train(TrainConfig(**kw))  # the same command again: nothing left to train, no "changed settings" refusal
+    assert again.step == 20
