@@ -20,6 +20,7 @@ from geopipe.pipeline.core.errors import ConfigError
 from geopipe.pipeline.core.progress import Progress
 from geopipe.pipeline.methods.registry import get_method
 from geopipe.pipeline.model.network import NetworkConfig
+from geopipe.stages.bench_gpu_spec import best_time, sync
 
 __all__ = ["BenchConfig", "bench_predict", "bench_nll"]
 
@@ -79,22 +80,6 @@ def _setup(cfg: BenchConfig):
     return method, model, cond, device
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, repeats, device) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def bench_predict(cfg: BenchConfig = BenchConfig()) -> dict:
     """Guided 16-step RFM sampling vs the bare forward loop; returns records/s and the ratio."""
     method, model, cond, device = _setup(cfg)
@@ -117,8 +102,8 @@ def bench_predict(cfg: BenchConfig = BenchConfig()) -> dict:
         forward = _count_forwards(model, bar)
         try:
             sample()  # warm-up (allocator, kernels)
-            t_bare = _best(bare, cfg.repeats, device)
-            t_sample = _best(sample, cfg.repeats, device)
+            t_bare = best_time(bare, cfg.repeats, device)
+            t_sample = best_time(sample, cfg.repeats, device)
         finally:
             model.forward = forward
     return {
@@ -145,13 +130,13 @@ def bench_nll(cfg: BenchConfig = BenchConfig()) -> dict:
     def one_forward():
         forward(x, torch.rand(n, device=device), c)
 
-    t_fwd = _best(one_forward, max(cfg.repeats, 3), device)
+    t_fwd = best_time(one_forward, max(cfg.repeats, 3), device)
     with Progress(None, "bench nll", "eval", enabled=cfg.progress) as bar:  # adaptive solver: no known total
         _count_forwards(model, bar)
         try:
             t0 = time.perf_counter()
             method.log_likelihood(model, x, c, rtol=1e-5, atol=1e-5)
-            _sync(device)
+            sync(device)
             t_nll = time.perf_counter() - t0
         finally:
             model.forward = forward

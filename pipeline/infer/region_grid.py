@@ -168,16 +168,6 @@ def lonlat_polygons(polys: list) -> list:
     return out
 
 
-def _shift(a, b):
-    """Longitude shift k ∈ {−360, 0, 360} putting box b on box a when they overlap or touch, else None."""
-    if a[2] > b[3] + 1e-9 or b[2] > a[3] + 1e-9:
-        return None
-    for k in (0.0, -360.0, 360.0):
-        if a[0] <= b[1] + k + 1e-9 and b[0] + k <= a[1] + 1e-9:
-            return k
-    return None
-
-
 def _union(a, b) -> tuple:
     """The smallest box holding boxes a and b (over longitude shifts)."""
     spans = [(min(a[0], b[0] + k), max(a[1], b[1] + k)) for k in (0.0, -360.0, 360.0)]
@@ -185,13 +175,10 @@ def _union(a, b) -> tuple:
     return _norm_box(lo, hi, min(a[2], b[2]), max(a[3], b[3]))
 
 
-def _area(box) -> float:
-    return (box[1] - box[0]) * (math.sin(math.radians(box[3])) - math.sin(math.radians(box[2])))
-
-
 def _pair_tables(boxes: list) -> tuple[np.ndarray, np.ndarray]:
-    """For every pair i < j (row-major order): whether the boxes overlap or touch (over longitude
-    shifts, as :func:`_shift`) and the area of their union (as :func:`_area` of :func:`_union`)."""
+    """For every pair i < j (row-major order): whether the boxes overlap or touch (their latitudes,
+    and their longitudes under a shift of 0 or ±360°), and the area (Δlon × Δsin lat) of the
+    smallest box holding both over those shifts (what :func:`_union` returns, before normalising)."""
     b = np.asarray(boxes, dtype=np.float64)
     i, j = np.triu_indices(len(b), k=1)
     a, c = b[i], b[j]
