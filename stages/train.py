@@ -40,7 +40,13 @@ from geopipe.pipeline.store.format import labelled_rows, nonfinite_records
 from geopipe.pipeline.store.reader import open_store, read_store
 from geopipe.pipeline.store.space import store_space
 from geopipe.pipeline.store.stream import StoreStream, scan_store
-from geopipe.pipeline.train.gallery import build_gallery, standardize_embedding_part, with_neighbours
+from geopipe.pipeline.train.gallery import (
+    build_gallery,
+    calibrate_on_store,
+    place_field_ids,
+    standardize_embedding_part,
+    with_neighbours,
+)
 from geopipe.pipeline.train.loop import LoopConfig, LoopJob, LoopState, TensorBatches, ema_model, run_loop, split_is_val
 from geopipe.pipeline.train.optim import EMA, make_optimizer
 from geopipe.schemas.checkpoint import CHECKPOINT_SCHEMA, CONFIG_FILE, GENERATIVE, checkpoint_method
@@ -276,7 +282,8 @@ def _memory_data(cfg: TrainConfig, device, gallery: bool = False) -> _Data:
     dim, found = int(c_all.shape[1]), None
     if gallery:  # the rows followed by their neighbour blocks (float32)
         found = build_gallery(c_all, x_all)
-        c_all = with_neighbours(c_all, found, cfg.neighbours, cfg.exclude_km, places=_places(cfg, store, labelled), progress=cfg.progress)
+        c_all = with_neighbours(c_all, found, cfg.neighbours, cfg.exclude_km, places=place_field_ids(store, cfg.place_field, labelled, cfg.store),
+                                progress=cfg.progress)
     x_tr, c_tr = x_all[~is_val].to(device), c_all[~is_val].to(device)
     x_va, c_va = x_all[is_val].to(device), c_all[is_val].to(device)
     if len(x_tr) == 0:
@@ -285,16 +292,6 @@ def _memory_data(cfg: TrainConfig, device, gallery: bool = False) -> _Data:
     return _Data(store, (x_va, c_va), stats, dim, int(len(x_tr)), int(len(x_va)),
                  lambda step: TensorBatches(x_tr, c_tr, cfg.batch_size), n_unlabelled, found,
                  standardize_embedding_part(stats, dim) if found is not None else None)
-
-
-def _places(cfg: TrainConfig, store, labelled):
-    """The labelled rows' place ids from the metadata field ``cfg.place_field`` (None: not given)."""
-    if cfg.place_field is None:
-        return None
-    if cfg.place_field not in store.meta:
-        raise GeopipeError(f"store {cfg.store} has no metadata field {cfg.place_field!r} (it has {sorted(store.meta)}); "
-                           "leave out --place-field to chain places by --exclude-km")
-    return np.asarray(store.meta[cfg.place_field])[labelled]
 
 
 def _stream_data(cfg: TrainConfig, device) -> _Data:
@@ -320,26 +317,6 @@ def _stream_data(cfg: TrainConfig, device) -> _Data:
                            start_batch=step, device=device, counts=scan.counts)
 
     return _Data(store, (x_va, torch.as_tensor(c_va).to(device)), stats, store.embed_dim, scan.n, n_val, batches, scan.unlabelled)
-
-
-def _calibrate_hybrid(cfg: TrainConfig, method, model, stats: CondStats, store, device, limit: int = 20000) -> None:
-    """Fit the hybrid's width scale, weight temperature and uniform floor on the labelled rows of
-    ``cfg.val_store`` (at most ``limit``) by NLL, with the trained (EMA) network fixed."""
-    from geopipe.pipeline.methods.hybrid import fit_calibration
-    from geopipe.pipeline.store.space import check_same_space
-
-    val = read_store(cfg.val_store)
-    check_same_space(f"training store {cfg.store}", store_space(store), f"--val-store {cfg.val_store}", store_space(open_store(cfg.val_store)))
-    rows = np.flatnonzero(labelled_rows(val.latlon))[:limit]
-    if len(rows) == 0:
-        raise GeopipeError(f"--val-store {cfg.val_store} has no labelled rows to calibrate on")
-    raw = torch.as_tensor(np.asarray(val.embeddings[rows])).to(device)
-    x = latlon_to_xyz(torch.as_tensor(val.latlon[rows], dtype=torch.float64)).to(device)
-    with torch.no_grad():
-        p = model(method.condition(model, raw, stats.apply(raw)))
-    method.width_scale, method.weight_temperature, method.floor = fit_calibration(p, x)
-    print(f"geopipe: train: calibrated on {len(rows):,} records of {cfg.val_store}: widths × {method.width_scale:.3g}, weight temperature "
-          f"{method.weight_temperature:.3g}, uniform floor {method.floor:.3g}", file=sys.stderr)
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -383,7 +360,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     finally:
         getattr(batches, "close", lambda: None)()
     if cfg.val_store and method.name == "hybrid":  # held-out calibration, saved with the final weights
-        _calibrate_hybrid(cfg, method, ema_model(model, ema), stats, store, device)
+        calibrate_on_store(method, ema_model(model, ema), stats, store, cfg.store, cfg.val_store, device)
         config["method"] = method.to_dict()
         save(state)
     return TrainResult(cfg.out, cfg.method, state.step, state.train_loss, state.val_loss, data.n_train, data.n_val,

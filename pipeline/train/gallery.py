@@ -17,10 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geopipe.pipeline.core.errors import GeopipeError
 from geopipe.pipeline.model.neighbours import neighbour_block
+from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.sphere.places import place_ids
+from geopipe.pipeline.store.format import labelled_rows
+from geopipe.pipeline.store.reader import open_store, read_store
+from geopipe.pipeline.store.space import check_same_space, store_space
 
-__all__ = ["Gallery", "build_gallery", "with_neighbours", "standardize_embedding_part"]
+__all__ = ["Gallery", "build_gallery", "with_neighbours", "standardize_embedding_part", "place_field_ids", "calibrate_on_store"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +75,35 @@ def standardize_embedding_part(stats, dim: int):
         return torch.cat([stats.apply(c[:, :dim]), c[:, dim:].float()], dim=1)
 
     return condition
+
+
+def place_field_ids(store, field: str | None, labelled: np.ndarray, name: str):
+    """The labelled rows' place ids from a loaded store's metadata ``field`` (None when not given);
+    ``name``: the store as the user gave it."""
+    if field is None:
+        return None
+    if field not in store.meta:
+        raise GeopipeError(f"store {name} has no metadata field {field!r} (it has {sorted(store.meta)}); "
+                           "leave out --place-field to chain places by --exclude-km")
+    return np.asarray(store.meta[field])[labelled]
+
+
+def calibrate_on_store(method, model, stats, train_store, train_name: str, val_store: str, device, limit: int = 20000) -> None:
+    """Fit the hybrid ``method``'s width scale, weight temperature and uniform floor (in place) on the
+    labelled rows of ``val_store`` (at most ``limit``) by NLL, with ``model`` (the trained, EMA
+    network) fixed; ``stats`` standardise the embeddings as in training."""
+    from geopipe.pipeline.methods.hybrid import fit_calibration
+
+    val = read_store(val_store)
+    check_same_space(f"training store {train_name}", store_space(train_store), f"--val-store {val_store}",
+                     store_space(open_store(val_store)))
+    rows = np.flatnonzero(labelled_rows(val.latlon))[:limit]
+    if len(rows) == 0:
+        raise GeopipeError(f"--val-store {val_store} has no labelled rows to calibrate on")
+    raw = torch.as_tensor(np.asarray(val.embeddings[rows])).to(device)
+    x = latlon_to_xyz(torch.as_tensor(val.latlon[rows], dtype=torch.float64)).to(device)
+    with torch.no_grad():
+        p = model(method.condition(model, raw, stats.apply(raw)))
+    method.width_scale, method.weight_temperature, method.floor = fit_calibration(p, x)
+    print(f"geopipe: train: calibrated on {len(rows):,} records of {val_store}: widths × {method.width_scale:.3g}, weight temperature "
+          f"{method.weight_temperature:.3g}, uniform floor {method.floor:.3g}", file=sys.stderr)

@@ -232,3 +232,11 @@ def test_train_with_a_val_store_records_the_fit_and_resumes(trained, tmp_path):
     assert load_predictor(out, torch.device("cpu")).method.width_scale == m["width_scale"]
     again = run_train(TrainConfig(**kw))  # the same command again: nothing left to train, no "changed settings" refusal
     assert again.step == 20
+
+
+def test_place_field_must_exist_and_names_the_store(trained, tmp_path):
+    from geopipe.pipeline.core.errors import GeopipeError
+
+    with pytest.raises(GeopipeError, match=r"train\.zarr has no metadata field 'place_id'.*--exclude-km"):
+        run_train(TrainConfig(store=trained["train"], out=str(tmp_path / "m"), method="hybrid", dim=16, steps=2, warmup=1,
+                              neighbours=4, place_field="place_id", device="cpu", progress=False))
