@@ -160,7 +160,7 @@ def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) ->
 #: where the checkpoint and the store are: the checkpoint resumes wherever it was moved, and the
 #: store is compared by its ``data_fingerprint``, never by how its path is spelled).
 #: Method options fitted after training (the hybrid's held-out calibration): not settings a resume compares.
-_FITTED = ("width_scale", "weight_temperature", "floor")
+_FITTED = ("calibration", "width_scale", "weight_temperature", "floor")
 
 _RESUME_FREE = ("steps", "resume", "stream", "val_every", "allow_changes", "out", "store")
 

@@ -17,11 +17,12 @@ import torch
 
 from geopipe.pipeline.core.errors import ConfigError, check_int
 from geopipe.pipeline.methods.base import MethodBase, finalize_points
-from geopipe.pipeline.model.neighbours import neighbour_block
+from geopipe.pipeline.methods.hybrid_calibration import HybridCalibration
+from geopipe.pipeline.model.neighbours import neighbour_block, split_block
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 from geopipe.pipeline.sphere.vmf import sample_vmf_mixture
 
-__all__ = ["HybridMethod", "hybrid_log_density", "smoothed_log_score", "calibrate_params", "fit_calibration", "POINT_WIDTHS_KM"]
+__all__ = ["HybridMethod", "hybrid_log_density", "smoothed_log_score", "calibrate_params", "POINT_WIDTHS_KM"]
 
 #: Scales of the point prediction: the candidate maximising the sum over these widths of the mass
 #: within about each (on the geoclip world's validation split, one width traded median km against
@@ -72,7 +73,8 @@ def smoothed_log_score(candidates: torch.Tensor, p, width_km: float) -> torch.Te
 
 
 def calibrate_params(p, width_scale: float = 1.0, weight_temperature: float = 1.0, floor: float = 0.0):
-    """HybridParams with every width × ``width_scale`` (κ / scale²), log weights softened by
+    """The held-out calibration of checkpoints from before :mod:`~geopipe.pipeline.methods.hybrid_calibration`:
+    HybridParams with every width × ``width_scale`` (κ / scale²), log weights softened by
     ``weight_temperature`` (log_softmax(log w / T)) and a uniform ``floor`` mixed in:
     w ← (1 − floor) w, w_u ← (1 − floor) w_u + floor. Defaults: the identity."""
     from geopipe.pipeline.model.hybrid_net import HybridParams
@@ -83,32 +85,6 @@ def calibrate_params(p, width_scale: float = 1.0, weight_temperature: float = 1.
     if floor > 0:
         lw = torch.cat([lw[:, :-1], torch.logaddexp(lw[:, -1:], torch.full_like(lw[:, -1:], math.log(floor)))], dim=1)
     return HybridParams(p.mu, p.kappa / width_scale**2, lw)
-
-
-def fit_calibration(p, x: torch.Tensor, steps: int = 200) -> tuple[float, float, float]:
-    """(width_scale, weight_temperature, floor) minimising the NLL of held-out truths x (V, 3) under
-    the records' HybridParams ``p`` (from the trained network, no gradient into it): three numbers
-    fitted by L-BFGS, as the calibrated retrieval density fits its parameters on held-out queries."""
-    from geopipe.pipeline.model.hybrid_net import HybridParams
-
-    p = HybridParams(p.mu.detach(), p.kappa.detach(), p.log_w.detach())
-    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # ln scale, ln T, logit floor + 7
-    opt = torch.optim.LBFGS([theta], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def parts(t):
-        return t[0].exp(), t[1].exp(), torch.sigmoid(t[2] - 7.0)
-
-    def closure():
-        opt.zero_grad()
-        scale, temp, floor = parts(theta)
-        q = HybridParams(p.mu, p.kappa / scale**2, torch.log_softmax(p.log_w / temp, dim=1) + torch.log1p(-floor))
-        lw = torch.cat([q.log_w[:, :-1], torch.logaddexp(q.log_w[:, -1:], torch.log(floor).expand(len(x), 1))], dim=1)
-        loss = -hybrid_log_density(x, HybridParams(q.mu, q.kappa, lw)).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return tuple(float(v) for v in parts(theta.detach()))
 
 
 def _params(model, cond: torch.Tensor):
@@ -130,20 +106,23 @@ def _no_sampler(sampler) -> None:
 
 class HybridMethod(MethodBase):
     """Neighbour kernels + embedding vMF components + uniform floor; options: ``neighbours`` (k, 64),
-    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``width_scale`` / ``weight_temperature``
-    / ``floor`` (held-out calibration, fitted by ``train --val-store``; identity by default), ``exclude_km`` (training's near-duplicate radius, 0.1 km) and
-    ``gallery_rows`` (set by training: the gallery stored in the weights)."""
+    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``calibration`` (the held-out calibration
+    fitted by ``train --val-store``, :class:`~geopipe.pipeline.methods.hybrid_calibration.HybridCalibration`;
+    none by default), ``exclude_km`` (training's near-duplicate radius, 0.1 km) and ``gallery_rows`` (set by
+    training: the gallery stored in the weights). ``width_scale`` / ``weight_temperature`` / ``floor``: the
+    three-number calibration of older checkpoints (:func:`calibrate_params`), read, no longer fitted."""
 
     name = "hybrid"
     space = "sphere"
     closed_form_density = True
     needs_gallery = True
-    OPTIONS = ("neighbours", "components", "scales", "exclude_km", "gallery_rows", "width_scale", "weight_temperature", "floor")
+    OPTIONS = ("neighbours", "components", "scales", "exclude_km", "gallery_rows", "calibration", "width_scale", "weight_temperature",
+               "floor")
     TRAIN_DEFAULTS = {"depth": 2, "lr": 1e-3, "grad_clip": 1.0}
 
     def __init__(self, *, neighbours: int = 64, components: int = 3, scales: int = 3, exclude_km: float = 0.1, gallery_rows: int = 0,
-                 width_scale: float = 1.0, weight_temperature: float = 1.0, floor: float = 0.0,
-                 cond_drop: float | None = None, schedule=None, schedule_params: dict | None = None, sampler: str | None = None):
+                 calibration: dict | HybridCalibration | None = None, width_scale: float = 1.0, weight_temperature: float = 1.0,
+                 floor: float = 0.0, cond_drop: float | None = None, schedule=None, schedule_params: dict | None = None, sampler: str | None = None):
         _no_sampler(sampler)
         if cond_drop:
             raise ConfigError("method 'hybrid' has no guidance: leave --cond-drop unset")
@@ -159,7 +138,15 @@ class HybridMethod(MethodBase):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v < hi or (name == "floor" and v == 0)):
                 raise ConfigError(f"hybrid {name} must be a finite number in ({lo:g}, {hi:g}), got {v!r}")
         self.width_scale, self.weight_temperature, self.floor = float(width_scale), float(weight_temperature), float(floor)
+        self.calibration = None if calibration is None else HybridCalibration.from_dict(calibration, self.scales, self.components)
+        if self.calibration is not None and (self.width_scale, self.weight_temperature, self.floor) != (1.0, 1.0, 0.0):
+            raise ConfigError("hybrid: give either a calibration or width_scale / weight_temperature / floor (older checkpoints), not both")
         self.cond_drop = 0.0
+
+    def _option(self, key: str):
+        if key == "calibration":
+            return None if self.calibration is None else self.calibration.to_dict()
+        return getattr(self, key)
 
     def build_model(self, net_cfg) -> torch.nn.Module:
         """HybridNet over a ``net_cfg.cond_dim``-wide embedding and the method's gallery size."""
@@ -181,8 +168,15 @@ class HybridMethod(MethodBase):
             return torch.cat([standardized, self.neighbour_block(model, embeddings.to(standardized.device))], dim=1)
 
     def params(self, model, cond: torch.Tensor):
-        """The records' HybridParams with the method's held-out calibration applied (:func:`calibrate_params`)."""
-        return calibrate_params(model(cond), self.width_scale, self.weight_temperature, self.floor)
+        """The records' HybridParams with the method's held-out calibration applied."""
+        return self.calibrate(model, model(cond), cond)
+
+    def calibrate(self, model, p, cond: torch.Tensor):
+        """``p`` (the network's HybridParams of rows ``cond``) under the held-out calibration, if any."""
+        if self.calibration is None:
+            return calibrate_params(p, self.width_scale, self.weight_temperature, self.floor)
+        _, sim, valid, _ = split_block(cond[:, model.embed_dim :], self.neighbours)
+        return self.calibration.apply(p, sim, valid)
 
     def loss(self, model, x: torch.Tensor, cond: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean NLL in nats (scalar) of unit x (B, 3)."""
@@ -219,7 +213,7 @@ class HybridMethod(MethodBase):
     def log_likelihood(self, model, x: torch.Tensor, cond: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
                        guidance: float = 0.0, **ode) -> torch.Tensor:
         """Closed-form log p(x | c) (B,) nats per steradian (tolerances, solver and guidance unused)."""
-        return hybrid_log_density(x, calibrate_params(_params(model, cond), self.width_scale, self.weight_temperature, self.floor))
+        return hybrid_log_density(x, self.calibrate(model, _params(model, cond), cond))
 
 
 def _gallery32(model) -> torch.Tensor:

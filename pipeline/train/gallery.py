@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from geopipe.pipeline.core.errors import GeopipeError
-from geopipe.pipeline.model.neighbours import neighbour_block
+from geopipe.pipeline.model.neighbours import neighbour_block, split_block
 from geopipe.pipeline.sphere.geometry import latlon_to_xyz
 from geopipe.pipeline.sphere.places import place_ids
 from geopipe.pipeline.store.format import labelled_rows
@@ -89,10 +89,10 @@ def place_field_ids(store, field: str | None, labelled: np.ndarray, name: str):
 
 
 def calibrate_on_store(method, model, stats, train_store, train_name: str, val_store: str, device, limit: int = 20000) -> None:
-    """Fit the hybrid ``method``'s width scale, weight temperature and uniform floor (in place) on the
-    labelled rows of ``val_store`` (at most ``limit``) by NLL, with ``model`` (the trained, EMA
-    network) fixed; ``stats`` standardise the embeddings as in training."""
-    from geopipe.pipeline.methods.hybrid import fit_calibration
+    """Fit the hybrid ``method``'s held-out calibration (in place; :mod:`~geopipe.pipeline.methods.hybrid_calibration`)
+    on the labelled rows of ``val_store`` (at most ``limit``) by NLL, with ``model`` (the trained,
+    EMA network) fixed; ``stats`` standardise the embeddings as in training."""
+    from geopipe.pipeline.methods.hybrid_calibration import fit_hybrid_calibration
 
     val = read_store(val_store)
     check_same_space(f"training store {train_name}", store_space(train_store), f"--val-store {val_store}",
@@ -103,7 +103,10 @@ def calibrate_on_store(method, model, stats, train_store, train_name: str, val_s
     raw = torch.as_tensor(np.asarray(val.embeddings[rows])).to(device)
     x = latlon_to_xyz(torch.as_tensor(val.latlon[rows], dtype=torch.float64)).to(device)
     with torch.no_grad():
-        p = model(method.condition(model, raw, stats.apply(raw)))
-    method.width_scale, method.weight_temperature, method.floor = fit_calibration(p, x)
-    print(f"geopipe: train: calibrated on {len(rows):,} records of {val_store}: widths × {method.width_scale:.3g}, weight temperature "
-          f"{method.weight_temperature:.3g}, uniform floor {method.floor:.3g}", file=sys.stderr)
+        cond = method.condition(model, raw, stats.apply(raw))
+        p = model(cond)
+    _, sim, valid, _ = split_block(cond[:, model.embed_dim :], method.neighbours)
+    fit = fit_hybrid_calibration(p, sim, valid, x, scales=method.scales, components=method.components)
+    method.calibration, method.width_scale, method.weight_temperature, method.floor = fit, 1.0, 1.0, 0.0
+    print(f"geopipe: train: calibrated on {len(rows):,} records of {val_store}: held-out NLL {fit.val_nll_before:.3f} -> "
+          f"{fit.val_nll:.3f} nats/sr", file=sys.stderr)

@@ -190,7 +190,7 @@ def test_options_are_checked_and_recorded():
     m = get_method("hybrid", neighbours=16, exclude_km=0.5, gallery_rows=10)
     assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {
         "name": "hybrid", "space": "sphere", "neighbours": 16, "components": 3, "scales": 3, "exclude_km": 0.5, "gallery_rows": 10,
-        "width_scale": 1.0, "weight_temperature": 1.0, "floor": 0.0}
+        "calibration": None, "width_scale": 1.0, "weight_temperature": 1.0, "floor": 0.0}
     with pytest.raises(ConfigError, match="floor"):
         HybridMethod(floor=1.0)
     with pytest.raises(ConfigError, match="neighbours"):
@@ -203,16 +203,51 @@ def test_options_are_checked_and_recorded():
         run_train(TrainConfig(store="x.zarr", out="y", method="hybrid", stream=True, progress=False))
 
 
-def test_held_out_calibration_recovers_a_width_scale_and_is_the_identity_by_default():
-    from geopipe.pipeline.methods.hybrid import calibrate_params, fit_calibration
+def _one_kernel_params(n, width_km, seed):
+    """n records, each one neighbour kernel of ``width_km`` (weight 0.998), one embedding component, a uniform."""
+    mu = torch.cat([_unit(n, seed)[:, None, :], _unit(n, seed + 1)[:, None, :]], 1).float()
+    log_w = torch.log(torch.tensor([[0.998, 0.001, 0.001]], dtype=torch.float64)).expand(n, 3)
+    return HybridParams(mu=mu, kappa=_kappa(np.full((n, 2), width_km)), log_w=log_w)
+
+
+def test_held_out_calibration_finds_a_similarity_dependent_width_and_is_exact_where_it_should_be():
+    from geopipe.pipeline.methods.hybrid_calibration import HybridCalibration, fit_hybrid_calibration
     from geopipe.pipeline.sphere.vmf import sample_vmf
 
-    n = 3000
-    mu = _unit(n, 11)[:, None, :].float()
-    p = HybridParams(mu=mu, kappa=_kappa(np.full((n, 1), 20.0)), log_w=torch.log(torch.tensor([[0.999, 0.001]], dtype=torch.float64)).expand(n, 2))
-    x = sample_vmf(mu[:, 0].double(), _kappa(np.full(n, 50.0)), generator=torch.Generator().manual_seed(0))  # truths 2.5× wider
-    scale, temp, floor = fit_calibration(p, x)
-    assert scale == pytest.approx(2.5, rel=0.05) and floor < 0.01
+    n = 4000
+    p = _one_kernel_params(n, 20.0, 11)
+    sim = torch.linspace(0.5, 0.9, n, dtype=torch.float64)[torch.randperm(n, generator=torch.Generator().manual_seed(1))][:, None]
+    valid = torch.ones(n, 1, dtype=torch.bool)
+    z = (sim[:, 0] - sim.mean()) / sim.std()
+    truth_km = 20.0 * 2.5 * torch.exp(0.5 * z)  # truths 2.5× wider than the kernels on average, wider still where the best match is closer
+    x = sample_vmf(p.mu[:, 0].double(), _kappa(truth_km.numpy()), generator=torch.Generator().manual_seed(0))
+    fit = fit_hybrid_calibration(p, sim, valid, x, scales=1, components=1)
+    theta = fit.to_dict()["parameters"]
+    assert math.exp(theta["log_width_scale_0"]) == pytest.approx(2.5, rel=0.05)
+    assert theta["width_slope_top1"] == pytest.approx(0.5, abs=0.05) and theta["width_slope_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert fit.val_nll < fit.val_nll_before and fit.n_val == n
+    q = HybridCalibration.from_dict(fit.to_dict(), 1, 1).apply(p, sim, valid)
+    torch.testing.assert_close(q.log_w.exp().sum(1), torch.ones(n, dtype=torch.float64))  # still a density: weights sum to 1
+    assert float(-hybrid_log_density(x, q).mean()) == pytest.approx(fit.val_nll, abs=1e-9)
+
+    identity = HybridCalibration(1, 1, (0.0,) * len(fit.theta), (0.7, 0.1), (0.1, 1.0), 0.0, 0.0, 0)
+    same = identity.apply(p, sim, valid)
+    torch.testing.assert_close(same.kappa, p.kappa)
+    torch.testing.assert_close(same.log_w, p.log_w)
+    dead = HybridParams(p.mu, p.kappa, torch.cat([torch.full((n, 1), float("-inf"), dtype=torch.float64),
+                                                  torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64)).expand(n, 2)], 1))
+    assert torch.isinf(HybridCalibration.from_dict(fit.to_dict(), 1, 1).apply(dead, sim, valid).log_w[:, 0]).all()  # an empty slot stays empty
+    with pytest.raises(ConfigError, match="3 kernels per neighbour"):
+        HybridCalibration.from_dict(fit.to_dict(), 3, 1)
+    with pytest.raises(ConfigError, match="not both"):
+        HybridMethod(calibration=fit.to_dict(), scales=1, components=1, floor=0.1)
+
+
+def test_older_checkpoints_three_number_calibration_still_applies():
+    from geopipe.pipeline.methods.hybrid import calibrate_params
+
+    n = 50
+    p = _one_kernel_params(n, 20.0, 3)
     assert calibrate_params(p) is p
     q = calibrate_params(p, 2.0, 1.0, 0.1)
     torch.testing.assert_close(q.kappa, p.kappa / 4)
@@ -228,8 +263,22 @@ def test_train_with_a_val_store_records_the_fit_and_resumes(trained, tmp_path):
               seed=0, device="cpu", progress=False, val_store=trained["test"])
     run_train(TrainConfig(**kw))
     m = load_checkpoint_config(out)["method"]
-    assert m["width_scale"] != 1.0 and m["weight_temperature"] > 0 and 0 <= m["floor"] < 1
-    assert load_predictor(out, torch.device("cpu")).method.width_scale == m["width_scale"]
+    cal = m["calibration"]
+    assert cal["n_val"] > 0 and cal["val_nll"] < cal["val_nll_before"] and (m["width_scale"], m["floor"]) == (1.0, 0.0)
+    assert any(v != 0.0 for v in cal["parameters"].values())
+    pred = load_predictor(out, torch.device("cpu"))
+    assert pred.method.calibration.to_dict() == cal
+    # predict scores with the calibrated density: its log-likelihood is the calibrated mixture's, not the network's
+    st = read_store(trained["test"])
+    emb, ll = np.asarray(st.embeddings[:8]), np.asarray(st.latlon[:8])
+    cols = predict_batch(pred, emb, ll, [f"k{i}" for i in range(8)], PredictOptions(nll=True), torch.Generator().manual_seed(0))
+    cond = pred.condition(emb)
+    xt = latlon_to_xyz(torch.as_tensor(ll, dtype=torch.float64))
+    _, sim, valid, _ = split_block(cond[:, pred.model.embed_dim :], pred.method.neighbours)
+    want = hybrid_log_density(xt, pred.method.calibration.apply(pred.model(cond), sim, valid))
+    raw = hybrid_log_density(xt, pred.model(cond))
+    np.testing.assert_allclose(cols["log_likelihood"], want.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(cols["log_likelihood"], raw.detach().numpy(), atol=1e-3)
     again = run_train(TrainConfig(**kw))  # the same command again: nothing left to train, no "changed settings" refusal
     assert again.step == 20
 
