@@ -154,7 +154,9 @@ def _method_default(key: str):
 @config_option("--place-field", config=_TRAIN, describe=lambda: "none: places chained by --exclude-km",
                help="hybrid: a metadata field of place ids (e.g. place_id); a record's own place is never its neighbour.")
 @config_option("--val-store", config=_TRAIN, describe=lambda: "none: no held-out calibration",
-               help="hybrid: a held-out store (e.g. val.zarr) on which its widths, weight temperature and uniform floor are fitted.")
+               help="hybrid: a held-out store (e.g. val.zarr) on which its calibration is fitted (docs/methods.md#hybrid).")
+@config_option("--dropout", type=float, config=_TRAIN, describe=lambda: "0.5",
+               help="hybrid: dropout on the embedding's projection in training (keeps it from memorising its training records).")
 @click.option("--min-pairs", default=None, type=int, help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
 @click.option("--no-pairs-policy", default=None, type=click.Choice(["skip", "identity", "relaxed_radius"]),
               help="Deprecated with --method bayescap…: see `geopipe bayescap train`.")
@@ -162,7 +164,7 @@ def _method_default(key: str):
 @user_errors
 def train(store, out, method, dim, depth, location_features, schedule, steps, batch_size, lr, warmup, weight_decay, optimizer, ema_decay,
           val_every, seed, no_resume, stream, device, allow_changes=False, min_pairs=None, no_pairs_policy=None, neighbours=None, exclude_km=None,
-          place_field=None, val_store=None):
+          place_field=None, val_store=None, dropout=None):
     """Train a generative geolocation model on a store's cached embeddings. Options left out
     take the method's defaults (docs/methods.md#training)."""
     if method in ("bayescap", "bayescap-cycle"):  # post-hoc uncertainty heads: their own command and defaults
@@ -179,7 +181,7 @@ def train(store, out, method, dim, depth, location_features, schedule, steps, ba
         lr=lr, warmup=warmup,
         weight_decay=weight_decay, optimizer=optimizer, ema_decay=ema_decay, val_every=val_every, seed=seed,
         resume=False if no_resume else None, allow_changes=allow_changes or None, neighbours=neighbours, exclude_km=exclude_km,
-        place_field=place_field, val_store=val_store))
+        place_field=place_field, val_store=val_store, dropout=dropout))
     res = run_train(cfg)
     click.echo(f"trained {res.method} to step {res.step}: train loss {res.train_loss:.4f}, val loss {res.val_loss:.4f} → {res.checkpoint}")
 

@@ -92,12 +92,16 @@ class TrainConfig:
     neighbours: int = 64  # hybrid: gallery neighbours per record (docs/methods.md#hybrid)
     exclude_km: float = 0.1  # hybrid: a training record's near-duplicates (its own place) are not its neighbours
     place_field: str | None = None  # hybrid: a metadata field of place ids (e.g. the geoclip world's place_id) instead of exclude_km
-    val_store: str | None = None  # hybrid: held-out queries on which its width scale, weight temperature and floor are fitted
+    val_store: str | None = None  # hybrid: held-out records on which its calibration is fitted (methods/hybrid_calibration.py)
+    dropout: float | None = None  # hybrid: dropout on the embedding's projection in training (None: the method's 0.5)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "val_every"):
             check_int(getattr(self, name), name, 1, maximum=MAX_STEPS if name == "steps" else None)
         check_int(self.neighbours, "neighbours", 1, maximum=1024)  # hybrid's (recorded in its method options, not "train")
+        hybrid_only = [f"--{k.replace('_', '-')}" for k in ("place_field", "val_store", "dropout") if getattr(self, k) is not None]
+        if hybrid_only and self.method != "hybrid":
+            raise ConfigError(f"{', '.join(hybrid_only)}: options of --method hybrid, not {self.method!r}; leave them out")
         if isinstance(self.exclude_km, bool) or not isinstance(self.exclude_km, (int, float)) or not 0 <= self.exclude_km < 20000:
             raise ConfigError(f"--exclude-km must be a distance in [0, 20000) km, got {self.exclude_km!r}")
         if not 0 <= self.warmup < self.steps:
@@ -135,7 +139,7 @@ def _fingerprint(store) -> str:
 
 
 #: Left out of config.json's "train" (the hybrid's neighbours and exclude_km are its method options there).
-_NOT_RECORDED = ("progress", "device", "buffer_chunks", "neighbours", "exclude_km")
+_NOT_RECORDED = ("progress", "device", "buffer_chunks", "neighbours", "exclude_km", "dropout")
 
 
 def _model_config(cfg: TrainConfig, store, method, net_cfg, stats: CondStats) -> dict:
@@ -328,7 +332,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         print(f"geopipe: train: skipping {data.n_unlabelled} unlabelled rows of {cfg.store} (no location); training on "
               f"{data.n_train + data.n_val} labelled rows ({data.n_train} train, {data.n_val} validation)", file=sys.stderr)
     store, (x_va, c_va), stats = data.store, data.val, data.stats
-    own = {} if data.gallery is None else {"neighbours": cfg.neighbours, "exclude_km": cfg.exclude_km, "gallery_rows": len(data.gallery.xyz)}
+    own = {} if data.gallery is None else {"neighbours": cfg.neighbours, "exclude_km": cfg.exclude_km, "gallery_rows": len(data.gallery.xyz),
+                                           **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
     method = get_method(cfg.method, schedule=cfg.schedule, schedule_params=dict(cfg.schedule_params), cond_drop=cfg.cond_drop, **own)
     defaults = method.TRAIN_DEFAULTS
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})  # recorded as resolved

@@ -106,7 +106,8 @@ def _no_sampler(sampler) -> None:
 
 class HybridMethod(MethodBase):
     """Neighbour kernels + embedding vMF components + uniform floor; options: ``neighbours`` (k, 64),
-    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``calibration`` (the held-out calibration
+    ``components`` (M, 3), ``scales`` (S, 3 kernels per neighbour), ``dropout`` (training's dropout on the
+    embedding's projection, 0.5), ``calibration`` (the held-out calibration
     fitted by ``train --val-store``, :class:`~geopipe.pipeline.methods.hybrid_calibration.HybridCalibration`;
     none by default), ``exclude_km`` (training's near-duplicate radius, 0.1 km) and ``gallery_rows`` (set by
     training: the gallery stored in the weights). ``width_scale`` / ``weight_temperature`` / ``floor``: the
@@ -116,11 +117,12 @@ class HybridMethod(MethodBase):
     space = "sphere"
     closed_form_density = True
     needs_gallery = True
-    OPTIONS = ("neighbours", "components", "scales", "exclude_km", "gallery_rows", "calibration", "width_scale", "weight_temperature",
-               "floor")
+    OPTIONS = ("neighbours", "components", "scales", "dropout", "exclude_km", "gallery_rows", "calibration", "width_scale",
+               "weight_temperature", "floor")
     TRAIN_DEFAULTS = {"depth": 2, "lr": 1e-3, "grad_clip": 1.0}
 
-    def __init__(self, *, neighbours: int = 64, components: int = 3, scales: int = 3, exclude_km: float = 0.1, gallery_rows: int = 0,
+    def __init__(self, *, neighbours: int = 64, components: int = 3, scales: int = 3, dropout: float = 0.5, exclude_km: float = 0.1,
+                 gallery_rows: int = 0,
                  calibration: dict | HybridCalibration | None = None, width_scale: float = 1.0, weight_temperature: float = 1.0,
                  floor: float = 0.0, cond_drop: float | None = None, schedule=None, schedule_params: dict | None = None, sampler: str | None = None):
         _no_sampler(sampler)
@@ -133,6 +135,9 @@ class HybridMethod(MethodBase):
         if isinstance(exclude_km, bool) or not isinstance(exclude_km, (int, float)) or not 0 <= exclude_km < 20000:
             raise ConfigError(f"--exclude-km must be a distance in [0, 20000) km, got {exclude_km!r}")
         self.exclude_km = float(exclude_km)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"hybrid --dropout must be a probability in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
         for name, v, lo, hi in (("width_scale", width_scale, 0.0, math.inf), ("weight_temperature", weight_temperature, 0.0, math.inf),
                                 ("floor", floor, -1e-300, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v < hi or (name == "floor" and v == 0)):
@@ -153,7 +158,7 @@ class HybridMethod(MethodBase):
         from geopipe.pipeline.model.hybrid_net import HybridNet
 
         return HybridNet(net_cfg.cond_dim, net_cfg.dim, net_cfg.depth, net_cfg.expansion, neighbours=self.neighbours,
-                         components=self.components, gallery_rows=self.gallery_rows, scales=self.scales)
+                         components=self.components, gallery_rows=self.gallery_rows, scales=self.scales, dropout=self.dropout)
 
     def neighbour_block(self, model, embeddings: torch.Tensor, **exclude) -> torch.Tensor:
         """(B, F·k) neighbour block of raw embeddings (B, D) against the model's gallery (``exclude``: see

@@ -11,6 +11,11 @@ the whole model.
 
 Per-neighbour features: similarity, its gap to the best, rank, and the neighbour's support
 from the block (how much of the neighbour set lies around it; computed with the search).
+
+Dropout on the embedding's projection (training only): without it the network learns which
+neighbour is right for each training embedding (geoclip world, 1,000 steps: training loss −7.4
+against −6.8 nats on held-out rows of the same store); with 0.5 the two meet (−7.28 / −7.23 at
+2,000 steps) and the held-out density is sharper.
 """
 
 from __future__ import annotations
@@ -62,10 +67,11 @@ class HybridNet(nn.Module):
     """cond (B, D + F·k) → :class:`HybridParams` with C = k·S + M components (S kernels per neighbour)."""
 
     def __init__(self, embed_dim: int, dim: int, depth: int, expansion: int, *, neighbours: int, components: int,
-                 gallery_rows: int, scales: int = 1) -> None:
+                 gallery_rows: int, scales: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed_dim, self.k, self.m, self.s = embed_dim, neighbours, components, scales
         self.inp = nn.Linear(embed_dim, dim)
+        self.drop = nn.Dropout(dropout)  # training only: the embedding's projection, before the trunk
         self.trunk = nn.Sequential(*(_Residual(dim, expansion) for _ in range(depth)), nn.LayerNorm(dim))
         self.global_head = nn.Linear(dim, 5 * components + 1)  # mu (3M), width (M), logit (M), uniform logit (1)
         w = _NEIGHBOUR_WIDTH
@@ -96,7 +102,7 @@ class HybridNet(nn.Module):
         b, m = len(cond), self.m
         z, block = cond[:, : self.embed_dim].float(), cond[:, self.embed_dim :].float()
         xyz, sim, valid, support = split_block(block, self.k)
-        h = self.trunk(self.inp(z))
+        h = self.trunk(self.drop(self.inp(z)))
         g = self.global_head(h)
         g_mu = F.normalize(g[:, : 3 * m].reshape(b, m, 3), dim=-1)
         g_kappa = _width_to_kappa(g[:, 3 * m : 4 * m])

@@ -17,6 +17,7 @@ from geopipe.pipeline.methods.hybrid import HybridMethod, hybrid_log_density, sm
 from geopipe.pipeline.methods.registry import get_method, method_from_dict
 from geopipe.pipeline.model.hybrid_net import HybridParams
 from geopipe.pipeline.model.neighbours import neighbour_block, split_block
+from geopipe.pipeline.model.network import NetworkConfig
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM, fibonacci_sphere, latlon_to_xyz
 from geopipe.pipeline.store.format import ShardStat
 from geopipe.pipeline.store.reader import read_store
@@ -165,12 +166,13 @@ def test_train_predict_round_trip_with_the_gallery_in_the_checkpoint(trained, tm
     assert t["distance_km"].median() < 60 and t["log_likelihood"].mean() > 5
     assert ((t["hdr_rank"] >= 0) & (t["hdr_rank"] <= 1)).all()
     # the 90 % region of a record from the exact closed-form density on the grid: what mass it holds is reported
-    # (sub-km kernels can be narrower than the grid's cells: then less than asked, never more)
+    # (sub-km kernels can be narrower than the grid's cells: then less than asked, never more; on the geoclip
+    # world's test split the median record's 0.9-region holds 0.90, a tenth of them under 0.5)
     st = read_store(trained["test"])
     cols = predict_batch(p, np.asarray(st.embeddings[:6]), np.asarray(st.latlon[:6]), [str(k) for k in st.keys[:6]],
                          PredictOptions(region=0.9), torch.Generator().manual_seed(0))
     mass, area = cols["region_mass"], cols["region_area_km2"]
-    assert ((mass > 0) & (mass < 0.901)).all() and (area > 0).all() and (mass > 0.85).sum() >= 3, (mass, area)
+    assert ((mass > 0.5) & (mass < 0.901)).all() and (area > 0).all() and (mass > 0.85).sum() >= 2, (mass, area)
 
 
 def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
@@ -189,7 +191,8 @@ def test_likelihood_of_repeated_rows_equals_row_by_row(trained):
 def test_options_are_checked_and_recorded():
     m = get_method("hybrid", neighbours=16, exclude_km=0.5, gallery_rows=10)
     assert method_from_dict(m.to_dict()).to_dict() == m.to_dict() == {
-        "name": "hybrid", "space": "sphere", "neighbours": 16, "components": 3, "scales": 3, "exclude_km": 0.5, "gallery_rows": 10,
+        "name": "hybrid", "space": "sphere", "neighbours": 16, "components": 3, "scales": 3, "dropout": 0.5, "exclude_km": 0.5,
+        "gallery_rows": 10,
         "calibration": None, "width_scale": 1.0, "weight_temperature": 1.0, "floor": 0.0}
     with pytest.raises(ConfigError, match="floor"):
         HybridMethod(floor=1.0)
@@ -201,6 +204,22 @@ def test_options_are_checked_and_recorded():
         get_method("rfm", neighbours=3)
     with pytest.raises(ConfigError, match="in memory"):
         run_train(TrainConfig(store="x.zarr", out="y", method="hybrid", stream=True, progress=False))
+    with pytest.raises(ConfigError, match="dropout"):
+        HybridMethod(dropout=1.0)
+    with pytest.raises(ConfigError, match=r"--val-store, --dropout: options of --method hybrid, not 'rfm'"):
+        TrainConfig(store="x.zarr", out="y", method="rfm", val_store="v.zarr", dropout=0.1)
+
+
+def test_dropout_acts_in_training_only():
+    net = HybridMethod(neighbours=4, dropout=0.5).build_model(NetworkConfig(dim=16, depth=1, cond_dim=8))
+    cond = torch.cat([torch.randn(5, 8), torch.zeros(5, 11 * 4)], 1)
+    cond[:, 8 + 16 : 8 + 20] = 1.0  # every slot valid
+    torch.manual_seed(0)
+    net.train()
+    a, b = net(cond).log_w, net(cond).log_w
+    assert not torch.allclose(a, b)
+    net.eval()
+    torch.testing.assert_close(net(cond).log_w, net(cond).log_w)
 
 
 def _one_kernel_params(n, width_km, seed):
