@@ -81,7 +81,8 @@ class HDRRegion:
 
     q: requested mass; geometry: shapely Polygon/MultiPolygon (lon, lat degrees, OGC:CRS84; an
     empty Polygon when nothing was found); wkb: little-endian ISO WKB of it; area_km2: area on the
-    sphere of radius R_E; mass: probability inside it on the grid (≈ q; a check of τ and of the
+    sphere of radius R_E; mass: probability inside it on the grid, or for a vMF mixture the share of
+    its draws inside (≈ q; a check of τ and of the
     grid); log_tau_sr: log τ in nats per steradian (``log_tau_km2`` per km²); tau_from: "grid" or
     "samples"; evaluations: log-density evaluations spent on grids.
     """
@@ -133,13 +134,17 @@ def _locate(log_density, samples, sample_logp, q: float, tau: str, opts: RegionO
 
 
 def hdr_region(log_density: Callable[[np.ndarray], np.ndarray], q: float, *, samples=None, sample_logp=None,
-               tau: str = "grid", options: RegionOptions | None = None) -> HDRRegion:
+               tau: str = "grid", options: RegionOptions | None = None, sites: list | None = None,
+               mass_samples=None) -> HDRRegion:
     """The q-HDR of one record's density.
 
     log_density: xyz (M, 3) float64 unit vectors → (M,) log p, nats per steradian (non-finite =
     outside). samples: optional (N, 3) unit vectors drawn from p, with ``sample_logp`` (N,) their
     log densities (computed with ``log_density`` when omitted); they locate the modes (a 10 km
     peak is found only through them or a fine enough world grid) and give τ when ``tau="samples"``.
+    sites: a vMF mixture's narrow kernels (:func:`~geopipe.pipeline.infer.mixture_regions.narrow_sites`),
+    drawn as discs beside the grid's contour; the mass is then the share of ``mass_samples`` (other draws
+    from p than those that set τ; default ``samples``) inside.
     """
     q = check_mass(q)
     if tau not in TAU_SOURCES:
@@ -148,23 +153,35 @@ def hdr_region(log_density: Callable[[np.ndarray], np.ndarray], q: float, *, sam
     (boxes, located), sample_tau = _locate(log_density, samples, sample_logp, q, tau, opts)
     fixed = sample_tau if tau == "samples" else None
     grids, log_tau, evaluations = refine(log_density, boxes, q, fixed, opts.nodes, opts.max_passes, opts.max_boxes)
-    return _region(grids, q, log_tau, tau, located + evaluations)
+    if sites is None:
+        return _region(grids, q, log_tau, tau, located + evaluations)
+    from geopipe.pipeline.infer.mixture_regions import site_discs
+
+    discs = site_discs(sites, log_density, log_tau)
+    check = samples if mass_samples is None else mass_samples
+    return _region(grids, q, log_tau, tau, located + evaluations + len(sites), discs, np.asarray(check, dtype=np.float64).reshape(-1, 3))
 
 
-def _region(grids, q: float, log_tau: float, tau: str, evaluations: int) -> HDRRegion:
+def _region(grids, q: float, log_tau: float, tau: str, evaluations: int, discs=(), mass_samples=None) -> HDRRegion:
     import shapely
     from shapely.geometry import MultiPolygon, Polygon
     from shapely.geometry.polygon import orient
 
     per_grid = [region_parts(g, log_tau) for g in grids]
-    parts = lonlat_polygons([p for ps in per_grid for p in ps])
+    parts = lonlat_polygons([p for ps in per_grid for p in ps] + list(discs))
     geom = shapely.union_all(parts) if parts else Polygon()
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
     polys = [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
     polys = [orient(p, 1.0) for p in polys]  # exteriors counter-clockwise (RFC 7946 right-hand rule)
     geom = Polygon() if not polys else polys[0] if len(polys) == 1 else MultiPolygon(polys)
-    mass = float(sum(grid_mass_inside(g, ps) for g, ps in zip(grids, per_grid)))
+    if mass_samples is None:
+        mass = float(sum(grid_mass_inside(g, ps) for g, ps in zip(grids, per_grid)))
+    else:  # the share of the record's draws inside (±√(q(1−q)/N)): the grid's sum misses kernels narrower than its cells
+        lat = np.degrees(np.arcsin(np.clip(mass_samples[:, 2], -1.0, 1.0)))
+        lon = np.degrees(np.arctan2(mass_samples[:, 1], mass_samples[:, 0]))
+        inside = shapely.contains_xy(geom, lon, lat) | shapely.intersects_xy(geom, lon, lat) if not geom.is_empty else np.zeros(len(lat), bool)
+        mass = float(np.mean(inside)) if len(lat) else 0.0
     return HDRRegion(q, geom, shapely.to_wkb(geom, byte_order=1), spherical_area_km2(geom), mass, float(log_tau), tau, evaluations)
 
 
@@ -219,8 +236,17 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
                 return torch.cat(out).double().cpu().numpy()
             return log_density
 
-        return [hdr_region(evaluator(b), q, samples=xs[b], sample_logp=None if lps is None else lps[b], tau=tau, options=opts)
-                for b in range(len(xs))]
+        mixture = getattr(method, "mixture", None)  # a closed-form vMF mixture: narrow kernels as discs, τ from the draws
+        if mixture is None:
+            return [hdr_region(evaluator(b), q, samples=xs[b], sample_logp=None if lps is None else lps[b], tau=tau, options=opts)
+                    for b in range(len(xs))]
+        from geopipe.pipeline.infer.mixture_regions import narrow_sites
+
+        p = mixture(model, cond)
+        mu, kappa, log_w = (t.double().cpu().numpy() for t in (p.mu, p.kappa, p.log_w[:, :-1]))
+        fresh = method.sample(model, cond, opts.samples, generator=generator, keys=keys).double().cpu().numpy()  # the mass check's draws
+        return [hdr_region(evaluator(b), q, samples=xs[b], sample_logp=None if lps is None else lps[b], tau="samples", options=opts,
+                           sites=narrow_sites(mu[b], kappa[b], log_w[b]), mass_samples=fresh[b]) for b in range(len(xs))]
 
 
 def _kde_region(xs: np.ndarray, q: float, tau: str, opts: RegionOptions) -> HDRRegion:

@@ -176,6 +176,11 @@ class HybridMethod(MethodBase):
         """The records' HybridParams with the method's held-out calibration applied."""
         return self.calibrate(model, model(cond), cond)
 
+    def mixture(self, model, cond: torch.Tensor):
+        """The records' density as a vMF mixture (HybridParams; the last weight is the uniform's):
+        regions draw its narrow kernels as discs (:mod:`~geopipe.pipeline.infer.mixture_regions`)."""
+        return self.params(model, cond)
+
     def calibrate(self, model, p, cond: torch.Tensor):
         """``p`` (the network's HybridParams of rows ``cond``) under the held-out calibration, if any."""
         if self.calibration is None:
