@@ -18,6 +18,7 @@ import torch
 from geopipe.pipeline.core.errors import ConfigError, check_int
 from geopipe.pipeline.methods.base import MethodBase, finalize_points
 from geopipe.pipeline.methods.hybrid_calibration import HybridCalibration
+from geopipe.pipeline.model.hybrid_net import HybridParams, hybrid_log_density
 from geopipe.pipeline.model.neighbours import neighbour_block, split_block
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 from geopipe.pipeline.sphere.vmf import sample_vmf_mixture
@@ -30,21 +31,7 @@ __all__ = ["HybridMethod", "hybrid_log_density", "smoothed_log_score", "calibrat
 #: together 91 km / 34.7 % / 4012).
 POINT_WIDTHS_KM = (25.0, 100.0, 400.0, 1500.0)
 
-_LOG_4PI = math.log(4.0 * math.pi)
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def hybrid_log_density(x: torch.Tensor, p) -> torch.Tensor:
-    """log p(x) (B,) float64 nats per steradian of unit x (B, 3) under :class:`HybridParams` ``p``.
-
-    Each vMF term in the small-angle-exact form ln κ − ln 2π − ln(1 − e^{−2κ}) − κ‖x − μ‖²/2
-    (‖x − μ‖²/2 = 1 − ⟨μ, x⟩ without cancellation: a 20 m kernel is resolved in float32 inputs).
-    """
-    x64, mu = x.double()[:, None, :], p.mu.double()
-    k = p.kappa
-    log_f = torch.log(k) - _LOG_2PI - torch.log(-torch.expm1(-2.0 * k)) - 0.5 * k * ((x64 - mu) ** 2).sum(-1)
-    terms = torch.cat([p.log_w[:, :-1] + log_f, p.log_w[:, -1:] - _LOG_4PI], dim=1)
-    return torch.logsumexp(terms, dim=1)
 
 
 def _log_norm(kappa: torch.Tensor) -> torch.Tensor:
@@ -77,8 +64,6 @@ def calibrate_params(p, width_scale: float = 1.0, weight_temperature: float = 1.
     HybridParams with every width × ``width_scale`` (κ / scale²), log weights softened by
     ``weight_temperature`` (log_softmax(log w / T)) and a uniform ``floor`` mixed in:
     w ← (1 − floor) w, w_u ← (1 − floor) w_u + floor. Defaults: the identity."""
-    from geopipe.pipeline.model.hybrid_net import HybridParams
-
     if width_scale == 1.0 and weight_temperature == 1.0 and floor == 0.0:
         return p
     lw = torch.log_softmax(p.log_w / weight_temperature, dim=1) + math.log1p(-floor)
@@ -90,8 +75,6 @@ def calibrate_params(p, width_scale: float = 1.0, weight_temperature: float = 1.
 def _params(model, cond: torch.Tensor):
     """The network's parameters of each row of cond, computed once per run of equal rows (the
     likelihood of n draws per record repeats each record's row n times)."""
-    from geopipe.pipeline.model.hybrid_net import HybridParams
-
     uniq, inv = torch.unique_consecutive(cond, dim=0, return_inverse=True)
     if len(uniq) == len(cond):
         return model(cond)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from geopipe.pipeline.core.errors import ConfigError
+from geopipe.pipeline.model.hybrid_net import HybridParams, hybrid_log_density
 
 __all__ = ["HybridCalibration", "parameter_names", "calibration_features", "fit_hybrid_calibration"]
 
@@ -52,8 +53,6 @@ def calibration_features(sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
 
 def _transform(p, theta: torch.Tensor, z: torch.Tensor, scales: int, components: int):
     """HybridParams of ``p`` (B, C = k·S + M components) under θ for standardised features z (B, 2)."""
-    from geopipe.pipeline.model.hybrid_net import HybridParams
-
     s_, m_ = scales, components
     c = p.kappa.shape[1]
     k = (c - m_) // s_
@@ -120,7 +119,7 @@ class HybridCalibration:
                 "n_val": self.n_val}
 
     @classmethod
-    def from_dict(cls, d, scales: int, components: int) -> "HybridCalibration":
+    def from_dict(cls, d, scales: int, components: int) -> HybridCalibration:
         if isinstance(d, cls):
             return d
         names = parameter_names(scales)
@@ -143,9 +142,6 @@ def fit_hybrid_calibration(p, sim: torch.Tensor, valid: torch.Tensor, x: torch.T
     """θ minimising the mean NLL of held-out truths x (V, 3) under the records' HybridParams ``p``
     (no gradient into the network), by L-BFGS from the identity; the identity is kept when the fit
     does not lower the NLL (it never makes the held-out records worse)."""
-    from geopipe.pipeline.methods.hybrid import hybrid_log_density
-    from geopipe.pipeline.model.hybrid_net import HybridParams
-
     p = HybridParams(p.mu.detach(), p.kappa.detach(), p.log_w.detach())
     f = calibration_features(sim, valid).to(p.kappa.device)
     mean, std = f.mean(0), f.std(0) if len(f) > 1 else torch.ones(2, dtype=torch.float64)
