@@ -45,7 +45,7 @@ def test_run_help_publishes_the_layout():
         assert line in out, line
     import tomllib
 
-    from geopipe.flows.cli import run
+    from geopipe.flows.cli_flow import run_command as run
 
     example = run.help.split("\b\n", 1)[1]  # the layout shown is a valid config (click marks it with a backspace)
     cfg = parse_pipeline_config(tomllib.loads("\n".join(line.strip() for line in example.splitlines())))
