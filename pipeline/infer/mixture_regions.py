@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from geopipe.pipeline.infer.region_grid import unit_lonlat
+
 __all__ = ["NARROW_KM", "narrow_sites", "site_discs"]
 
 #: Kernels narrower than this (σ, km) are drawn as discs around their centres.
@@ -61,9 +63,9 @@ def _disc(centre: np.ndarray, radius: float):
     v = np.cross(centre, u)
     t = np.linspace(0.0, 2.0 * math.pi, _VERTICES, endpoint=False)
     pts = centre[None, :] * math.cos(radius) + (np.cos(t)[:, None] * u + np.sin(t)[:, None] * v) * math.sin(radius)
-    lat = np.degrees(np.arcsin(np.clip(pts[:, 2], -1.0, 1.0)))
+    lon, lat = unit_lonlat(pts)
     lon0 = math.degrees(math.atan2(centre[1], centre[0]))
-    lon = lon0 + (np.degrees(np.arctan2(pts[:, 1], pts[:, 0])) - lon0 + 180.0) % 360.0 - 180.0
+    lon = lon0 + (lon - lon0 + 180.0) % 360.0 - 180.0
     if lon0 < -180.0 + 90.0:  # keep the unwrapped longitudes ≥ −180: shift west-side discs by 360 (cut back by the caller)
         lon = lon + 360.0 * (lon.min() < -180.0)
     return Polygon(np.column_stack([lon, lat]))

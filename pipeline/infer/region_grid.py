@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Grid", "evaluate", "grid_tau", "grid_mass_inside", "initial_boxes", "merge_boxes", "refine", "region_parts", "lonlat_polygons"]
+__all__ = ["Grid", "unit_lonlat", "evaluate", "grid_tau", "grid_mass_inside", "initial_boxes", "merge_boxes", "refine", "region_parts", "lonlat_polygons"]
 
 _MIN_KEEP = 8  # high-density points that seed the boxes, at least
 
@@ -28,6 +28,11 @@ class Grid(NamedTuple):
     lons: np.ndarray
     logp: np.ndarray
     weights: np.ndarray
+
+
+def unit_lonlat(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lon, lat) degrees of unit vectors xyz (…, 3)."""
+    return np.degrees(np.arctan2(xyz[..., 1], xyz[..., 0])), np.degrees(np.arcsin(np.clip(xyz[..., 2], -1.0, 1.0)))
 
 
 def _full(box) -> bool:
@@ -240,7 +245,7 @@ def _cluster_boxes(xyz: np.ndarray, link: float, pad: float) -> list:
         mean = x.sum(axis=0)
         radius = float(np.arccos(np.clip(x @ (mean / max(np.linalg.norm(mean), 1e-300)), -1, 1)).max())
         p = math.degrees(max(pad, 0.25 * radius))
-        lat, lon = np.degrees(np.arcsin(np.clip(x[:, 2], -1, 1))), np.degrees(np.arctan2(x[:, 1], x[:, 0]))
+        lon, lat = unit_lonlat(x)
         lat0, lat1 = lat.min() - p, lat.max() + p
         lo, hi = _circular_range(lon)
         dl = p / math.cos(math.radians(min(89.0, max(abs(lat0), abs(lat1)))))

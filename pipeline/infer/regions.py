@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopipe.pipeline.core.errors import ConfigError
-from geopipe.pipeline.infer.region_grid import grid_mass_inside, initial_boxes, lonlat_polygons, refine, region_parts
+from geopipe.pipeline.infer.region_grid import grid_mass_inside, initial_boxes, lonlat_polygons, refine, region_parts, unit_lonlat
 from geopipe.pipeline.sphere.geometry import EARTH_RADIUS_KM
 
 __all__ = ["LOG_KM2_PER_SR", "REGION_DENSITIES", "KDE_FLOOR_KM", "RegionOptions", "HDRRegion", "hdr_region", "hdr_regions", "spherical_area_km2", "check_mass"]
@@ -147,6 +147,9 @@ def hdr_region(log_density: Callable[[np.ndarray], np.ndarray], q: float, *, sam
     from p than those that set τ; default ``samples``) inside.
     """
     q = check_mass(q)
+    if sites is not None and samples is None and mass_samples is None:
+        raise ConfigError("hdr_region: sites (narrow kernels drawn as discs) need draws from the density to count the region's mass; "
+                          "give samples or mass_samples")
     if tau not in TAU_SOURCES:
         raise ConfigError(f"unknown HDR level source {tau!r}; choose one of {list(TAU_SOURCES)}")
     opts = options or RegionOptions()
@@ -178,8 +181,7 @@ def _region(grids, q: float, log_tau: float, tau: str, evaluations: int, discs=(
     if mass_samples is None:
         mass = float(sum(grid_mass_inside(g, ps) for g, ps in zip(grids, per_grid)))
     else:  # the share of the record's draws inside (±√(q(1−q)/N)): the grid's sum misses kernels narrower than its cells
-        lat = np.degrees(np.arcsin(np.clip(mass_samples[:, 2], -1.0, 1.0)))
-        lon = np.degrees(np.arctan2(mass_samples[:, 1], mass_samples[:, 0]))
+        lon, lat = unit_lonlat(mass_samples)
         inside = shapely.contains_xy(geom, lon, lat) | shapely.intersects_xy(geom, lon, lat) if not geom.is_empty else np.zeros(len(lat), bool)
         mass = float(np.mean(inside)) if len(lat) else 0.0
     return HDRRegion(q, geom, shapely.to_wkb(geom, byte_order=1), spherical_area_km2(geom), mass, float(log_tau), tau, evaluations)
@@ -201,7 +203,10 @@ def hdr_regions(method, model, cond, q: float, *, options: RegionOptions | None 
     ODE solve per grid point for flows: minutes per record on a CPU); "kde" — a vMF-kernel density
     estimate of the N draws (:mod:`geopipe.pipeline.sphere.kde`, k-NN bandwidth floored at
     ``KDE_FLOOR_KM``): no likelihood evaluations at all, the region of the model smoothed by the
-    kernel (mass and area are the KDE's). solver, rtol, atol: the likelihood ODE's.
+    kernel (mass and area are the KDE's). solver, rtol, atol: the likelihood ODE's. A method whose
+    density is a closed-form vMF mixture (``method.mixture(model, cond)``, the hybrid) gets its
+    kernels narrower than 10 km as discs, τ from the draws whatever ``tau`` says, and its mass
+    counted on ``options.samples`` other draws (:mod:`~geopipe.pipeline.infer.mixture_regions`).
     """
     import torch
 
